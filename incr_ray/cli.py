@@ -1,0 +1,174 @@
+"""``incr-ray``: train | extend | evaluate | predict.
+
+Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 3 a run stopped
+on request (test hook), 1 anything unexpected (with its traceback, since that is our bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data import DataError
+    from .modeling import ModelError
+    from .pipeline import RunError
+    from .storage import StorageError
+
+    return (ConfigError, DataError, ModelError, RunError, StorageError, UsageError)
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tell Ray Data to keep its progress output to one line per operator.
+    os.environ.setdefault("RAY_DATA_PROGRESS_BAR_CLIENT_NAME", "incr-ray")
+
+
+def init_ray(address: str | None) -> None:
+    """Local Ray unless an address is given (``--address`` or ``RAY_ADDRESS``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        # "local" starts a fresh single-node cluster; a bare ray.init() could attach to a stale one.
+        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _config(args) -> Any:
+    from .config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_generations
+
+    cfg = _config(args)
+    init_ray(args.address)
+    manifest = run_generations(cfg)
+    _print_final(manifest)
+    return 0
+
+
+def _print_final(manifest: dict[str, Any]) -> None:
+    from .report import table_markdown
+
+    gens = [g for g in manifest["generations"] if g.get("status") == "finished"]
+    print()
+    print(table_markdown(gens))
+    last = gens[-1]
+    print(f"final model: {os.path.join(manifest['run_dir'], last['model'])}  "
+          f"holdout accuracy {last['metrics']['accuracy']:.4f}")
+
+
+def cmd_extend(args) -> int:
+    from .pipeline import extend_run
+
+    init_ray(args.address)
+    manifest = extend_run(args.run, args.data, args.set or [])
+    _print_final(manifest)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .pipeline import evaluate_run
+
+    init_ray(args.address)
+    rows = evaluate_run(args.run, args.data, all_generations=args.all)
+    print(f"{'gen':>4} {'accuracy':>9} {'macro_f1':>9} {'nll':>8} {'ece':>8} {'n':>7}")
+    for g, m in rows:
+        print(f"{g:>4} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {m['nll']:>8.4f} {m['ece']:>8.4f} {m['n']:>7}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_texts
+
+    if not args.texts:
+        raise UsageError("give at least one text to classify, e.g. incr-ray predict --model DIR \"great film\"")
+    for text, ranked in zip(args.texts, predict_texts(args.model, args.texts)):
+        probs = "  ".join(f"{name}={p:.3f}" for name, p in ranked)
+        print(f"{ranked[0][0]}\t{probs}\t{text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="incr-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", help="YAML config file (see jobs/*.yaml)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. method.k=4")
+
+    def with_address(sp):
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+
+    t = sub.add_parser("train", help="train all generations (resumes an interrupted run)")
+    with_config(t)
+    with_address(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("extend", help="train one more generation of a finished run on new data")
+    e.add_argument("--run", required=True, help="run folder (storage.path/run.name)")
+    e.add_argument("--data", required=True, help="new labelled data file (csv, jsonl, parquet)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override resource settings")
+    with_address(e)
+    e.set_defaults(func=cmd_extend)
+
+    v = sub.add_parser("evaluate", help="holdout (or --data) metrics of a run's final model")
+    v.add_argument("--run", required=True)
+    v.add_argument("--data", help="labelled file to evaluate on instead of the run's holdout")
+    v.add_argument("--all", action="store_true", help="every generation, not only the final one")
+    with_address(v)
+    v.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="classify texts with a model folder")
+    r.add_argument("--model", required=True)
+    r.add_argument("texts", nargs="*")
+    r.set_defaults(func=cmd_predict)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_env()
+    args = build_parser().parse_args(argv)
+    from .pipeline import StopRequested
+
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"incr-ray: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except StopRequested as err:
+        print(f"incr-ray: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print("incr-ray: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The one place a DeepSpeed config is built from our config.
+
+Values that the Hugging Face ``Trainer`` already knows (batch sizes, accumulation, learning rate,
+clipping, precision) stay ``"auto"`` so the two can never disagree; this builder only decides what
+is ours to decide: the ZeRO stage, offload, and which optimizer implementation runs on which device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import DeepSpeedSection
+
+# ZeRO presets as data: the stage-specific knobs, before offload switches are applied.
+ZERO_PRESETS: dict[int, dict[str, Any]] = {
+    0: {"stage": 0},
+    1: {"stage": 1},
+    2: {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "allgather_partitions": True,
+    },
+    3: {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        # Needed so save_model() on every rank writes one consolidated 16-bit model folder.
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+}
+
+
+def resolve_precision(precision: str, on_gpu: bool, bf16_supported: bool) -> str:
+    """``auto`` → bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        if not on_gpu and precision != "fp32":
+            return "fp32"  # CPU training runs in fp32; half precision there is slower and lossy
+        return precision
+    if not on_gpu:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def build_deepspeed_config(ds: DeepSpeedSection, on_gpu: bool, precision: str) -> dict[str, Any]:
+    """DeepSpeed config dict for ``TrainingArguments(deepspeed=...)``.
+
+    ``precision`` is the resolved one (fp32 | bf16 | fp16), see :func:`resolve_precision`.
+    """
+    zero = dict(ZERO_PRESETS[ds.stage])
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+
+    # DeepSpeed's fused Adam needs CUDA and its CPU Adam needs a compiled op; plain torch AdamW
+    # runs everywhere. CPU Adam is the right choice only when optimizer states live on the CPU
+    # next to a GPU model.
+    use_torch_adam = not (on_gpu and ds.offload_optimizer)
+    optimizer_params: dict[str, Any] = {
+        "lr": "auto",
+        "betas": "auto",
+        "eps": "auto",
+        "weight_decay": "auto",
+    }
+    if use_torch_adam:
+        optimizer_params["torch_adam"] = True
+
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }

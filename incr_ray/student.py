@@ -1,0 +1,254 @@
+"""Student training: an HF ``Trainer`` with soft-target loss, run by Ray Train with DeepSpeed ZeRO.
+
+Two halves, kept apart: :func:`train_per_worker` runs on every Ray Train worker (reads its Ray
+Data shard, trains, saves a consolidated model from every rank), and :func:`fit_student` is the
+driver side (builds the ``TorchTrainer``, runs it, copies the model into ``gen_<g>/model``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .deepspeed_config import build_deepspeed_config, resolve_precision
+from .losses import distillation_loss
+
+MODEL_META = "incr_ray.json"
+
+
+def steps_for(rows: int, workers: int, batch_size: int, epochs: float, grad_accum: int) -> int:
+    """Optimizer steps for one generation: every worker sees ``rows // workers`` rows per epoch."""
+    per_worker = max(1, rows // workers)
+    batches_per_epoch = math.ceil(per_worker / batch_size)
+    return max(1, math.ceil(batches_per_epoch * epochs / grad_accum))
+
+
+def make_collate(tokenizer, num_labels: int, max_length: int):
+    """Ray Data batch (numpy dict) -> model inputs with dynamic padding, labels and targets."""
+
+    def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        texts = [str(t) for t in batch["text"]]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+        if "target" in batch:
+            targets = torch.as_tensor(np.stack(list(batch["target"])), dtype=torch.float32)
+        else:  # generation 0: one-hot targets make the soft loss ordinary cross-entropy
+            targets = torch.nn.functional.one_hot(labels, num_labels).float()
+        return {**enc, "labels": labels, "targets": targets}
+
+    return collate
+
+
+def _soft_target_trainer_class():
+    from transformers import Trainer
+
+    class SoftTargetTrainer(Trainer):
+        """``compute_loss`` = forward pass + :func:`incr_ray.losses.distillation_loss`."""
+
+        def __init__(self, *args, temperature: float = 1.0, alpha: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.temperature = temperature
+            self.alpha = alpha
+            # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
+            self.model_accepts_loss_kwargs = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = inputs.pop("targets")
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = distillation_loss(outputs.logits, targets, labels, self.temperature, self.alpha)
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftTargetTrainer
+
+
+def _exit_once_callback(step: int, marker: str):
+    """Test hook: rank 1 dies (``os._exit``) at ``step``, once per run (a marker file remembers)."""
+    from transformers import TrainerCallback
+
+    class ExitOnce(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            import ray.train
+
+            if (
+                state.global_step == step
+                and ray.train.get_context().get_world_rank() == 1
+                and not os.path.exists(marker)
+            ):
+                open(marker, "w").close()
+                os._exit(1)
+
+    return ExitOnce()
+
+
+def train_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on each Ray Train worker: one generation of student training."""
+    cfg = Config.model_validate(loop_config["config"])
+    on_gpu: bool = loop_config["on_gpu"]
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    import ray.train
+    import torch
+    from transformers import TrainingArguments
+
+    from .modeling import load_classifier, load_tokenizer
+    from .storage import stage_local
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if not on_gpu:
+        torch.set_num_threads(cfg.cluster.cpus_per_worker)
+    label_names: list[str] = loop_config["label_names"]
+    s = cfg.student
+
+    bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_ok)
+    work = tempfile.mkdtemp(prefix=f"incr-ray-g{loop_config['generation']}-r{rank}-")
+    max_steps = loop_config["max_steps"]
+    args = TrainingArguments(
+        output_dir=os.path.join(work, "hf"),
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.learning_rate,
+        weight_decay=s.weight_decay,
+        warmup_steps=int(s.warmup_ratio * max_steps),
+        max_steps=max_steps,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        deepspeed=build_deepspeed_config(cfg.deepspeed, on_gpu, precision),
+        use_cpu=not on_gpu,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=s.gradient_checkpointing,
+        seed=cfg.run.seed + loop_config["generation"],
+        data_seed=cfg.run.seed + loop_config["generation"],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+    # After TrainingArguments so that ZeRO-3 partitions the weights while they load.
+    init_path = stage_local(loop_config["init_model"])
+    tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
+    model = load_classifier(init_path, label_names, cfg.model.trust_remote_code, tokenizer=tokenizer)
+
+    shard = ray.train.get_dataset_shard("train")
+    train_iterable = shard.iter_torch_batches(
+        batch_size=s.batch_size,
+        collate_fn=make_collate(tokenizer, len(label_names), cfg.model.max_length),
+    )
+
+    from ray.train.huggingface.transformers import prepare_trainer
+
+    trainer = _soft_target_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_iterable,
+        processing_class=tokenizer,
+        temperature=cfg.method.temperature if loop_config["generation"] > 0 else 1.0,
+        alpha=cfg.method.alpha if loop_config["generation"] > 0 else 0.0,
+    )
+    hook_step = cfg.test_hooks.worker_exit_at_step
+    if hook_step is not None:
+        trainer.add_callback(_exit_once_callback(hook_step, loop_config["hook_marker"]))
+    trainer = prepare_trainer(trainer)
+
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+
+    # Every rank takes part: under ZeRO-3 the save gathers the partitioned 16-bit weights.
+    out_dir = os.path.join(work, "model")
+    trainer.save_model(out_dir)
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "train_seconds": seconds,
+        "steps": int(output.global_step),
+        "samples_per_second": max_steps * s.batch_size * s.grad_accum * ctx.get_world_size() / seconds,
+        "precision": precision,
+    }
+    checkpoint = None
+    if rank == 0:
+        tokenizer.save_pretrained(out_dir)
+        stray = os.path.join(out_dir, "training_args.bin")  # a pickle; never ship it
+        if os.path.exists(stray):
+            os.unlink(stray)
+        with open(os.path.join(out_dir, MODEL_META), "w") as f:
+            json.dump(
+                {"generation": loop_config["generation"], "label_names": label_names,
+                 "config": loop_config["config"]}, f, indent=2,
+            )
+        checkpoint = ray.train.Checkpoint.from_directory(out_dir)
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@dataclass
+class StudentResult:
+    model_path: str
+    metrics: dict[str, Any]
+
+
+def fit_student(
+    cfg: Config,
+    generation: int,
+    train_ds,
+    rows: int,
+    init_model: str,
+    label_names: list[str],
+    model_dest: str,
+    ray_storage: str,
+    on_gpu: bool,
+) -> StudentResult:
+    """Driver side: train generation ``generation`` on ``train_ds`` and put the model at ``model_dest``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .storage import upload_dir
+
+    s = cfg.student
+    max_steps = steps_for(rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum)
+    name = f"gen_{generation:03d}-{int(time.time())}"
+    trainer = TorchTrainer(
+        train_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "generation": generation,
+            "label_names": label_names,
+            "init_model": init_model,
+            "max_steps": max_steps,
+            "on_gpu": on_gpu,
+            "hook_marker": f"{ray_storage}/{name}.worker-exit-hook",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.workers,
+            use_gpu=on_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if on_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=ray_storage,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"generation {generation}: training finished without a model checkpoint")
+    with result.checkpoint.as_directory() as local:
+        upload_dir(local, model_dest)
+    metrics = dict(result.metrics or {})
+    metrics["max_steps"] = max_steps
+    return StudentResult(model_path=model_dest, metrics=metrics)
