@@ -13,11 +13,8 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .metrics import batch_stats, finalize, merge_stats
+from .metrics import STAT_KEYS, batch_stats, finalize, merge_stats
 from .targets import soft_targets, softmax
-
-STAT_KEYS = ("n", "confusion", "nll_sum", "bin_count", "bin_conf_sum", "bin_correct_sum")
-
 
 class ClassifierScorer:
     """Callable class for ``Dataset.map_batches``: one model per actor, inference mode."""
