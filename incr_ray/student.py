@@ -39,9 +39,9 @@ def make_collate(tokenizer, num_labels: int, max_length: int):
 
         texts = [str(t) for t in batch["text"]]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+        labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64))
         if "target" in batch:
-            targets = torch.as_tensor(np.stack(list(batch["target"])), dtype=torch.float32)
+            targets = torch.from_numpy(np.stack(list(batch["target"])).astype(np.float32))
         else:  # generation 0: one-hot targets make the soft loss ordinary cross-entropy
             targets = torch.nn.functional.one_hot(labels, num_labels).float()
         return {**enc, "labels": labels, "targets": targets}
@@ -91,6 +91,20 @@ def _exit_once_callback(step: int, marker: str):
     return ExitOnce()
 
 
+def _progress_callback(generation: int, max_steps: int):
+    """One concise console line per logging step from rank 0 (replaces HF's dict printer)."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                print(f"[gen {generation}] step {state.global_step}/{max_steps}  "
+                      f"loss {float(logs['loss']):.4f}  lr {float(logs.get('learning_rate', 0)):.2e}",
+                      flush=True)
+
+    return Progress()
+
+
 def train_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: one generation of student training."""
     cfg = Config.model_validate(loop_config["config"])
@@ -106,6 +120,11 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    import deepspeed
+
+    # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
+    # ZeRO-3 partitions weights at load time, or it sees a world of one.
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     if not on_gpu:
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
     label_names: list[str] = loop_config["label_names"]
@@ -160,6 +179,10 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         temperature=cfg.method.temperature if loop_config["generation"] > 0 else 1.0,
         alpha=cfg.method.alpha if loop_config["generation"] > 0 else 0.0,
     )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_progress_callback(loop_config["generation"], max_steps))
     hook_step = cfg.test_hooks.worker_exit_at_step
     if hook_step is not None:
         trainer.add_callback(_exit_once_callback(hook_step, loop_config["hook_marker"]))
