@@ -79,7 +79,7 @@ class ClassifierScorer:
                 out = self.model(**enc).logits
         return out.float().cpu().numpy()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]):
         texts = [str(t) for t in batch["text"]]
         labels = np.asarray(batch["label"], dtype=np.int64)
         probs = softmax(self.logits(texts), self.temperature) if texts else np.zeros((0, self.num_labels))
@@ -89,10 +89,21 @@ class ClassifierScorer:
         if self.mode == "probs":
             return {"row_id": batch["row_id"], "probs": probs}
         target = soft_targets(probs, labels, threshold=self.threshold, floor=self.floor)
-        out = {k: batch[k] for k in batch}
-        out["teacher_probs"] = probs
-        out["target"] = target
-        return out
+        return _with_list_columns(batch, teacher_probs=probs, target=target)
+
+
+def _with_list_columns(batch: dict[str, np.ndarray], **matrices: np.ndarray):
+    """The batch plus (n, C) matrices as plain list<double> columns, so the targets Parquet reads
+    in pandas/pyarrow/Spark without Ray's tensor extension type."""
+    import pyarrow as pa
+
+    cols = {k: pa.array(v) for k, v in batch.items()}
+    for name, m in matrices.items():
+        c = m.shape[1]
+        cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1), pa.float64()), c).cast(
+            pa.list_(pa.float64())
+        )
+    return pa.table(cols)
 
 
 def _map_kwargs(cfg: Config, on_gpu: bool) -> dict[str, Any]:
