@@ -45,6 +45,7 @@ class DataSection(_Section):
     # "synthetic", "rotten_tomatoes", or a file/folder path or URI (csv, jsonl, parquet).
     source: str = "synthetic"
     format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    # Text that is not valid UTF-8 is decoded with U+FFFD replacement characters.
     text_column: str = "text"
     label_column: str = "label"
     # Label names in id order; when unset they are the sorted distinct labels of the training data.
@@ -57,8 +58,6 @@ class DataSection(_Section):
     # synthetic only.
     synthetic_rows: int = Field(2000, gt=0)
     synthetic_classes: int = Field(3, ge=2)
-    # Text that is not valid UTF-8 is decoded with U+FFFD replacement characters.
-    min_rows_per_block: int = Field(8, ge=1)
 
 
 class ModelSection(_Section):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import Config
+from ray.data.expressions import col
 from .storage import RunLock, RunPaths, absolute, check_writable, exists, read_json, write_bytes_atomic, write_json_atomic
 
 MANIFEST_VERSION = 1
@@ -185,7 +186,7 @@ def _replay_rows(run: Run, g: int, block_rows: int):
         return None
     earlier = sum(run.manifest["data"]["block_sizes"][:g])
     frac = min(1.0, r * block_rows / max(1, earlier))
-    pool = run.split_dataset().filter(expr=f"block >= 0 and block < {g}")
+    pool = run.split_dataset().filter(expr=(col("block") >= 0) & (col("block") < g))
     return pool.random_sample(frac, seed=run.cfg.run.seed * 1000 + g)
 
 
@@ -269,7 +270,7 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
         run.save()
 
     run.say(f"[gen {g}] evaluating on the holdout")
-    holdout = run.split_dataset().filter(expr="block == -1")
+    holdout = run.split_dataset().filter(expr=col("block") == -1)
     entry["metrics"] = evaluate_model(holdout, model_dest, cfg, run.on_gpu)
     entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - started
     entry["finished"] = _now()
@@ -305,7 +306,7 @@ def run_generations(cfg: Config, say=print) -> dict[str, Any]:
             if entry.get("status") == "finished":
                 say(f"[gen {g}] already finished, skipped")
                 continue
-            block = split.filter(expr=f"block == {g}")
+            block = split.filter(expr=col("block") == g)
             teacher = run.paths.model(g - 1) if g > 0 else None
             entry = run_generation(run, g, block, teacher)
             say(summary_line(entry, k))
@@ -402,7 +403,7 @@ def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bo
     if data_path:
         ds = read_labelled_file(data_path, cfg.data, manifest["label_names"])
     else:
-        ds = ray.data.read_parquet(paths.split).filter(expr="block == -1")
+        ds = ray.data.read_parquet(paths.split).filter(expr=col("block") == -1)
     ds = ds.materialize()
     on_gpu = cluster_has_gpu(cfg)
     chosen = gens if all_generations else gens[-1:]
