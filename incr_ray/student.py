@@ -195,8 +195,15 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     # Every rank takes part: under ZeRO-3 the save gathers the partitioned 16-bit weights.
     out_dir = os.path.join(work, "model")
     trainer.save_model(out_dir)
+    # Which nodes the worker group spanned: users (and the multi-node test) can see placement.
+    import torch.distributed as dist
+
+    nodes = [None] * ctx.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     metrics = {
         "train_loss": float(output.training_loss),
+        "workers": ctx.get_world_size(),
+        "nodes": len(set(nodes)),
         "train_seconds": seconds,
         "steps": int(output.global_step),
         "samples_per_second": max_steps * s.batch_size * s.grad_accum * ctx.get_world_size() / seconds,
@@ -241,6 +248,9 @@ def fit_student(
     from .storage import upload_dir
 
     s = cfg.student
+    # Materialize first: training workers may hold every CPU of the cluster, and a lazy dataset
+    # would then wait forever for a CPU to run its read tasks on.
+    train_ds = train_ds.materialize()
     max_steps = steps_for(rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum)
     name = f"gen_{generation:03d}-{int(time.time())}"
     trainer = TorchTrainer(

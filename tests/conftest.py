@@ -15,15 +15,18 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """One local Ray for the whole session (starting Ray costs seconds; tests share it)."""
+    """A local Ray on 127.0.0.1, shared by the tests that follow (starting Ray costs seconds).
+
+    Function-scoped so that a test which needs its own cluster (multi-node) can shut this one
+    down; the next test that asks for it starts a new one.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    # Left running for the remaining tests; pytest's exit shuts it down.
 
 
 def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None):

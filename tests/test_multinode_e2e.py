@@ -1,0 +1,49 @@
+"""A run on a two-node Ray cluster (head + one more node, both on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_pipeline_e2e import small_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def two_node_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test needs its own cluster; the shared local Ray restarts afterwards
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_run_spans_two_nodes(two_node_cluster, tmp_path, tiny_bert):
+    import ray
+
+    from incr_ray.pipeline import run_generations
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    # Two workers of 2 CPUs on nodes of 2 CPUs: one worker per node.
+    cfg = small_config(tmp_path, tiny_bert, "multinode", method={"k": 2},
+                       cluster={"workers": 2, "cpus_per_worker": 2}, deepspeed={"stage": 2})
+    manifest = run_generations(cfg, say=lambda s: None)
+    gens = manifest["generations"]
+    assert [g["status"] for g in gens] == ["finished", "finished"]
+    assert all(g["train"]["nodes"] == 2 and g["train"]["workers"] == 2 for g in gens), [g["train"] for g in gens]
+    # The teacher's actor pool scored generation 1's block.
+    assert gens[1]["rows"] == gens[1]["block_rows"] > 0
+    state = json.loads((Path(cfg.run_dir) / "run.json").read_text())
+    assert state["status"] == "finished"
