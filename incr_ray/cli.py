@@ -45,15 +45,21 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         # "local" starts a fresh single-node cluster; a bare ray.init() could attach to a stale one.
         ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=False)
+    import logging
+
     from ray.data import DataContext
 
+    # Our own one-line-per-step progress replaces Ray Data's per-dataset INFO logs and bars.
     DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _config(args) -> Any:

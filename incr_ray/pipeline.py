@@ -265,7 +265,7 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
         run.say(f"[gen {g}] training student on {rows} rows from {run.rel(init)} "
                 f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage})")
         result = fit_student(cfg, g, train_ds, rows, init, run.label_names, model_dest,
-                             run.paths.ray_train, run.on_gpu)
+                             run.paths.ray_train, run.on_gpu, say=run.say)
         entry.update(model=run.rel(model_dest), train=result.metrics)
         run.save()
 

@@ -91,18 +91,67 @@ def _exit_once_callback(step: int, marker: str):
     return ExitOnce()
 
 
-def _progress_callback(generation: int, max_steps: int):
-    """One concise console line per logging step from rank 0 (replaces HF's dict printer)."""
+def _progress_callback(generation: int, max_steps: int, queue):
+    """One concise line per logging step from rank 0, sent to the driver's console through a Ray
+    queue (worker stdout is not forwarded: it would bury these lines under library chatter)."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs and "loss" in logs:
-                print(f"[gen {generation}] step {state.global_step}/{max_steps}  "
-                      f"loss {float(logs['loss']):.4f}  lr {float(logs.get('learning_rate', 0)):.2e}",
-                      flush=True)
+                line = (f"[gen {generation}] step {state.global_step}/{max_steps}  "
+                        f"loss {float(logs['loss']):.4f}  lr {float(logs.get('learning_rate', 0)):.2e}")
+                try:
+                    queue.put_nowait(line)
+                except Exception:  # noqa: BLE001 - progress must never fail training
+                    pass
 
     return Progress()
+
+
+class _ProgressRelay:
+    """Driver side of the progress queue: prints what rank 0 sends while ``fit`` runs."""
+
+    def __init__(self, say):
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        self.say = say
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._relay, daemon=True)
+
+    def _relay(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                self.say(self.queue.get(timeout=0.5))
+            except Empty:
+                if self.done.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue actor went away with the cluster
+                return
+
+    def __enter__(self) -> "_ProgressRelay":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        import ray
+
+        ray.kill(self.queue.actor)
+
+
+def _quiet_worker_logs() -> None:
+    """Workers print our progress lines; DeepSpeed's and Ray Train's INFO chatter would bury them."""
+    import logging
+
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_per_worker(loop_config: dict[str, Any]) -> None:
@@ -120,6 +169,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    _quiet_worker_logs()
     import deepspeed
 
     # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
@@ -182,7 +232,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(_progress_callback(loop_config["generation"], max_steps))
+    trainer.add_callback(_progress_callback(loop_config["generation"], max_steps, loop_config["progress"]))
     hook_step = cfg.test_hooks.worker_exit_at_step
     if hook_step is not None:
         trainer.add_callback(_exit_once_callback(hook_step, loop_config["hook_marker"]))
@@ -240,6 +290,7 @@ def fit_student(
     model_dest: str,
     ray_storage: str,
     on_gpu: bool,
+    say=print,
 ) -> StudentResult:
     """Driver side: train generation ``generation`` on ``train_ds`` and put the model at ``model_dest``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -263,6 +314,7 @@ def fit_student(
             "max_steps": max_steps,
             "on_gpu": on_gpu,
             "hook_marker": f"{ray_storage}/{name}.worker-exit-hook",
+            "progress": None,  # set below
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
@@ -277,7 +329,9 @@ def fit_student(
         ),
         datasets={"train": train_ds},
     )
-    result = trainer.fit()
+    with _ProgressRelay(say) as relay:
+        trainer.train_loop_config["progress"] = relay.queue
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"generation {generation}: training finished without a model checkpoint")
     with result.checkpoint.as_directory() as local:

@@ -137,6 +137,8 @@ def _scorer_kwargs(cfg: Config, model_path: str, mode: str, on_gpu: bool) -> dic
 
 def score_block(ds, model_path: str, cfg: Config, on_gpu: bool):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``."""
+    # Read before the actors start: a pool holding every CPU would starve its own read tasks.
+    ds = ds.materialize()
     return ds.map_batches(
         ClassifierScorer,
         fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, "targets", on_gpu),
@@ -147,6 +149,7 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool):
 
 def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool) -> dict[str, float]:
     """Holdout metrics (accuracy, macro-F1, NLL, ECE) from additive per-batch statistics."""
+    ds = ds.materialize()  # see score_block
     stats_ds = ds.map_batches(
         ClassifierScorer,
         fn_constructor_kwargs={**_scorer_kwargs(cfg, model_path, "stats", on_gpu), "temperature": 1.0},
