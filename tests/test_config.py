@@ -1,0 +1,97 @@
+"""The typed config: defaults, overrides, one-line errors, and every YAML shipped in jobs/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from incr_ray.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def test_defaults_match_the_design():
+    cfg = Config()
+    assert cfg.method.k == 4 and cfg.method.threshold == 0.9 and cfg.method.floor is None
+    assert cfg.method.temperature == 1.0 and cfg.method.alpha == 0.0
+    assert cfg.student.init == "previous"
+    assert cfg.deepspeed.stage == 2 and cfg.cluster.workers == 1 and cfg.cluster.use_gpu == "auto"
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = load_config(None, ["method.k=3", "method.floor=0.5", "student.init=base", "data.labels=[a, b]",
+                             "method.floor=null"])
+    assert cfg.method.k == 3 and cfg.method.floor is None and cfg.student.init == "base"
+    assert cfg.data.labels == ["a", "b"]
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"method": {"k": 5}}
+    apply_overrides(raw, ["method.k=6"])
+    assert raw == {"method": {"k": 5}}
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method.kk=3"], "valid keys: k, threshold, floor, temperature, alpha"),
+        (["nosection.k=3"], "valid keys: run, storage"),
+        (["method=3"], "is a section"),
+        (["method.k"], "expected KEY=VALUE"),
+        (["method.k.x=1"], "not a section"),
+        (["method.k=1"], "method.k"),
+        (["method.threshold=0"], "method.threshold"),
+        (["method.threshold=1.01"], "method.threshold"),
+        (["method.floor=-0.1"], "method.floor"),
+        (["method.floor=0.9"], "must be below method.threshold"),
+        (["student.learning_rate=0"], "student.learning_rate"),
+        (["student.epochs=-1"], "student.epochs"),
+        (["student.init=random"], "student.init"),
+        (["deepspeed.stage=4"], "deepspeed.stage"),
+        (["deepspeed.offload_params=true"], "needs deepspeed.stage: 3"),
+        (["run.name=a/b"], "run.name"),
+        (["data.eval_fraction=1"], "data.eval_fraction"),
+    ],
+)
+def test_errors_are_one_line_and_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_unknown_yaml_key_lists_valid_ones(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("student:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'student.lr'.*learning_rate"):
+        load_config(p)
+
+
+def test_bad_yaml_and_non_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_round_trip_through_yaml_and_json():
+    cfg = load_config(None, ["method.k=7", "method.floor=0.3"])
+    assert config_from_dict(yaml.safe_load(cfg.dump_yaml())) == cfg
+    assert config_from_dict(json.loads(cfg.dump_json())) == cfg
+
+
+def test_every_job_config_loads_and_starts_with_its_command():
+    files = sorted(JOBS.glob("*.yaml"))
+    assert files, "jobs/ should hold at least the demo config"
+    for f in files:
+        if f.name == "runtime_env.yaml":
+            continue
+        first = f.read_text().splitlines()[0]
+        assert first.startswith("# Run:"), f"{f.name} must start with the command that runs it"
+        load_config(f)
