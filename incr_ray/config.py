@@ -146,7 +146,10 @@ class TestHooks(_Section):
     """Fault injection for tests; never set in a real config."""
 
     stop_after_generation: int | None = None
+    # Rank 1 calls os._exit at this optimizer step, once per generation attempt.
     worker_exit_at_step: int | None = None
+    # A teacher actor calls os._exit before scoring this batch (1-based), once per run folder.
+    teacher_exit_at_batch: int | None = None
 
 
 class Config(_Section):

@@ -219,7 +219,8 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     tmp = dest + ".tmp"
     remove_tree(tmp)
     started = time.perf_counter()
-    score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
+    marker = run.paths.join(".teacher-exit-hook")
+    score_block(ds, teacher_model, run.cfg, run.on_gpu, exit_marker=marker).write_parquet(tmp)
     remove_tree(dest)
     os.replace(tmp, dest)
     rows = ray.data.read_parquet(dest).count()
@@ -329,7 +330,7 @@ def _open_finished(run_dir: str, overrides: list[str], say) -> tuple[Run, RunLoc
     if not exists(paths.manifest):
         raise RunError(f"{run_dir!r} is not an incr-ray run folder (no run.json); pass --run STORAGE/RUN_NAME")
     manifest = read_json(paths.manifest)
-    if manifest.get("status") != "finished":
+    if manifest.get("status") not in ("finished", "extending"):
         raise RunError(
             f"run {manifest.get('name')!r} is not finished; finish it first with the same `incr-ray train` command"
         )
@@ -343,31 +344,35 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
     """Train generation k on a new block of data with the run's last model as the teacher."""
     from .data import read_labelled_file
     from .report import summary_line
+    from .storage import remove_tree
 
-    paths = RunPaths(absolute(run_dir))
-    if exists(paths.manifest):  # check the data before taking the lock or touching the folder
-        manifest = read_json(paths.manifest)
-        from .config import config_from_dict
-
-        new_block = read_labelled_file(data_path, config_from_dict(manifest["config"]).data, manifest["label_names"])
-        rows = new_block.count()
-        if rows == 0:
-            raise RunError(f"{data_path!r} holds no rows; nothing to extend with")
     run, lock = _open_finished(run_dir, overrides or [], say)
     try:
-        g = len(run.manifest["generations"])
-        last = run.manifest["generations"][-1]
-        run.manifest["status"] = "extending"
-        entry = run.entry(g)
-        entry["source"] = data_path
-        run.save()
-        from .storage import remove_tree
-
-        remove_tree(run.paths.targets(g))
-        remove_tree(run.paths.model(g))
+        # The new data is checked (labels the model knows, no empty text) before anything changes.
+        new_block = read_labelled_file(data_path, run.cfg.data, run.label_names).materialize()
+        if new_block.count() == 0:
+            raise RunError(f"{data_path!r} holds no rows; nothing to extend with")
+        gens = run.manifest["generations"]
+        if run.manifest["status"] == "extending":  # an earlier extend was interrupted: finish it
+            if gens[-1].get("source") != data_path:
+                raise RunError(
+                    f"run {run.manifest['name']!r} is still being extended with {gens[-1].get('source')!r}; "
+                    "run extend with that --data first"
+                )
+            g = gens[-1]["index"]
+        else:
+            g = len(gens)
+            run.manifest["status"] = "extending"
+            run.entry(g)["source"] = data_path
+            run.save()
+            remove_tree(run.paths.targets(g))  # leftovers of a crash before run.json knew them
+            remove_tree(run.paths.model(g))
+        teacher = run.paths.join(gens[g - 1]["model"])
         block = new_block.map_batches(_set_block(g), batch_format="numpy")
-        entry = run_generation(run, g, block, run.paths.join(last["model"]), extended=True)
-        run.manifest["data"]["block_sizes"].append(int(entry.get("block_rows", rows)))
+        entry = run_generation(run, g, block, teacher, extended=True)
+        sizes = run.manifest["data"]["block_sizes"]
+        del sizes[g:]  # idempotent when an interrupted extend is finished
+        sizes.append(int(entry.get("block_rows", entry["rows"])))
         say(summary_line(entry, g + 1))
         finish(run)
         return run.manifest

@@ -154,6 +154,22 @@ def _quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _in_generation_checkpoint(work: str) -> tuple[str | None, int]:
+    """(HF checkpoint folder, its step) when this worker group restarts after a failure."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, 0
+    local = ckpt.to_directory(os.path.join(work, "resume"))
+    hf = os.path.join(local, "checkpoint")  # RayTrainReportCallback's layout
+    state = os.path.join(hf, "trainer_state.json")
+    if not os.path.isfile(state):
+        return None, 0
+    with open(state) as f:
+        return hf, int(json.load(f).get("global_step", 0))
+
+
 def train_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: one generation of student training."""
     cfg = Config.model_validate(loop_config["config"])
@@ -194,7 +210,10 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         max_steps=max_steps,
         lr_scheduler_type="linear",
         logging_steps=max(1, max_steps // 10),
-        save_strategy="no",
+        # In-generation checkpoints let a restarted worker group continue instead of starting over.
+        save_strategy="steps" if s.checkpoint_every_steps else "no",
+        save_steps=s.checkpoint_every_steps or 500,
+        save_total_limit=1,
         report_to=[],
         deepspeed=build_deepspeed_config(cfg.deepspeed, on_gpu, precision),
         use_cpu=not on_gpu,
@@ -236,10 +255,15 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     hook_step = cfg.test_hooks.worker_exit_at_step
     if hook_step is not None:
         trainer.add_callback(_exit_once_callback(hook_step, loop_config["hook_marker"]))
+    if s.checkpoint_every_steps:
+        from ray.train.huggingface.transformers import RayTrainReportCallback
+
+        trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
 
+    resume_from, resumed_step = _in_generation_checkpoint(work)
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
 
     # Every rank takes part: under ZeRO-3 the save gathers the partitioned 16-bit weights.
@@ -252,6 +276,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     metrics = {
         "train_loss": float(output.training_loss),
+        "resumed_from_step": resumed_step,
         "workers": ctx.get_world_size(),
         "nodes": len(set(nodes)),
         "train_seconds": seconds,
@@ -336,6 +361,9 @@ def fit_student(
         raise RuntimeError(f"generation {generation}: training finished without a model checkpoint")
     with result.checkpoint.as_directory() as local:
         upload_dir(local, model_dest)
+    from .storage import remove_tree
+
+    remove_tree(f"{ray_storage}/{name}")  # the model now lives in gen_<g>/model
     metrics = dict(result.metrics or {})
     metrics["max_steps"] = max_steps
     return StudentResult(model_path=model_dest, metrics=metrics)

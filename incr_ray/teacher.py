@@ -8,6 +8,7 @@ statistics (``mode="stats"``). Resources — pool size, GPUs per actor, batch si
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ class ClassifierScorer:
         device_map_auto: bool = False,
         trust_remote_code: bool = False,
         num_threads: int | None = None,
+        exit_at_batch: int | None = None,
+        exit_marker: str | None = None,
     ):
         import torch
 
@@ -40,6 +43,9 @@ class ClassifierScorer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.mode = mode
+        self.batches = 0
+        self.exit_at_batch = exit_at_batch  # fault-injection test hook
+        self.exit_marker = exit_marker
         self.max_length = max_length
         self.temperature = temperature
         self.threshold = threshold
@@ -80,6 +86,10 @@ class ClassifierScorer:
         return out.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        self.batches += 1
+        if self.exit_at_batch == self.batches and self.exit_marker and not os.path.exists(self.exit_marker):
+            open(self.exit_marker, "w").close()
+            os._exit(1)
         texts = [str(t) for t in batch["text"]]
         labels = np.asarray(batch["label"], dtype=np.int64)
         probs = softmax(self.logits(texts), self.temperature) if texts else np.zeros((0, self.num_labels))
@@ -135,13 +145,16 @@ def _scorer_kwargs(cfg: Config, model_path: str, mode: str, on_gpu: bool) -> dic
     )
 
 
-def score_block(ds, model_path: str, cfg: Config, on_gpu: bool):
+def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, exit_marker: str | None = None):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``."""
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
+    kwargs = _scorer_kwargs(cfg, model_path, "targets", on_gpu)
+    if cfg.test_hooks.teacher_exit_at_batch is not None:
+        kwargs.update(exit_at_batch=cfg.test_hooks.teacher_exit_at_batch, exit_marker=exit_marker)
     return ds.map_batches(
         ClassifierScorer,
-        fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, "targets", on_gpu),
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.teacher.batch_size,
         **_map_kwargs(cfg, on_gpu),
     )

@@ -1,0 +1,112 @@
+"""Runs that survive: a dying training worker, a dying teacher actor, a killed driver."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from test_pipeline_e2e import small_config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_worker_death_resumes_from_in_generation_checkpoint(ray_local, tmp_path, tiny_bert):
+    from incr_ray.pipeline import StopRequested, run_generations
+
+    cfg = small_config(
+        tmp_path, tiny_bert, "worker-death",
+        data={"synthetic_rows": 600},
+        method={"k": 2},
+        cluster={"workers": 2},
+        student={"checkpoint_every_steps": 2, "max_failures": 1, "epochs": 1},
+        test_hooks={"worker_exit_at_step": 3, "stop_after_generation": 0},
+    )
+    with pytest.raises(StopRequested):
+        run_generations(cfg, say=lambda s: None)
+    state = json.loads((Path(cfg.run_dir) / "run.json").read_text())
+    gens = state["generations"]
+    assert len(gens) == 1 and gens[0]["status"] == "finished"  # one generation, not two
+    train = gens[0]["train"]
+    # Rank 1 died after step 3; the restarted group continued from the step-2 checkpoint.
+    assert train["resumed_from_step"] == 2, train
+    assert train["steps"] == train["max_steps"]
+    assert list(Path(cfg.storage.path).glob("worker-death/_ray_train/*.worker-exit-hook"))
+
+
+def test_teacher_actor_death_scores_each_row_once(ray_local, tmp_path, tiny_bert):
+    import ray
+
+    from incr_ray.teacher import score_block
+
+    cfg = small_config(tmp_path, tiny_bert, "teacher-death", teacher={"batch_size": 50},
+                       test_hooks={"teacher_exit_at_batch": 3})
+    rows = [{"row_id": i, "text": f"word {i} apple", "label": i % 3, "block": 1} for i in range(400)]
+    marker = str(tmp_path / "teacher-exit-marker")
+    out = score_block(ray.data.from_items(rows), tiny_bert, cfg, on_gpu=False, exit_marker=marker)
+    out.write_parquet(str(tmp_path / "targets"))
+    assert os.path.exists(marker), "the hook should have killed one actor"
+    import pyarrow.parquet as pq
+
+    got = pq.read_table(tmp_path / "targets").to_pandas()
+    assert collections.Counter(got.row_id) == collections.Counter(range(400))
+    assert np.allclose(np.stack(got.target.to_numpy()).sum(axis=1), 1.0)
+
+
+def _cli(config_path: str, **kw):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONWARNINGS="ignore")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "incr_ray.cli", "train", "--config", config_path],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True, **kw,
+    )
+
+
+def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_bert):
+    """SIGKILL the whole `incr-ray train` process group after generation 0; the same command
+    resumes, keeps generation 0, and ends with the same model as a run that was never stopped."""
+    from incr_ray.pipeline import run_generations
+
+    cfg = small_config(tmp_path, tiny_bert, "driver-kill", data={"synthetic_rows": 900},
+                       method={"k": 2}, student={"epochs": 1})
+    reference = run_generations(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "reference"})}),
+                                say=lambda s: None)
+
+    cfg_file = tmp_path / "kill.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    manifest = Path(cfg.run_dir) / "run.json"
+    proc = _cli(str(cfg_file))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if manifest.exists():
+            gens = json.loads(manifest.read_text())["generations"]
+            if gens and gens[0].get("status") == "finished":
+                break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    else:
+        pytest.fail("generation 0 did not finish in time")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    model0 = Path(cfg.run_dir) / "gen_000" / "model" / "model.safetensors"
+    mtime0 = model0.stat().st_mtime_ns
+
+    resumed = _cli(str(cfg_file))
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "[gen 0] already finished, skipped" in out
+    final = json.loads(manifest.read_text())
+    assert final["status"] == "finished"
+    assert model0.stat().st_mtime_ns == mtime0
+    for g in (0, 1):
+        assert final["generations"][g]["metrics"] == reference["generations"][g]["metrics"], g
