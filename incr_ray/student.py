@@ -86,6 +86,9 @@ def _exit_once_callback(step: int, marker: str):
                 and not os.path.exists(marker)
             ):
                 open(marker, "w").close()
+                # Ray Train's controller registers reported checkpoints on its next poll; a crash
+                # within milliseconds of a save would race that. Real crashes come later.
+                time.sleep(3)
                 os._exit(1)
 
     return ExitOnce()
