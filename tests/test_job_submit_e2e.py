@@ -2,9 +2,10 @@
 
 The head is a real `ray start --head` on 127.0.0.1 (one node: `ray start` refuses a second node
 under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, see RAY-NOTES.md). The jobs are the project's own entry
-scripts, uploaded with `--working-dir` and started with the shipped `jobs/runtime_env.yaml`, exactly
-as the README's "Run on a cluster" section submits them; only the config is a tiny one (synthetic
-data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine).
+scripts, uploaded with `--working-dir .` and started with `jobs/runtime_env.yaml`, as the README's
+"Run on a cluster" section submits them; only the config is a tiny one (synthetic
+data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine) and the
+runtime env leaves out its ``pip`` section (see ``TokenHead.runtime_env_file``).
 
 Isolation from other Ray instances on the machine (a developer's `ray start`, other test runs):
 - ports: the GCS, dashboard, client-server and dashboard-agent ports are free ports chosen at
@@ -16,8 +17,8 @@ Isolation from other Ray instances on the machine (a developer's `ray start`, ot
   dashboard, ...) stay in that group, Ray workers are children of our raylet. Stopping the head
   signals exactly those processes: the group's members and their descendants.
 
-Each Ray Train fit costs ~30 s here and the job's runtime env ~30 s once, so the module runs three
-fits (train k=2, then extend by one generation) on one head.
+Each Ray Train fit costs ~30 s here (more when other tests share the CPUs), so the module runs
+three fits (train k=2, then extend by one generation) on one head.
 """
 
 from __future__ import annotations
@@ -137,10 +138,16 @@ class TokenHead:
         assert proc.returncode == 0, f"ray start failed:\n{out[-3000:]}"
 
     def stop(self) -> None:
+        import psutil
+
         if self.pgid is not None:
             _stop_head(self.pgid)
-        leftovers = [p for p in _process_group_and_descendants(self.pgid or -1)]
-        shutil.rmtree(self.temp_dir, ignore_errors=True)  # also the job's runtime env (a venv copy)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        leftovers = []
+        for proc in _process_group_and_descendants(self.pgid or -1):
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:  # killed, waiting for PID 1 to reap it
+                    leftovers.append(proc)
         assert not leftovers, f"processes of the test's Ray head survived: {leftovers}"
 
     def ray(self, *args: str, timeout: float = 60, **env: str | None) -> subprocess.CompletedProcess:
@@ -149,12 +156,25 @@ class TokenHead:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 
+    def runtime_env_file(self) -> Path:
+        """jobs/runtime_env.yaml without its ``pip`` section.
+
+        With ``pip``, Ray builds the job a virtualenv; inside a virtualenv (our .venv) it does so by
+        copying the whole venv (2+ GB, ~30 s or more here). The section's shape is checked in
+        test_cluster_config.py; everything else (env_vars, excludes) is used as shipped.
+        """
+        env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+        env.pop("pip")
+        path = self.temp_dir / "runtime_env.yaml"
+        path.write_text(yaml.safe_dump(env))
+        return path
+
     def submit(self, *entrypoint: str) -> tuple[str, str]:
         """`ray job submit` as the README writes it; blocks until the job ends. Returns (id, output)."""
         job_id = f"incr-ray-test-{uuid.uuid4().hex[:8]}"
         done = self.ray(
             "job", "submit", "--address", self.address, "--submission-id", job_id,
-            "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml",
+            "--working-dir", ".", "--runtime-env", str(self.runtime_env_file()),
             "--", *entrypoint,
             timeout=JOB_TIMEOUT_S,
         )
