@@ -120,13 +120,10 @@ def preflight(cfg: Config) -> str:
     return base
 
 
-def _write_split(cfg: Config, paths: RunPaths, say) -> dict[str, Any]:
-    from .data import split_data
+def _write_split(split, paths: RunPaths) -> dict[str, Any]:
+    """Persist the split (temp folder, then rename) so resumes never recompute it."""
     from .storage import remove_tree
 
-    say(f"reading and splitting data ({cfg.data.source}) into k={cfg.method.k} blocks + holdout")
-    split = split_data(cfg)  # validates the data: errors surface before the run folder exists
-    os.makedirs(paths.root, exist_ok=True) if "://" not in paths.root else None
     tmp = paths.split + ".tmp"
     remove_tree(tmp)
     split.dataset.write_parquet(tmp)
@@ -147,31 +144,47 @@ def _write_split(cfg: Config, paths: RunPaths, say) -> dict[str, Any]:
 
 
 def open_run(cfg: Config, say=print) -> tuple[Run, RunLock]:
-    """Open (or create) the run folder for ``cfg``; the caller releases the lock."""
+    """Open (or create) the run folder for ``cfg``; the caller releases the lock.
+
+    Bad input fails before the run folder is created; an existing folder is locked before it is
+    read, so a second process on the same run is refused instead of racing the first.
+    """
+    from .data import split_data
+
     preflight(cfg)
     paths = RunPaths(absolute(cfg.run_dir))
-    manifest = read_json(paths.manifest) if exists(paths.manifest) else None
-    if manifest is not None:
-        check_compatible(manifest, cfg)
-    if manifest is None or not manifest.get("data", {}).get("split_done"):
-        info = _write_split(cfg, paths, say)
-        lock = RunLock(paths.root).acquire()
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "name": cfg.run.name,
-            "run_dir": paths.root,
-            "status": "running",
-            "created": _now(),
-            "config": cfg.to_dict(),
-            "label_names": info.pop("label_names"),
-            "data": {**info, "split": "split", "split_done": True},
-            "generations": [],
-        }
-    else:
-        lock = RunLock(paths.root).acquire()
-        manifest["config"] = cfg.to_dict()  # resource settings may change between attempts
-    run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cluster_has_gpu(cfg), say=say)
-    run.save()
+    lock = RunLock(paths.root).acquire() if exists(paths.root) else None
+    try:
+        manifest = read_json(paths.manifest) if exists(paths.manifest) else None
+        if manifest is not None:
+            check_compatible(manifest, cfg)
+        if manifest is None or not manifest.get("data", {}).get("split_done"):
+            say(f"reading and splitting data ({cfg.data.source}) into k={cfg.method.k} blocks + holdout")
+            split = split_data(cfg)  # validates the data: errors surface before anything is written
+            if lock is None:
+                if "://" not in paths.root:
+                    os.makedirs(paths.root, exist_ok=True)
+                lock = RunLock(paths.root).acquire()
+            info = _write_split(split, paths)
+            manifest = {
+                "version": MANIFEST_VERSION,
+                "name": cfg.run.name,
+                "run_dir": paths.root,
+                "status": "running",
+                "created": _now(),
+                "config": cfg.to_dict(),
+                "label_names": info.pop("label_names"),
+                "data": {**info, "split": "split", "split_done": True},
+                "generations": [],
+            }
+        else:
+            manifest["config"] = cfg.to_dict()  # resource settings may change between attempts
+        run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cluster_has_gpu(cfg), say=say)
+        run.save()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return run, lock
 
 

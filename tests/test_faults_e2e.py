@@ -74,7 +74,8 @@ def _cli(config_path: str, **kw):
 
 def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_bert):
     """SIGKILL the whole `incr-ray train` process group after generation 0; the same command
-    resumes, keeps generation 0, and ends with the same model as a run that was never stopped."""
+    resumes, keeps generation 0, and ends with the same model as a run that was never stopped.
+    While the first process runs, a second one on the same run folder is refused."""
     from incr_ray.pipeline import run_generations
 
     cfg = small_config(tmp_path, tiny_bert, "driver-kill", data={"synthetic_rows": 900},
@@ -96,6 +97,12 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_p
         time.sleep(0.5)
     else:
         pytest.fail("generation 0 did not finish in time")
+    # While the first run holds the folder, a second one on it is refused (exit 2, one line).
+    second = _cli(str(cfg_file))
+    out2, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, out2[-2000:]
+    assert "is in use by process" in out2 and "Traceback" not in out2
+    assert proc.poll() is None, "the first run must be unaffected"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     model0 = Path(cfg.run_dir) / "gen_000" / "model" / "model.safetensors"
