@@ -1,4 +1,4 @@
-"""``incr-ray``: train | extend | evaluate | predict.
+"""``incr-ray``: train | extend | evaluate | predict | plan.
 
 Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 3 a run stopped
 on request (test hook), 1 anything unexpected (with its traceback, since that is our bug).
@@ -120,6 +120,43 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import plan_text
+
+    print(plan_text(_config(args), params_override=args.params, hidden_size=args.hidden_size, layers=args.layers,
+                    heads=args.heads, gpus_per_node=args.gpus_per_node, cpu_memory_gb=args.cpu_memory_gb), end="")
+    return 0
+
+
+def _param_count(text: str) -> int:
+    from .plan import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _plan_epilog() -> str:
+    from .plan import KNOWN_SHAPES
+
+    return ("Where the parameter count comes from, in order: --params; else model.base as a local model folder "
+            "(or minilm), built on the meta device without loading weights; else a built-in shape usable as "
+            "model.base here only: " + ", ".join(KNOWN_SHAPES) + ". "
+            "Example: incr-ray plan --config jobs/gpu_cluster.yaml --set model.base=llama-70b --set cluster.workers=8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="incr-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -154,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("texts", nargs="*")
     r.set_defaults(func=cmd_predict)
+
+    pl = sub.add_parser(
+        "plan", help="per-GPU memory of the student (ZeRO 0-3, offload) and the teacher, and a recommendation; "
+        "starts neither Ray nor training", epilog=_plan_epilog())
+    with_config(pl)
+    pl.add_argument("--params", type=_param_count, metavar="N",
+                    help="parameter count instead of reading model.base, e.g. 7e9 or 70B")
+    pl.add_argument("--hidden-size", type=_positive(int), metavar="H", help="hidden size, for activation estimates")
+    pl.add_argument("--layers", type=_positive(int), metavar="L", help="transformer layers, for activation estimates")
+    pl.add_argument("--heads", type=_positive(int), metavar="A",
+                    help="attention heads (default: hidden size / 128)")
+    pl.add_argument("--gpus-per-node", type=_positive(int), metavar="G",
+                    help="GPUs per node (default: all cluster.workers on one node); sets CPU memory per node")
+    pl.add_argument("--cpu-memory-gb", type=_positive(float), metavar="GIB",
+                    help="host memory per node in GiB; when given, offload rows must fit it too")
+    pl.set_defaults(func=cmd_plan)
 
     return p
 

@@ -122,19 +122,12 @@ def preflight(cfg: Config) -> str:
 
 def _write_split(split, paths: RunPaths) -> dict[str, Any]:
     """Persist the split (temp folder, then rename) so resumes never recompute it."""
-    from .storage import remove_tree
+    from .storage import remove_tree, rename_tree
 
     tmp = paths.split + ".tmp"
     remove_tree(tmp)
     split.dataset.write_parquet(tmp)
-    remove_tree(paths.split)
-    if "://" in paths.root:
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(tmp)
-        fs.move(p, pafs.FileSystem.from_uri(paths.split)[1])
-    else:
-        os.replace(tmp, paths.split)
+    rename_tree(tmp, paths.split)
     return {
         "fingerprint": split.fingerprint,
         "block_sizes": list(split.block_sizes),
@@ -217,7 +210,7 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     """Teacher outputs + targets for block ``g`` (and replay rows) into gen_g/targets. Returns rows."""
     import ray
 
-    from .storage import remove_tree
+    from .storage import remove_tree, rename_tree
     from .teacher import score_block
 
     entry = run.entry(g)
@@ -234,8 +227,7 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     started = time.perf_counter()
     marker = run.paths.join(".teacher-exit-hook")
     score_block(ds, teacher_model, run.cfg, run.on_gpu, exit_marker=marker).write_parquet(tmp)
-    remove_tree(dest)
-    os.replace(tmp, dest)
+    rename_tree(tmp, dest)
     rows = ray.data.read_parquet(dest).count()
     entry.update(targets=run.rel(dest), rows=rows, block_rows=block_rows,
                  replay_rows=rows - block_rows, scoring_seconds=time.perf_counter() - started)

@@ -137,6 +137,24 @@ def remove_tree(path: str) -> None:
         pass
 
 
+def rename_tree(src: str, dest: str) -> None:
+    """Move a finished temporary folder into place (replacing ``dest``).
+
+    Local: one atomic rename. Object stores have no folder rename: copy, then delete the source;
+    readers rely on run.json, which names ``dest`` only after this returns.
+    """
+    remove_tree(dest)
+    if not is_remote(src):
+        os.replace(src, dest)
+        return
+    import pyarrow.fs as pafs
+
+    fs, s = _fs_and_path(src)
+    _, d = _fs_and_path(dest)
+    pafs.copy_files(s, d, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(s)
+
+
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a local folder to ``dest`` (replacing it); the caller marks it done afterwards."""
     remove_tree(dest)

@@ -51,3 +51,15 @@ def test_storage_under_a_file_fails_early(tmp_path):
     f.write_text("x")
     with pytest.raises(StorageError, match="not writable"):
         check_writable(str(f / "runs"))
+
+
+def test_rename_tree_replaces_the_destination(tmp_path):
+    from incr_ray.storage import rename_tree
+
+    (tmp_path / "t.tmp").mkdir()
+    (tmp_path / "t.tmp" / "new").write_text("1")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "old").write_text("0")
+    rename_tree(str(tmp_path / "t.tmp"), str(tmp_path / "t"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["new"]
