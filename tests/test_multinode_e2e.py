@@ -29,17 +29,28 @@ def two_node_cluster():
         cluster.shutdown()
 
 
-def test_run_spans_two_nodes(two_node_cluster, tmp_path, tiny_bert):
+def test_decoder_run_spans_two_nodes(two_node_cluster, tmp_path):
+    """Two birds, one (expensive) run: the multi-node placement, and the decoder family — a
+    Llama-style model whose config has no pad token (HF pools the last non-pad token)."""
     import ray
+    from transformers import AutoConfig, pipeline
 
+    from conftest import build_tiny_model
     from incr_ray.pipeline import run_generations
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    llama = build_tiny_model(tmp_path / "tiny_llama", "llama")
+    assert AutoConfig.from_pretrained(llama).pad_token_id is None
     # Two workers of 2 CPUs on nodes of 2 CPUs: one worker per node.
-    cfg = small_config(tmp_path, tiny_bert, "multinode", method={"k": 2},
-                       cluster={"workers": 2, "cpus_per_worker": 2}, deepspeed={"stage": 2})
+    cfg = small_config(tmp_path, llama, "multinode", method={"k": 2}, data={"synthetic_rows": 900},
+                       student={"epochs": 1}, cluster={"workers": 2, "cpus_per_worker": 2},
+                       deepspeed={"stage": 2})
     manifest = run_generations(cfg, say=lambda s: None)
+    final = Path(cfg.run_dir) / "gen_001" / "model"
+    assert AutoConfig.from_pretrained(final).pad_token_id is not None
+    out = pipeline("text-classification", model=str(final), device="cpu")(["red words", "blue words here"])
+    assert {o["label"] for o in out} <= set(manifest["label_names"])
     gens = manifest["generations"]
     assert [g["status"] for g in gens] == ["finished", "finished"]
     assert all(g["train"]["nodes"] == 2 and g["train"]["workers"] == 2 for g in gens), [g["train"] for g in gens]

@@ -130,19 +130,3 @@ def test_changed_config_is_refused_on_resume(ray_local, tmp_path, tiny_bert):
     with pytest.raises(RunError, match=r"method.threshold: 0.9 -> 0.8"):
         open_run(changed, say=lambda s: None)
 
-
-def test_decoder_family_k2(ray_local, tmp_path):
-    """A Llama-style decoder (no pad token in its config; HF pools the last non-pad token)."""
-    from conftest import build_tiny_model
-    from transformers import AutoConfig, pipeline
-
-    llama = build_tiny_model(tmp_path / "tiny_llama", "llama")
-    assert AutoConfig.from_pretrained(llama).pad_token_id is None
-    cfg = small_config(tmp_path, llama, "decoder", data={"synthetic_rows": 700}, method={"k": 2},
-                       student={"epochs": 1})
-    manifest = run_generations(cfg, say=lambda s: None)
-    assert [g["status"] for g in manifest["generations"]] == ["finished", "finished"]
-    final = Path(cfg.run_dir) / "gen_001" / "model"
-    assert AutoConfig.from_pretrained(final).pad_token_id is not None
-    out = pipeline("text-classification", model=str(final), device="cpu")(["red words", "blue words here"])
-    assert {o["label"] for o in out} <= set(manifest["label_names"])
