@@ -194,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plan", help="per-GPU memory of the student (ZeRO 0-3, offload) and the teacher, and a recommendation; "
-        "starts neither Ray nor training", epilog=_plan_epilog())
+        "starts neither Ray nor training", epilog=_plan_epilog(),
+        description="Print, for the config's base model and cluster, the student's per-GPU memory at ZeRO "
+        "stages 0-3 with and without CPU offload (ZeRO-paper formulas next to DeepSpeed's own estimators), "
+        "activations per micro-batch, the teacher's inference memory and GPUs per actor, and a recommendation; "
+        "warn when the configured deepspeed section will not fit cluster.gpu_memory_gb. Units: GiB (2^30 bytes).")
     with_config(pl)
     pl.add_argument("--params", type=_param_count, metavar="N",
                     help="parameter count instead of reading model.base, e.g. 7e9 or 70B")

@@ -23,6 +23,7 @@ Sources of the formulas:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import re
@@ -159,16 +160,19 @@ def resolve_shape(
     base = cfg.model.base
     num_labels, why = head_labels(cfg)
     head = f"{num_labels}-label head ({why})"
+    # id2label rather than num_labels: a folder's own id2label of another length would clash with it.
+    names = cfg.data.labels or [f"LABEL_{i}" for i in range(num_labels)]
+    head_kwargs = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     if base == MINILM or Path(base).expanduser().exists():
         path = resolve_model_path(base)
         check_classifier(path, cfg.model.trust_remote_code)
-        hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, num_labels=num_labels)
+        hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **head_kwargs)
         shape = _shape_from_hf_config(hf, f"{path}/config.json, built on the meta device with a {head}",
                                       cfg.model.trust_remote_code)
     elif base in KNOWN_SHAPES:
         kwargs = dict(KNOWN_SHAPES[base])
         model_type = kwargs.pop("model_type")
-        hf = AutoConfig.for_model(model_type, num_labels=num_labels, **kwargs)
+        hf = AutoConfig.for_model(model_type, **head_kwargs, **kwargs)
         shape = _shape_from_hf_config(hf, f"built-in shape {base!r} ({model_type}), built on the meta device "
                                           f"with a {head}")
     else:
@@ -178,8 +182,8 @@ def resolve_shape(
         )
     overrides = {k: v for k, v in (("hidden_size", hidden_size), ("layers", layers), ("heads", heads)) if v}
     if overrides:
-        shape = ModelShape(**{**shape.__dict__, **overrides,
-                              "source": shape.source + "; shape overridden by " + ", ".join(overrides)})
+        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+        shape = dataclasses.replace(shape, **overrides, source=f"{shape.source}; {flags} from the command line")
     return shape
 
 
@@ -206,7 +210,8 @@ def training_precision(name: str) -> Precision:
                          f"{name} mixed precision: 2Ψ params + 2Ψ grads + 12Ψ Adam "
                          "(fp32 master weights + momentum + variance)")
     if name == "fp32":
-        return Precision(name, 4, 4, 8, 4, "fp32: 4Ψ params + 4Ψ grads + 8Ψ Adam (momentum + variance; no master copy)")
+        return Precision(name, 4, 4, 8, 4,
+                         "fp32: 4Ψ params + 4Ψ grads + 8Ψ Adam (momentum + variance; no master copy)")
     raise ValueError(f"unknown precision {name!r}")
 
 
@@ -507,7 +512,8 @@ def make_plan(
     if not configured.fits:
         where = (f"{_gib(configured.total)} GiB per GPU > {budget_gib:g} GiB (cluster.gpu_memory_gb)"
                  if configured.total > gpu_budget else
-                 f"{_gib(configured.cpu_per_node)} GiB of CPU memory per node > {cpu_memory_gb:g} GiB (--cpu-memory-gb)")
+                 f"{_gib(configured.cpu_per_node)} GiB of CPU memory per node > {cpu_memory_gb:g} GiB "
+                 "(--cpu-memory-gb)")
         plan.warnings.append(
             f"the configured {configured.layout.description} (deepspeed section) will not fit: "
             f"{where}; " + (f"use {recommended.layout.settings}" if recommended else "see the hints below"))
@@ -606,7 +612,8 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     add("")
     add(f"model        {cfg.model.base}")
     add(f"parameters   Ψ = {sh.params:,} ({_count(sh.params)}) from {sh.source}")
-    dims = ", ".join(f"{k} {v}" for k, v in (("hidden", sh.hidden_size), ("layers", sh.layers), ("heads", sh.heads)) if v)
+    known = (("hidden", sh.hidden_size), ("layers", sh.layers), ("heads", sh.heads))
+    dims = ", ".join(f"{k} {v}" for k, v in known if v)
     add(f"shape        {dims or 'unknown: pass --hidden-size and --layers for activation estimates'}"
         + (f"; largest layer {sh.largest_layer_params:,} params" if sh.largest_layer_params else ""))
     if plan.on_gpu:
@@ -632,7 +639,8 @@ def render_plan(plan: Plan, cfg: Config) -> str:
         ds_gpu = _gib(r.deepspeed.gpu_bytes) if r.deepspeed else "-"
         ds_cpu = _gib(r.deepspeed.cpu_bytes_per_node) if r.deepspeed else "-"
         fits = "-" if r.fits is None else ("yes" if r.fits else "no")
-        marks = ("  <- configured" if r is plan.configured else "") + ("  <- recommended" if r is plan.recommended else "")
+        marks = ("  <- configured" if r is plan.configured else "") + (
+            "  <- recommended" if r is plan.recommended else "")
         add(f"{r.layout.stage:>5}  {r.layout.label:<16} {_gib(r.states.gpu_bytes):>8} {ds_gpu:>8} "
             f"{_gib(r.gathered) if r.layout.stage == 3 else '-':>8} {_gib(r.activations):>8} {_gib(r.total):>8}   "
             f"{_gib(r.cpu_per_node):>8} {ds_cpu:>8}  {fits}{marks}")
@@ -645,7 +653,8 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     if not sh.largest_layer_params:
         add("gathered: ZeRO-3's whole-layer gather is unknown without a model config (counted as 0).")
     if sh.hidden_size is None or sh.layers is None:
-        add("activ.: unknown without --hidden-size and --layers (counted as 0): the fit check covers model states only.")
+        add("activ.: unknown without --hidden-size and --layers (counted as 0): "
+            "the fit check covers model states only.")
     add("")
     t = plan.teacher
     add(f"Teacher per actor (inference, {t.precision}, b={cfg.teacher.batch_size} teacher.batch_size, no KV cache)")
@@ -657,6 +666,13 @@ def render_plan(plan: Plan, cfg: Config) -> str:
         add(f"  GPUs per actor      {t.gpus_needed:>9}      (teacher.gpus_per_actor: {cfg.teacher.gpus_per_actor:g}, "
             f"{fit_note}; device_map_auto: {str(cfg.teacher.device_map_auto).lower()}"
             + (", should be true" if t.gpus_needed > 1 and not cfg.teacher.device_map_auto else "") + ")")
+        per_actor = max(t.gpus_needed, cfg.teacher.gpus_per_actor)
+        pool = cfg.teacher.pool_size * per_actor
+        note = ""
+        if pool > plan.n_gpus:
+            note = (f"; more than the {plan.n_gpus} training GPUs: the cluster needs {pool:g}, or set "
+                    f"teacher.pool_size: {max(1, int(plan.n_gpus // per_actor))}")
+        add(f"  pool                {pool:>9g}      GPUs (teacher.pool_size: {cfg.teacher.pool_size}){note}")
     add("")
     for w in plan.warnings:
         add(f"WARNING: {w}")
@@ -664,15 +680,18 @@ def render_plan(plan: Plan, cfg: Config) -> str:
         add("")
     if not plan.on_gpu:
         add(f"Recommendation: none (CPU training, no GPU budget); the configured stage needs "
-            f"~{_gib(plan.configured.total * plan.n_gpus)} GiB of host memory for {plan.n_gpus} worker(s) on one machine.")
+            f"~{_gib(plan.configured.total * plan.n_gpus)} GiB of host memory for {plan.n_gpus} worker(s) "
+            "on one machine.")
     elif plan.recommended:
         r = plan.recommended
         cpu = f", {_gib(r.cpu_per_node)} GiB CPU memory per node" if r.layout.offload_optimizer else ""
         add(f"Recommendation: {r.layout.settings}")
-        add(f"  {_gib(r.total)} of {cfg.cluster.gpu_memory_gb:g} GiB per GPU{cpu}, with cluster.workers: {plan.n_gpus}, "
-            f"student.batch_size: {plan.micro_batch}, gradient_checkpointing: {str(plan.checkpointing).lower()}")
+        add(f"  {_gib(r.total)} of {cfg.cluster.gpu_memory_gb:g} GiB per GPU{cpu}, "
+            f"with cluster.workers: {plan.n_gpus}, student.batch_size: {plan.micro_batch}, "
+            f"student.gradient_checkpointing: {str(plan.checkpointing).lower()}")
         if r.layout.offload_optimizer and plan.cpu_budget is None:
-            add("  check the nodes' host memory (DeepSpeed's CPU estimate above), or pass --cpu-memory-gb to have it checked")
+            add("  check the nodes' host memory (DeepSpeed's CPU estimate above), "
+                "or pass --cpu-memory-gb to have it checked")
         if plan.hints:
             add("  alternatives without offload:")
     else:

@@ -82,6 +82,19 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
         assert (root / f).stat().st_size > 0
     assert manifest["final_model"] == "gen_002/model"
 
+    # `incr-ray evaluate`: the final model on the holdout reproduces run.json's figures, and a
+    # labelled file can be evaluated instead.
+    from incr_ray.pipeline import evaluate_run
+
+    [(g, metrics)] = evaluate_run(str(root))
+    assert g == 2 and metrics == pytest.approx(gens[2]["metrics"])
+    holdout = split[split.block == -1]
+    csv = root.parent / "eval.csv"
+    holdout.assign(label=[label_names[i] for i in holdout.label])[["text", "label"]].to_csv(csv, index=False)
+    per_gen = evaluate_run(str(root), str(csv), all_generations=True)
+    assert [g for g, _ in per_gen] == [0, 1, 2]
+    assert per_gen[2][1]["accuracy"] == pytest.approx(gens[2]["metrics"]["accuracy"])
+
 
 def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert):
     """ZeRO-3 on 2 workers saves a consolidated trained model; a stopped run resumes cleanly."""

@@ -238,10 +238,12 @@ def test_warns_when_the_configured_stage_does_not_fit():
 
 def test_teacher_larger_than_one_gpu():
     shape = ModelShape(70_000_000_000, "test", hidden_size=8192, layers=80, heads=64)
-    plan = plan_for(shape, cluster={"workers": 8})
+    plan = plan_for(shape, cluster={"workers": 8}, teacher={"pool_size": 8})
     assert plan.teacher.weights == 140 * GB
     assert plan.teacher.gpus_needed == 2
     assert any("teacher.gpus_per_actor: 2 and teacher.device_map_auto: true" in w for w in plan.warnings)
+    text = render_plan(plan, cfg(cluster={"workers": 8}, teacher={"pool_size": 8}))
+    assert "the cluster needs 16, or set teacher.pool_size: 4" in text
     plan = plan_for(shape, cluster={"workers": 8}, teacher={"gpus_per_actor": 2, "device_map_auto": True})
     assert not any("teacher" in w for w in plan.warnings)
 
@@ -310,4 +312,3 @@ def test_plan_module_does_not_import_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
-
