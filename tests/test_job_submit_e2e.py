@@ -62,13 +62,19 @@ def _process_group_and_descendants(pgid: int):
     members = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(proc.pid) == pgid:
+            # A zombie has already exited; it only waits for its parent to reap it.
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 members.append(proc)
     found = {p.pid: p for p in members}
     for proc in members:
         with contextlib.suppress(psutil.Error):
             found.update({c.pid: c for c in proc.children(recursive=True)})
-    return list(found.values())
+    alive = []
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
 
 
 def _stop_head(pgid: int) -> None:
