@@ -124,9 +124,9 @@ def measure_per_worker(loop_config: dict[str, Any]) -> None:
         from incr_ray.config import DeepSpeedSection
         from incr_ray.deepspeed_config import build_deepspeed_config
 
-        for name in ("DeepSpeed", "deepspeed"):
-            import logging
+        import logging
 
+        for name in ("DeepSpeed", "deepspeed"):
             logging.getLogger(name).setLevel(logging.WARNING)
         deepspeed.init_distributed(dist_backend="gloo")
         torch.set_num_threads(1)  # two workers on two shared cores
@@ -258,7 +258,7 @@ def run_case(label: str, section: dict[str, Any], loop: dict[str, Any], storage:
     return result
 
 
-def table(results: list[dict], params: int) -> list[str]:
+def table(results: list[dict]) -> list[str]:
     """Fixed-width rows (MiB per worker, max over the 2 ranks)."""
     head = (f"{'config':<22} {'planner':>8} {'measured':>9} {'ratio':>6} {'±25%':>5} {'tensors':>8} "
             f"{'peak Δ':>8} {'peak RSS':>9} {'baseline':>9}")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)
 
-    rows = table(results, params)
+    rows = table(results)
     legend = [
         f"MiB per worker (max over {WORKERS} ranks), Ψ = {params:,}, fp32, {WORKERS} Ray Train CPU workers.",
         "planner:  incr_ray.plan.zero_model_states (fp32: 4Ψ params + 4Ψ grads + 8Ψ Adam, split by stage), "

@@ -211,7 +211,8 @@ def training_precision(name: str) -> Precision:
                          "(fp32 master weights + momentum + variance)")
     if name == "fp32":
         return Precision(name, 4, 4, 8, 4,
-                         "fp32: 4Ψ params + 4Ψ grads + 8Ψ Adam (momentum + variance; no master copy)")
+                         "fp32: 4Ψ params + 4Ψ grads + 8Ψ Adam (momentum + variance; no master copy) "
+                         "+ DeepSpeed's fp32 partition copies at stages 1-3 (4Ψ/N; 8Ψ/N at stage 3 with offload)")
     raise ValueError(f"unknown precision {name!r}")
 
 
@@ -269,6 +270,12 @@ def zero_model_states(params: int, n_gpus: int, layout: Layout, precision: Preci
     states, (g + K)·Ψ/N, to CPU memory. Parameter offload (stage 3) moves the p·Ψ/N partition too.
     Gradient buckets and gathered layers in flight are not model states; see
     :func:`stage3_gather_bytes` and :data:`OVERHEAD`.
+
+    fp32 training (CPU workers) adds what DeepSpeed 0.19.8 keeps beyond the paper's accounting,
+    as measured by ``benchmarks/zero_memory.py``: stages 1–2 clone an fp32 copy of each rank's
+    weight partition (+4Ψ/N), stage 3 holds its gradient partition twice (+4Ψ/N), and stage 3 with
+    offload does both (+8Ψ/N, on the CPU side). In mixed precision the fp32 master copy is
+    already part of K.
     """
     if n_gpus < 1:
         raise ValueError("n_gpus must be at least 1")
@@ -281,14 +288,23 @@ def zero_model_states(params: int, n_gpus: int, layout: Layout, precision: Preci
     if stage == 0:
         return ModelStates(int((p + g + k) * params), 0)
     if stage == 1:
-        return ModelStates(int((p + g) * params + k * params / n), 0)
+        return ModelStates(int((p + g) * params + k * params / n
+                               + _fp32_deepspeed_copies(params, n, layout, precision)), 0)
     params_on_gpu = p * params if stage == 2 else p * params / n
-    rest = (g + k) * params / n
+    rest = (g + k) * params / n + _fp32_deepspeed_copies(params, n, layout, precision)
     if layout.offload_params:
         return ModelStates(0, int(params_on_gpu + rest))
     if layout.offload_optimizer:
         return ModelStates(int(params_on_gpu), int(rest))
     return ModelStates(int(params_on_gpu + rest), 0)
+
+
+def _fp32_deepspeed_copies(params: int, n: int, layout: Layout, precision: Precision) -> float:
+    """Extra fp32 bytes per rank DeepSpeed keeps at stages 1–3 (see :func:`zero_model_states`)."""
+    if precision.name != "fp32" or layout.stage == 0:
+        return 0.0
+    offloaded = layout.stage == 3 and (layout.offload_optimizer or layout.offload_params)
+    return (8 if offloaded else 4) * params / n
 
 
 def stage3_gather_bytes(largest_layer_params: int | None, layout: Layout, precision: Precision) -> int:
