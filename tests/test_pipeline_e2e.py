@@ -143,3 +143,25 @@ def test_changed_config_is_refused_on_resume(ray_local, tmp_path, tiny_bert):
     with pytest.raises(RunError, match=r"method.threshold: 0.9 -> 0.8"):
         open_run(changed, say=lambda s: None)
 
+
+
+def test_replay_rows_come_from_earlier_blocks(ray_local, tmp_path, tiny_bert):
+    """Scoring only (no training): block 2 plus ~r·|S_2| rows re-sampled from blocks 0-1."""
+    from ray.data.expressions import col
+
+    from incr_ray.pipeline import open_run, score_generation
+
+    cfg = small_config(tmp_path, tiny_bert, "replay", replay={"fraction": 0.5})
+    run, lock = open_run(cfg, say=lambda s: None)
+    try:
+        block = run.split_dataset().filter(expr=col("block") == 2)
+        rows = score_generation(run, 2, block, tiny_bert)
+    finally:
+        lock.release()
+    targets = pq.read_table(Path(cfg.run_dir) / "gen_002" / "targets").to_pandas()
+    block_rows = run.manifest["data"]["block_sizes"][2]
+    replay = targets[targets.replay]
+    assert rows == len(targets) == block_rows + len(replay)
+    assert (targets[~targets.replay].block == 2).all() and set(replay.block) <= {0, 1}
+    assert 0.3 * block_rows < len(replay) < 0.7 * block_rows  # ≈ 0.5·|S_2|, a seeded sample
+    assert run.manifest["generations"][2]["replay_rows"] == len(replay)
