@@ -34,8 +34,6 @@ def _quiet_env() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Tell Ray Data to keep its progress output to one line per operator.
-    os.environ.setdefault("RAY_DATA_PROGRESS_BAR_CLIENT_NAME", "incr-ray")
 
 
 def init_ray(address: str | None) -> None:
