@@ -192,8 +192,22 @@ def _replay_rows(run: Run, g: int, block_rows: int):
         return None
     earlier = sum(run.manifest["data"]["block_sizes"][:g])
     frac = min(1.0, r * block_rows / max(1, earlier))
+    seed = run.cfg.run.seed * 1000 + g
     pool = run.split_dataset().filter(expr=(col("block") >= 0) & (col("block") < g))
-    return pool.random_sample(frac, seed=run.cfg.run.seed * 1000 + g)
+    return pool.map_batches(_keep_sampled(seed, frac), batch_format="numpy")
+
+
+def _keep_sampled(seed: int, fraction: float):
+    """The rows :func:`incr_ray.data.sample_mask` keeps: a per-row-id hash, so the sample does
+    not depend on how Ray Data happens to cut the dataset into blocks."""
+
+    def keep(batch):
+        from .data import sample_mask
+
+        mask = sample_mask(batch["row_id"], seed, fraction)
+        return {k: v[mask] for k, v in batch.items()}
+
+    return keep
 
 
 def _flag(ds, replay: bool):
