@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import Config
@@ -81,7 +81,6 @@ class Run:
     manifest: dict[str, Any]
     on_gpu: bool
     say: Callable[[str], None] = print
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def label_names(self) -> list[str]:

@@ -118,14 +118,6 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def mark_done(folder: str) -> None:
-    write_bytes_atomic(folder.rstrip("/") + "/" + DONE_MARKER, str(time.time()).encode())
-
-
-def is_done(folder: str) -> bool:
-    return exists(folder.rstrip("/") + "/" + DONE_MARKER)
-
-
 def remove_tree(path: str) -> None:
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
