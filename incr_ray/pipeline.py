@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import Config
@@ -81,6 +81,7 @@ class Run:
     manifest: dict[str, Any]
     on_gpu: bool
     say: Callable[[str], None] = print
+    _holdout: Any = field(default=None, repr=False)
 
     @property
     def label_names(self) -> list[str]:
@@ -102,6 +103,13 @@ class Run:
         import ray
 
         return ray.data.read_parquet(self.paths.split)
+
+    def holdout(self):
+        """The holdout rows, read once per run and kept in the object store (every generation
+        evaluates on them)."""
+        if self._holdout is None:
+            self._holdout = self.split_dataset().filter(expr=col("block") == -1).materialize()
+        return self._holdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,18 +287,22 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
         )
 
     model_dest = run.paths.model(g)
+    holdout = run.holdout()
     if not entry.get("model"):
         init = teacher_model if (teacher_model and cfg.student.init == "previous") else run.manifest["base_model"]
         run.say(f"[gen {g}] training student on {rows} rows from {run.rel(init)} "
-                f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage})")
+                f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}), then evaluating it on the holdout")
         result = fit_student(cfg, g, train_ds, rows, init, run.label_names, model_dest,
-                             run.paths.ray_train, run.on_gpu, say=run.say)
-        entry.update(model=run.rel(model_dest), train=result.metrics)
+                             run.paths.ray_train, run.on_gpu, say=run.say, holdout_ds=holdout)
+        metrics = dict(result.metrics)
+        entry.update(model=run.rel(model_dest), metrics=metrics.pop("holdout"),
+                     eval_seconds=metrics.pop("eval_seconds"), train=metrics)
         run.save()
-
-    run.say(f"[gen {g}] evaluating on the holdout")
-    holdout = run.split_dataset().filter(expr=col("block") == -1)
-    entry["metrics"] = evaluate_model(holdout, model_dest, cfg, run.on_gpu)
+    if not entry.get("metrics"):  # trained by an earlier attempt that stopped before evaluating
+        run.say(f"[gen {g}] evaluating on the holdout")
+        evaluating = time.perf_counter()
+        entry["metrics"] = evaluate_model(holdout, model_dest, cfg, run.on_gpu)
+        entry["eval_seconds"] = time.perf_counter() - evaluating
     entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - started
     entry["finished"] = _now()
     entry["status"] = "finished"
@@ -325,7 +337,7 @@ def run_generations(cfg: Config, say=print) -> dict[str, Any]:
             if entry.get("status") == "finished":
                 say(f"[gen {g}] already finished, skipped")
                 continue
-            block = split.filter(expr=col("block") == g)
+            block = split.filter(expr=col("block") == g).materialize()  # counted, then scored
             teacher = run.paths.model(g - 1) if g > 0 else None
             entry = run_generation(run, g, block, teacher)
             say(summary_line(entry, k))

@@ -173,8 +173,35 @@ def _in_generation_checkpoint(work: str) -> tuple[str | None, int]:
         return hf, int(json.load(f).get("global_step", 0))
 
 
+def evaluate_in_worker(model, tokenizer, cfg: Config, device) -> dict[str, float]:
+    """Holdout metrics from the model still in memory, saving the actor pool (process start,
+    imports, model load) a separate evaluation would cost.
+
+    Every rank reads the whole (unsplit) holdout: under ZeRO-3 each forward gathers parameters
+    from all ranks, so all must run the same forwards. Rank 0's figures are the ones reported.
+    """
+    import ray.train
+    import torch
+
+    from .metrics import batch_stats, finalize, merge_stats
+    from .targets import softmax
+
+    model.eval()
+    stats = []
+    holdout = ray.train.get_dataset_shard("holdout")
+    with torch.no_grad():  # not inference_mode: ZeRO-3's gather hooks write into parameters
+        for batch in holdout.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
+            enc = tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
+                            max_length=cfg.model.max_length, return_tensors="pt").to(device)
+            logits = model(**enc).logits.float().cpu().numpy()
+            labels = np.asarray(batch["label"], dtype=np.int64)
+            stats.append(batch_stats(softmax(logits), labels, num_bins=cfg.eval.ece_bins))
+    return finalize(merge_stats(stats))
+
+
 def train_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: one generation of student training."""
+    entered = time.perf_counter()
     cfg = Config.model_validate(loop_config["config"])
     on_gpu: bool = loop_config["on_gpu"]
     if not on_gpu:
@@ -268,10 +295,14 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
+    saving = time.perf_counter()
 
     # Every rank takes part: under ZeRO-3 the save gathers the partitioned 16-bit weights.
     out_dir = os.path.join(work, "model")
     trainer.save_model(out_dir)
+    saved = time.perf_counter()
+    holdout_metrics = evaluate_in_worker(trainer.model, tokenizer, cfg, args.device) if loop_config.get("evaluate") else None
+    eval_seconds = time.perf_counter() - saved
     # Which nodes the worker group spanned: users (and the multi-node test) can see placement.
     import torch.distributed as dist
 
@@ -283,10 +314,15 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         "workers": ctx.get_world_size(),
         "nodes": len(set(nodes)),
         "train_seconds": seconds,
+        # Where a generation's fixed cost goes: imports, model load and DeepSpeed set-up before the
+        # first step, and the consolidated save after the last.
+        "setup_seconds": started - entered,
         "steps": int(output.global_step),
         "samples_per_second": max_steps * s.batch_size * s.grad_accum * ctx.get_world_size() / seconds,
         "precision": precision,
     }
+    if holdout_metrics is not None:
+        metrics.update(holdout=holdout_metrics, eval_seconds=eval_seconds)
     checkpoint = None
     if rank == 0:
         tokenizer.save_pretrained(out_dir)
@@ -299,6 +335,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
                  "config": loop_config["config"]}, f, indent=2,
             )
         checkpoint = ray.train.Checkpoint.from_directory(out_dir)
+    metrics["save_seconds"] = time.perf_counter() - saving - eval_seconds
     ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -319,9 +356,13 @@ def fit_student(
     ray_storage: str,
     on_gpu: bool,
     say=print,
+    holdout_ds=None,
 ) -> StudentResult:
-    """Driver side: train generation ``generation`` on ``train_ds`` and put the model at ``model_dest``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """Driver side: train generation ``generation`` on ``train_ds`` and put the model at ``model_dest``.
+
+    With ``holdout_ds`` the workers also evaluate the trained model on it (``metrics["holdout"]``).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .storage import upload_dir
@@ -330,6 +371,9 @@ def fit_student(
     # Materialize first: training workers may hold every CPU of the cluster, and a lazy dataset
     # would then wait forever for a CPU to run its read tasks on.
     train_ds = train_ds.materialize()
+    datasets = {"train": train_ds}
+    if holdout_ds is not None:
+        datasets["holdout"] = holdout_ds.materialize()
     max_steps = steps_for(rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum)
     name = f"gen_{generation:03d}-{int(time.time())}"
     trainer = TorchTrainer(
@@ -341,6 +385,7 @@ def fit_student(
             "init_model": init_model,
             "max_steps": max_steps,
             "on_gpu": on_gpu,
+            "evaluate": holdout_ds is not None,
             "hook_marker": f"{ray_storage}/{name}.worker-exit-hook",
             "progress": None,  # set below
         },
@@ -355,11 +400,14 @@ def fit_student(
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
-        datasets={"train": train_ds},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads the whole holdout
     )
+    started = time.perf_counter()
     with _ProgressRelay(say) as relay:
         trainer.train_loop_config["progress"] = relay.queue
         result = trainer.fit()
+    fit_seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"generation {generation}: training finished without a model checkpoint")
     with result.checkpoint.as_directory() as local:
@@ -369,4 +417,5 @@ def fit_student(
     remove_tree(f"{ray_storage}/{name}")  # the model now lives in gen_<g>/model
     metrics = dict(result.metrics or {})
     metrics["max_steps"] = max_steps
+    metrics["fit_seconds"] = fit_seconds  # driver wall time of TorchTrainer.fit, start-up included
     return StudentResult(model_path=model_dest, metrics=metrics)

@@ -131,6 +131,13 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert):
     assert _sha(model0) == before, "generation 0 must not be retrained on resume"
     assert manifest["generations"][0]["metrics"] == state["generations"][0]["metrics"]
 
+    # The workers evaluated their partitioned (ZeRO-3) model in memory; the saved, consolidated
+    # weights scored by the actor pool (`incr-ray evaluate`) must give the same figures.
+    from incr_ray.pipeline import evaluate_run
+
+    for g, metrics in evaluate_run(str(root), all_generations=True):
+        assert metrics == pytest.approx(manifest["generations"][g]["metrics"], rel=1e-5), g
+
 
 def test_changed_config_is_refused_on_resume(ray_local, tmp_path, tiny_bert):
     """No training needed: the refusal comes from the manifest written by the split step."""
