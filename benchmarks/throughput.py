@@ -10,7 +10,7 @@ ratio compares two measurements taken minutes apart under the same conditions:
    threads) over the same rows, model and batch size; for the whole call (start-up included) and
    at the margin (between half and all of the rows, which cancels start-up);
 2. student training: samples/s of ``student.fit_student`` (Ray Train + DeepSpeed ZeRO-2, 1 worker
-   × 2 threads, and 2 workers × 1 thread) vs a plain ``transformers.Trainer`` in this process
+   × 2 threads, the same with ZeRO-0, and ZeRO-2 with 2 workers × 1 thread) vs a plain ``transformers.Trainer`` in this process
    (2 threads, no DeepSpeed) on the same rows, steps, batch size and collate function. Reported
    both inside the training loop (``trainer.train``) and for the whole call (start-up included);
 3. end to end and growth: wall time of a k=4 incremental run (``pipeline.run_generations``) and of
@@ -187,8 +187,11 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
     out: dict[str, Any] = {"rows": rows}
     max_steps = steps_for(rows, 1, BATCH, 1.0, 1)
     out["plain"] = plain_training(model_dir, label_names, ds.take_all(), max_steps)
-    for label, workers, cpus in (("ray_1x2", 1, THREADS), ("ray_2x1", 2, 1)):
-        cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus})
+    # ZeRO-0 on one worker separates what DeepSpeed's ZeRO-2 machinery costs from what Ray costs.
+    for label, workers, cpus, stage in (("ray_1x2", 1, THREADS, 2), ("ray_1x2_zero0", 1, THREADS, 0),
+                                        ("ray_2x1", 2, 1, 2)):
+        cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus,
+                                                   "deepspeed.stage": stage})
         started = time.perf_counter()
         result = fit_student(cfg, 0, ds, rows, model_dir, label_names, str(workdir / f"student-{label}"),
                              str(workdir / "_ray_train"), on_gpu=False, say=lambda line: None)
@@ -197,7 +200,7 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
                       "setup_seconds": m["setup_seconds"], "save_seconds": m["save_seconds"],
                       "steps": m["steps"], "samples": m["steps"] * BATCH * workers,
                       "samples_per_second": m["samples_per_second"]}
-    for label in ("ray_1x2", "ray_2x1"):
+    for label in ("ray_1x2", "ray_1x2_zero0", "ray_2x1"):
         r, p = out[label], out["plain"]
         r["ratio_in_loop"] = r["samples_per_second"] / p["samples_per_second"]
         r["ratio_whole_call"] = (r["samples"] / r["call_seconds"]) / (p["samples"] / p["call_seconds"])
@@ -367,8 +370,10 @@ def render(r: dict[str, Any]) -> str:
               f"marginal = extra rows/s from {t['half_rows']} to {t['rows']} rows)", "",
               markdown_table(["path", "seconds", "rows/s", "× plain", "marginal rows/s", "× plain (marginal)"], rows), ""]
     rows = []
-    for label, name in (("plain", "plain HF Trainer, 2 threads"), ("ray_1x2", "Ray Train + DeepSpeed, 1 worker × 2 threads"),
-                        ("ray_2x1", "Ray Train + DeepSpeed, 2 workers × 1 thread")):
+    for label, name in (("plain", "plain HF Trainer, 2 threads"),
+                        ("ray_1x2", "Ray Train + DeepSpeed ZeRO-2, 1 worker × 2 threads"),
+                        ("ray_1x2_zero0", "Ray Train + DeepSpeed ZeRO-0, 1 worker × 2 threads"),
+                        ("ray_2x1", "Ray Train + DeepSpeed ZeRO-2, 2 workers × 1 thread")):
         x = s[label]
         rows.append([name, x["samples"], f"{x['train_seconds']:.1f}", f"{x['samples_per_second']:.1f}",
                      f"{x.get('ratio_in_loop', 1.0):.2f}", f"{x['call_seconds']:.1f}",
