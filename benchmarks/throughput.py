@@ -27,6 +27,7 @@ Results go to ``benchmarks/results/throughput.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -140,6 +141,9 @@ def bench_teacher(workdir: Path, ds) -> dict[str, Any]:
     for label in ("ray_1x2", "ray_2x1"):
         out[label]["ratio_whole_call"] = out[label]["rows_per_s"] / out["plain"]["rows_per_s"]
         out[label]["ratio_marginal"] = out[label]["marginal_rows_per_s"] / out["plain"]["marginal_rows_per_s"]
+    # With two actors the half-size run's blocks may all land on one actor, so the difference of
+    # the two times is not a rate: no marginal figure for that row.
+    out["ray_2x1"]["marginal_rows_per_s"] = out["ray_2x1"]["ratio_marginal"] = None
     return out
 
 
@@ -364,8 +368,10 @@ def render(r: dict[str, Any]) -> str:
     for label, name in (("plain", "plain HF loop, 2 threads"), ("ray_1x2", "Ray Data pool, 1 actor × 2 threads"),
                         ("ray_2x1", "Ray Data pool, 2 actors × 1 thread")):
         x = t[label]
+        marginal = x.get("marginal_rows_per_s")
         rows.append([name, f"{x['seconds']:.1f}", f"{x['rows_per_s']:.0f}", f"{x.get('ratio_whole_call', 1.0):.2f}",
-                     f"{x['marginal_rows_per_s']:.0f}", f"{x.get('ratio_marginal', 1.0):.2f}"])
+                     "—" if marginal is None else f"{marginal:.0f}",
+                     "—" if marginal is None else f"{x.get('ratio_marginal', 1.0):.2f}"])
     lines += [f"**Teacher scoring** ({t['rows']} rows, batch {TEACHER_BATCH}; whole call includes start-up, "
               f"marginal = extra rows/s from {t['half_rows']} to {t['rows']} rows)", "",
               markdown_table(["path", "seconds", "rows/s", "× plain", "marginal rows/s", "× plain (marginal)"], rows), ""]
@@ -396,7 +402,8 @@ def render(r: dict[str, Any]) -> str:
               f"{pg['seconds'] - pg['train_seconds']:.0f} s of its {pg['seconds']:.0f} s outside the training loop — "
               f"Ray Train start/stop {pg['fit_startup_seconds']:.0f} s, worker set-up (imports, model load, "
               f"DeepSpeed) {pg['setup_seconds']:.0f} s, save {pg['save_seconds']:.1f} s, teacher scoring "
-              f"{pg['scoring_seconds']:.0f} s, holdout evaluation in the workers {pg['eval_seconds']:.1f} s.", ""]
+              f"{pg['scoring_seconds']:.0f} s, holdout evaluation in the workers {pg['eval_seconds']:.1f} s, other "
+              f"(block reads, shuffle, bookkeeping) {pg['seconds'] - pg['fit_seconds'] - pg['scoring_seconds']:.0f} s.", ""]
     lines += [] if m is None else [f"**Memory** (Llama-style, Ψ = {m['params']:,}, fp32, {m['workers']} workers; MiB per worker)", "",
               markdown_table(["config", "model states (measured)", "planner", "peak RSS"], [
                   [lab, f"{m[key]['states_bytes'] / MiB:.0f}", f"{m[key]['planner_bytes'] / MiB:.0f}",
@@ -426,9 +433,9 @@ def plot(r: dict[str, Any]) -> bytes:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     xs = np.linspace(0, max(e["sizes"]) * 1.05, 50)
     for method, label in (("incremental", "k=4 incremental"), ("full", "full fine-tune")):
-        ax1.plot(e["sizes"], [x["wall_seconds"] for x in e[method]], "o", label=label)
+        dots = ax1.plot(e["sizes"], [x["wall_seconds"] for x in e[method]], "o", label=label)
         fit = e[f"{method}_fit"]
-        ax1.plot(xs, fit["fixed_seconds"] + fit["seconds_per_row"] * xs, "--", alpha=0.6)
+        ax1.plot(xs, fit["fixed_seconds"] + fit["seconds_per_row"] * xs, "--", alpha=0.6, color=dots[0].get_color())
     ax1.set_xlabel("rows")
     ax1.set_ylabel("wall seconds")
     ax1.set_title("end to end: wall time against rows")
@@ -438,6 +445,7 @@ def plot(r: dict[str, Any]) -> bytes:
     parts = {"Ray Train start/stop": pg["fit_startup_seconds"], "worker set-up": pg["setup_seconds"],
              "training loop": pg["train_seconds"], "save": pg["save_seconds"], "teacher scoring": pg["scoring_seconds"],
              "evaluation": pg["eval_seconds"]}
+    parts["other (reads, shuffle, bookkeeping)"] = pg["seconds"] - sum(parts.values())
     ax2.barh(list(parts), list(parts.values()))
     ax2.set_xlabel("seconds (mean per incremental generation)")
     ax2.set_title("where one generation's time goes")
@@ -453,7 +461,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-memory", action="store_true", help="leave out part 4 (about 3 minutes; for a quick look)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmarks" / "throughput")
     p.add_argument("--out", type=Path, default=harness.RESULTS)
+    p.add_argument("--render-only", action="store_true",
+                   help="re-render the tables and plot from an earlier run's throughput.json in --out")
     a = p.parse_args(argv)
+    if a.render_only:
+        r = json.loads((a.out / "throughput.json").read_text())
+        if r["teacher"]["ray_2x1"].get("marginal_rows_per_s") is not None:  # written before that row was dropped
+            r["teacher"]["ray_2x1"]["marginal_rows_per_s"] = r["teacher"]["ray_2x1"]["ratio_marginal"] = None
+        r["verdicts"] = verdicts(r)
+        text = render(r) + f"\n\nTotal wall time {r['wall_seconds'] / 60:.1f} min."
+        print(text)
+        write_results("throughput", r, text, plot(r), a.out)
+        return 0
     workdir = a.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
