@@ -38,13 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Ray on loopback, nothing fetched from a hub (see RAY-NOTES.md); set before ray is imported.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import harness  # noqa: F401  (Ray on loopback, nothing fetched from a hub: set before ray is imported)
 
 GiB = 2**30
 MiB = 2**20

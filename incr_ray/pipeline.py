@@ -161,6 +161,11 @@ def open_run(cfg: Config, say=print) -> tuple[Run, RunLock]:
         if manifest is None or not manifest.get("data", {}).get("split_done"):
             say(f"reading and splitting data ({cfg.data.source}) into k={cfg.method.k} blocks + holdout")
             split = split_data(cfg)  # validates the data: errors surface before anything is written
+            if split.holdout_size == 0:
+                raise RunError(
+                    "no holdout: data.eval_fraction is 0 and data.eval_path is unset, but every generation "
+                    "is evaluated on a holdout; set data.eval_fraction (e.g. 0.1) or data.eval_path"
+                )
             if lock is None:
                 if "://" not in paths.root:
                     os.makedirs(paths.root, exist_ok=True)

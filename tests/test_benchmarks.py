@@ -68,7 +68,7 @@ def test_matmul_peak_is_a_positive_finite_rate():
     assert math.isfinite(flops) and flops > 1e6
 
 
-@pytest.mark.parametrize("script", ["quality.py", "throughput.py"])
+@pytest.mark.parametrize("script", ["quality.py", "throughput.py", "zero_memory.py"])
 def test_scripts_describe_their_command(script):
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                          timeout=120)

@@ -81,6 +81,10 @@ def test_bad_data_leaves_no_run_folder(tmp_path, tiny_bert):
     one_class = incr_ray("train", "--set", f"data.source={csv}",
                          "--set", f"model.base={tiny_bert}", "--set", f"storage.path={runs}")
     assert_usage_error(one_class, "class")
+    two_classes = write(tmp_path / "two.csv", "text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(200)))
+    no_holdout = incr_ray("train", "--set", f"data.source={two_classes}", "--set", "data.eval_fraction=0",
+                          "--set", f"model.base={tiny_bert}", "--set", f"storage.path={runs}")
+    assert_usage_error(no_holdout, "no holdout", "data.eval_fraction")
     assert not (runs / "incr-run").exists()
 
 
