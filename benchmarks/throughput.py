@@ -21,6 +21,7 @@ ratio compares two measurements taken minutes apart under the same conditions:
 5. achieved FLOP/s of student training (6 · parameters · tokens / in-loop seconds) against this
    machine's measured fp32 matmul peak (2 threads).
 
+Default sizes: 4,000 rows scored, 960 rows trained, growth at 250, 500 and 1,000 rows.
 Results go to ``benchmarks/results/throughput.{json,md,png}``.
 """
 
