@@ -1,4 +1,5 @@
-"""Loading base models and tokenizers the same way everywhere (students, teachers, predict).
+"""Loading base models and tokenizers, and running them on text, the same way everywhere
+(students, teachers, in-worker evaluation, predict).
 
 Weights load from safetensors only, ``trust_remote_code`` is off unless the config asks for it, and
 decoder models get a pad token so batched classification works (HF pools the last non-pad token).
@@ -97,3 +98,25 @@ def load_classifier(
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def classifier_logits(model, tokenizer, texts: list[str], max_length: int, device=None, autocast_dtype=None):
+    """``(len(texts), C)`` float32 numpy logits: the one text → logits path of every scorer.
+
+    Dynamic padding (to the longest row of the batch) and truncation at ``max_length``. Runs under
+    ``no_grad`` rather than ``inference_mode``: ZeRO-3's parameter-gather hooks write into
+    parameters during the forward, which inference tensors forbid. ``autocast_dtype`` (bf16/fp16)
+    applies on CUDA only.
+    """
+    import torch
+
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    if device is not None:
+        enc = enc.to(device)
+    with torch.no_grad():
+        if autocast_dtype is not None:
+            with torch.autocast(device_type="cuda", dtype=autocast_dtype):
+                out = model(**enc).logits
+        else:
+            out = model(**enc).logits
+    return out.float().cpu().numpy()

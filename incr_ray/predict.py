@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .modeling import ModelError, check_classifier, load_classifier, load_tokenizer
+from .modeling import ModelError, check_classifier, classifier_logits, load_classifier, load_tokenizer
+from .targets import softmax
 
 
 def predict_texts(model_dir: str, texts: list[str], max_length: int = 256) -> list[list[tuple[str, float]]]:
     """Per text, (label name, probability) pairs from most to least likely."""
-    import torch
-
     if not (Path(model_dir) / "config.json").is_file():
         raise ModelError(f"--model {model_dir!r} is not a model folder (no config.json); pass a gen_*/model folder")
     check_classifier(model_dir)
     tok = load_tokenizer(model_dir)
     model = load_classifier(model_dir, tokenizer=tok).eval()
-    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    with torch.inference_mode():
-        probs = torch.softmax(model(**enc).logits.float(), dim=-1).numpy()
+    probs = softmax(classifier_logits(model, tok, texts, max_length))
     names = [model.config.id2label[i] for i in range(probs.shape[1])]
     return [sorted(zip(names, map(float, row)), key=lambda x: -x[1]) for row in probs]

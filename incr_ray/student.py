@@ -191,21 +191,19 @@ def evaluate_in_worker(model, tokenizer, cfg: Config, device) -> dict[str, float
     from all ranks, so all must run the same forwards. Rank 0's figures are the ones reported.
     """
     import ray.train
-    import torch
 
     from .metrics import batch_stats, finalize, merge_stats
+    from .modeling import classifier_logits
     from .targets import softmax
 
     model.eval()
     stats = []
     holdout = ray.train.get_dataset_shard("holdout")
-    with torch.no_grad():  # not inference_mode: ZeRO-3's gather hooks write into parameters
-        for batch in holdout.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
-            enc = tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
-                            max_length=cfg.model.max_length, return_tensors="pt").to(device)
-            logits = model(**enc).logits.float().cpu().numpy()
-            labels = np.asarray(batch["label"], dtype=np.int64)
-            stats.append(batch_stats(softmax(logits), labels, num_bins=cfg.eval.ece_bins))
+    for batch in holdout.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
+        texts = [str(t) for t in batch["text"]]
+        logits = classifier_logits(model, tokenizer, texts, cfg.model.max_length, device)
+        labels = np.asarray(batch["label"], dtype=np.int64)
+        stats.append(batch_stats(softmax(logits), labels, num_bins=cfg.eval.ece_bins))
     return finalize(merge_stats(stats))
 
 

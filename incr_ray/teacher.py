@@ -71,19 +71,9 @@ class ClassifierScorer:
         self.num_labels = self.model.config.num_labels
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        import torch
+        from .modeling import classifier_logits
 
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )  # dynamic padding: to the longest row of this batch
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            if self.dtype is not None:
-                with torch.autocast(device_type="cuda", dtype=self.dtype):
-                    out = self.model(**enc).logits
-            else:
-                out = self.model(**enc).logits
-        return out.float().cpu().numpy()
+        return classifier_logits(self.model, self.tokenizer, texts, self.max_length, self.device, self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         self.batches += 1
