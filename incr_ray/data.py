@@ -143,6 +143,15 @@ def assign_split(ids: np.ndarray, seed: int, k: int, eval_fraction: float) -> np
     return blocks
 
 
+def shuffle_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """Sort keys (int64) that put rows in a seeded random order depending on their ids alone.
+
+    Sorting by these keys gives the same order whatever blocks the rows arrive in and in whatever
+    order; equal ids (identical rows) get equal keys.
+    """
+    return _hash_ids(ids, seed, "order").view(np.int64)
+
+
 def sample_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     """Keep-mask for a seeded, unbiased per-row sample of about ``fraction`` of the rows."""
     return _unit(_hash_ids(ids, seed, "sample")) < fraction

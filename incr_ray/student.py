@@ -31,14 +31,32 @@ def steps_for(rows: int, workers: int, batch_size: int, epochs: float, grad_accu
     return max(1, math.ceil(batches_per_epoch * epochs / grad_accum))
 
 
+SHUFFLE_KEY = "_shuffle_key"
+
+
 def shuffled_for_training(train_ds, seed: int):
-    """The rows in a seeded random order (a Ray Data all-to-all shuffle, deterministic for a seed).
+    """The rows in a seeded random order that depends on the rows and the seed only.
 
     Sources are often sorted (by class, by date), and a block keeps its source's order: the
     Rotten Tomatoes file starts with all 1,097 plot summaries. Fine-tuning on long runs of one
     class wrecks the model, so every generation trains on its rows shuffled.
+
+    The order is a sort by a per-row-id hash (:func:`incr_ray.data.shuffle_keys`), not Ray Data's
+    ``random_shuffle``: that one seeds each input block by its position, so the same rows arriving
+    from the teacher pool in another block order were trained in another order, and a resumed
+    run ended with a different model than an uninterrupted one.
     """
-    return train_ds.random_shuffle(seed=seed)
+    import pyarrow as pa
+
+    from .data import shuffle_keys
+
+    def keyed(batch: pa.Table) -> pa.Table:
+        keys = shuffle_keys(batch.column("row_id").to_numpy(), seed)
+        return batch.append_column(SHUFFLE_KEY, pa.array(keys, type=pa.int64()))
+
+    # The key column stays: a map after the sort (drop_columns) may emit blocks out of order, and
+    # the collate reads only the columns it needs.
+    return train_ds.map_batches(keyed, batch_format="pyarrow").sort(SHUFFLE_KEY)
 
 
 def make_collate(tokenizer, num_labels: int, max_length: int):
