@@ -394,6 +394,9 @@ def fit_student(
     from .storage import upload_dir
 
     s = cfg.student
+    # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
+    # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Materialize first: training workers may hold every CPU of the cluster, and a lazy dataset
     # would then wait forever for a CPU to run its read tasks on.
     train_ds = shuffled_for_training(train_ds, seed=cfg.run.seed * 1000 + generation).materialize()
