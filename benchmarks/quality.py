@@ -238,7 +238,7 @@ def plot(result: dict[str, Any]) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", type=int, default=1500, help="rows sampled from Rotten Tomatoes (holdout included)")
+    p.add_argument("--rows", type=int, default=1000, help="rows sampled from Rotten Tomatoes (holdout included)")
     p.add_argument("--eval-fraction", type=float, default=0.25)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--epochs", type=float, default=1.0)

@@ -456,8 +456,8 @@ def plot(r: dict[str, Any]) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher-rows", type=int, default=3000)
-    p.add_argument("--student-rows", type=int, default=960)
+    p.add_argument("--teacher-rows", type=int, default=2000)
+    p.add_argument("--student-rows", type=int, default=640)
     p.add_argument("--n", type=int, default=200, help="growth is measured at n, 2n and 4n rows")
     p.add_argument("--skip-memory", action="store_true", help="leave out part 4 (about 3 minutes; for a quick look)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmarks" / "throughput")
