@@ -1,6 +1,6 @@
 """Overhead and scaling: the Ray pipeline against plain single-process Hugging Face, as ratios.
 
-    python benchmarks/throughput.py           # 19 min on 2 cores (default sizes below)
+    python benchmarks/throughput.py           # 16.6 min on 2 cores (default sizes below)
 
 All parts run in one process, one after another, on the same machine and local Ray, so every
 ratio compares two measurements taken minutes apart under the same conditions:
@@ -21,7 +21,8 @@ ratio compares two measurements taken minutes apart under the same conditions:
 5. achieved FLOP/s of student training (6 · parameters · tokens / in-loop seconds) against this
    machine's measured fp32 matmul peak (2 threads).
 
-Default sizes: 4,000 rows scored, 960 rows trained, growth at 250, 500 and 1,000 rows.
+Default sizes: 2,000 rows scored, 640 rows trained, growth at 200, 400 and 800 rows (n = 150 is
+too small: with batch 32 a block of the 150-row run holds fewer rows than one batch).
 Results go to ``benchmarks/results/throughput.{json,md,png}``.
 """
 
