@@ -24,6 +24,7 @@ from incr_ray.data import (
     read_source,
     row_ids,
     sample_mask,
+    shuffle_keys,
     sorted_label_names,
     split_data,
     synthetic_rows,
@@ -112,6 +113,19 @@ def test_sample_mask_keeps_about_the_fraction():
     assert abs(kept.mean() - 0.25) < 0.02
     assert np.array_equal(kept, sample_mask(ids, 0, 0.25))
     assert not np.array_equal(kept, sample_mask(ids, 1, 0.25))
+
+
+def test_shuffle_keys_depend_on_the_id_and_seed_only():
+    ids = np.sort(_ids(5_000))  # ids in order, so a sort by key that kept that order would show
+    keys = shuffle_keys(ids, 3)
+    assert keys.dtype == np.int64 and len(np.unique(keys)) == len(ids)  # distinct ids, distinct keys
+    perm = np.random.default_rng(0).permutation(len(ids))
+    assert np.array_equal(shuffle_keys(ids[perm], 3), keys[perm])  # a row's key ignores its neighbours
+    assert np.array_equal(shuffle_keys(np.array([ids[7], ids[7]]), 3), keys[[7, 7]])
+    assert not np.array_equal(shuffle_keys(ids, 4), keys)
+    # Sorting by the keys is far from the id order (the order is a shuffle, not a relabelling).
+    order = np.argsort(keys)
+    assert abs(np.corrcoef(order, np.arange(len(ids)))[0, 1]) < 0.1
 
 
 def test_label_names_and_their_order():
