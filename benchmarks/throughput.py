@@ -468,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.render_only:
         r = json.loads((a.out / "throughput.json").read_text())
-        if r["teacher"]["ray_2x1"].get("marginal_rows_per_s") is not None:  # written before that row was dropped
-            r["teacher"]["ray_2x1"]["marginal_rows_per_s"] = r["teacher"]["ray_2x1"]["ratio_marginal"] = None
         r["verdicts"] = verdicts(r)
         text = render(r) + f"\n\nTotal wall time {r['wall_seconds'] / 60:.1f} min."
         print(text)
