@@ -70,7 +70,7 @@ def _say(line: str) -> None:
 
 
 def run_k_blocks(cfg) -> dict[str, Any]:
-    from incr_ray.pipeline import run_generations
+    from incr_ray.run.loop import run_generations
 
     return run_generations(cfg, say=_say)
 
@@ -79,17 +79,13 @@ def run_full_fine_tune(cfg) -> dict[str, Any]:
     """One generation-0 fit (one-hot CE) on every training row of the same split."""
     from ray.data.expressions import col
 
-    from incr_ray.modeling import resolve_model_path
-    from incr_ray.pipeline import open_run, run_generation
+    from incr_ray.run.folder import open_run
+    from incr_ray.run.loop import run_generation
 
-    run, lock = open_run(cfg, say=_say)
-    try:
-        run.manifest["base_model"] = resolve_model_path(cfg.model.base)
+    with open_run(cfg, say=_say) as run:
         training_rows = run.split_dataset().filter(expr=col("block") >= 0)
         run_generation(run, 0, training_rows, None)
-        return run.manifest
-    finally:
-        lock.release()
+        return run.manifest.to_json()
 
 
 def machine() -> dict[str, Any]:

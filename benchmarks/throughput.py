@@ -96,7 +96,7 @@ def plain_scoring(model_dir: str, texts: list[str], labels: np.ndarray) -> float
     import torch
 
     from incr_ray.modeling import load_classifier, load_tokenizer
-    from incr_ray.targets import soft_targets, softmax
+    from incr_ray.method.targets import soft_targets, softmax
 
     started = time.perf_counter()
     tok = load_tokenizer(model_dir)
@@ -115,7 +115,7 @@ def bench_teacher(workdir: Path, ds) -> dict[str, Any]:
     start-up (actor processes and imports for Ray, the model load for the plain loop); the
     marginal rate, Δrows/Δseconds between the two sizes, is the steady state with start-up
     cancelled out."""
-    from incr_ray.teacher import score_block
+    from incr_ray.generation.teacher import score_block
 
     model_dir = str(workdir / "minilm-classifier")
     rows = ds.count()
@@ -159,7 +159,7 @@ def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max
     from transformers import Trainer, TrainingArguments
 
     from incr_ray.modeling import load_classifier, load_tokenizer
-    from incr_ray.student import make_collate
+    from incr_ray.generation.trainer import make_collate
 
     started = time.perf_counter()
     tok = load_tokenizer(model_dir)
@@ -187,7 +187,8 @@ def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max
 
 
 def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> dict[str, Any]:
-    from incr_ray.student import fit_student, steps_for
+    from incr_ray.generation.student import StudentRequest, fit_student
+    from incr_ray.generation.trainer import steps_for
 
     rows = ds.count()
     out: dict[str, Any] = {"rows": rows}
@@ -199,9 +200,9 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
         cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus,
                                                    "deepspeed.stage": stage})
         started = time.perf_counter()
-        result = fit_student(cfg, 0, ds, rows, model_dir, label_names, str(workdir / f"student-{label}"),
-                             str(workdir / "_ray_train"), on_gpu=False, say=lambda line: None)
-        m = result.metrics
+        request = StudentRequest(generation=0, init_model=model_dir, label_names=label_names, rows=rows,
+                                 model_dest=str(workdir / f"student-{label}"), ray_storage=str(workdir / "_ray_train"))
+        m = fit_student(cfg, request, ds, on_gpu=False, say=lambda line: None)
         out[label] = {"train_seconds": m["train_seconds"], "call_seconds": time.perf_counter() - started,
                       "setup_seconds": m["setup_seconds"], "save_seconds": m["save_seconds"],
                       "steps": m["steps"], "samples": m["steps"] * BATCH * workers,

@@ -116,7 +116,7 @@ def measure_per_worker(loop_config: dict[str, Any]) -> None:
         from transformers import AutoModelForSequenceClassification, LlamaConfig, TrainingArguments
 
         from incr_ray.config import DeepSpeedSection
-        from incr_ray.deepspeed_config import build_deepspeed_config
+        from incr_ray.generation.deepspeed_config import build_deepspeed_config
 
         import logging
 

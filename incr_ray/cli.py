@@ -1,7 +1,10 @@
 """``incr-ray``: train | extend | evaluate | predict | plan.
 
-Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 3 a run stopped
-on request (test hook), 1 anything unexpected (with its traceback, since that is our bug).
+Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 1 anything
+unexpected (with its traceback, since that is our bug).
+
+The package is imported per command, inside each ``cmd_*``: ``--help``, ``plan`` and ``predict``
+must not pay for importing Ray, and a config error is reported before Ray starts.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import sys
 from typing import Any
 
 EXIT_USAGE = 2
-EXIT_STOPPED = 3
 
 
 class UsageError(ValueError):
@@ -23,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .modeling import ModelError
-    from .pipeline import RunError
+    from .run.manifest import RunError
     from .storage import StorageError
 
     return (ConfigError, DataError, ModelError, RunError, StorageError, UsageError)
@@ -40,11 +42,14 @@ def init_ray(address: str | None) -> None:
     """Local Ray unless an address is given (``--address`` or ``RAY_ADDRESS``)."""
     import ray
 
+    from . import faults
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-                        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}}
+                        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+                        **faults.runtime_env_vars()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
@@ -67,7 +72,7 @@ def _config(args) -> Any:
 
 
 def cmd_train(args) -> int:
-    from .pipeline import run_generations
+    from .run.loop import run_generations
 
     cfg = _config(args)
     init_ray(args.address)
@@ -77,7 +82,7 @@ def cmd_train(args) -> int:
 
 
 def _print_final(manifest: dict[str, Any]) -> None:
-    from .report import table_markdown
+    from .run.report import table_markdown
 
     gens = [g for g in manifest["generations"] if g.get("status") == "finished"]
     print()
@@ -88,7 +93,7 @@ def _print_final(manifest: dict[str, Any]) -> None:
 
 
 def cmd_extend(args) -> int:
-    from .pipeline import extend_run
+    from .run.loop import extend_run
 
     init_ray(args.address)
     manifest = extend_run(args.run, args.data, args.set or [])
@@ -97,7 +102,7 @@ def cmd_extend(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .pipeline import evaluate_run
+    from .run.loop import evaluate_run
 
     init_ray(args.address)
     rows = evaluate_run(args.run, args.data, all_generations=args.all)
@@ -216,16 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     args = build_parser().parse_args(argv)
-    from .pipeline import StopRequested
-
     try:
         return args.func(args)
     except _user_errors() as err:
         print(f"incr-ray: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except StopRequested as err:
-        print(f"incr-ray: {err}", file=sys.stderr)
-        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("incr-ray: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

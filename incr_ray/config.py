@@ -142,16 +142,6 @@ class EvalSection(_Section):
     ece_bins: int = Field(15, ge=1)
 
 
-class TestHooks(_Section):
-    """Fault injection for tests; never set in a real config."""
-
-    stop_after_generation: int | None = None
-    # Rank 1 calls os._exit at this optimizer step, once per generation attempt.
-    worker_exit_at_step: int | None = None
-    # A teacher actor calls os._exit before scoring this batch (1-based), once per run folder.
-    teacher_exit_at_batch: int | None = None
-
-
 class Config(_Section):
     run: RunSection = RunSection()
     storage: StorageSection = StorageSection()
@@ -164,16 +154,9 @@ class Config(_Section):
     cluster: ClusterSection = ClusterSection()
     teacher: TeacherSection = TeacherSection()
     eval: EvalSection = EvalSection()
-    test_hooks: TestHooks = TestHooks()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-    def dump_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def dump_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @property
     def run_dir(self) -> str:

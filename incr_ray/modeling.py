@@ -10,6 +10,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+from .config import Config
+from .storage import stage_local
+
 MINILM = "minilm"
 
 
@@ -46,9 +54,6 @@ def resolve_model_path(base: str) -> str:
 
 def check_classifier(path: str, trust_remote_code: bool = False) -> None:
     """Fail early (before any compute) when ``path`` is not a sequence-classification model."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
@@ -61,8 +66,6 @@ def check_classifier(path: str, trust_remote_code: bool = False) -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Decoder tokenizers (Llama, Mistral, Qwen2) often ship without one.
@@ -78,8 +81,6 @@ def load_classifier(
     **kwargs,
 ):
     """Load a sequence classifier; with ``label_names`` the head is sized and named for them."""
-    from transformers import AutoModelForSequenceClassification
-
     extra = {}
     if label_names is not None:
         extra = dict(
@@ -100,23 +101,36 @@ def load_classifier(
     return model
 
 
-def classifier_logits(model, tokenizer, texts: list[str], max_length: int, device=None, autocast_dtype=None):
+def load_for_inference(path: str, cfg: Config, on_gpu: bool):
+    """``(model, tokenizer)`` ready to score: staged locally, in eval mode, on the GPU when given one
+    (bf16 where supported, else fp16), on ``cfg.teacher.cpus_per_actor`` threads otherwise."""
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(cfg.teacher.cpus_per_actor)))
+    local = stage_local(path)
+    tokenizer = load_tokenizer(local, cfg.model.trust_remote_code)
+    kwargs = {}
+    if on_gpu:
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg.teacher.device_map_auto:
+        kwargs["device_map"] = "auto"  # spread a teacher larger than one GPU over this actor's GPUs
+    model = load_classifier(local, trust_remote_code=cfg.model.trust_remote_code, tokenizer=tokenizer, **kwargs)
+    if "device_map" not in kwargs:
+        model.to("cuda" if on_gpu else "cpu")
+    return model.eval(), tokenizer
+
+
+def classifier_logits(model, tokenizer, texts: list[str], max_length: int, device=None) -> np.ndarray:
     """``(len(texts), C)`` float32 numpy logits: the one text → logits path of every scorer.
 
-    Dynamic padding (to the longest row of the batch) and truncation at ``max_length``. Runs under
-    ``no_grad`` rather than ``inference_mode``: ZeRO-3's parameter-gather hooks write into
-    parameters during the forward, which inference tensors forbid. ``autocast_dtype`` (bf16/fp16)
-    applies on CUDA only.
+    Dynamic padding (to the longest row of the batch) and truncation at ``max_length``; inputs go
+    to ``device``, by default the device of the model's first parameter. Runs under ``no_grad``
+    rather than ``inference_mode``: ZeRO-3's parameter-gather hooks write into parameters during
+    the forward, which inference tensors forbid.
     """
-    import torch
-
+    if not texts:  # Ray Data may hand a scorer an empty batch
+        return np.zeros((0, model.config.num_labels), dtype=np.float32)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    if device is not None:
-        enc = enc.to(device)
+    enc = enc.to(device if device is not None else next(model.parameters()).device)
     with torch.no_grad():
-        if autocast_dtype is not None:
-            with torch.autocast(device_type="cuda", dtype=autocast_dtype):
-                out = model(**enc).logits
-        else:
-            out = model(**enc).logits
+        out = model(**enc).logits
     return out.float().cpu().numpy()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .modeling import ModelError, check_classifier, classifier_logits, load_classifier, load_tokenizer
-from .targets import softmax
+from .method.targets import softmax
 
 
 def predict_texts(model_dir: str, texts: list[str], max_length: int = 256) -> list[list[tuple[str, float]]]:

@@ -1,24 +1,23 @@
-"""The run folder on storage: its layout, the atomic manifest, the run lock, and file transfer.
+"""Files on storage, local or remote alike: a local path (or NFS mount) or a URI pyarrow can open
+(s3://, gs://).
 
-A run folder is a local path (or NFS mount) or a URI pyarrow can open (s3://, gs://). Local paths
-get the full treatment (atomic rename, a lock file); on object stores a write is already atomic
-per object and the lock is skipped (documented in the README).
+Local paths get atomic renames; on object stores a single write is already atomic per object and
+a folder "rename" is a copy then a delete (readers rely on run.json, which names a folder only
+once it is complete).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "run.json"
-LOCK = ".lock"
+import pyarrow.fs as pafs
+
 DONE_MARKER = "_DONE"
 
 
@@ -27,44 +26,12 @@ class StorageError(RuntimeError):
 
 
 def is_remote(path: str) -> bool:
+    """The one test of "is this remote?": a URI other than file://."""
     return "://" in path and not path.startswith("file://")
 
 
 def _fs_and_path(uri: str):
-    import pyarrow.fs as pafs
-
     return pafs.FileSystem.from_uri(uri)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where each artefact of a run lives (DESIGN.md §3)."""
-
-    root: str
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    @property
-    def manifest(self) -> str:
-        return self.join(MANIFEST)
-
-    @property
-    def split(self) -> str:
-        return self.join("split")
-
-    def gen(self, g: int) -> str:
-        return self.join(f"gen_{g:03d}")
-
-    def model(self, g: int) -> str:
-        return self.join(f"gen_{g:03d}", "model")
-
-    def targets(self, g: int) -> str:
-        return self.join(f"gen_{g:03d}", "targets")
-
-    @property
-    def ray_train(self) -> str:
-        return self.join("_ray_train")
 
 
 def absolute(path: str) -> str:
@@ -78,8 +45,6 @@ def absolute(path: str) -> str:
 def exists(path: str) -> bool:
     if not is_remote(path):
         return os.path.exists(path)
-    import pyarrow.fs as pafs
-
     fs, p = _fs_and_path(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
@@ -139,8 +104,6 @@ def rename_tree(src: str, dest: str) -> None:
     if not is_remote(src):
         os.replace(src, dest)
         return
-    import pyarrow.fs as pafs
-
     fs, s = _fs_and_path(src)
     _, d = _fs_and_path(dest)
     pafs.copy_files(s, d, source_filesystem=fs, destination_filesystem=fs)
@@ -153,24 +116,35 @@ def upload_dir(local_dir: str, dest: str) -> None:
     if not is_remote(dest):
         shutil.copytree(local_dir, dest)
         return
-    import pyarrow.fs as pafs
-
     fs, p = _fs_and_path(dest)
     pafs.copy_files(local_dir, p, destination_filesystem=fs)
 
 
 def stage_local(path: str) -> str:
-    """A local folder with the contents of ``path`` (downloaded once per process if remote)."""
+    """A local folder with the contents of ``path``: ``path`` itself when local, else a copy in a
+    per-node cache keyed by a stable hash of the URI, shared by every process on the node.
+
+    The copy lands in a private temporary folder and is renamed into place, so concurrent
+    processes never see half a model; the first rename wins and the others drop their copy.
+    """
     if not is_remote(path):
         return path
-    import pyarrow.fs as pafs
-
-    cache = Path(tempfile.gettempdir()) / "incr_ray_models" / str(abs(hash(path)))
-    if not (cache / DONE_MARKER).exists():
-        shutil.rmtree(cache, ignore_errors=True)
+    cache_root = Path(tempfile.gettempdir()) / "incr_ray_models"
+    cache = cache_root / hashlib.sha256(path.encode()).hexdigest()[:32]
+    if (cache / DONE_MARKER).exists():
+        return str(cache)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
+    try:
         fs, p = _fs_and_path(path)
-        pafs.copy_files(p, str(cache), source_filesystem=fs)
-        (cache / DONE_MARKER).write_text("ok")
+        pafs.copy_files(p, str(tmp), source_filesystem=fs)
+        (tmp / DONE_MARKER).write_text("ok")
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process on this node finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)
 
 
@@ -200,62 +174,3 @@ def check_writable(folder: str) -> None:
             f"storage.path {folder!r} has only {free // 2**20} MiB free; a run needs room for its "
             "models (at least 200 MiB for tiny ones); free space or pick another folder"
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunLock:
-    """One process at a time per run folder. A lock whose owner died (same host) is taken over."""
-
-    def __init__(self, run_dir: str):
-        self.path = run_dir.rstrip("/") + "/" + LOCK
-        self.held = False
-
-    def acquire(self) -> "RunLock":
-        if is_remote(self.path):
-            return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    owner = json.loads(Path(self.path).read_text())
-                except (OSError, ValueError):
-                    owner = {}
-                same_host = owner.get("host") == socket.gethostname()
-                if same_host and not _pid_alive(int(owner.get("pid", -1))):
-                    os.unlink(self.path)  # stale: its process is gone
-                    continue
-                raise StorageError(
-                    f"run folder {os.path.dirname(self.path)!r} is in use by process "
-                    f"{owner.get('pid')} on {owner.get('host')}; wait for it to finish, or if that "
-                    f"process is gone delete {self.path}"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise StorageError(f"could not take the lock {self.path}; delete it if no run is active")
-
-    def release(self) -> None:
-        if self.held:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.held = False
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -29,6 +29,29 @@ def ray_local():
     yield ray
 
 
+@pytest.fixture
+def ray_with_faults(tmp_path_factory, monkeypatch):
+    """Start a local Ray whose workers see the given test-only faults (``incr_ray.faults``):
+    ``ray_with_faults(teacher_exit_at_batch=3)``. Ray is shut down afterwards, so the next test
+    gets one without faults."""
+    import json
+
+    import ray
+
+    from incr_ray import faults
+
+    def start(**chosen):
+        value = json.dumps({"once_dir": str(tmp_path_factory.mktemp("faults")), **chosen})
+        monkeypatch.setenv(faults.ENV, value)
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": faults.runtime_env_vars()})
+
+    yield start
+    ray.shutdown()
+
+
 def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None):
     """Save a tiny random-weight sequence classifier with the bundled MiniLM tokenizer."""
     from transformers import AutoTokenizer, AutoModelForSequenceClassification

@@ -82,8 +82,8 @@ def test_bad_yaml_and_non_mapping(tmp_path):
 
 def test_round_trip_through_yaml_and_json():
     cfg = load_config(None, ["method.k=7", "method.floor=0.3"])
-    assert config_from_dict(yaml.safe_load(cfg.dump_yaml())) == cfg
-    assert config_from_dict(json.loads(cfg.dump_json())) == cfg
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_every_job_config_loads_and_starts_with_its_command():

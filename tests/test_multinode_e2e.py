@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline_e2e import small_config
+from small_run import small_config
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_decoder_run_spans_two_nodes(two_node_cluster, tmp_path):
     from transformers import AutoConfig, pipeline
 
     from conftest import build_tiny_model
-    from incr_ray.pipeline import run_generations
+    from incr_ray.run.loop import run_generations
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}

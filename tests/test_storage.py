@@ -1,15 +1,12 @@
-"""Run-folder mechanics: atomic manifest, the run lock, writability checks."""
+"""Files on storage: atomic writes, writability checks, folder renames."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from incr_ray.storage import RunLock, StorageError, check_writable, read_json, write_json_atomic
+from incr_ray.storage import StorageError, check_writable, read_json, rename_tree, write_json_atomic
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -18,23 +15,6 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     write_json_atomic(str(p), {"a": 2})
     assert read_json(str(p)) == {"a": 2}
     assert sorted(os.listdir(tmp_path)) == ["run.json"]
-
-
-def test_lock_refuses_a_second_holder_and_releases(tmp_path):
-    with RunLock(str(tmp_path)):
-        with pytest.raises(StorageError, match="in use by process"):
-            RunLock(str(tmp_path)).acquire()
-    RunLock(str(tmp_path)).acquire().release()  # free again after release
-
-
-def test_lock_of_a_dead_process_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
-
-    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
-    lock = RunLock(str(tmp_path)).acquire()
-    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
-    lock.release()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
@@ -54,8 +34,6 @@ def test_storage_under_a_file_fails_early(tmp_path):
 
 
 def test_rename_tree_replaces_the_destination(tmp_path):
-    from incr_ray.storage import rename_tree
-
     (tmp_path / "t.tmp").mkdir()
     (tmp_path / "t.tmp" / "new").write_text("1")
     (tmp_path / "t").mkdir()

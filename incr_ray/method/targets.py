@@ -1,7 +1,7 @@
 """Training targets a student learns from: the teacher's probabilities pushed toward the true class.
 
-This is the rule of DESIGN.md §1.4 as vectorised numpy, plus the two small pieces around it
-(temperature softmax of the teacher's logits, one-hot labels). It imports neither ray nor
+The target rule of the method as vectorised numpy, plus the temperature softmax of the
+teacher's logits. It imports neither ray nor
 transformers so it can be tested directly and called from any Ray worker.
 
 Shapes: ``n`` rows, ``C`` classes.
@@ -158,24 +158,3 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def one_hot(labels, num_classes: int) -> np.ndarray:
-    """One-hot encode class ids.
-
-    Args:
-        labels: ``(n,)`` integer class ids in ``[0, num_classes)``.
-        num_classes: ``C >= 1``.
-
-    Returns:
-        ``(n, C)`` float64 with a single 1 per row.
-
-    Raises:
-        ValueError: ``num_classes < 1`` or labels that fail :func:`check_labels`.
-    """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    labels = check_labels(labels, num_classes)
-    out = np.zeros((labels.shape[0], num_classes), dtype=np.float64)
-    out[np.arange(labels.shape[0]), labels] = 1.0
-    return out

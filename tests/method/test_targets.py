@@ -1,4 +1,4 @@
-"""Tests for incr_ray.targets: the §1.4 target rule (property-based), softmax and one_hot."""
+"""Tests for incr_ray.method.targets: the target rule (property-based) and softmax."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from incr_ray.targets import one_hot, soft_targets, softmax
+from incr_ray.method.targets import soft_targets, softmax
 
 
 @st.composite
@@ -55,7 +55,7 @@ def test_soft_targets_properties(batch, params):
     np.testing.assert_allclose(t.sum(axis=1), 1.0, rtol=0, atol=1e-9)
 
     np.testing.assert_array_equal(t[keep], probs[keep])
-    np.testing.assert_array_equal(t[hard], one_hot(labels[hard], probs.shape[1]))
+    np.testing.assert_array_equal(t[hard], np.eye(probs.shape[1])[labels[hard]])
     assert (t[rows[~hard], labels[~hard]] >= p - 1e-12).all()
     np.testing.assert_array_equal(t[rows[push], labels[push]], p)
 
@@ -165,13 +165,3 @@ def test_softmax_temperature_flattens():
 def test_softmax_rejects_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature"):
         softmax(np.zeros((1, 2)), temperature)
-
-
-def test_one_hot():
-    np.testing.assert_array_equal(one_hot([2, 0], 3), [[0, 0, 1], [1, 0, 0]])
-    assert one_hot([1], 2).dtype == np.float64
-    assert one_hot([], 3).shape == (0, 3)
-    with pytest.raises(ValueError, match="num_classes"):
-        one_hot([0], 0)
-    with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        one_hot([3], 3)

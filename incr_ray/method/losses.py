@@ -51,9 +51,8 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature:
             f"got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     dtype = _compute_dtype(logits)
-    log_probs = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    per_row = -(targets.to(dtype) * log_probs).sum(dim=-1)
-    return per_row.mean() * (temperature * temperature)
+    # Targets join the logits' compute dtype: a bf16 target row would no longer sum to 1.
+    return F.cross_entropy(logits.to(dtype) / temperature, targets.to(dtype)) * (temperature * temperature)
 
 
 def distillation_loss(

@@ -1,15 +1,12 @@
-"""Tests for incr_ray.data: pure hashing/assignment helpers first, then Ray Data reading and splitting."""
+"""Reading and splitting on Ray Data: sources, validation, label map, holdout, blocks."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from ray.data.expressions import col
 
 from incr_ray.config import config_from_dict
@@ -18,153 +15,10 @@ from incr_ray.data import (
     ROW_COLUMNS,
     SYNTHETIC_LABELS,
     DataError,
-    assign_split,
-    label_name,
     read_labelled_file,
-    read_source,
-    row_ids,
-    sample_mask,
-    shuffle_keys,
-    sorted_label_names,
+    open_source,
     split_data,
-    synthetic_rows,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Pure helpers: no Ray
-
-
-def _ids(n: int, start: int = 0) -> np.ndarray:
-    return row_ids([f"text {i}" for i in range(start, start + n)], ["x"] * n)
-
-
-def test_row_ids_are_stable_63_bit_content_hashes():
-    ids = row_ids(["a movie", "a movie", "a movie", "other"], ["fresh", "fresh", "rotten", "fresh"])
-    assert ids.dtype == np.int64 and (ids >= 0).all()
-    assert ids[0] == ids[1]  # identical (text, label): the same example
-    assert len({int(ids[0]), int(ids[2]), int(ids[3])}) == 3
-    # Pinned: a changed hash would silently re-split every existing run.
-    assert int(row_ids(["hello"], ["1"])[0]) == int(row_ids(["hello"], [1])[0]) == 9033244824107383302
-    with pytest.raises(ValueError, match="2 texts but 1 labels"):
-        row_ids(["a", "b"], ["x"])
-
-
-def test_assign_split_is_deterministic_per_seed():
-    ids = _ids(2000)
-    a = assign_split(ids, seed=0, k=4, eval_fraction=0.1)
-    assert a.dtype == np.int64
-    assert np.array_equal(a, assign_split(ids.copy(), seed=0, k=4, eval_fraction=0.1))
-    assert (a != assign_split(ids, seed=1, k=4, eval_fraction=0.1)).mean() > 0.5
-
-
-def test_assign_split_is_disjoint_and_covering():
-    ids = _ids(1000)
-    blocks = assign_split(ids, seed=3, k=5, eval_fraction=0.2)
-    assert set(np.unique(blocks)) == {HOLDOUT, 0, 1, 2, 3, 4}  # every row in exactly one place
-    parts = [set(ids[blocks == b].tolist()) for b in range(-1, 5)]
-    assert sum(len(p) for p in parts) == len(ids) and set().union(*parts) == set(ids.tolist())
-
-
-def test_blocks_within_2_percent_when_streamed_in_batches():
-    n, k = 10_000, 4
-    ids = _ids(n)
-    cuts = [0, 3000, 5500, 6100, n]  # uneven batches, as Ray Data would hand them over
-    blocks = np.concatenate([assign_split(ids[a:b], 7, k, 0.1) for a, b in zip(cuts, cuts[1:])])
-    sizes = np.bincount(blocks[blocks != HOLDOUT], minlength=k)
-    train = sizes.sum()
-    assert np.all(np.abs(sizes - train / k) <= 0.02 * train / k), sizes
-    holdout = (blocks == HOLDOUT).mean()
-    assert abs(holdout - 0.1) < 0.01
-    # Holdout membership is per row, whatever batch the row arrives in.
-    assert np.array_equal(blocks == HOLDOUT, assign_split(ids, 7, k, 0.1) == HOLDOUT)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    n=st.integers(1, 400),
-    k=st.integers(2, 9),
-    eval_fraction=st.sampled_from([0.0, 0.1, 0.5]),
-    seed=st.integers(-(2**40), 2**40),
-)
-def test_every_batch_fills_blocks_to_within_one_row(n, k, eval_fraction, seed):
-    blocks = assign_split(_ids(n), seed, k, eval_fraction)
-    sizes = np.bincount(blocks[blocks != HOLDOUT], minlength=k)
-    assert len(sizes) == k and sizes.max() - sizes.min() <= 1
-
-
-def test_duplicate_rows_share_block_and_side_of_holdout():
-    texts = [f"t{i % 50}" for i in range(400)]  # every text 8 times
-    ids = row_ids(texts, ["y"] * len(texts))
-    blocks = assign_split(ids, 0, 3, 0.3)
-    for i in np.unique(ids):
-        assert len(set(blocks[ids == i].tolist())) == 1
-
-
-def test_assign_split_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="k must be"):
-        assign_split(_ids(3), 0, 0, 0.1)
-    with pytest.raises(ValueError, match="eval_fraction"):
-        assign_split(_ids(3), 0, 2, 1.0)
-
-
-def test_sample_mask_keeps_about_the_fraction():
-    ids = _ids(10_000)
-    kept = sample_mask(ids, 0, 0.25)
-    assert abs(kept.mean() - 0.25) < 0.02
-    assert np.array_equal(kept, sample_mask(ids, 0, 0.25))
-    assert not np.array_equal(kept, sample_mask(ids, 1, 0.25))
-
-
-def test_shuffle_keys_depend_on_the_id_and_seed_only():
-    ids = np.sort(_ids(5_000))  # ids in order, so a sort by key that kept that order would show
-    keys = shuffle_keys(ids, 3)
-    assert keys.dtype == np.int64 and len(np.unique(keys)) == len(ids)  # distinct ids, distinct keys
-    perm = np.random.default_rng(0).permutation(len(ids))
-    assert np.array_equal(shuffle_keys(ids[perm], 3), keys[perm])  # a row's key ignores its neighbours
-    assert np.array_equal(shuffle_keys(np.array([ids[7], ids[7]]), 3), keys[[7, 7]])
-    assert not np.array_equal(shuffle_keys(ids, 4), keys)
-    # Sorting by the keys is far from the id order (the order is a shuffle, not a relabelling).
-    order = np.argsort(keys)
-    assert abs(np.corrcoef(order, np.arange(len(ids)))[0, 1]) < 0.1
-
-
-def test_label_names_and_their_order():
-    assert [label_name(v) for v in (3, "3", 3.0, "fresh", None, "  ", float("nan"))] == [
-        "3", "3", "3", "fresh", None, None, None,
-    ]
-    assert sorted_label_names(["10", "2", "1", "2"]) == ["1", "2", "10"]
-    assert sorted_label_names(["b", "10", "a"]) == ["10", "a", "b"]
-
-
-def test_synthetic_rows_are_learnable_single_token_english():
-    from transformers import AutoTokenizer
-
-    from incr_ray.modeling import minilm_dir
-
-    ids = np.arange(3000, dtype=np.int64)
-    texts, cls = synthetic_rows(ids, seed=0, classes=4)
-    again, cls_again = synthetic_rows(ids[::-1], seed=0, classes=4)
-    assert texts == again[::-1] and np.array_equal(cls, cls_again[::-1])  # per row, not per batch
-    assert synthetic_rows(ids[:50], seed=1, classes=4)[0] != texts[:50]
-    assert np.bincount(cls).min() > 600
-    lengths = [len(t.split()) for t in texts]
-    assert min(lengths) == 8 and max(lengths) == 12
-
-    vocab = sorted({w for t in texts for w in t.split()})
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    assert all(tok.tokenize(w) == [w] for w in vocab)
-
-    # Learnable: counting each class's keywords (learned from the first half) classifies the rest.
-    words = [t.split() for t in texts]
-    half = len(texts) // 2
-    counts: dict[str, np.ndarray] = {}
-    for ws, c in zip(words[:half], cls[:half]):
-        for w in ws:
-            counts.setdefault(w, np.zeros(4))[c] += 1
-    keyword = {w: int(v.argmax()) for w, v in counts.items() if v.max() > 0.9 * v.sum()}
-    predicted = [np.bincount([keyword[w] for w in ws if w in keyword] or [0], minlength=4).argmax() for ws in words[half:]]
-    assert (np.array(predicted) == cls[half:]).mean() > 0.9
-
 
 # ---------------------------------------------------------------------------------------------
 # Ray Data: reading, splitting, validation
@@ -192,7 +46,7 @@ def test_read_csv_renamed_columns_with_int_labels_sorted_numerically(ray_local, 
     path = _write_csv(tmp_path / "reviews.csv", "review,stars,extra", [f'"{t}",{y},z' for t, y in zip(texts, labels)])
     data = {"source": path, "text_column": "review", "label_column": "stars", "eval_fraction": 0.2}
 
-    raw = _rows(read_source(_cfg(data).data, seed=0))
+    raw = _rows(open_source(_cfg(data).data, seed=0)[0])
     assert set(raw[0]) == {"text", "label"} and raw[0]["text"].startswith("review number")
     assert {r["label"] for r in raw} == {1, 2, 10}  # ints stay ints in the raw source
 
@@ -214,14 +68,14 @@ def test_read_jsonl_and_parquet_with_string_labels(ray_local, tmp_path):
 
     for source in (str(jsonl), str(folder)):
         cfg = _cfg({"source": source, "text_column": "body", "label_column": "tag"})
-        rows = _rows(read_source(cfg.data, seed=0))
+        rows = _rows(open_source(cfg.data, seed=0)[0])
         assert [(r["text"], r["label"]) for r in rows] == sorted(zip(texts, labels)), source
 
 
 def test_latin1_bytes_become_replacement_characters(ray_local, tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"text,label\ncaf\xe9 au lait,a\nna\xefve,b\nplain,a\n")
-    rows = _rows(read_source(_cfg({"source": str(path)}).data, seed=0))
+    rows = _rows(open_source(_cfg({"source": str(path)}).data, seed=0)[0])
     assert [r["text"] for r in rows] == ["caf\ufffd au lait", "na\ufffdve", "plain"]
 
 
@@ -249,10 +103,10 @@ def test_split_data_blocks_disjoint_covering_and_deterministic(ray_local):
 
 def test_max_rows_is_a_seeded_sample(ray_local):
     data = {"source": "synthetic", "synthetic_rows": 2000, "max_rows": 500}
-    first = read_source(_cfg(data).data, seed=0)
+    first = open_source(_cfg(data).data, seed=0)[0]
     n = first.count()
     assert 400 < n < 600
-    assert sorted(r["text"] for r in first.take_all()) == sorted(r["text"] for r in read_source(_cfg(data).data, 0).take_all())
+    assert sorted(r["text"] for r in first.take_all()) == sorted(r["text"] for r in open_source(_cfg(data).data, 0)[0].take_all())
 
 
 def test_rotten_tomatoes_three_classes_and_binary(ray_local):

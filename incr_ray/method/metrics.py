@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from incr_ray.targets import check_prob_rows
+from .targets import check_prob_rows
 
 # log(0) would make a single confident mistake dominate the mean NLL as inf.
 NLL_PROB_FLOOR = 1e-12
@@ -135,17 +135,3 @@ def finalize(stats: dict[str, np.ndarray]) -> dict[str, float]:
         "ece": float(ece),
         "n": n,
     }
-
-
-def evaluate_probs(probs, labels, num_bins: int = 15) -> dict[str, float]:
-    """``finalize(batch_stats(probs, labels, num_bins))`` for a set that fits in one array.
-
-    Args:
-        probs: ``(n, C)`` predicted probability rows, ``n >= 1``.
-        labels: ``(n,)`` integer true classes.
-        num_bins: ``B`` calibration bins.
-
-    Returns:
-        The dict of :func:`finalize`.
-    """
-    return finalize(batch_stats(probs, labels, num_bins))

@@ -14,27 +14,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from incr_ray.config import config_from_dict
-from incr_ray.pipeline import StopRequested, run_generations
-from incr_ray.targets import soft_targets
+from incr_ray import faults
+from incr_ray.faults import StopRequested
+from incr_ray.method.targets import soft_targets
+from incr_ray.run.loop import run_generations
+from small_run import small_config
 
 pytestmark = pytest.mark.e2e
-
-
-def small_config(tmp_path, tiny_model, name, **sections):
-    raw = {
-        "run": {"name": name, "seed": 1},
-        "storage": {"path": str(tmp_path)},
-        "data": {"source": "synthetic", "synthetic_rows": 1500, "synthetic_classes": 3, "eval_fraction": 0.2},
-        "model": {"base": tiny_model, "max_length": 32},
-        "method": {"k": 3, "threshold": 0.9},
-        "student": {"epochs": 2, "learning_rate": 1e-2, "batch_size": 16},
-        "deepspeed": {"stage": 2},
-        "teacher": {"batch_size": 128},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw)
 
 
 def _sha(path: Path) -> str:
@@ -84,7 +70,7 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
 
     # `incr-ray evaluate`: the final model on the holdout reproduces run.json's figures, and a
     # labelled file can be evaluated instead.
-    from incr_ray.pipeline import evaluate_run
+    from incr_ray.run.loop import evaluate_run
 
     [(g, metrics)] = evaluate_run(str(root))
     assert g == 2 and metrics == pytest.approx(gens[2]["metrics"])
@@ -96,17 +82,18 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
     assert per_gen[2][1]["accuracy"] == pytest.approx(gens[2]["metrics"]["accuracy"])
 
 
-def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert):
+def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert, monkeypatch):
     """ZeRO-3 on 2 workers saves a consolidated trained model; a stopped run resumes cleanly."""
     cfg = small_config(
         tmp_path, tiny_bert, "resume",
         method={"k": 2},
         deepspeed={"stage": 3},
         cluster={"workers": 2},
-        test_hooks={"stop_after_generation": 0},
     )
+    monkeypatch.setenv(faults.ENV, json.dumps({"stop_after_generation": 0}))  # the driver reads it
     with pytest.raises(StopRequested):
         run_generations(cfg, say=lambda s: None)
+    monkeypatch.delenv(faults.ENV)
     root = Path(cfg.run_dir)
     state = json.loads((root / "run.json").read_text())
     assert [g["status"] for g in state["generations"]] == ["finished"]
@@ -125,15 +112,14 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert):
     assert len(changed) > len(initial) // 2, "most weights should have moved during training"
     assert state["generations"][0]["metrics"]["accuracy"] > 0.45
 
-    cfg2 = cfg.model_copy(update={"test_hooks": cfg.test_hooks.model_copy(update={"stop_after_generation": None})})
-    manifest = run_generations(cfg2, say=lambda s: None)
+    manifest = run_generations(cfg, say=lambda s: None)
     assert [g["status"] for g in manifest["generations"]] == ["finished", "finished"]
     assert _sha(model0) == before, "generation 0 must not be retrained on resume"
     assert manifest["generations"][0]["metrics"] == state["generations"][0]["metrics"]
 
     # The workers evaluated their partitioned (ZeRO-3) model in memory; the saved, consolidated
     # weights scored by the actor pool (`incr-ray evaluate`) must give the same figures.
-    from incr_ray.pipeline import evaluate_run
+    from incr_ray.run.loop import evaluate_run
 
     for g, metrics in evaluate_run(str(root), all_generations=True):
         assert metrics == pytest.approx(manifest["generations"][g]["metrics"], rel=1e-5), g
@@ -141,14 +127,16 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert):
 
 def test_changed_config_is_refused_on_resume(ray_local, tmp_path, tiny_bert):
     """No training needed: the refusal comes from the manifest written by the split step."""
-    from incr_ray.pipeline import RunError, open_run
+    from incr_ray.run.folder import open_run
+    from incr_ray.run.manifest import RunError
 
     cfg = small_config(tmp_path, tiny_bert, "changed")
-    run, lock = open_run(cfg, say=lambda s: None)
-    lock.release()
+    with open_run(cfg, say=lambda s: None):
+        pass
     changed = small_config(tmp_path, tiny_bert, "changed", method={"threshold": 0.8})
     with pytest.raises(RunError, match=r"method.threshold: 0.9 -> 0.8"):
-        open_run(changed, say=lambda s: None)
+        with open_run(changed, say=lambda s: None):
+            pass
 
 
 
@@ -156,19 +144,17 @@ def test_replay_rows_come_from_earlier_blocks(ray_local, tmp_path, tiny_bert):
     """Scoring only (no training): block 2 plus ~r·|S_2| rows re-sampled from blocks 0-1."""
     from ray.data.expressions import col
 
-    from incr_ray.pipeline import open_run, score_generation
+    from incr_ray.run.folder import open_run
+    from incr_ray.run.loop import score_generation
 
     cfg = small_config(tmp_path, tiny_bert, "replay", replay={"fraction": 0.5})
-    run, lock = open_run(cfg, say=lambda s: None)
-    try:
+    with open_run(cfg, say=lambda s: None) as run:
         block = run.split_dataset().filter(expr=col("block") == 2)
         rows = score_generation(run, 2, block, tiny_bert)
-    finally:
-        lock.release()
     targets = pq.read_table(Path(cfg.run_dir) / "gen_002" / "targets").to_pandas()
-    block_rows = run.manifest["data"]["block_sizes"][2]
+    block_rows = run.manifest.data.block_sizes[2]
     replay = targets[targets.replay]
     assert rows == len(targets) == block_rows + len(replay)
     assert (targets[~targets.replay].block == 2).all() and set(replay.block) <= {0, 1}
     assert 0.3 * block_rows < len(replay) < 0.7 * block_rows  # ≈ 0.5·|S_2|, a seeded sample
-    assert run.manifest["generations"][2]["replay_rows"] == len(replay)
+    assert run.manifest.generations[2].replay_rows == len(replay)

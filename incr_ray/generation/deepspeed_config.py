@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import DeepSpeedSection
+from ..config import DeepSpeedSection
 
 # ZeRO presets as data: the stage-specific knobs, before offload switches are applied.
 ZERO_PRESETS: dict[int, dict[str, Any]] = {

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from incr_ray.losses import distillation_loss
-from incr_ray.student import _soft_target_trainer_class, make_collate, shuffled_for_training, steps_for
+from incr_ray.method.losses import distillation_loss
+from incr_ray.generation.student import shuffled_for_training
+from incr_ray.generation.trainer import SoftTargetTrainer, make_collate, steps_for
 
 
 def test_steps_for_counts_optimizer_steps_per_worker():
@@ -37,7 +38,7 @@ def test_trainer_loss_is_the_distillation_loss(tiny_bert, tmp_path, temperature,
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    trainer = _soft_target_trainer_class()(model=model, args=args, temperature=temperature, alpha=alpha)
+    trainer = SoftTargetTrainer(model=model, args=args, temperature=temperature, alpha=alpha)
     inputs = make_collate(tok, 3, 32)({"text": np.array(["a b", "c d e"], dtype=object), "label": np.array([1, 2]),
                                        "target": np.array([[0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])})
     expected_inputs = {k: v.clone() for k, v in inputs.items()}

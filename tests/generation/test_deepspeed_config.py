@@ -1,7 +1,7 @@
 """The one DeepSpeed builder: presets, offload switches, precision."""
 
 from incr_ray.config import DeepSpeedSection
-from incr_ray.deepspeed_config import build_deepspeed_config, resolve_precision
+from incr_ray.generation.deepspeed_config import build_deepspeed_config, resolve_precision
 
 
 def test_stages_and_zero3_consolidated_save():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from incr_ray.losses import distillation_loss, soft_cross_entropy
+from incr_ray.method.losses import distillation_loss, soft_cross_entropy
 
 
 def _batch(b=5, c=4, seed=0, dtype=torch.float64):

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from incr_ray.metrics import batch_stats, evaluate_probs, finalize, merge_stats
+from incr_ray.method.metrics import batch_stats, finalize, merge_stats
+
+
+def evaluate_probs(probs, labels, num_bins: int = 15):
+    """Metrics of a set that fits in one array."""
+    return finalize(batch_stats(probs, labels, num_bins))
 
 # Four rows, two classes: predictions 0, 0, 1, 1 against labels 0, 1, 1, 0.
 PROBS = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])

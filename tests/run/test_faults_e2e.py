@@ -15,21 +15,23 @@ import numpy as np
 import pytest
 import yaml
 
-from test_pipeline_e2e import small_config
+from incr_ray import faults
+from small_run import small_config
 
 pytestmark = pytest.mark.e2e
 
 
-def test_worker_death_resumes_from_in_generation_checkpoint(ray_local, tmp_path, tiny_bert):
-    from incr_ray.pipeline import StopRequested, run_generations
+def test_worker_death_resumes_from_in_generation_checkpoint(ray_with_faults, tmp_path, tiny_bert):
+    from incr_ray.faults import StopRequested
+    from incr_ray.run.loop import run_generations
 
+    ray_with_faults(worker_exit_at_step=3, stop_after_generation=0)
     cfg = small_config(
         tmp_path, tiny_bert, "worker-death",
         data={"synthetic_rows": 600},
         method={"k": 2},
         cluster={"workers": 2},
         student={"checkpoint_every_steps": 2, "max_failures": 1, "epochs": 1},
-        test_hooks={"worker_exit_at_step": 3, "stop_after_generation": 0},
     )
     with pytest.raises(StopRequested):
         run_generations(cfg, say=lambda s: None)
@@ -40,21 +42,20 @@ def test_worker_death_resumes_from_in_generation_checkpoint(ray_local, tmp_path,
     # Rank 1 died after step 3; the restarted group continued from the step-2 checkpoint.
     assert train["resumed_from_step"] == 2, train
     assert train["steps"] == train["max_steps"]
-    assert list(Path(cfg.storage.path).glob("worker-death/_ray_train/*.worker-exit-hook"))
+    assert faults.fired("worker")
 
 
-def test_teacher_actor_death_scores_each_row_once(ray_local, tmp_path, tiny_bert):
+def test_teacher_actor_death_scores_each_row_once(ray_with_faults, tmp_path, tiny_bert):
     import ray
 
-    from incr_ray.teacher import score_block
+    from incr_ray.generation.teacher import score_block
 
-    cfg = small_config(tmp_path, tiny_bert, "teacher-death", teacher={"batch_size": 50},
-                       test_hooks={"teacher_exit_at_batch": 3})
+    ray_with_faults(teacher_exit_at_batch=3)
+    cfg = small_config(tmp_path, tiny_bert, "teacher-death", teacher={"batch_size": 50})
     rows = [{"row_id": i, "text": f"word {i} apple", "label": i % 3, "block": 1} for i in range(400)]
-    marker = str(tmp_path / "teacher-exit-marker")
-    out = score_block(ray.data.from_items(rows), tiny_bert, cfg, on_gpu=False, exit_marker=marker)
+    out = score_block(ray.data.from_items(rows), tiny_bert, cfg, on_gpu=False)
     out.write_parquet(str(tmp_path / "targets"))
-    assert os.path.exists(marker), "the hook should have killed one actor"
+    assert faults.fired("teacher"), "the fault should have killed one actor"
     import pyarrow.parquet as pq
 
     got = pq.read_table(tmp_path / "targets").to_pandas()
@@ -76,7 +77,7 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_p
     """SIGKILL the whole `incr-ray train` process group after generation 0; the same command
     resumes, keeps generation 0, and ends with the same model as a run that was never stopped.
     While the first process runs, a second one on the same run folder is refused."""
-    from incr_ray.pipeline import run_generations
+    from incr_ray.run.loop import run_generations
 
     cfg = small_config(tmp_path, tiny_bert, "driver-kill", data={"synthetic_rows": 900},
                        method={"k": 2}, student={"epochs": 1})

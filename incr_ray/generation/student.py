@@ -1,0 +1,255 @@
+"""Student training on Ray Train: one generation, read top to bottom.
+
+Two halves, kept apart: :func:`train_per_worker` runs on every Ray Train worker — set up, training
+arguments, trainer, train, save, evaluate, report — and :func:`fit_student` is the driver side
+(builds the ``TorchTrainer`` for a :class:`StudentRequest`, runs it, puts the model in
+``gen_<g>/model``). The Hugging Face pieces they share with ``benchmarks/gpu_check.py`` live in
+:mod:`incr_ray.generation.trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from ray.train.torch import TorchTrainer
+from transformers import PrinterCallback, TrainerCallback, TrainerState
+
+from .. import faults
+from ..config import Config
+from ..method.hashing import generation_seed, shuffle_keys
+from ..modeling import load_classifier, load_tokenizer
+from ..storage import remove_tree, stage_local, upload_dir
+from .deepspeed_config import resolve_precision
+from .evaluation import holdout_metrics
+from .progress import ProgressCallback, ProgressRelay
+from .trainer import SoftTargetTrainer, loss_settings, make_collate, save_student, steps_for, training_arguments
+
+SHUFFLE_KEY = "_shuffle_key"
+
+
+@dataclass(frozen=True)
+class StudentRequest:
+    """What the generation loop asks of one student training."""
+
+    generation: int
+    init_model: str  # the teacher's model folder, or the base model
+    label_names: list[str]
+    rows: int  # training rows, replay included: decides the number of steps
+    model_dest: str  # gen_<g>/model on storage
+    ray_storage: str  # Ray Train's folder for this run (in-generation checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------
+# On each worker
+
+
+class _FaultCallback(TrainerCallback):
+    """The test seam's worker fault (see :mod:`incr_ray.faults`); a no-op in real runs."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.kill_worker_at_step(state.global_step, ray.train.get_context().get_world_rank())
+
+
+def _set_up(on_gpu: bool, cfg: Config) -> None:
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Imported here, after DS_ACCELERATOR is set: DeepSpeed picks its accelerator at import.
+    import deepspeed
+
+    # Workers print our progress lines; DeepSpeed's and Ray Train's INFO chatter would bury them.
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
+    # ZeRO-3 partitions weights at load time, or it sees a world of one.
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if not on_gpu:
+        torch.set_num_threads(cfg.cluster.cpus_per_worker)
+
+
+def _in_generation_checkpoint(work: str) -> tuple[str | None, int]:
+    """(HF checkpoint folder, its step) when this worker group restarts after a failure."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, 0
+    hf = os.path.join(ckpt.to_directory(os.path.join(work, "resume")), RayTrainReportCallback.CHECKPOINT_NAME)
+    state = os.path.join(hf, "trainer_state.json")
+    if not os.path.isfile(state):
+        return None, 0
+    return hf, int(TrainerState.load_from_json(state).global_step)
+
+
+def train_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on each Ray Train worker: one generation of student training."""
+    entered = time.perf_counter()
+    cfg = Config.model_validate(loop_config["config"])
+    request = StudentRequest(**loop_config["request"])
+    on_gpu, max_steps, g = loop_config["on_gpu"], loop_config["max_steps"], request.generation
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    work = tempfile.mkdtemp(prefix=f"incr-ray-g{g}-r{rank}-")
+    try:
+        # Set up.
+        _set_up(on_gpu, cfg)
+        precision = resolve_precision(cfg.deepspeed.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+
+        # Training arguments — before the model loads, so that ZeRO-3 partitions it while it loads.
+        args = training_arguments(cfg, g, max_steps, os.path.join(work, "hf"), on_gpu, precision)
+        init_path = stage_local(request.init_model)
+        tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
+        model = load_classifier(init_path, request.label_names, cfg.model.trust_remote_code, tokenizer=tokenizer)
+
+        # Trainer.
+        trainer = SoftTargetTrainer(
+            model=model,
+            args=args,
+            train_dataset=ray.train.get_dataset_shard("train").iter_torch_batches(
+                batch_size=cfg.student.batch_size,
+                collate_fn=make_collate(tokenizer, len(request.label_names), cfg.model.max_length),
+            ),
+            processing_class=tokenizer,
+            **loss_settings(cfg, g),
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressCallback(g, max_steps, loop_config["progress"]))
+        trainer.add_callback(_FaultCallback())
+        if cfg.student.checkpoint_every_steps:
+            trainer.add_callback(RayTrainReportCallback())
+        trainer = prepare_trainer(trainer)
+
+        # Train.
+        resume_from, resumed_step = _in_generation_checkpoint(work)
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        train_seconds = time.perf_counter() - started
+
+        # Save (every rank: ZeRO-3 gathers the weights).
+        saving = time.perf_counter()
+        out_dir = os.path.join(work, "model")
+        meta = {"generation": g, "label_names": request.label_names, "config": loop_config["config"]}
+        save_student(trainer, tokenizer, out_dir, meta, is_rank0=rank == 0)
+        save_seconds = time.perf_counter() - saving
+
+        # Evaluate the model still in memory, saving the actor pool a separate evaluation would
+        # cost. Every rank reads the whole holdout: under ZeRO-3 each forward gathers parameters
+        # from all ranks, so all must run the same forwards. Rank 0's figures are reported.
+        evaluating = time.perf_counter()
+        holdout = None
+        if loop_config["evaluate"]:
+            holdout_batches = ray.train.get_dataset_shard("holdout").iter_batches(
+                batch_size=cfg.eval.batch_size, batch_format="numpy")
+            holdout = holdout_metrics(trainer.model, tokenizer, holdout_batches, cfg, args.device)
+        eval_seconds = time.perf_counter() - evaluating
+
+        # Report: which nodes the group spanned (placement is visible to users and tests), timings.
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        metrics = {
+            "train_loss": float(output.training_loss),
+            "resumed_from_step": resumed_step,
+            "workers": world,
+            "nodes": len(set(nodes)),
+            "train_seconds": train_seconds,
+            # Where a generation's fixed cost goes: imports, model load and DeepSpeed set-up before
+            # the first step, and the consolidated save after the last.
+            "setup_seconds": started - entered,
+            "save_seconds": save_seconds,
+            "steps": int(output.global_step),
+            "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
+            "precision": precision,
+            "holdout": holdout,
+            "eval_seconds": eval_seconds,
+        }
+        checkpoint = ray.train.Checkpoint.from_directory(out_dir) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the reported model has been persisted by now
+
+
+# ---------------------------------------------------------------------------------------------
+# On the driver
+
+
+def shuffled_for_training(train_ds, seed: int):
+    """The rows in a seeded random order that depends on the rows and the seed only.
+
+    Sources are often sorted (by class, by date), and a block keeps its source's order: the
+    Rotten Tomatoes file starts with all 1,097 plot summaries. Fine-tuning on long runs of one
+    class wrecks the model, so every generation trains on its rows shuffled.
+
+    The order is a sort by a per-row-id hash (:func:`incr_ray.method.hashing.shuffle_keys`), not
+    Ray Data's ``random_shuffle``: that one seeds each input block by its position, so the same
+    rows arriving from the teacher pool in another block order were trained in another order, and
+    a resumed run ended with a different model than an uninterrupted one.
+    """
+
+    def keyed(batch: pa.Table) -> pa.Table:
+        keys = shuffle_keys(batch.column("row_id").to_numpy(), seed)
+        return batch.append_column(SHUFFLE_KEY, pa.array(keys, type=pa.int64()))
+
+    # The key column stays: a map after the sort (drop_columns) may emit blocks out of order, and
+    # the collate reads only the columns it needs.
+    return train_ds.map_batches(keyed, batch_format="pyarrow").sort(SHUFFLE_KEY)
+
+
+def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, holdout_ds=None,
+                say=print) -> dict[str, Any]:
+    """Train ``request.generation`` on ``train_ds`` and put the model at ``request.model_dest``.
+
+    Returns the workers' metrics; with ``holdout_ds`` the workers also evaluate the trained model
+    on it (``holdout``)."""
+    s = cfg.student
+    # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
+    # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Materialize first: training workers may hold every CPU of the cluster, and a lazy dataset
+    # would then wait forever for a CPU to run its read tasks on.
+    seed = generation_seed(cfg.run.seed, request.generation)
+    datasets = {"train": shuffled_for_training(train_ds, seed).materialize()}
+    if holdout_ds is not None:
+        datasets["holdout"] = holdout_ds.materialize()
+    max_steps = steps_for(request.rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum)
+    name = f"gen_{request.generation:03d}-{int(time.time())}"
+    started = time.perf_counter()
+    with ProgressRelay(say) as relay:
+        trainer = TorchTrainer(
+            train_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "request": asdict(request), "max_steps": max_steps,
+                               "on_gpu": on_gpu, "evaluate": holdout_ds is not None, "progress": relay.queue},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.cluster.workers,
+                use_gpu=on_gpu,
+                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if on_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=request.ray_storage,
+                failure_config=FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads the whole holdout
+        )
+        result = trainer.fit()
+    fit_seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"generation {request.generation}: training finished without a model checkpoint")
+    with result.checkpoint.as_directory() as local:
+        upload_dir(local, request.model_dest)
+    remove_tree(f"{request.ray_storage}/{name}")  # the model now lives in gen_<g>/model
+    metrics = dict(result.metrics or {})
+    metrics["max_steps"] = max_steps
+    metrics["fit_seconds"] = fit_seconds  # driver wall time of TorchTrainer.fit, start-up included
+    return metrics

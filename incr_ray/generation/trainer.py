@@ -1,0 +1,121 @@
+"""The Hugging Face side of student training, free of Ray: training arguments, the batch collate,
+the soft-target ``Trainer`` and the save.
+
+The Ray Train worker (:mod:`incr_ray.generation.student`) runs these pieces; so does
+``benchmarks/gpu_check.py`` in a one-process ``torch.distributed`` group where Ray is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..config import Config
+from ..method.hashing import generation_seed
+from ..method.losses import distillation_loss
+from .deepspeed_config import build_deepspeed_config
+
+MODEL_META = "incr_ray.json"  # beside the weights: generation, label names, resolved config
+
+
+def steps_for(rows: int, workers: int, batch_size: int, epochs: float, grad_accum: int) -> int:
+    """Optimizer steps for one generation: every worker sees ``rows // workers`` rows per epoch."""
+    per_worker = max(1, rows // workers)
+    batches_per_epoch = math.ceil(per_worker / batch_size)
+    return max(1, math.ceil(batches_per_epoch * epochs / grad_accum))
+
+
+def make_collate(tokenizer, num_labels: int, max_length: int):
+    """Numpy batch -> model inputs with dynamic padding, ``labels`` and ``targets``."""
+
+    def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        texts = [str(t) for t in batch["text"]]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64))
+        if "target" in batch:
+            targets = torch.from_numpy(np.stack(list(batch["target"])).astype(np.float32))
+        else:  # generation 0: one-hot targets make the soft loss ordinary cross-entropy
+            targets = torch.nn.functional.one_hot(labels, num_labels).float()
+        return {**enc, "labels": labels, "targets": targets}
+
+    return collate
+
+
+class SoftTargetTrainer(Trainer):
+    """``compute_loss`` = forward pass + :func:`incr_ray.method.losses.distillation_loss`."""
+
+    def __init__(self, *args, temperature: float = 1.0, alpha: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature
+        self.alpha = alpha
+        # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("targets")
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = distillation_loss(outputs.logits, targets, labels, self.temperature, self.alpha)
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir: str,
+                       on_gpu: bool, precision: str) -> TrainingArguments:
+    """One generation's ``TrainingArguments``; DeepSpeed's config is built from the same settings."""
+    s = cfg.student
+    seed = generation_seed(cfg.run.seed, generation)
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.learning_rate,
+        weight_decay=s.weight_decay,
+        warmup_steps=int(s.warmup_ratio * max_steps),
+        max_steps=max_steps,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, max_steps // 10),
+        # In-generation checkpoints let a restarted worker group continue instead of starting over.
+        save_strategy="steps" if s.checkpoint_every_steps else "no",
+        save_steps=s.checkpoint_every_steps or 500,
+        save_total_limit=1,
+        report_to=[],
+        deepspeed=build_deepspeed_config(cfg.deepspeed, on_gpu, precision),
+        use_cpu=not on_gpu,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=s.gradient_checkpointing,
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def loss_settings(cfg: Config, generation: int) -> dict[str, float]:
+    """Generation 0 learns one-hot labels: plain cross-entropy, no temperature, no hard mix."""
+    if generation == 0:
+        return {"temperature": 1.0, "alpha": 0.0}
+    return {"temperature": cfg.method.temperature, "alpha": cfg.method.alpha}
+
+
+def save_student(trainer: Trainer, tokenizer, out_dir: str, meta: dict[str, Any], is_rank0: bool) -> None:
+    """Write a model folder that ``transformers.pipeline`` loads.
+
+    Every rank must call this: under ZeRO-3 the save gathers the partitioned 16-bit weights.
+    """
+    trainer.save_model(out_dir)
+    if not is_rank0:
+        return
+    tokenizer.save_pretrained(out_dir)
+    stray = os.path.join(out_dir, "training_args.bin")  # a pickle; never ship it
+    if os.path.exists(stray):
+        os.unlink(stray)
+    with open(os.path.join(out_dir, MODEL_META), "w") as f:
+        json.dump(meta, f, indent=2)

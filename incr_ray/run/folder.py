@@ -1,0 +1,258 @@
+"""A run folder opened for work: its layout, its lock, and the :class:`Run` the loop works on.
+
+:func:`open_run` (train) and :func:`open_finished` (extend) are context managers that hold the
+run's lock for as long as the caller works on it; bad input fails before the folder is created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+import ray.data
+from ray.data.expressions import col
+
+from ..config import Config, config_from_dict
+from ..data import HOLDOUT, SplitData, split_data
+from ..modeling import check_classifier, resolve_model_path
+from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
+                       write_json_atomic)
+from .manifest import DataInfo, Manifest, RunError, check_compatible, load, now
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each artefact of a run lives (see "The run folder" in the docs)."""
+
+    root: str
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    @property
+    def manifest(self) -> str:
+        return self.join("run.json")
+
+    @property
+    def split(self) -> str:
+        return self.join("split")
+
+    def model(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "model")
+
+    def targets(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "targets")
+
+    @property
+    def ray_train(self) -> str:
+        return self.join("_ray_train")
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """One process at a time per run folder. A lock whose owner died (same host) is taken over."""
+
+    def __init__(self, run_dir: str):
+        self.path = run_dir.rstrip("/") + "/.lock"
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        if is_remote(self.path):
+            return self
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(Path(self.path).read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                same_host = owner.get("host") == socket.gethostname()
+                if same_host and not _pid_alive(int(owner.get("pid", -1))):
+                    os.unlink(self.path)  # stale: its process is gone
+                    continue
+                raise StorageError(
+                    f"run folder {os.path.dirname(self.path)!r} is in use by process "
+                    f"{owner.get('pid')} on {owner.get('host')}; wait for it to finish, or if that "
+                    f"process is gone delete {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise StorageError(f"could not take the lock {self.path}; delete it if no run is active")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def cluster_has_gpu(cfg: Config) -> bool:
+    if cfg.cluster.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.cluster.use_gpu)
+
+
+@dataclass
+class Run:
+    """A run folder opened for work: config, paths, manifest and where the console goes."""
+
+    cfg: Config
+    paths: RunPaths
+    manifest: Manifest
+    on_gpu: bool
+    say: Callable[[str], None] = print
+    _holdout: Any = field(default=None, repr=False)
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.manifest.label_names
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest.base_model
+
+    def save(self) -> None:
+        write_json_atomic(self.paths.manifest, self.manifest.to_json())
+
+    def rel(self, path: str) -> str:
+        return path if is_remote(path) else os.path.relpath(path, self.paths.root)
+
+    def split_dataset(self):
+        return ray.data.read_parquet(self.paths.split)
+
+    def block(self, g: int):
+        """Training block ``g`` of the split, read once (it is counted, then scored)."""
+        return self.split_dataset().filter(expr=col("block") == g).materialize()
+
+    def holdout(self):
+        """The holdout rows, read once per run and kept in the object store (every generation
+        evaluates on them)."""
+        if self._holdout is None:
+            self._holdout = self.block(HOLDOUT)
+        return self._holdout
+
+
+def _preflight(cfg: Config) -> str:
+    """Checks that cost nothing and would otherwise fail late: model, storage. Returns the base model."""
+    base = resolve_model_path(cfg.model.base)
+    if not is_remote(base):
+        check_classifier(base, cfg.model.trust_remote_code)
+    check_writable(absolute(cfg.storage.path))
+    return base
+
+
+def _write_split(split: SplitData, paths: RunPaths) -> None:
+    """Persist the split (temp folder, then rename) so resumes never recompute it."""
+    tmp = paths.split + ".tmp"
+    remove_tree(tmp)
+    split.dataset.write_parquet(tmp)
+    rename_tree(tmp, paths.split)
+
+
+def _new_manifest(cfg: Config, paths: RunPaths, base_model: str, split: SplitData) -> Manifest:
+    return Manifest(
+        name=cfg.run.name,
+        run_dir=paths.root,
+        created=now(),
+        config=cfg.to_dict(),
+        label_names=list(split.label_names),
+        data=DataInfo(fingerprint=split.fingerprint, block_sizes=list(split.block_sizes),
+                      holdout_size=int(split.holdout_size)),
+        base_model=base_model,
+    )
+
+
+@contextmanager
+def open_run(cfg: Config, say=print) -> Iterator[Run]:
+    """Open (or create) the run folder for ``cfg`` and hold its lock while the caller works.
+
+    Bad input fails before the run folder is created; an existing folder is locked before it is
+    read, so a second process on the same run is refused instead of racing the first.
+    """
+    base_model = _preflight(cfg)
+    paths = RunPaths(absolute(cfg.run_dir))
+    lock = RunLock(paths.root).acquire() if exists(paths.root) else None
+    try:
+        manifest = load(paths.manifest) if exists(paths.manifest) else None
+        if manifest is not None:
+            check_compatible(manifest, cfg)
+            manifest.config = cfg.to_dict()  # resource settings may change between attempts
+            manifest.base_model = base_model
+        else:
+            say(f"reading and splitting data ({cfg.data.source}) into k={cfg.method.k} blocks + holdout")
+            split = split_data(cfg)  # validates the data: errors surface before anything is written
+            if split.holdout_size == 0:
+                raise RunError(
+                    "no holdout: data.eval_fraction is 0 and data.eval_path is unset, but every generation "
+                    "is evaluated on a holdout; set data.eval_fraction (e.g. 0.1) or data.eval_path"
+                )
+            if lock is None:
+                if not is_remote(paths.root):
+                    os.makedirs(paths.root, exist_ok=True)
+                lock = RunLock(paths.root).acquire()
+            _write_split(split, paths)
+            manifest = _new_manifest(cfg, paths, base_model, split)
+        run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cluster_has_gpu(cfg), say=say)
+        run.save()
+        yield run
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def read_manifest(run_dir: str) -> tuple[RunPaths, Manifest]:
+    """The paths and manifest of an existing run folder; a folder that is not a run is a RunError."""
+    paths = RunPaths(absolute(run_dir))
+    if not exists(paths.manifest):
+        raise RunError(f"{run_dir!r} is not an incr-ray run folder (no run.json); pass --run STORAGE/RUN_NAME")
+    return paths, load(paths.manifest)
+
+
+@contextmanager
+def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run]:
+    """Open a finished run (or one whose extension was interrupted) to extend it."""
+    paths, manifest = read_manifest(run_dir)
+    if manifest.status not in ("finished", "extending"):
+        raise RunError(
+            f"run {manifest.name!r} is not finished; finish it first with the same `incr-ray train` command"
+        )
+    cfg = config_from_dict(manifest.config, overrides)
+    check_compatible(manifest, cfg)  # only resource settings may be overridden here
+    with RunLock(paths.root):
+        yield Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cluster_has_gpu(cfg), say=say)

@@ -1,0 +1,134 @@
+"""``run.json``: the typed manifest of a run folder, and which settings a resume may not change.
+
+The manifest is the run's memory: each step records itself here as it finishes, so the same
+command after a crash continues where the last one stopped. It is read through :func:`load` (the
+``version`` is checked first) and written atomically by :meth:`incr_ray.run.folder.Run.save`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..config import Config
+from ..storage import read_json
+
+MANIFEST_VERSION = 1
+
+
+class RunError(ValueError):
+    """The run folder and the request disagree (changed config, unfinished run, ...); one line."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GenerationEntry(_Record):
+    index: int
+    status: Literal["pending", "running", "finished"] = "pending"
+    started: str | None = None
+    finished: str | None = None
+    extended: bool | None = None  # trained by `incr-ray extend`
+    source: str | None = None  # extend: the new data file
+    # Teacher scoring (generations ≥ 1): gen_<g>/targets, its rows (block + replay) and time.
+    targets: str | None = None
+    rows: int | None = None
+    block_rows: int | None = None
+    replay_rows: int | None = None
+    scoring_seconds: float | None = None
+    # Training: gen_<g>/model, the workers' figures, holdout metrics.
+    model: str | None = None
+    train: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None
+    eval_seconds: float | None = None
+    seconds: float | None = None
+
+
+class DataInfo(_Record):
+    fingerprint: str
+    block_sizes: list[int]
+    holdout_size: int
+    split: str = "split"
+    split_done: bool = True
+
+
+class Manifest(_Record):
+    version: int = MANIFEST_VERSION
+    name: str
+    run_dir: str
+    status: Literal["running", "finished", "extending"] = "running"
+    created: str
+    config: dict[str, Any]
+    label_names: list[str]
+    data: DataInfo
+    base_model: str | None = None
+    generations: list[GenerationEntry] = []
+    final_model: str | None = None
+
+    def entry(self, g: int) -> GenerationEntry:
+        """Generation ``g``'s entry, created (pending) with any missing before it."""
+        while len(self.generations) <= g:
+            self.generations.append(GenerationEntry(index=len(self.generations)))
+        return self.generations[g]
+
+    def finished_generations(self) -> list[GenerationEntry]:
+        return [e for e in self.generations if e.status == "finished"]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def load(path: str) -> Manifest:
+    raw = read_json(path)
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if version != MANIFEST_VERSION:
+        raise RunError(
+            f"{path} has manifest version {version!r}; this incr-ray reads version {MANIFEST_VERSION}: "
+            "use the incr-ray that wrote it, or start a new run.name"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RunError(f"{path} is not a valid run manifest ({where}: {first['msg']}); start a new run.name") from None
+
+
+# Settings that decide what earlier generations contain; changing one of them makes a resumed
+# run inconsistent. Everything else (workers, pool sizes, DeepSpeed stage, storage) may change.
+RESULT_SETTINGS: dict[str, tuple[str, ...] | None] = {
+    "run": ("seed",),
+    "data": None,
+    "model": ("base", "max_length"),
+    "method": None,
+    "student": ("init", "epochs", "learning_rate", "weight_decay", "warmup_ratio", "batch_size", "grad_accum"),
+    "replay": None,
+}
+
+
+def result_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The flattened ``section.key -> value`` settings that define a run's generations."""
+    out: dict[str, Any] = {}
+    for section, keys in RESULT_SETTINGS.items():
+        values = cfg_dict.get(section, {})
+        for key in keys or values.keys():
+            out[f"{section}.{key}"] = values.get(key)
+    return out
+
+
+def check_compatible(manifest: Manifest, cfg: Config) -> None:
+    old = result_settings(manifest.config)
+    new = result_settings(cfg.to_dict())
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    if changed:
+        raise RunError(
+            f"run {manifest.name!r} was started with other settings ({'; '.join(changed)}); "
+            "restore them to resume, or choose a new run.name"
+        )

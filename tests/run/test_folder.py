@@ -1,0 +1,41 @@
+"""The run folder without Ray: its lock, and the typed manifest with its version check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from incr_ray.run.folder import RunLock
+from incr_ray.run.manifest import RunError, load
+from incr_ray.storage import StorageError
+
+
+def test_lock_refuses_a_second_holder_and_releases(tmp_path):
+    with RunLock(str(tmp_path)):
+        with pytest.raises(StorageError, match="in use by process"):
+            RunLock(str(tmp_path)).acquire()
+    RunLock(str(tmp_path)).acquire().release()  # free again after release
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    lock = RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_manifest_of_another_version_is_refused(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"version": 99, "name": "x"}))
+    with pytest.raises(RunError, match="manifest version 99.*reads version 1"):
+        load(str(path))
+    path.write_text(json.dumps({"version": 1, "name": "x"}))
+    with pytest.raises(RunError, match="not a valid run manifest"):
+        load(str(path))
