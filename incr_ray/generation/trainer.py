@@ -57,6 +57,14 @@ class SoftTargetTrainer(Trainer):
         # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
 
+    def _prepare_inputs(self, inputs):
+        # Under DeepSpeed the Trainer casts every float input to the engine's dtype: bf16 targets
+        # would turn 0.9 into 0.8984 and rows would no longer sum to 1. Targets stay fp32.
+        targets = inputs.pop("targets")
+        prepared = super()._prepare_inputs(inputs)
+        prepared["targets"] = targets.to(self.args.device, dtype=torch.float32)
+        return prepared
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = inputs.pop("targets")
         labels = inputs.pop("labels")
