@@ -22,8 +22,9 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Everything that starts no Ray: unit tests of the math, config, data helpers, trainer pieces, CLI errors.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e" tests
+	$(BIN)/python -m pytest -q -m "not e2e and not ray" tests
 
 demo: setup
 	$(BIN)/incr-ray train --config jobs/demo.yaml

@@ -2,7 +2,8 @@
 tables and the result files (``benchmarks/results/<name>.{json,md,png}``).
 
 Import this module before ray: it sets the environment Ray and the Hugging Face libraries read at
-import time (see RAY-NOTES.md: loopback only, nothing fetched from a hub, DeepSpeed on CPU).
+import time: Ray on loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), nothing fetched from a hub,
+DeepSpeed on its CPU accelerator.
 """
 
 from __future__ import annotations

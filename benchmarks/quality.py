@@ -76,7 +76,7 @@ def variant(raw: dict[str, Any], name: str, changes: dict[str, Any]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the methods (all through incr_ray.pipeline; see harness)
+# Running the methods (all through incr_ray.run.loop; see harness)
 
 
 def generation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:

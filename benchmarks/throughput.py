@@ -5,15 +5,15 @@
 All parts run in one process, one after another, on the same machine and local Ray, so every
 ratio compares two measurements taken minutes apart under the same conditions:
 
-1. teacher scoring: rows/s of ``teacher.score_block`` (Ray Data actor pool, 1 actor × 2 threads,
+1. teacher scoring: rows/s of ``generation.teacher.score_block`` (Ray Data actor pool, 1 actor × 2 threads,
    and 2 actors × 1 thread) vs a plain loop (tokenizer + model + softmax + soft targets, 2 torch
    threads) over the same rows, model and batch size; for the whole call (start-up included) and
    at the margin (between half and all of the rows, which cancels start-up);
-2. student training: samples/s of ``student.fit_student`` (Ray Train + DeepSpeed ZeRO-2, 1 worker
+2. student training: samples/s of ``generation.student.fit_student`` (Ray Train + DeepSpeed ZeRO-2, 1 worker
    × 2 threads, the same with ZeRO-0, and ZeRO-2 with 2 workers × 1 thread) vs a plain ``transformers.Trainer`` in this process
    (2 threads, no DeepSpeed) on the same rows, steps, batch size and collate function. Reported
    both inside the training loop (``trainer.train``) and for the whole call (start-up included);
-3. end to end and growth: wall time of a k=4 incremental run (``pipeline.run_generations``) and of
+3. end to end and growth: wall time of a k=4 incremental run (``run.loop.run_generations``) and of
    one full fine-tune at n, 2n and 4n rows, a straight line fitted to each (fixed seconds + seconds
    per row), and the per-generation fixed cost taken apart (fit start-up, scoring, evaluation);
 4. memory: model-state memory per worker, ZeRO-0 vs ZeRO-3, 2 workers, the same random-weight

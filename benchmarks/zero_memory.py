@@ -5,7 +5,7 @@
 Trains a random-weight Llama-style sequence classifier (MiniLM tokenizer's vocabulary) for a few
 steps with 2 CPU workers in a ``TorchTrainer``, once per configuration: ZeRO-0, ZeRO-2, ZeRO-3 and
 ZeRO-3 with optimizer offload. The DeepSpeed config is the project's own
-(:func:`incr_ray.deepspeed_config.build_deepspeed_config`), its ``"auto"`` values filled by
+(:func:`incr_ray.generation.deepspeed_config.build_deepspeed_config`), its ``"auto"`` values filled by
 ``TrainingArguments`` exactly as the HF ``Trainer`` fills them; the steps are driven through
 ``deepspeed.initialize`` directly so that memory can be sampled between backward and step.
 
@@ -128,7 +128,7 @@ def measure_per_worker(loop_config: dict[str, Any]) -> None:
         ds_config = build_deepspeed_config(DeepSpeedSection(**loop_config["deepspeed"]), on_gpu=False,
                                            precision="fp32")
         steps, batch, seq = loop_config["steps"], loop_config["batch_size"], loop_config["seq_len"]
-        # Created before the model, as in incr_ray.student: under ZeRO-3 it makes from_config
+        # Created before the model, as in incr_ray.generation.student: under ZeRO-3 it makes from_config
         # partition the weights while they are built (zero.Init); it also fills the "auto" values.
         args = TrainingArguments(
             output_dir=tempfile.mkdtemp(prefix=f"zero-mem-r{rank}-"), per_device_train_batch_size=batch,

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from .config import Config
-from .storage import stage_local
+from .storage import is_remote, stage_local
 
 MINILM = "minilm"
 
@@ -40,9 +40,9 @@ def resolve_model_path(base: str) -> str:
     """Turn ``model.base`` into a path (or hub name) that ``from_pretrained`` accepts."""
     if base == MINILM:
         return minilm_dir()
-    if "://" in base:
+    if is_remote(base):
         return base  # remote storage: the caller stages it locally first
-    p = Path(base).expanduser()
+    p = Path(base.removeprefix("file://")).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelError(f"model.base {base!r} has no config.json; point it at a Hugging Face model folder")

@@ -35,7 +35,10 @@ def _fs_and_path(uri: str):
 
 
 def absolute(path: str) -> str:
-    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+    """A remote URI as it is; a local path (file:// URIs included) as an absolute path."""
+    if is_remote(path):
+        return path
+    return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-# Keep every Ray process of the suite on loopback (RAY-NOTES.md); set before ray is imported.
+# Keep every Ray process of the suite on loopback: with this variable Ray binds 127.0.0.1 instead
+# of the machine's interface address. Set before ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
+
+RAY_FIXTURES = {"ray_local", "ray_with_faults"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start Ray are marked ``ray``: ``make test-fast`` leaves them out."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from incr_ray.storage import StorageError, check_writable, read_json, rename_tree, write_json_atomic
+from incr_ray.storage import StorageError, absolute, check_writable, is_remote, read_json, rename_tree, write_json_atomic
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -41,3 +41,9 @@ def test_rename_tree_replaces_the_destination(tmp_path):
     rename_tree(str(tmp_path / "t.tmp"), str(tmp_path / "t"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["new"]
+
+
+def test_file_uris_are_local_paths(tmp_path):
+    assert not is_remote(f"file://{tmp_path}") and not is_remote(str(tmp_path))
+    assert is_remote("s3://bucket/runs") and absolute("s3://bucket/runs") == "s3://bucket/runs"
+    assert absolute(f"file://{tmp_path}/runs") == str(tmp_path / "runs")

@@ -1,4 +1,4 @@
-"""Replay (DESIGN.md §1.4): a seeded sample of earlier blocks' rows joins generation g's block,
+"""Replay: a seeded sample of earlier blocks' rows joins generation g's block,
 re-scored by the same teacher — a small memory against forgetting when blocks drift."""
 
 from __future__ import annotations

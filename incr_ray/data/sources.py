@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import ray.data
 
 from ..config import DataSection
 from ..method.hashing import row_ids, sample_mask
+from ..storage import absolute, is_remote
 from .errors import DataError, first_line, reading
 from .labels import label_names_array
 from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, read_synthetic
@@ -84,10 +84,6 @@ def _sample_batch(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
 
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _format_of(name: str) -> str | None:
     lower = name.lower()
     for fmt, exts in _FORMAT_EXTENSIONS.items():
@@ -107,14 +103,14 @@ class Located:
 
 def locate(path: str, field: str, data_format: str) -> Located:
     """Find a data file or folder and its format; a missing path or unknown format is a DataError."""
-    if is_uri(path):
+    if is_remote(path):
         try:
             fs, inner = pafs.FileSystem.from_uri(path)
             info = fs.get_file_info(inner)
         except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds for bad URIs/credentials
             raise DataError(f"cannot open {field} {path!r}: {first_line(err)}; check the URI and credentials") from None
     else:
-        path = os.path.abspath(os.path.expanduser(path))
+        path = absolute(path)
         fs, inner = pafs.LocalFileSystem(), path
         info = fs.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:

@@ -1,4 +1,4 @@
-"""Teacher scoring (DESIGN.md §1.4): a model scores a block in a Ray Data actor pool.
+"""Teacher scoring: a model scores a block in a Ray Data actor pool.
 
 :class:`TargetScorer` loads the teacher once per actor and turns each batch into the teacher's
 softmax and the soft target of every row. Resources — pool size, CPUs and GPUs per actor, batch

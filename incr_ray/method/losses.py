@@ -1,7 +1,7 @@
 """The student's training loss: cross-entropy against soft targets, with temperature and a hard-label mix.
 
-``soft_cross_entropy`` is the loss of DESIGN.md §1.4 (a student against the targets built by
-:func:`incr_ray.targets.soft_targets`); ``distillation_loss`` adds Hinton et al.'s optional
+``soft_cross_entropy`` is the method's loss (a student against the targets built by
+:func:`incr_ray.method.targets.soft_targets`); ``distillation_loss`` adds Hinton et al.'s optional
 ``α · hard CE`` term. Both are plain torch functions with no ray or transformers import, so the
 training loop only runs the forward pass and calls one of them.
 

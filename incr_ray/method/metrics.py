@@ -37,7 +37,7 @@ def batch_stats(probs, labels, num_bins: int = 15) -> dict[str, np.ndarray]:
         ``bin_conf_sum`` ``(B,)`` float64; ``bin_correct_sum`` ``(B,)`` int64.
 
     Raises:
-        ValueError: ``num_bins < 1`` or inputs that fail :func:`incr_ray.targets.check_prob_rows`.
+        ValueError: ``num_bins < 1`` or inputs that fail :func:`incr_ray.method.targets.check_prob_rows`.
     """
     if num_bins < 1:
         raise ValueError(f"num_bins must be at least 1, got {num_bins}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -71,8 +72,8 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
 
 def plot_png(manifest: dict[str, Any]) -> bytes:
     """PNG bytes: the four holdout metrics against generation."""
-    import io
-
+    # pyplot is imported here, after choosing the file-only Agg backend, so that importing this
+    # module never touches a display or pays for matplotlib.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""Tests for incr_ray.losses: soft cross-entropy, temperature scaling and the hard-label mix."""
+"""Tests for incr_ray.method.losses: soft cross-entropy, temperature scaling and the hard-label mix."""
 
 from __future__ import annotations
 

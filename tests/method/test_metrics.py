@@ -1,4 +1,4 @@
-"""Tests for incr_ray.metrics: hand-computed examples and additivity of the per-batch statistics."""
+"""Tests for incr_ray.method.metrics: hand-computed examples and additivity of the per-batch statistics."""
 
 from __future__ import annotations
 
