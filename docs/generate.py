@@ -1,0 +1,400 @@
+"""The generated pages of ``docs/``, written by ``make docs``; never edit those pages by hand.
+
+    python docs/generate.py            # (re)write docs/configuration.md and docs/benchmarks.md
+    python docs/generate.py --check    # exit 1 naming the pages that differ from what is generated
+
+- ``configuration.md`` comes from the typed config (:mod:`incr_ray.config`): per section its
+  docstring and a table of every key with its type, the range the schema enforces, its default and
+  the field's ``description``; so the reference cannot drift from the schema.
+- ``benchmarks.md`` comes from ``benchmarks/results/``: the tables the benchmark scripts rendered
+  (``<name>.md``, written next to ``<name>.json`` by the scripts), a per-seed table read from
+  ``quality.json``, and the prose around them, which lives in :data:`BENCHMARKS` below.
+
+``tests/test_docs.py`` fails when a committed page differs from what this script writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+import annotated_types as at
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # `python docs/generate.py` from a clone without `pip install -e`
+    sys.path.insert(0, str(ROOT))
+
+from incr_ray.config import Config  # noqa: E402
+from incr_ray.run.manifest import RESULT_SETTINGS  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# configuration.md
+
+CONFIGURATION = """\
+# Configuration
+
+<!-- Generated from incr_ray/config.py by `make docs` (docs/generate.py); do not edit. -->
+
+One YAML file describes a run; its sections are the tables below. Every key has a default, so an
+empty file is a valid run (synthetic data, MiniLM, k = 4). Unknown keys are refused with the list
+of valid ones, and `--set section.key=value` on the command line overrides any key (values are
+read as YAML scalars: `3`, `0.5`, `null`, `[a, b]`). A problem is reported as one line that names
+the key and what to do, and nothing is written to the run folder. The YAML files in `jobs/` are
+worked examples; each starts with the command that runs it.
+
+```bash
+incr-ray train --config jobs/demo.yaml --set method.k=3 --set student.epochs=1
+```
+
+A run's folder keeps the settings it was started with. Running the same command again resumes
+it; a resume that changes a setting which decides what earlier generations contain is refused
+with the list of differences. Those settings are named under each table below; resource settings
+(workers, pool sizes, DeepSpeed stage, storage) may change between attempts. What the data files
+may hold, and what is refused before any training, is in [the run folder page](run-folder.md#the-data).
+"""
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else repr(value)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{_yaml_scalar(v)}`" for v in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        name = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return name + " or `null`" if type(None) in args else name
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return f"list of {_type_name(item)}s"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
+
+
+def _range(field: FieldInfo) -> str:
+    low = high = None
+    for m in field.metadata:
+        if isinstance(m, at.Ge):
+            low = ("[", "≥", m.ge)
+        elif isinstance(m, at.Gt):
+            low = ("(", ">", m.gt)
+        elif isinstance(m, at.Le):
+            high = ("]", "≤", m.le)
+        elif isinstance(m, at.Lt):
+            high = (")", "<", m.lt)
+    if low and high:
+        return f"in {low[0]}{_yaml_scalar(low[2])}, {_yaml_scalar(high[2])}{high[0]}"
+    bound = low or high
+    return f"{bound[1]} {_yaml_scalar(bound[2])}" if bound else ""
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def section_reference(name: str, section: type[BaseModel]) -> str:
+    """One config section: heading, docstring, the key table, and the keys a resume may not change."""
+    lines = [f"## `{name}`", "", inspect.cleandoc(section.__doc__ or ""), "",
+             "| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for key, field in section.model_fields.items():
+        if not field.description:
+            raise ValueError(f"{name}.{key} has no description; give it Field(description=...) in incr_ray/config.py")
+        kind, limits = _type_name(field.annotation), _range(field)
+        lines.append(f"| `{key}` | {kind}{', ' + limits if limits else ''} | `{_yaml_scalar(field.default)}` | "
+                     f"{_cell(field.description)} |")
+    if name in RESULT_SETTINGS:
+        keys = RESULT_SETTINGS[name]
+        which = "every key" if keys is None else ", ".join(f"`{k}`" for k in keys)
+        lines += ["", f"Fixed once the run has started (a resume that changes it is refused): {which}."]
+    return "\n".join(lines)
+
+
+def config_reference() -> str:
+    """docs/configuration.md."""
+    parts = [CONFIGURATION.rstrip()]
+    parts += [section_reference(name, field.annotation) for name, field in Config.model_fields.items()]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks.md
+
+# The prose is the template; each {{name}} is replaced by a rendered piece (see _pieces).
+BENCHMARKS = """\
+# Benchmarks
+
+<!-- Generated from benchmarks/results/ by `make docs` (docs/generate.py); do not edit. The prose
+     lives in docs/generate.py, the tables in benchmarks/results/<name>.md and .json. -->
+
+Two scripts, each one command from a fresh clone after `make setup`, each printing its tables and
+writing `benchmarks/results/<name>.{json,md,png}`. Default sizes are chosen so that both finish
+within an hour on a 2-core CPU machine: the runs below took 35.3 + 16.6 = 51.9 min (quality:
+1,000 rows per seed; throughput: 2,000 rows scored, 640 trained, growth at 200, 400 and 800 rows).
+Pass larger sizes (`--help`) on a bigger machine. A third script measures ZeRO memory
+([Memory](#memory)).
+
+```bash
+.venv/bin/python benchmarks/quality.py       # 35 min here: 3 seeds × 5 methods
+.venv/bin/python benchmarks/throughput.py    # 17 min here
+.venv/bin/python benchmarks/quality.py --knobs   # optional: one setting at a time (seed 0)
+.venv/bin/python benchmarks/zero_memory.py   # about 6 min here
+```
+
+The tables on this page are the scripts' own output (`benchmarks/results/*.md`, rendered from the
+`.json` next to them); after a new run, `make docs` brings this page up to date.
+
+## Quality
+
+Incremental training against full fine-tuning, `benchmarks/quality.py`. Same rows, holdout, base
+model (MiniLM), student settings and passes over each row (1 epoch, batch 8, lr 2e-4, max_length
+48) for every method; per seed, 1,000 Rotten Tomatoes rows: a 25% holdout (272 rows, 3 classes)
+and k = 4 blocks of ≈ 181 rows. This size is what lets both benchmarks finish inside the hour here
+(35.3 + 16.6 = 51.9 min). The methods: *incremental* is ours (k=4, p=0.9, no floor,
+`student.init: previous`); *incremental + floor* the same with `method.floor: 0.25`; *sequential
+hard-label* the same k blocks in order, each generation starting from the last, with one-hot
+targets (what the soft targets add); *full fine-tune* one model, one-hot cross-entropy, all
+training rows at once; *block 0 only* is M_0, generation 0 of the incremental run. Mean ± sample
+std over seeds 0, 1, 2, final model on the holdout (`benchmarks/results/quality.md`, measured
+2026-11-30):
+
+{{quality}}
+
+Final accuracy per seed (`benchmarks/results/quality.json`):
+
+{{quality_per_seed}}
+
+![holdout metrics per generation](../benchmarks/results/quality.png)
+
+Against the issue's targets, stated plainly:
+
+- accuracy within 1 point of full fine-tuning or better: **missed**, −6.6 points (0.624 vs
+  0.690). Per seed −11.4, +4.7 and −13.0 points: on seed 1 the full fine-tune ended low (0.605;
+  mean training loss 0.82 against 0.75 and 0.79), on the other two it is far ahead;
+- lower ECE than full fine-tuning and than sequential hard-label: **met against full fine-tuning
+  on the mean only** (0.106 vs 0.111, where full fine-tuning's spread is ±0.077, so this says
+  nothing), **missed** against hard-label (0.106 vs 0.103, equal within noise);
+- lower NLL than both: **missed** against full fine-tuning (0.657 vs 0.591), **met** against
+  sequential hard-label (0.657 vs 0.695).
+
+What these numbers show: with blocks of 181 rows and one pass, the students hardly learn past
+generation 1 (0.622 → 0.624 accuracy from gen 1 to gen 3), and soft targets and hard labels end
+level (0.624 vs 0.629). A likely reason for the gap to full fine-tuning: one fine-tune over all
+728 training rows takes 91 optimizer steps in one schedule, while the k-block methods take 23
+steps per generation, each with a fresh learning-rate schedule that decays to zero.
+
+### 1,500 rows per seed
+
+The same script with `--rows 1500` (blocks of ≈ 280 rows, 425-row holdout; 42.8 min alone, which
+with the throughput script is over the hour; `benchmarks/results/quality_1500rows.md`):
+
+{{quality_1500rows}}
+
+There the incremental run is +1.2 points over full fine-tuning on the mean, but again because one
+full fine-tune (seed 1, 0.618) trained poorly; on seeds 0 and 2 full fine-tuning is 3.8 and 5.0
+points ahead. Soft targets beat hard labels on accuracy, macro-F1 and NLL (0.724 vs 0.710, 0.771
+vs 0.745, 0.587 vs 0.612) and lose on ECE (0.097 vs 0.060); ECE and NLL against full fine-tuning
+are missed. A likely reason for the ECE: with p = 0.9 every training row asks for at least 90% on
+its class, while these small students are right on only ~72% of the holdout, so they come out
+overconfident. At both sizes the k-block methods vary less between seeds than full fine-tuning
+(accuracy ±1.5 to ±3.0 points against ±7.4 and ±8.1).
+
+### Which knob moves it
+
+One setting changed at a time from the incremental run, seed 0 only
+(`benchmarks/quality.py --knobs`, `benchmarks/results/quality_knobs.md`). These figures are from
+the previous round (1,800 rows per seed, blocks of ≈ 337 rows, and the earlier `random_shuffle`
+training order), so the baseline row differs from the tables above; one seed, so read them as
+leads, not results:
+
+{{quality_knobs}}
+
+τ = 2 is the knob that moves accuracy and NLL: on this seed it matches full fine-tuning's accuracy
+(0.757) and NLL (0.523 vs 0.527), though its ECE (0.108) is still above full fine-tuning's and
+hard-label's. A lower p makes everything worse (the student copies more of a weak teacher),
+α = 0.5 helps accuracy, macro-F1 and NLL a little but not ECE (0.098 vs 0.092), and starting each
+student from the base model throws away what earlier blocks taught (NLL 0.73, ECE 0.22):
+`init: previous` stays the default. None of the settings tried beats hard labels on ECE. Next to
+try, not run here: τ = 2 over three seeds, and τ with α together.
+
+At the default 1,000 rows, seed 0, two of the knobs were re-run with the current code before the
+run was stopped to leave the machine to the test suite. That run wrote no results file: the
+figures below were read from its run folders (`α` and `init` were not re-run):
+
+| setting (seed 0, 1,000 rows) | accuracy | macro-F1 | NLL | ECE |
+|---|---|---|---|---|
+| incremental, p = 0.9 | 0.6140 | 0.5227 | 0.6772 | 0.1024 |
+| p = 0.7 | 0.6250 | 0.5563 | 0.7096 | 0.1123 |
+| τ = 2 | 0.6360 | 0.5856 | 0.6426 | 0.0993 |
+| (reference) full fine-tune | 0.7279 | 0.7752 | 0.5547 | 0.0643 |
+| (reference) sequential hard-label | 0.6176 | 0.5345 | 0.6689 | 0.1429 |
+
+τ = 2 is again the best of those tried (+2.2 points, lower NLL and ECE than p = 0.9) but far from
+full fine-tuning at this size; p = 0.7 trades NLL for accuracy here, unlike at 1,800 rows.
+
+### Wall time, and a fix along the way
+
+Wall time: the k-block methods cost about 2.1× one full fine-tune at 1,000 rows (208 s vs 99 s per
+seed), because each of the 4 generations pays a fixed start-up (see [Throughput](#throughput)).
+
+Fixed along the way: the first run of this benchmark found that students trained on their rows in
+file order, and the Rotten Tomatoes file starts with all 1,097 plot summaries; a block's first
+batches were all one class and generation 1 collapsed (accuracy 0.38). Every generation now
+trains on its rows in a seeded random order (`incr_ray.generation.student.shuffled_for_training`,
+tested). That order is a sort by a hash of each row's id and the seed, so it depends on the rows
+alone: Ray Data's `random_shuffle` seeds each input block by position, and the teacher pool's
+output blocks arrive in a different order from run to run, so a resumed run trained generation 1
+in another order than an unbroken one (caught by the killed-driver test in CI). The sort costs 4-5 s
+more per generation than `random_shuffle` on this machine.
+
+## Throughput
+
+Overhead and scaling of the Ray pipeline against plain Hugging Face, `benchmarks/throughput.py`.
+Everything measured in one process, one part after another, on the same 2-core machine and local
+Ray (2026-11-30; MiniLM, Rotten Tomatoes, max_length 48, 2 threads on every side of every
+comparison; `benchmarks/results/throughput.md`). Sizes: 2,000 rows for scoring, 640 for training,
+n = 200, 400, 800 rows for growth; 16.6 min in all.
+
+{{throughput}}
+
+The end-to-end accuracies are only a sanity column: batch 32 on 40-180-row blocks is far too
+coarse to learn from (the quality benchmark uses batch 8). At 200 and 400 rows both methods
+predict only the majority class (macro-F1 0.22 and 0.25); at 800 rows they land on the same
+accuracy (52 of 85 holdout rows) with different predictions (macro-F1 0.515 and 0.517).
+
+![end to end time against rows, and where a generation's time goes](../benchmarks/results/throughput.png)
+
+The goals above are the issue's targets. Two more were asked to be reported rather than met: growth
+is linear with the fixed cost stated (the fitted lines above), and the achieved FLOP/s against
+the matmul peak (the last table); the 2 workers × 1 thread training row is reported only (0.67×
+in the loop). Teacher scoring meets its target at the margin (1,000 → 2,000 rows, start-up
+cancelled) and misses it for the whole call.
+
+Why, as far as these runs show:
+
+- **Teacher scoring.** A marginal rate above the plain loop (1.06×) is within the noise of a
+  1,000-row difference (about 10 s) on this shared machine; the earlier run at 4,000 rows measured
+  0.89×. The whole call adds the actor pool's start-up (a process that imports torch and loads
+  the model), ~5 s here.
+- **Student training.** ZeRO-0 through the same Ray path reaches 0.81×, so about a third of the gap
+  is DeepSpeed's ZeRO-2 machinery (gradient buckets and flat-partition copies), which partitions
+  nothing with one worker; the rest is Ray (data iterator, worker process). The whole call adds
+  ~16 s of Ray Train start-up, worker set-up and teardown per fit.
+- **End to end.** Each generation pays a fixed ~27 s here (Ray Train start/stop 10 s, teacher
+  actor pool 6 s, worker set-up 3 s, reads, the training-order sort and bookkeeping 7 s), so four
+  generations cost ~110 s before any row is trained, against ~32 s for one fine-tune. The per-row
+  slope is fitted on three small sizes, where small fits also run their first steps slowly; it is
+  not a clean asymptote. Two changes this round moved the fixed cost: Ray Train's controller now
+  polls its workers every 0.25 s instead of 2 s (start/stop 14 s → 10 s), and the deterministic
+  training order (a sort, see [the quality section](#wall-time-and-a-fix-along-the-way)) costs
+  ~4 s more than `random_shuffle` did.
+- **Memory.** On CPU in fp32 DeepSpeed 0.19.8 keeps an extra fp32 partition copy at ZeRO-3, so the
+  planner already predicts 0.62× (see [Memory](#memory) below); measured 0.67×. The paper's
+  0.50× assumes mixed precision on GPUs, which was not available to check here.
+
+## Memory
+
+ZeRO model-state memory per worker on CPU against the planner, `benchmarks/zero_memory.py` (about 6
+minutes on a 2-core machine). It trains a random-weight Llama-style classifier (hidden 1024, 8
+layers, Ψ = 134M) with 2 Ray Train CPU workers, fp32, for each preset built by
+`incr_ray/generation/deepspeed_config.py`, and compares model-state memory per worker (RSS after
+the second backward minus RSS before the model was built) with `incr_ray.plan`, the planner behind
+`incr-ray plan` ([Large models](large-models.md); `benchmarks/results/zero_memory.md`, MiB per
+worker):
+
+{{zero_memory}}
+
+The planner's fp32 rows include what DeepSpeed 0.19.8 keeps beyond the ZeRO paper's 16Ψ/N
+accounting — an fp32 copy of each rank's weight partition at stages 1–2, a second gradient
+partition at stage 3, both with offload (+4Ψ/N, +8Ψ/N). Those terms were added after a first run
+of this benchmark found them (the paper-only formula gave 0.72 and 0.60 for the two ZeRO-3 rows);
+the "live tensors" column, which counts reachable tensor storages independently of the
+allocator, agrees with them to within 1%. On CPU, offload moves bytes within the same RAM, so it
+saves nothing here; on GPUs it moves them off the device.
+"""
+
+PER_SEED_METHODS = (("incremental", "incremental"), ("incremental + floor", "+ floor"),
+                    ("sequential hard-label", "hard-label"), ("full fine-tune", "full fine-tune"),
+                    ("block 0 only", "block 0 only"))
+
+
+def _rendered(results: Path, name: str) -> str:
+    """A benchmark's rendered tables (``<name>.md``), without a leading title line."""
+    text = (results / f"{name}.md").read_text(encoding="utf-8").strip()
+    if text.startswith("# "):
+        text = text.split("\n", 1)[1].strip()
+    return text
+
+
+def _per_seed(results: Path) -> str:
+    per_seed = json.loads((results / "quality.json").read_text(encoding="utf-8"))["per_seed"]
+    lines = ["| seed | " + " | ".join(label for _, label in PER_SEED_METHODS) + " |",
+             "|" + "---|" * (len(PER_SEED_METHODS) + 1)]
+    for seed in sorted(per_seed, key=int):
+        lines.append(f"| {seed} | " + " | ".join(f"{per_seed[seed][m]['final']['accuracy']:.3f}"
+                                                 for m, _ in PER_SEED_METHODS) + " |")
+    return "\n".join(lines)
+
+
+def _pieces(results: Path) -> dict[str, str]:
+    pieces = {name: _rendered(results, name)
+              for name in ("quality", "quality_1500rows", "quality_knobs", "throughput", "zero_memory")}
+    pieces["quality_per_seed"] = _per_seed(results)
+    return pieces
+
+
+def benchmarks_page(results: Path = RESULTS) -> str:
+    """docs/benchmarks.md."""
+    text = BENCHMARKS
+    for name, piece in _pieces(results).items():
+        placeholder = "{{" + name + "}}"
+        if placeholder not in text:
+            raise ValueError(f"the benchmarks template has no {placeholder}")
+        text = text.replace(placeholder, piece)
+    if "{{" in text:
+        raise ValueError("the benchmarks template has a placeholder no results file fills")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+
+PAGES: dict[str, Callable[[], str]] = {"configuration.md": config_reference, "benchmarks.md": benchmarks_page}
+
+
+def stale_pages() -> list[str]:
+    """The generated pages whose committed text differs from what :data:`PAGES` produce."""
+    return [name for name, make in PAGES.items()
+            if not (DOCS / name).is_file() or (DOCS / name).read_text(encoding="utf-8") != make()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--check"]:
+        stale = stale_pages()
+        for name in stale:
+            print(f"docs/{name} is stale; run `make docs`", file=sys.stderr)
+        return 1 if stale else 0
+    if argv:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    for name, make in PAGES.items():
+        (DOCS / name).write_text(make(), encoding="utf-8")
+        print(f"wrote docs/{name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

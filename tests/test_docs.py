@@ -1,0 +1,113 @@
+"""The README and docs/: generated pages are current, links resolve, the README stays short, and
+nothing points outside the repository."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("docs_generate", DOCS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("page", ["configuration.md", "benchmarks.md"])
+def test_generated_page_is_current(page):
+    generate = _generator()
+    expected = generate.PAGES[page]()
+    committed = (DOCS / page).read_text(encoding="utf-8")
+    assert committed == expected, f"docs/{page} is stale: run `make docs` and commit it"
+
+
+def test_every_config_key_is_documented():
+    from incr_ray.config import Config
+
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    for section, field in Config.model_fields.items():
+        assert f"## `{section}`" in text
+        for key, sub in field.annotation.model_fields.items():
+            assert sub.description, f"{section}.{key} needs Field(description=...) in incr_ray/config.py"
+            assert f"| `{key}` |" in text, f"{section}.{key} is missing from docs/configuration.md"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def _links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_resolve(page):
+    broken = []
+    for link in _links(page):
+        if re.match(r"[a-z][a-z0-9+.-]*:", link):  # http:, https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{link} (no such file)")
+        elif REPO not in target.parents and target != REPO:
+            broken.append(f"{link} (outside the repository)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{link} (no heading #{anchor} in {target.relative_to(REPO)})")
+    assert not broken, f"{page.relative_to(REPO)}: {broken}"
+
+
+def test_readme_is_short_and_names_the_two_commands():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 150, "keep the README short; move detail into docs/"
+    assert "make demo" in text and "make test" in text
+
+
+def test_docs_do_not_turn_token_auth_off():
+    disabled = re.compile(r"RAY_AUTH_MODE\W{0,3}disabled", re.IGNORECASE)
+    offenders = [str(p.relative_to(REPO)) for p in PAGES if disabled.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"token authentication must stay on: {offenders}"
+
+
+# Notes kept outside this repository; a page or a comment that names them points nowhere for a
+# reader of the repository. Built from parts so that this file does not match itself.
+OUTSIDE = ("../" + "shared", "RAY-" + "NOTES", "DESIGN" + ".md")
+
+
+def _project_files() -> list[Path]:
+    roots = ["README.md", "docs", "incr_ray", "tests", "benchmarks", "jobs"]
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *roots],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        files = [REPO / line for line in out.splitlines() if line]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        files = [REPO / "README.md", *(p for r in roots[1:] for p in (REPO / r).rglob("*"))]
+    return [f for f in files if f.is_file() and f.suffix in {".md", ".py", ".yaml", ".yml", ".toml", ".txt", ""}]
+
+
+def test_nothing_points_outside_the_repository():
+    offenders = []
+    for path in _project_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        offenders += [f"{path.relative_to(REPO)}: {name}" for name in OUTSIDE if name in text]
+    assert not offenders, offenders
