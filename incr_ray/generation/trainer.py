@@ -19,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 from ..config import Config
 from ..method.hashing import generation_seed
 from ..method.losses import distillation_loss
+from ..modeling import PRECISION_FIX, NonFiniteError
 from .deepspeed_config import build_deepspeed_config
 
 MODEL_META = "incr_ray.json"  # beside the weights: generation, label names, resolved config
@@ -70,6 +71,8 @@ class SoftTargetTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         loss = distillation_loss(outputs.logits, targets, labels, self.temperature, self.alpha)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the student's loss is {loss.item()} at step {self.state.global_step}; {PRECISION_FIX}")
         return (loss, outputs) if return_outputs else loss
 
 

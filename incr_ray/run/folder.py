@@ -19,8 +19,9 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
-from ..config import Config, config_from_dict
+from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
+from ..generation.deepspeed_config import precision_problem, resolve_precision
 from ..modeling import check_classifier, resolve_model_path
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
                        write_json_atomic)
@@ -168,8 +169,14 @@ class Run:
         return self._holdout
 
 
-def _preflight(cfg: Config) -> str:
-    """Checks that cost nothing and would otherwise fail late: model, storage. Returns the base model."""
+def _preflight(cfg: Config, on_gpu: bool) -> str:
+    """Checks that cost nothing and would otherwise fail late: precision, model, storage.
+    Returns the base model."""
+    # The driver may have no GPU to ask; the workers check bf16 support again on theirs.
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
+    problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_supported=True)
+    if problem:
+        raise ConfigError(problem)
     base = resolve_model_path(cfg.model.base)
     if not is_remote(base):
         check_classifier(base, cfg.model.trust_remote_code)
@@ -205,7 +212,8 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     Bad input fails before the run folder is created; an existing folder is locked before it is
     read, so a second process on the same run is refused instead of racing the first.
     """
-    base_model = _preflight(cfg)
+    on_gpu = cluster_has_gpu(cfg)
+    base_model = _preflight(cfg, on_gpu)
     paths = RunPaths(absolute(cfg.run_dir))
     lock = RunLock(paths.root).acquire() if exists(paths.root) else None
     try:
@@ -228,7 +236,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
                 lock = RunLock(paths.root).acquire()
             _write_split(split, paths)
             manifest = _new_manifest(cfg, paths, base_model, split)
-        run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cluster_has_gpu(cfg), say=say)
+        run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
         run.save()
         yield run
     finally:

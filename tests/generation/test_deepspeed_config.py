@@ -1,7 +1,9 @@
 """The one DeepSpeed builder: presets, offload switches, precision."""
 
 from incr_ray.config import DeepSpeedSection
-from incr_ray.generation.deepspeed_config import build_deepspeed_config, resolve_precision
+import pytest
+
+from incr_ray.generation.deepspeed_config import build_deepspeed_config, precision_problem, resolve_precision
 
 
 def test_stages_and_zero3_consolidated_save():
@@ -12,6 +14,15 @@ def test_stages_and_zero3_consolidated_save():
     z3 = build_deepspeed_config(DeepSpeedSection(stage=3), on_gpu=True, precision="bf16")
     assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert z3["bf16"]["enabled"] and not z3["fp16"]["enabled"]
+    for stage in (1, 2, 3):  # the Trainer fills these from the model's hidden size
+        ds = build_deepspeed_config(DeepSpeedSection(stage=stage), on_gpu=True, precision="bf16")
+        assert ds["zero_optimization"]["reduce_bucket_size"] == "auto"
+
+
+def test_gradients_accumulate_in_fp32():
+    for precision in ("bf16", "fp16", "fp32"):
+        ds = build_deepspeed_config(DeepSpeedSection(stage=1), on_gpu=True, precision=precision)
+        assert ds["data_types"]["grad_accum_dtype"] == "fp32"
 
 
 def test_offload_switches_and_optimizer_choice():
@@ -29,5 +40,16 @@ def test_precision_resolution():
     assert resolve_precision("auto", on_gpu=False, bf16_supported=False) == "fp32"
     assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "bf16"
     assert resolve_precision("auto", on_gpu=True, bf16_supported=False) == "fp16"
-    assert resolve_precision("bf16", on_gpu=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("bf16", on_gpu=False, bf16_supported=False) == "bf16"  # CPU bf16 runs
     assert resolve_precision("fp16", on_gpu=True, bf16_supported=True) == "fp16"
+
+
+def test_impossible_precision_requests_are_refused():
+    assert precision_problem("fp16", 2, on_gpu=False, bf16_supported=False) == (
+        "deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    assert "not supported by this GPU" in precision_problem("bf16", 2, on_gpu=True, bf16_supported=False)
+    assert "fp32 master copy" in precision_problem("bf16", 0, on_gpu=True, bf16_supported=True)
+    assert precision_problem("bf16", 1, on_gpu=False, bf16_supported=False) is None
+    assert precision_problem("fp32", 0, on_gpu=True, bf16_supported=True) is None
+    with pytest.raises(ValueError, match="fp32 master copy"):
+        build_deepspeed_config(DeepSpeedSection(stage=0), on_gpu=True, precision="bf16")

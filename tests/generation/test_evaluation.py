@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from incr_ray.generation.evaluation import HoldoutStatsScorer, holdout_metrics
+from incr_ray.generation.evaluation import HoldoutStatsScorer, holdout_metrics, rank_slice
 from incr_ray.generation.teacher import TargetScorer
 from incr_ray.method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats
 from incr_ray.modeling import load_for_inference
@@ -31,3 +31,62 @@ def test_stats_are_additive(tiny_bert):
     in_memory = holdout_metrics(model, tokenizer, [a, b], cfg)
     for k in ("accuracy", "macro_f1", "nll", "ece"):
         assert in_memory[k] == pytest.approx(whole[k], abs=1e-9)
+
+
+def test_rank_slices_cover_each_row_once_with_equal_forwards():
+    for n, world in [(10, 3), (2, 4), (7, 1), (0, 2)]:
+        slices = [rank_slice(n, r, world) for r in range(world)]
+        assert len({len(rows) for rows, _ in slices}) == 1  # the same forwards on every rank
+        real = np.concatenate([rows[:k] for rows, k in slices])
+        assert sorted(real.tolist()) == list(range(n))
+
+
+_TWO_RANKS = r"""
+import json, os, sys
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def work(rank, path, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from incr_ray.config import config_from_dict
+    from incr_ray.generation.evaluation import holdout_metrics
+    from incr_ray.modeling import load_for_inference
+
+    cfg = config_from_dict({"model": {"max_length": 16}})
+    model, tok = load_for_inference(path, cfg, on_gpu=False)
+    batches = [{"text": np.array([f"word {i} apple" for i in range(s, s + n)], dtype=object),
+                "label": np.arange(s, s + n) % 3} for s, n in ((0, 7), (7, 5), (12, 1))]
+    split = holdout_metrics(model, tok, batches, cfg, rank=rank, world=2)
+    if rank == 0:
+        json.dump({"split": split, "whole": holdout_metrics(model, tok, batches, cfg)}, open(out, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(work, args=tuple(sys.argv[1:]), nprocs=2)
+"""
+
+
+def test_two_ranks_give_the_metrics_of_one(tiny_bert, tmp_path):
+    """Two gloo ranks each score their slices of uneven batches; the summed statistics give the
+    figures of one process scoring every row."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script, out = tmp_path / "two_ranks.py", tmp_path / "out.json"
+    script.write_text(_TWO_RANKS)
+    proc = subprocess.run([sys.executable, str(script), tiny_bert, port, str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["split"]["n"] == got["whole"]["n"] == 13
+    for k in ("accuracy", "macro_f1", "nll", "ece"):
+        assert got["split"][k] == pytest.approx(got["whole"][k], abs=1e-9), k
