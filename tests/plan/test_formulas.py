@@ -1,0 +1,105 @@
+"""The planner's ZeRO model-state and activation formulas against hand-computed figures, and
+DeepSpeed's own estimators next to them.
+
+Figures in bytes; GB below means 1e9 bytes (the hand computations).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from incr_ray.plan.formulas import (
+    Layout,
+    activation_bytes,
+    deepspeed_estimate,
+    stage3_gather_bytes,
+    teacher_activation_bytes,
+    training_precision,
+    zero_model_states,
+)
+
+GB = 1e9
+PSI = 7_000_000_000
+MIXED = training_precision("bf16")
+FP32 = training_precision("fp32")
+
+
+def states(layout, precision=MIXED, params=PSI, n=8):
+    s = zero_model_states(params, n, layout, precision)
+    return s.gpu_bytes / GB, s.cpu_bytes / GB
+
+
+# ---------------------------------------------------------------------------------------------
+# Model states
+
+
+def test_zero_stages_mixed_precision_hand_computed():
+    # Ψ = 7e9, N = 8, K = 12: the ZeRO paper's 2Ψ + 2Ψ + KΨ, partitioned stage by stage.
+    assert states(Layout(0)) == (112.0, 0.0)                   # 16 · 7
+    assert states(Layout(1)) == (38.5, 0.0)                    # 2·7 + 2·7 + 12·7/8
+    assert states(Layout(2)) == (26.25, 0.0)                   # 2·7 + 14·7/8
+    assert states(Layout(3)) == (14.0, 0.0)                    # 16·7/8
+
+
+def test_offload_moves_states_to_cpu_hand_computed():
+    assert states(Layout(2, offload_optimizer=True)) == (14.0, 12.25)   # GPU 2Ψ; CPU (2 + 12)Ψ/N
+    assert states(Layout(3, offload_optimizer=True)) == (1.75, 12.25)   # GPU 2Ψ/N
+    assert states(Layout(3, True, True)) == (0.0, 14.0)                 # everything: 16Ψ/N on CPU
+    # Stage 3 only moves bytes between devices: GPU + CPU stays 16Ψ/N.
+    for layout in (Layout(3), Layout(3, True), Layout(3, True, True)):
+        assert sum(states(layout)) == 14.0
+
+
+def test_fp32_states_hand_computed():
+    # 4Ψ params + 4Ψ grads + 8Ψ Adam, no master copy; plus DeepSpeed's measured fp32 extras
+    # (benchmarks/zero_memory.py): +4Ψ/N at stages 1-3, +8Ψ/N at stage 3 with offload.
+    assert states(Layout(0), FP32) == (112.0, 0.0)             # 16 · 7
+    assert states(Layout(1), FP32) == (66.5, 0.0)              # 4·7 + 4·7 + 8·7/8 + 4·7/8
+    assert states(Layout(2), FP32) == (42.0, 0.0)              # 4·7 + 12·7/8 + 4·7/8
+    assert states(Layout(3), FP32) == (17.5, 0.0)              # 16·7/8 + 4·7/8
+    assert states(Layout(3, offload_optimizer=True), FP32) == (3.5, 17.5)  # 4·7/8 | 12·7/8 + 8·7/8
+
+
+def test_one_gpu_partitions_nothing():
+    for layout in (Layout(0), Layout(1), Layout(2), Layout(3)):
+        assert states(layout, n=1) == (112.0, 0.0)
+
+
+@pytest.mark.parametrize("layout", [Layout(1, offload_optimizer=True), Layout(2, offload_params=True)])
+def test_offload_needs_the_right_stage(layout):
+    with pytest.raises(ValueError):
+        zero_model_states(PSI, 8, layout, MIXED)
+
+
+def test_stage3_gathers_the_largest_layer():
+    assert stage3_gather_bytes(131_072_000, Layout(3), MIXED) == 4 * 131_072_000
+    assert stage3_gather_bytes(131_072_000, Layout(2), MIXED) == 0
+    assert stage3_gather_bytes(None, Layout(3), MIXED) == 0
+
+
+def test_deepspeed_estimators_side_by_side():
+    ll = 131_072_000
+    z2 = deepspeed_estimate(PSI, ll, 8, 1, Layout(2))
+    assert z2.gpu_bytes == 2 * PSI + 18 * PSI // 8          # 29.75 GB: DeepSpeed adds an fp32 grad copy
+    assert deepspeed_estimate(PSI, ll, 8, 1, Layout(2, True)).gpu_bytes == 2 * PSI
+    assert deepspeed_estimate(PSI, ll, 8, 1, Layout(3)).gpu_bytes == 4 * ll + 18 * PSI // 8
+    assert deepspeed_estimate(PSI, ll, 8, 1, Layout(3, True)).gpu_bytes == 4 * ll + 2 * PSI // 8
+    off = deepspeed_estimate(PSI, ll, 8, 1, Layout(3, True, True))
+    assert off.gpu_bytes == 4 * ll
+    assert off.cpu_bytes_per_node == int(PSI * 18 * 1.5)
+    assert deepspeed_estimate(PSI, ll, 8, 1, Layout(1)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def test_activations_hand_computed():
+    # s=128, b=8, h=4096, a=32, L=32: s·b·h = 4,194,304; 34 + 5·32·128/4096 = 39.
+    per_layer = 4_194_304 * 39
+    assert activation_bytes(128, 8, 4096, 32, 32) == 32 * per_layer == 5_234_491_392
+    assert activation_bytes(128, 8, 4096, 32, 32, checkpointing=True) == 2 * 4_194_304 * 32 + per_layer
+    assert activation_bytes(128, 8, 4096, 32, 32, bytes_per_value=4) == 2 * 32 * per_layer
+    assert teacher_activation_bytes(128, 8, 4096, 32) == per_layer
+    # Linear in the micro-batch.
+    assert activation_bytes(128, 16, 4096, 32, 32) == 2 * activation_bytes(128, 8, 4096, 32, 32)

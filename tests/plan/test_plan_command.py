@@ -1,0 +1,65 @@
+"""`incr-ray plan` itself: the command's output, its errors, and that planning never imports Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import build_tiny_model
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "incr_ray.cli", "plan", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_with_params_override(tmp_path):
+    config = tmp_path / "big.yaml"
+    config.write_text("model:\n  base: some-org/llm-7b\ncluster:\n  workers: 8\n  gpu_memory_gb: 80\n")
+    proc = run_cli("--config", str(config), "--params", "7e9")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "Ψ = 7,000,000,000 (7.00B) from --params (model.base not read)" in out
+    rows = {tuple(m.group(1, 2)): line.split() for line in out.splitlines()
+            if (m := re.match(r"\s+([0-3])  (\S+) ", line))}
+    # 112, 38.5, 26.25, 14 GB in GiB; DeepSpeed's 29.75 GB next to stage 2.
+    assert rows[("0", "-")][2] == "104.31"
+    assert rows[("1", "-")][2] == "35.86"
+    assert rows[("2", "-")][2:4] == ["24.45", "27.71"]
+    assert rows[("3", "-")][2] == "13.04"
+    assert "Recommendation: deepspeed.stage: 1, offload_optimizer: false, offload_params: false" in out
+    assert "Setting accelerator" not in out
+
+
+def test_cli_with_tiny_local_model(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from incr_ray.cli import main
+
+    folder = build_tiny_model(tmp_path / "tiny", "llama", num_labels=3)
+    real = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(folder).parameters())
+    # The head is sized from data.labels: three names, as in the saved model.
+    rc = main(["plan", "--set", f"model.base={folder}", "--set", "data.labels=[a, b, c]"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"Ψ = {real:,} " in out and "built on the meta device with a 3-label head (data.labels)" in out
+    assert "hidden 32, layers 2, heads 2" in out
+
+
+def test_cli_unknown_model_asks_for_params(capsys):
+    from incr_ray.cli import main
+
+    assert main(["plan", "--set", "model.base=some-org/not-here"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --params" in err[0]
+
+
+def test_plan_module_does_not_import_ray():
+    code = ("import sys; from incr_ray.config import Config; from incr_ray.plan import plan_text; "
+            "plan_text(Config(), params_override=7_000_000_000); print('ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"

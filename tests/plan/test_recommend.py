@@ -1,0 +1,99 @@
+"""The plan's recommendation, warnings and hints for hand-computed cases, and how they are printed.
+
+GB below means 1e9 bytes (the hand computations), GiB 2**30 (what the plan prints).
+"""
+
+from __future__ import annotations
+
+from incr_ray.config import config_from_dict
+from incr_ray.plan.formulas import Layout
+from incr_ray.plan.recommend import make_plan
+from incr_ray.plan.render import render_plan
+from incr_ray.plan.shapes import ModelShape
+
+GB = 1e9
+PSI = 7_000_000_000
+
+
+def cfg(**sections):
+    return config_from_dict(sections)
+
+
+def plan_for(shape, **sections):
+    return make_plan(cfg(**sections), shape, with_deepspeed=False)
+
+
+def test_recommends_the_lowest_stage_that_fits():
+    shape = ModelShape(PSI, "test")
+    plan = plan_for(shape, cluster={"workers": 8, "gpu_memory_gb": 80})
+    # stage 0: 112 GB × 1.1 = 123.2 GB > 80 GiB (85.9 GB); stage 1: 38.5 × 1.1 = 42.35 GB fits.
+    assert plan.recommended.layout == Layout(1)
+    assert plan.recommended.total == int(38.5 * GB * 1.1)
+    assert not plan.warnings  # the default config is stage 2, which fits
+    assert not plan.hints
+
+
+def test_falls_back_to_offload_and_says_how_many_workers_avoid_it():
+    shape = ModelShape(PSI, "test")
+    plan = plan_for(shape, cluster={"workers": 8, "gpu_memory_gb": 10})
+    # stage 3: 14 GB × 1.1 = 15.4 GB > 10 GiB; + optimizer offload: 1.75 × 1.1 = 1.925 GB fits.
+    assert plan.recommended.layout == Layout(3, offload_optimizer=True)
+    # Stage 3 without offload: 112 GB · 1.1 / N ≤ 10 GiB ⇔ N ≥ 11.47.
+    assert "cluster.workers: 12 → deepspeed.stage: 3 without offload fits" in plan.hints
+    assert any("configured ZeRO stage 2 with no offload" in w for w in plan.warnings)
+
+
+def test_cpu_memory_limit_rules_out_offload():
+    shape = ModelShape(PSI, "test")
+    plan = make_plan(cfg(cluster={"workers": 8, "gpu_memory_gb": 10}), shape, cpu_memory_gb=50, with_deepspeed=False)
+    # Optimizer offload needs 12.25 GB per rank × 8 ranks = 98 GB > 50 GiB on the one node.
+    assert plan.recommended is None
+    plan = make_plan(cfg(cluster={"workers": 8, "gpu_memory_gb": 10}), shape, gpus_per_node=2, cpu_memory_gb=50,
+                     with_deepspeed=False)
+    assert plan.recommended.layout == Layout(3, offload_optimizer=True)  # 2 ranks per node: 24.5 GB
+
+
+def test_nothing_fits_lists_what_to_change():
+    shape = ModelShape(PSI, "test", hidden_size=4096, layers=32, heads=32)
+    sections = dict(cluster={"workers": 8, "gpu_memory_gb": 20}, model={"max_length": 512},
+                    student={"batch_size": 8})
+    plan = plan_for(shape, **sections)
+    # Activations alone: 32 · 512·8·4096 · (34 + 5·32·512/4096) = 28.99 GB; × 1.1 > 20 GiB.
+    assert plan.rows[-1].activations == 32 * 512 * 8 * 4096 * 54
+    assert plan.recommended is None
+    text = render_plan(plan, cfg(**sections))
+    assert "will not fit on 20 GiB GPUs" in text
+    assert any(h.startswith("student.gradient_checkpointing: true") for h in plan.hints)
+    # b = 4 (of the batch of 8) is the largest divisor whose activations fit: 14.5 GB × 1.1.
+    assert any(h.startswith("student.batch_size: 4 with student.grad_accum: 2 (same batch of 8")
+               for h in plan.hints)
+    # More workers cannot shrink activations, so none is suggested.
+    assert not any(h.startswith("cluster.workers") for h in plan.hints)
+
+
+def test_warns_when_the_configured_stage_does_not_fit():
+    text = render_plan(plan_for(ModelShape(PSI, "test"), cluster={"workers": 8}, deepspeed={"stage": 0}),
+                       cfg(cluster={"workers": 8}, deepspeed={"stage": 0}))
+    warning = [line for line in text.splitlines() if line.startswith("WARNING:")]
+    assert len(warning) == 1
+    assert "ZeRO stage 0 with no offload" in warning[0] and "114.74 GiB per GPU > 80 GiB" in warning[0]
+    assert "use deepspeed.stage: 1" in warning[0]
+
+
+def test_teacher_larger_than_one_gpu():
+    shape = ModelShape(70_000_000_000, "test", hidden_size=8192, layers=80, heads=64)
+    plan = plan_for(shape, cluster={"workers": 8}, teacher={"pool_size": 8})
+    assert plan.teacher.weights == 140 * GB
+    assert plan.teacher.gpus_needed == 2
+    assert any("teacher.gpus_per_actor: 2 and teacher.device_map_auto: true" in w for w in plan.warnings)
+    text = render_plan(plan, cfg(cluster={"workers": 8}, teacher={"pool_size": 8}))
+    assert "the cluster needs 16, or set teacher.pool_size: 4" in text
+    plan = plan_for(shape, cluster={"workers": 8}, teacher={"gpus_per_actor": 2, "device_map_auto": True})
+    assert not any("teacher" in w for w in plan.warnings)
+
+
+def test_cpu_training_is_fp32_with_no_gpu_check():
+    plan = plan_for(ModelShape(PSI, "test"), cluster={"use_gpu": False, "workers": 2})
+    assert plan.precision.name == "fp32" and plan.recommended is None and not plan.warnings
+    assert all(r.fits is None for r in plan.rows)
+    assert plan.teacher.weights == 4 * PSI
