@@ -18,7 +18,7 @@ from ..config import Config
 from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats
 from ..method.targets import softmax
 from ..modeling import classifier_logits, load_for_inference
-from .teacher import pool_resources
+from .teacher import scoring_pool
 
 
 def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None, keep: int | None = None):
@@ -83,12 +83,12 @@ class HoldoutStatsScorer:
 def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool) -> dict[str, float]:
     """Holdout metrics of the saved model at ``model_path`` on ``ds``."""
     ds = ds.materialize()  # see score_block
-    on_gpu = on_gpu and cfg.teacher.gpus_per_actor > 0
+    resources, actor_gpu = scoring_pool(cfg, on_gpu)
     stats_ds = ds.map_batches(
         HoldoutStatsScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": on_gpu},
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu},
         batch_size=cfg.eval.batch_size,
-        **pool_resources(cfg, on_gpu),
+        **resources,
     )
     rows = stats_ds.take_all()  # one small row per batch, not per example
     return finalize(merge_stats([{k: np.asarray(r[k]) for k in STAT_KEYS} for r in rows]))

@@ -45,26 +45,29 @@ def _with_list_columns(batch: dict[str, np.ndarray], **matrices: np.ndarray) -> 
     return pa.table(cols)
 
 
-def pool_resources(cfg: Config, on_gpu: bool) -> dict:
-    """``map_batches`` resources for a scoring pool (teacher and holdout evaluation alike)."""
+def scoring_pool(cfg: Config, on_gpu: bool) -> tuple[dict, bool]:
+    """``map_batches`` resources for a scoring pool (teacher and holdout evaluation alike), and
+    whether its actors use a GPU: only when they are given one, since Ray no longer hides the
+    GPUs from an actor that asks for none."""
     # Ray is imported here, not at the top, so that the scorer classes import and run where Ray
     # is absent (benchmarks/gpu_check.py drives them on a bare GPU machine).
     from ray.data import ActorPoolStrategy
 
     t = cfg.teacher
     gpus = t.gpus_per_actor if on_gpu else 0
-    return dict(compute=ActorPoolStrategy(size=t.pool_size), num_cpus=t.cpus_per_actor,
-                **({"num_gpus": gpus} if gpus > 0 else {}))
+    resources = dict(compute=ActorPoolStrategy(size=t.pool_size), num_cpus=t.cpus_per_actor,
+                     **({"num_gpus": gpus} if gpus > 0 else {}))
+    return resources, gpus > 0
 
 
 def score_block(ds, model_path: str, cfg: Config, on_gpu: bool):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``."""
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
-    on_gpu = on_gpu and cfg.teacher.gpus_per_actor > 0  # an actor given no GPU must not use one
+    resources, actor_gpu = scoring_pool(cfg, on_gpu)
     return ds.map_batches(
         TargetScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": on_gpu},
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu},
         batch_size=cfg.teacher.batch_size,
-        **pool_resources(cfg, on_gpu),
+        **resources,
     )
