@@ -73,6 +73,18 @@ def check_classifier(path: str, trust_remote_code: bool = False) -> None:
         )
 
 
+def head_mismatch(path: str, num_labels: int, trust_remote_code: bool = False) -> int | None:
+    """The label count of ``path``'s trained classification head when it differs from
+    ``num_labels``; None when it matches or the checkpoint has no such head (a new one is made).
+
+    Under ZeRO-3 the weights load partitioned, and resizing a partitioned head fails on rank 0
+    alone while the other ranks wait in collectives: the run must refuse before training.
+    """
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+    return cfg.num_labels if has_head and cfg.num_labels != num_labels else None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:

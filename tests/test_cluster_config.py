@@ -107,6 +107,15 @@ def _requirement_names(requirements: list[str]) -> dict[str, str]:
     return {Requirement(r).name.lower(): str(Requirement(r).specifier) for r in requirements}
 
 
+def test_nodes_can_build_and_prebuild_cpu_adam_for_optimizer_offload(cluster):
+    """deepspeed.offload_optimizer runs DeepSpeed's CPU Adam, a C++ op: the nodes need a compiler
+    and Python's headers, and the op is built once at setup rather than per job."""
+    setup = "\n".join(cluster["setup_commands"])
+    assert "build-essential" in setup and "python3-dev" in setup
+    assert "DS_BUILD_CPU_ADAM=1" in setup and "deepspeed==" in setup
+    assert setup.index("build-essential") < setup.index("DS_BUILD_CPU_ADAM=1")
+
+
 def test_runtime_env_is_valid_and_repeats_the_project_requirements(runtime_env):
     from ray.runtime_env import RuntimeEnv
 

@@ -58,3 +58,15 @@ def test_decoder_run_spans_two_nodes(two_node_cluster, tmp_path):
     assert gens[1]["rows"] == gens[1]["block_rows"] > 0
     state = json.loads((Path(cfg.run_dir) / "run.json").read_text())
     assert state["status"] == "finished"
+
+
+def test_a_path_some_node_cannot_see_is_found(two_node_cluster, tmp_path):
+    """The multi-node path check asks every node: a path that exists only on the driver's side
+    (here: one that exists nowhere, since both nodes share this machine) is reported per node."""
+    from incr_ray.run.folder import unreachable_on_nodes
+
+    here = tmp_path / "seen"
+    here.touch()
+    assert unreachable_on_nodes([str(here)]) == []
+    missing = unreachable_on_nodes([str(here), str(tmp_path / "nowhere")])
+    assert len(missing) == 2 and {p for _, p in missing} == {str(tmp_path / "nowhere")}

@@ -17,12 +17,13 @@ from typing import Any, Callable, Iterator
 
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.data.expressions import col
 
 from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
 from ..generation.deepspeed_config import precision_problem, resolve_precision
-from ..modeling import check_classifier, resolve_model_path
+from ..modeling import check_classifier, head_mismatch, resolve_model_path
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
                        write_json_atomic)
 from .manifest import DataInfo, Manifest, RunError, check_compatible, load, now
@@ -184,6 +185,62 @@ def _preflight(cfg: Config, on_gpu: bool) -> str:
     return base
 
 
+@ray.remote(num_cpus=0)  # 0: a head that advertises no CPUs still runs the probe
+def _missing_here(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def unreachable_on_nodes(paths: list[str]) -> list[tuple[str, str]]:
+    """(node address, path) for every local path an alive node of the cluster cannot see."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    probes = [
+        _missing_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+        for n in nodes
+    ]
+    return [(n["NodeManagerAddress"], p) for n, missing in zip(nodes, ray.get(probes)) for p in missing]
+
+
+def _check_shared_paths(cfg: Config, base_model: str, storage: str) -> None:
+    """On a cluster of several nodes, local paths must be visible on all of them: a path only the
+    driver's node sees would fail deep inside a generation, on another node."""
+    if len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    probe = None
+    local = []
+    if not is_remote(storage):
+        # A file written here, not just the folder: each node may have its own folder of that name.
+        probe = os.path.join(storage, f".incr-ray-probe-{os.getpid()}-{time.time_ns()}")
+        Path(probe).touch()
+        local.append(probe)
+    if not is_remote(base_model) and os.path.exists(base_model):
+        local.append(os.path.join(base_model, "config.json"))
+    try:
+        missing = unreachable_on_nodes(local)
+    finally:
+        if probe:
+            os.unlink(probe)
+    if missing:
+        node, path = missing[0]
+        what = "storage.path" if path == probe else "model.base"
+        shown = cfg.storage.path if path == probe else cfg.model.base
+        raise ConfigError(
+            f"{what} {shown!r} is not visible on node {node} ({len(missing)} node/path pair(s) in all); "
+            "on a multi-node cluster put it on storage every node reaches (an NFS mount on all nodes, or s3://)"
+        )
+
+
+def _check_head(cfg: Config, base_model: str, num_labels: int) -> None:
+    if cfg.deepspeed.stage != 3 or is_remote(base_model):
+        return
+    head = head_mismatch(base_model, num_labels, cfg.model.trust_remote_code)
+    if head is not None:
+        raise ConfigError(
+            f"model.base {cfg.model.base!r} has a classification head for {head} labels but the data has "
+            f"{num_labels}; ZeRO-3 cannot resize a partitioned head: use deepspeed.stage 2 for this run, "
+            "or a base model without a classification head"
+        )
+
+
 def _write_split(split: SplitData, paths: RunPaths) -> None:
     """Persist the split (temp folder, then rename) so resumes never recompute it."""
     tmp = paths.split + ".tmp"
@@ -214,6 +271,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     """
     on_gpu = cluster_has_gpu(cfg)
     base_model = _preflight(cfg, on_gpu)
+    _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
     paths = RunPaths(absolute(cfg.run_dir))
     lock = RunLock(paths.root).acquire() if exists(paths.root) else None
     try:
@@ -234,6 +292,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
                 if not is_remote(paths.root):
                     os.makedirs(paths.root, exist_ok=True)
                 lock = RunLock(paths.root).acquire()
+            _check_head(cfg, base_model, len(split.label_names))
             _write_split(split, paths)
             manifest = _new_manifest(cfg, paths, base_model, split)
         run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)

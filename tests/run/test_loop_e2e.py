@@ -140,6 +140,19 @@ def test_changed_config_is_refused_on_resume(ray_local, tmp_path, tiny_bert):
 
 
 
+def test_zero3_with_a_head_of_another_size_is_refused_before_anything_is_written(ray_local, tmp_path, tiny_bert):
+    """The tiny model's trained head has 3 labels; two-class data under ZeRO-3 would fail on rank 0
+    alone mid-load. The run refuses after reading the data, before writing the run folder."""
+    from incr_ray.config import ConfigError
+    from incr_ray.run.folder import open_run
+
+    cfg = small_config(tmp_path, tiny_bert, "head", data={"synthetic_classes": 2}, deepspeed={"stage": 3})
+    with pytest.raises(ConfigError, match="head for 3 labels but the data has 2.*deepspeed.stage 2"):
+        with open_run(cfg, say=lambda s: None):
+            pass
+    assert not (tmp_path / "head").exists()
+
+
 def test_replay_rows_come_from_earlier_blocks(ray_local, tmp_path, tiny_bert):
     """Scoring only (no training): block 2 plus ~r·|S_2| rows re-sampled from blocks 0-1."""
     from ray.data.expressions import col
