@@ -225,7 +225,8 @@ def trained_run(head, tiny_bert, tmp_path_factory):
         "method": {"k": 2, "threshold": 0.9},
         "student": {"epochs": 1, "learning_rate": 1e-2, "batch_size": 16},
         "deepspeed": {"stage": 2},
-        "cluster": {"workers": 1, "cpus_per_worker": 1},
+        # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
+        "cluster": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
         "teacher": {"batch_size": 128},
     }))
     started = time.perf_counter()

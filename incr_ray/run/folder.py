@@ -124,10 +124,29 @@ class RunLock:
 # The run
 
 
+def decide_gpu(use_gpu, cluster_gpus: float, attached: bool) -> bool:
+    """``cluster.use_gpu`` against what the cluster has now.
+
+    ``auto`` means GPUs when the cluster has any. On a cluster this driver attached to (a job, or
+    ``--address``) no GPU may only mean none has been started yet — an autoscaling cluster adds GPU
+    nodes when asked for them — so there ``auto`` is refused rather than silently training on CPU.
+    """
+    if use_gpu != "auto":
+        return bool(use_gpu)
+    if cluster_gpus > 0:
+        return True
+    if attached:
+        raise ConfigError(
+            "cluster.use_gpu is auto but this Ray cluster has no GPU yet (an autoscaling cluster starts "
+            "GPU nodes only when asked); set cluster.use_gpu: true to train on GPUs, or false for CPUs"
+        )
+    return False
+
+
 def cluster_has_gpu(cfg: Config) -> bool:
-    if cfg.cluster.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.cluster.use_gpu)
+    # RAY_ADDRESS: set by `ray job submit` for the job's driver, and by `incr-ray --address`.
+    return decide_gpu(cfg.cluster.use_gpu, ray.cluster_resources().get("GPU", 0),
+                      attached=bool(os.environ.get("RAY_ADDRESS")))
 
 
 @dataclass

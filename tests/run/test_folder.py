@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from incr_ray.run.folder import RunLock
+from incr_ray.config import ConfigError
+from incr_ray.run.folder import RunLock, decide_gpu
 from incr_ray.run.manifest import RunError, load
 from incr_ray.storage import StorageError
 
@@ -39,3 +40,12 @@ def test_manifest_of_another_version_is_refused(tmp_path):
     path.write_text(json.dumps({"version": 1, "name": "x"}))
     with pytest.raises(RunError, match="not a valid run manifest"):
         load(str(path))
+
+
+def test_auto_never_falls_back_to_cpu_on_an_attached_cluster():
+    assert decide_gpu("auto", cluster_gpus=4, attached=True) is True
+    assert decide_gpu("auto", cluster_gpus=0, attached=False) is False  # a laptop: CPU it is
+    with pytest.raises(ConfigError, match="no GPU yet.*use_gpu: true"):
+        decide_gpu("auto", cluster_gpus=0, attached=True)
+    assert decide_gpu(False, cluster_gpus=0, attached=True) is False
+    assert decide_gpu(True, cluster_gpus=0, attached=True) is True
