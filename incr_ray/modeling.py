@@ -118,6 +118,8 @@ def load_classifier(
     )
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # A classifier runs one forward per batch: decoder models need no KV cache (it only costs memory).
+    model.config.use_cache = False
     return model
 
 

@@ -37,7 +37,8 @@ from ..storage import remove_tree, stage_local, upload_dir
 from .deepspeed_config import resolve_precision
 from .evaluation import holdout_metrics
 from .progress import ProgressCallback, ProgressRelay
-from .trainer import SoftTargetTrainer, loss_settings, make_collate, save_student, steps_for, training_arguments
+from .trainer import (SoftTargetTrainer, loss_settings, make_collate, precision_record, save_student, steps_for,
+                      training_arguments)
 
 SHUFFLE_KEY = "_shuffle_key"
 
@@ -98,6 +99,9 @@ def _set_up(on_gpu: bool, cfg: Config) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
     # ZeRO-3 partitions weights at load time, or it sees a world of one.
+    # NCCL reads this when its communicator starts (the first collective, after this): a first run on
+    # a new cluster then says why a collective hangs or fails instead of only that it did.
+    os.environ.setdefault("NCCL_DEBUG", "WARN")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     if not on_gpu:
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
@@ -133,7 +137,10 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         args = training_arguments(cfg, g, max_steps, os.path.join(work, "hf"), on_gpu, precision)
         init_path = stage_local(request.init_model)
         tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
-        model = load_classifier(init_path, request.label_names, cfg.model.trust_remote_code, tokenizer=tokenizer)
+        # fp32 weights whatever the checkpoint holds: DeepSpeed makes the 16-bit copy itself, and a
+        # bf16 checkpoint loaded as it is (transformers' dtype="auto") would train without fp32 masters.
+        model = load_classifier(init_path, request.label_names, cfg.model.trust_remote_code, tokenizer=tokenizer,
+                                dtype=torch.float32)
 
         # Trainer.
         trainer = SoftTargetTrainer(
@@ -189,7 +196,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             "setup_seconds": started - entered,
             "steps": int(output.global_step),
             "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
-            "precision": precision,
+            "precision": precision_record(trainer, precision, args.hf_deepspeed_config.config),
             "holdout": holdout,
             "eval_seconds": eval_seconds,
         }

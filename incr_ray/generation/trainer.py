@@ -48,6 +48,25 @@ def make_collate(tokenizer, num_labels: int, max_length: int):
     return collate
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def precision_record(trainer: "SoftTargetTrainer", precision: str, ds_config: dict[str, Any]) -> dict[str, str]:
+    """The dtypes one generation actually trained with, for run.json."""
+    weights = _dtype_name(next(trainer.model.parameters()).dtype)
+    zero = ds_config["zero_optimization"]["stage"]
+    return {
+        "requested": precision,
+        "model_weights": weights,  # the module DeepSpeed runs forward/backward on
+        # DeepSpeed keeps an fp32 master copy in the optimizer whenever the module is 16-bit and
+        # ZeRO is on (stage 0 with 16 bits is refused, see deepspeed_config.precision_problem).
+        "master_weights": "fp32" if weights == "fp32" or zero >= 1 else weights,
+        "grad_accum": ds_config["data_types"]["grad_accum_dtype"],
+        **{f"loss_{k}": v for k, v in trainer.loss_dtypes.items()},
+    }
+
+
 class SoftTargetTrainer(Trainer):
     """``compute_loss`` = forward pass + :func:`incr_ray.method.losses.distillation_loss`."""
 
@@ -57,6 +76,7 @@ class SoftTargetTrainer(Trainer):
         self.alpha = alpha
         # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
+        self.loss_dtypes: dict[str, str] = {}  # what reached the loss, recorded in run.json
 
     def _prepare_inputs(self, inputs):
         # Under DeepSpeed the Trainer casts every float input to the engine's dtype: bf16 targets
@@ -70,6 +90,8 @@ class SoftTargetTrainer(Trainer):
         targets = inputs.pop("targets")
         labels = inputs.pop("labels")
         outputs = model(**inputs)
+        if not self.loss_dtypes:
+            self.loss_dtypes = {"targets": _dtype_name(targets.dtype), "logits": _dtype_name(outputs.logits.dtype)}
         loss = distillation_loss(outputs.logits, targets, labels, self.temperature, self.alpha)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the student's loss is {loss.item()} at step {self.state.global_step}; {PRECISION_FIX}")

@@ -307,11 +307,11 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
                     "no holdout: data.eval_fraction is 0 and data.eval_path is unset, but every generation "
                     "is evaluated on a holdout; set data.eval_fraction (e.g. 0.1) or data.eval_path"
                 )
+            _check_head(cfg, base_model, len(split.label_names))
             if lock is None:
                 if not is_remote(paths.root):
                     os.makedirs(paths.root, exist_ok=True)
                 lock = RunLock(paths.root).acquire()
-            _check_head(cfg, base_model, len(split.label_names))
             _write_split(split, paths)
             manifest = _new_manifest(cfg, paths, base_model, split)
         run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)

@@ -171,3 +171,23 @@ def test_replay_rows_come_from_earlier_blocks(ray_local, tmp_path, tiny_bert):
     assert (targets[~targets.replay].block == 2).all() and set(replay.block) <= {0, 1}
     assert 0.3 * block_rows < len(replay) < 0.7 * block_rows  # ≈ 0.5·|S_2|, a seeded sample
     assert run.manifest.generations[2].replay_rows == len(replay)
+
+
+def test_bf16_on_cpu_trains_with_fp32_targets_and_accumulation(ray_local, tmp_path, tiny_bert):
+    """Half precision runs in the suite: DeepSpeed's CPU accelerator trains in bf16. The targets
+    reach the loss in fp32 (the Trainer would cast them to bf16), gradients accumulate in fp32
+    beside fp32 master weights, and run.json says so for every generation."""
+    from transformers import pipeline
+
+    cfg = small_config(tmp_path, tiny_bert, "bf16", method={"k": 2}, data={"synthetic_rows": 600},
+                       student={"epochs": 1}, deepspeed={"stage": 1, "precision": "bf16"})
+    manifest = run_generations(cfg, say=lambda s: None)
+    for g in manifest["generations"]:
+        assert g["train"]["precision"] == {
+            "requested": "bf16", "model_weights": "bf16", "master_weights": "fp32", "grad_accum": "fp32",
+            "loss_targets": "fp32", "loss_logits": "bf16",
+        }, g["train"]["precision"]
+        assert all(np.isfinite(v) for v in g["metrics"].values())
+    final = Path(cfg.run_dir) / manifest["final_model"]
+    out = pipeline("text-classification", model=str(final), device="cpu")(["red words"])
+    assert out[0]["label"] in manifest["label_names"]
