@@ -210,10 +210,12 @@ class ReplaySection(_Section):
 class DeepSpeedSection(_Section):
     """DeepSpeed ZeRO settings for student training; may change between attempts of a run."""
 
-    stage: Literal[0, 1, 2, 3] = Field(
-        2,
+    stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto",
         description="ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned "
-        "over the workers.",
+        "over the workers. `auto`: one worker trains without ZeRO (stage 1 in 16-bit precision, for its fp32 "
+        "master weights); several GPU workers take the stage `incr-ray plan` recommends for the model and "
+        "cluster.gpu_memory_gb; several CPU workers stage 2. The choice is printed and recorded in run.json.",
     )
     offload_optimizer: bool = Field(
         False,
@@ -223,15 +225,15 @@ class DeepSpeedSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="Training precision; `auto`: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
-        "CPU (CPU training always runs in fp32).",
+        "CPU. bf16 also runs on CPU when asked for; fp16 needs a GPU.",
     )
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> "DeepSpeedSection":
-        if self.offload_params and self.stage != 3:
-            raise ValueError("deepspeed.offload_params needs deepspeed.stage: 3")
-        if self.offload_optimizer and self.stage < 2:
-            raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage: 2 or 3")
+        if self.offload_params and self.stage not in (3, "auto"):
+            raise ValueError("deepspeed.offload_params needs deepspeed.stage: 3 (or auto)")
+        if self.offload_optimizer and self.stage not in (2, 3, "auto"):
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage: 2 or 3 (or auto)")
         return self
 
 

@@ -18,7 +18,7 @@ def test_defaults_match_the_design():
     assert cfg.method.k == 4 and cfg.method.threshold == 0.9 and cfg.method.floor is None
     assert cfg.method.temperature == 1.0 and cfg.method.alpha == 0.0
     assert cfg.student.init == "previous"
-    assert cfg.deepspeed.stage == 2 and cfg.cluster.workers == 1 and cfg.cluster.use_gpu == "auto"
+    assert cfg.deepspeed.stage == "auto" and cfg.cluster.workers == 1 and cfg.cluster.use_gpu == "auto"
 
 
 def test_overrides_parse_yaml_scalars():
@@ -51,7 +51,7 @@ def test_overrides_do_not_mutate_input():
         (["student.epochs=-1"], "student.epochs"),
         (["student.init=random"], "student.init"),
         (["deepspeed.stage=4"], "deepspeed.stage"),
-        (["deepspeed.offload_params=true"], "needs deepspeed.stage: 3"),
+        (["deepspeed.stage=2", "deepspeed.offload_params=true"], "needs deepspeed.stage: 3"),
         (["run.name=a/b"], "run.name"),
         (["data.eval_fraction=1"], "data.eval_fraction"),
     ],

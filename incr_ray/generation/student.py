@@ -196,6 +196,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             "setup_seconds": started - entered,
             "steps": int(output.global_step),
             "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
+            "zero_stage": cfg.deepspeed.stage,
             "precision": precision_record(trainer, precision, args.hf_deepspeed_config.config),
             "holdout": holdout,
             "eval_seconds": eval_seconds,

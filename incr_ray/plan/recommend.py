@@ -24,6 +24,7 @@ from .formulas import (
     with_overhead,
     zero_model_states,
 )
+from ..modeling import ModelError
 from .shapes import ModelShape
 
 # The order a recommendation tries them in: fewest moving parts first, offload last.
@@ -71,6 +72,7 @@ class Plan:
     configured: StudentRow
     recommended: StudentRow | None
     teacher: TeacherPlan
+    stage_reason: str = ""  # why the configured layout: "deepspeed.stage", or what `auto` decided
     hints: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -101,6 +103,51 @@ def student_row(
     return StudentRow(layout, states, ds, gathered, acts, total, cpu_per_node, fits)
 
 
+def configured_layout(cfg: Config, on_gpu: bool, precision: str, rows: list[StudentRow] | None) -> tuple[Layout, str]:
+    """The layout the deepspeed section trains with, and why; ``deepspeed.stage: auto`` decided here.
+
+    One worker partitions nothing, so ZeRO only costs time there: stage 0, or stage 1 in 16-bit
+    precision (DeepSpeed keeps fp32 master weights only with ZeRO). Several GPU workers take the
+    first stage whose plan (``rows``) fits ``cluster.gpu_memory_gb`` with the configured offload
+    switches, ZeRO-3 when none does; several CPU workers stage 2.
+    """
+    ds = cfg.deepspeed
+    flags = (ds.offload_optimizer, ds.offload_params)
+    if ds.stage != "auto":
+        return Layout(ds.stage, *flags), "deepspeed.stage"
+    if ds.offload_params:
+        return Layout(3, *flags), "deepspeed.offload_params needs stage 3"
+    if ds.offload_optimizer and (cfg.cluster.workers == 1 or not on_gpu):
+        return Layout(2, *flags), "deepspeed.offload_optimizer needs stage 2"
+    if cfg.cluster.workers == 1:
+        if precision == "fp32":
+            return Layout(0), "one worker: nothing to partition"
+        return Layout(1), f"one worker in {precision}: ZeRO-1 keeps fp32 master weights at stage 0's memory"
+    if not on_gpu:
+        return Layout(2), f"{cfg.cluster.workers} CPU workers"
+    mine = [r for r in rows if (r.layout.offload_optimizer, r.layout.offload_params) == flags]
+    fitting = next((r for r in mine if r.fits), None)
+    if fitting is None:
+        return Layout(3, *flags), (f"nothing fits {cfg.cluster.gpu_memory_gb:g} GiB per GPU by the plan: ZeRO-3, "
+                                   "the smallest (incr-ray plan shows what to change)")
+    layout = Layout(1) if fitting.layout == Layout(0) and precision != "fp32" else fitting.layout
+    return layout, (f"the first stage whose plan fits {cfg.cluster.gpu_memory_gb:g} GiB per GPU "
+                    f"({gib(fitting.total)} GiB)")
+
+
+def auto_stage(cfg: Config, on_gpu: bool, precision: str, shape: ModelShape | None) -> tuple[int, str]:
+    """The ZeRO stage ``deepspeed.stage: auto`` trains with, and why (printed and recorded).
+    ``shape`` is needed only for several GPU workers."""
+    if on_gpu and cfg.cluster.workers > 1:
+        if shape is None:
+            raise ModelError("deepspeed.stage auto needs the model's shape to choose a stage for several GPUs; "
+                             "set deepspeed.stage (incr-ray plan --params N shows which fits)")
+        plan = make_plan(cfg, shape, with_deepspeed=False)
+        return plan.configured.layout.stage, plan.stage_reason
+    layout, why = configured_layout(cfg, on_gpu, precision, None)
+    return layout.stage, why
+
+
 def make_plan(
     cfg: Config, shape: ModelShape, gpus_per_node: int | None = None, cpu_memory_gb: float | None = None,
     with_deepspeed: bool = True,
@@ -128,13 +175,13 @@ def make_plan(
 
     rows = [row(layout) for layout in TABLE_LAYOUTS]
     by_layout = {r.layout: r for r in rows}
-    ds_cfg = cfg.deepspeed
-    configured = by_layout[Layout(ds_cfg.stage, ds_cfg.offload_optimizer, ds_cfg.offload_params)]
     recommended = next((by_layout[lay] for lay in RECOMMENDATION_ORDER if by_layout[lay].fits), None)
+    layout, stage_reason = configured_layout(cfg, on_gpu, prec_name, rows)
+    configured = by_layout[layout]
     teacher = plan_teacher(cfg, shape, on_gpu)
 
     plan = Plan(shape, precision, why, n, gpn, nodes, on_gpu, gpu_budget, cpu_budget, s, b, ckpt, rows,
-                configured, recommended, teacher)
+                configured, recommended, teacher, stage_reason=stage_reason)
     if not on_gpu:
         return plan
 
@@ -217,3 +264,4 @@ def plan_teacher(cfg: Config, shape: ModelShape, on_gpu: bool) -> TeacherPlan:
     total = with_overhead(weights + (acts or 0))
     needed = gpus_needed(total, int(cfg.cluster.gpu_memory_gb * GiB)) if on_gpu else None
     return TeacherPlan("bf16" if on_gpu else "fp32", weights, acts, total, needed)
+

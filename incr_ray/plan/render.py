@@ -85,6 +85,9 @@ def render_plan(plan: Plan, cfg: Config) -> str:
                     f"teacher.pool_size: {max(1, int(plan.n_gpus // per_actor))}")
         add(f"  pool                {pool:>9g}      GPUs (teacher.pool_size: {cfg.teacher.pool_size}){note}")
     add("")
+    if cfg.deepspeed.stage == "auto":
+        add(f"deepspeed.stage auto -> ZeRO-{plan.configured.layout.stage}: {plan.stage_reason}")
+        add("")
     for w in plan.warnings:
         add(f"WARNING: {w}")
     if plan.warnings:

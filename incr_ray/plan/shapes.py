@@ -40,6 +40,10 @@ KNOWN_SHAPES: dict[str, dict] = {
                        num_key_value_heads=8, intermediate_size=14336, vocab_size=32000),
     "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, intermediate_size=18944, vocab_size=152064),
+    # Hub names of the models the shipped configs use, so that they plan on a machine without the hub.
+    "Qwen/Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                              num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                              tie_word_embeddings=True),
 }
 
 
@@ -146,10 +150,16 @@ def resolve_shape(
         shape = _shape_from_hf_config(hf, f"built-in shape {base!r} ({model_type}), built on the meta device "
                                           f"with a {head}")
     else:
-        raise ModelError(
-            f"model.base {base!r} is neither a local model folder nor a built-in shape "
-            f"({', '.join(KNOWN_SHAPES)}); pass --params (e.g. --params 7e9 --hidden-size 4096 --layers 32)"
-        )
+        try:  # a hub name: only its config.json is fetched, where the hub is reachable
+            hf = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code, **head_kwargs)
+        except Exception:  # noqa: BLE001 - offline, unknown name, gated repo: all mean "cannot read it"
+            raise ModelError(
+                f"model.base {base!r} is neither a local model folder, a built-in shape ({', '.join(KNOWN_SHAPES)}) "
+                "nor a hub model whose config could be read here; pass --params (e.g. --params 7e9 "
+                "--hidden-size 4096 --layers 32)"
+            ) from None
+        shape = _shape_from_hf_config(hf, f"the hub's {base}/config.json, built on the meta device with a {head}",
+                                      cfg.model.trust_remote_code)
     overrides = {k: v for k, v in (("hidden_size", hidden_size), ("layers", layers), ("heads", heads)) if v}
     if overrides:
         flags = ", ".join("--" + k.replace("_", "-") for k in overrides)

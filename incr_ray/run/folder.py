@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
 from ..generation.deepspeed_config import precision_problem, resolve_precision
 from ..modeling import check_classifier, head_mismatch, resolve_model_path
+from ..plan import auto_stage, resolve_shape
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
                        write_json_atomic)
 from .manifest import DataInfo, Manifest, RunError, check_compatible, load, now
@@ -189,10 +190,21 @@ class Run:
         return self._holdout
 
 
+def with_stage(cfg: Config, on_gpu: bool, say=print) -> Config:
+    """``cfg`` with ``deepspeed.stage: auto`` resolved to a number (and the choice said)."""
+    if cfg.deepspeed.stage != "auto":
+        return cfg
+    # The driver may have no GPU to ask; the workers check bf16 support again on theirs.
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
+    shape = resolve_shape(cfg) if on_gpu and cfg.cluster.workers > 1 else None
+    stage, why = auto_stage(cfg, on_gpu, precision, shape)
+    say(f"deepspeed.stage auto -> ZeRO-{stage}: {why}")
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
+
+
 def _preflight(cfg: Config, on_gpu: bool) -> str:
     """Checks that cost nothing and would otherwise fail late: precision, model, storage.
-    Returns the base model."""
-    # The driver may have no GPU to ask; the workers check bf16 support again on theirs.
+    Returns the base model. ``cfg`` has its ZeRO stage resolved."""
     precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
     problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_supported=True)
     if problem:
@@ -289,6 +301,8 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     read, so a second process on the same run is refused instead of racing the first.
     """
     on_gpu = cluster_has_gpu(cfg)
+    settings = cfg  # as the user wrote it (stage auto stays auto in run.json)
+    cfg = with_stage(cfg, on_gpu, say)
     base_model = _preflight(cfg, on_gpu)
     _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
     paths = RunPaths(absolute(cfg.run_dir))
@@ -297,7 +311,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
         manifest = load(paths.manifest) if exists(paths.manifest) else None
         if manifest is not None:
             check_compatible(manifest, cfg)
-            manifest.config = cfg.to_dict()  # resource settings may change between attempts
+            manifest.config = settings.to_dict()  # resource settings may change between attempts
             manifest.base_model = base_model
         else:
             say(f"reading and splitting data ({cfg.data.source}) into k={cfg.method.k} blocks + holdout")
@@ -313,7 +327,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
                     os.makedirs(paths.root, exist_ok=True)
                 lock = RunLock(paths.root).acquire()
             _write_split(split, paths)
-            manifest = _new_manifest(cfg, paths, base_model, split)
+            manifest = _new_manifest(settings, paths, base_model, split)
         run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
         run.save()
         yield run
@@ -340,5 +354,6 @@ def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run
         )
     cfg = config_from_dict(manifest.config, overrides)
     check_compatible(manifest, cfg)  # only resource settings may be overridden here
+    on_gpu = cluster_has_gpu(cfg)
     with RunLock(paths.root):
-        yield Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cluster_has_gpu(cfg), say=say)
+        yield Run(cfg=with_stage(cfg, on_gpu, say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)

@@ -63,3 +63,17 @@ def test_plan_module_does_not_import_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_shipped_gpu_config_plans_as_shipped_without_a_hub():
+    """jobs/gpu_cluster.yaml names a hub model; offline, its built-in shape stands in. `stage: auto`
+    picks ZeRO-1 for 1.5B parameters on 8 × 24 GiB (ZeRO-3's gathers would cross the nodes)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "gpu_cluster.yaml")
+    proc = subprocess.run([sys.executable, "-m", "incr_ray.cli", "plan", "--config", shipped],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "built-in shape 'Qwen/Qwen2.5-1.5B'" in proc.stdout
+    assert "deepspeed.stage auto -> ZeRO-1: the first stage whose plan fits 24 GiB per GPU" in proc.stdout
+    configured = [line for line in proc.stdout.splitlines() if "<- configured" in line]
+    assert len(configured) == 1 and configured[0].split()[0] == "1", configured

@@ -5,7 +5,10 @@ GB below means 1e9 bytes (the hand computations), GiB 2**30 (what the plan print
 
 from __future__ import annotations
 
+import pytest
+
 from incr_ray.config import config_from_dict
+from incr_ray.modeling import ModelError
 from incr_ray.plan.formulas import Layout
 from incr_ray.plan.recommend import make_plan
 from incr_ray.plan.render import render_plan
@@ -35,7 +38,7 @@ def test_recommends_the_lowest_stage_that_fits():
 
 def test_falls_back_to_offload_and_says_how_many_workers_avoid_it():
     shape = ModelShape(PSI, "test")
-    plan = plan_for(shape, cluster={"workers": 8, "gpu_memory_gb": 10})
+    plan = plan_for(shape, cluster={"workers": 8, "gpu_memory_gb": 10}, deepspeed={"stage": 2})
     # stage 3: 14 GB × 1.1 = 15.4 GB > 10 GiB; + optimizer offload: 1.75 × 1.1 = 1.925 GB fits.
     assert plan.recommended.layout == Layout(3, offload_optimizer=True)
     # Stage 3 without offload: 112 GB · 1.1 / N ≤ 10 GiB ⇔ N ≥ 11.47.
@@ -97,3 +100,23 @@ def test_cpu_training_is_fp32_with_no_gpu_check():
     assert plan.precision.name == "fp32" and plan.recommended is None and not plan.warnings
     assert all(r.fits is None for r in plan.rows)
     assert plan.teacher.weights == 4 * PSI
+
+
+def test_stage_auto():
+    """One worker: no ZeRO (ZeRO-1 in 16 bits, for the fp32 master weights); several GPUs: the first
+    stage that fits; several CPU workers: stage 2; offload switches pin the stage they need."""
+    from incr_ray.plan.recommend import auto_stage
+
+    shape = ModelShape(PSI, "test")  # 7e9 parameters
+    assert auto_stage(cfg(), on_gpu=False, precision="fp32", shape=None)[0] == 0
+    assert auto_stage(cfg(), on_gpu=True, precision="bf16", shape=None)[0] == 1
+    assert auto_stage(cfg(cluster={"workers": 2}), on_gpu=False, precision="fp32", shape=None)[0] == 2
+    assert auto_stage(cfg(deepspeed={"offload_params": True}), on_gpu=True, precision="bf16", shape=None)[0] == 3
+    # 8 × 80 GiB: stage 0 needs 123 GB per GPU, stage 1 fits (as in test_recommends_the_lowest_stage_that_fits).
+    stage, why = auto_stage(cfg(cluster={"workers": 8, "gpu_memory_gb": 80}), True, "bf16", shape)
+    assert stage == 1 and "fits 80 GiB" in why
+    # 8 × 10 GiB: nothing fits without offload: ZeRO-3, said so.
+    stage, why = auto_stage(cfg(cluster={"workers": 8, "gpu_memory_gb": 10}), True, "bf16", shape)
+    assert stage == 3 and "nothing fits" in why
+    with pytest.raises(ModelError, match="needs the model's shape"):
+        auto_stage(cfg(cluster={"workers": 8}), True, "bf16", None)
