@@ -19,8 +19,9 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _exception_chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions Ray's wrappers hold inside it, outermost first."""
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions Ray's wrappers hold inside it (task causes, Ray Train's failed
+    workers), outermost first."""
     seen: list[BaseException] = []
     queue = [err]
     while queue:
@@ -28,7 +29,8 @@ def _exception_chain(err: BaseException) -> list[BaseException]:
         if e is None or any(e is s for s in seen):
             continue
         seen.append(e)
-        queue += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        queue += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                  *getattr(e, "worker_failures", {}).values()]
     return seen
 
 
@@ -56,7 +58,7 @@ def reading(where: str, fmt: str | None) -> Iterator[None]:
     except DataError as err:
         raise DataError(_data_error_message(err)) from None
     except Exception as err:  # noqa: BLE001 - Ray wraps reader errors in several types
-        chain = _exception_chain(err)
+        chain = exception_chain(err)
         for e in chain:
             if isinstance(e, DataError):
                 raise DataError(_data_error_message(e)) from None

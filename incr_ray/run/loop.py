@@ -7,7 +7,9 @@ never redone, a scored block is never rescored, a trained model is never retrain
 
 from __future__ import annotations
 
+import re
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,13 +20,34 @@ from ray.data.expressions import col, lit
 from .. import faults
 from ..config import Config, config_from_dict
 from ..data import HOLDOUT, read_labelled_file, replay_rows
+from ..data.errors import exception_chain
 from ..generation.evaluation import evaluate_model
 from ..generation.student import StudentRequest, fit_student
 from ..generation.teacher import score_block
+from ..modeling import NonFiniteError
 from ..storage import remove_tree, rename_tree, write_bytes_atomic
 from .folder import Run, cluster_has_gpu, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, now
 from .report import plot_png, render_report, summary_line
+
+
+@contextmanager
+def _numerics_reported():
+    """NaN/inf found in a Ray worker or actor reaches the console as its own one-line error, not
+    as Ray's wrapper around it."""
+    try:
+        yield
+    except NonFiniteError:
+        raise
+    except Exception as err:
+        found = next((e for e in exception_chain(err) if isinstance(e, NonFiniteError)), None)
+        if found is not None:
+            raise NonFiniteError(str(found.args[0]) if found.args else str(found)) from None
+        # Ray Data's UDF wrapper keeps only the text of the actor's exception.
+        match = re.search(r"NonFiniteError: (.+)", str(err))
+        if match:
+            raise NonFiniteError(match.group(1).strip()) from None
+        raise
 
 
 def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
@@ -42,7 +65,8 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     tmp = dest + ".tmp"
     remove_tree(tmp)
     started = time.perf_counter()
-    score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
+    with _numerics_reported():
+        score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
     rename_tree(tmp, dest)
     rows = ray.data.read_parquet(dest).count()
     entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
@@ -82,7 +106,8 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
                 f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}), then evaluating it on the holdout")
         request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=entry.rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train)
-        train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say)
+        with _numerics_reported():
+            train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say)
         entry.metrics, entry.eval_seconds = train.pop("holdout"), train.pop("eval_seconds")
         entry.model, entry.train = run.rel(model_dest), train
         run.save()

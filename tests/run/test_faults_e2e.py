@@ -122,3 +122,29 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_p
     assert model0.stat().st_mtime_ns == mtime0
     for g in (0, 1):
         assert final["generations"][g]["metrics"] == reference["generations"][g]["metrics"], g
+
+
+def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_path, tiny_bert):
+    """fp16 overflow shows up as NaN logits inside a scoring actor; the driver re-raises it as the
+    one-line NonFiniteError (exit 2 in the CLI), not as Ray's task-error wrapper."""
+    import ray
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from incr_ray.generation.teacher import score_block
+    from incr_ray.modeling import NonFiniteError
+    from incr_ray.run.loop import _numerics_reported
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(broken)
+    cfg = small_config(tmp_path, str(broken), "nan")
+    rows = [{"row_id": i, "text": f"word {i}", "label": i % 3, "block": 1} for i in range(20)]
+    with pytest.raises(NonFiniteError) as caught:
+        with _numerics_reported():
+            score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
+    assert type(caught.value) is NonFiniteError
+    assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)

@@ -27,9 +27,20 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _worker_folders() -> set[str]:
+    """The training workers' scratch folders (each holds a copy of its generation's model)."""
+    import glob
+    import tempfile
+
+    return set(glob.glob(f"{tempfile.gettempdir()}/incr-ray-g*-r*-*"))
+
+
 def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
     cfg = small_config(tmp_path, tiny_bert, "k3")
+    scratch_before = _worker_folders()
     manifest = run_generations(cfg, say=lambda s: None)
+    # Every worker removed its scratch folder: a run leaves no model copies in the temp folder.
+    assert _worker_folders() <= scratch_before
     root = Path(cfg.run_dir)
     on_disk = json.loads((root / "run.json").read_text())
     assert on_disk["status"] == "finished"
