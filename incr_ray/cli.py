@@ -40,29 +40,51 @@ def _quiet_env() -> None:
 
 def init_ray(address: str | None) -> None:
     """Local Ray unless an address is given (``--address`` or ``RAY_ADDRESS``)."""
+    import logging
+
     import ray
 
     from . import faults
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # started by the caller (tests, a notebook)
+        _ray_data_logs_to_file_only()
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
                         **faults.runtime_env_vars()}}
+    # Workers' output stays in the session's log files; the driver's "ray" logger says only warnings.
+    quiet = {"runtime_env": env, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, **quiet)
     else:
         # "local" starts a fresh single-node cluster; a bare ray.init() could attach to a stale one.
-        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, **quiet)
+    _ray_data_logs_to_file_only()
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _ray_data_logs_to_file_only() -> None:
+    """Keep Ray Data's log records off the console; they still go to ``logs/ray-data/`` in Ray's session folder.
+
+    Ray Data logs a failed read task with its whole traceback (streaming_executor_state.py,
+    ``_record_errored_block``) and again on the way out (exceptions.py, ``omit_traceback_stdout``)
+    through the "console" handler its logging config puts on the "ray.data" logger
+    (ray/data/_internal/logging.py, ``DEFAULT_CONFIG``) -- before the error reaches :func:`main`,
+    which reports bad input as one line. Our own one-line-per-step progress replaces its
+    per-dataset INFO logs and progress bars.
+    """
     import logging
 
     from ray.data import DataContext
+    from ray.data._internal.logging import SessionFileHandler
 
-    # Our own one-line-per-step progress replaces Ray Data's per-dataset INFO logs and bars.
     DataContext.get_current().enable_progress_bars = False
-    for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logger = logging.getLogger("ray.data")
+    for handler in list(logger.handlers):
+        if not isinstance(handler, SessionFileHandler):
+            logger.removeHandler(handler)
 
 
 def _config(args) -> Any:
@@ -71,10 +93,22 @@ def _config(args) -> Any:
     return load_config(args.config, args.set or [])
 
 
+def _check_model_and_storage(cfg) -> None:
+    """The model and storage checks of the run's own preflight, made before Ray starts (they need no Ray)."""
+    from .modeling import check_classifier, resolve_model_path
+    from .storage import absolute, check_writable, is_remote
+
+    base = resolve_model_path(cfg.model.base)
+    if not is_remote(base):
+        check_classifier(base, cfg.model.trust_remote_code)
+    check_writable(absolute(cfg.storage.path))
+
+
 def cmd_train(args) -> int:
+    cfg = _config(args)  # before the heavy imports below: a config error is reported at once
+    _check_model_and_storage(cfg)
     from .run.loop import run_generations
 
-    cfg = _config(args)
     init_ray(args.address)
     manifest = run_generations(cfg)
     _print_final(manifest)
@@ -92,9 +126,20 @@ def _print_final(manifest: dict[str, Any]) -> None:
           f"holdout accuracy {last['metrics']['accuracy']:.4f}")
 
 
+def _check_run_and_data(run_dir: str, data_path: str | None) -> None:
+    """What can be checked without Ray: ``run_dir`` is a run folder, a local ``data_path`` exists."""
+    from .run.folder import read_manifest
+    from .storage import absolute, is_remote
+
+    read_manifest(run_dir)
+    if data_path and not is_remote(data_path) and not os.path.exists(absolute(data_path)):
+        raise UsageError(f"--data {data_path!r} does not exist; point --data at a csv, jsonl or parquet file or folder")
+
+
 def cmd_extend(args) -> int:
     from .run.loop import extend_run
 
+    _check_run_and_data(args.run, args.data)
     init_ray(args.address)
     manifest = extend_run(args.run, args.data, args.set or [])
     _print_final(manifest)
@@ -104,6 +149,7 @@ def cmd_extend(args) -> int:
 def cmd_evaluate(args) -> int:
     from .run.loop import evaluate_run
 
+    _check_run_and_data(args.run, args.data)
     init_ray(args.address)
     rows = evaluate_run(args.run, args.data, all_generations=args.all)
     print(f"{'gen':>4} {'accuracy':>9} {'macro_f1':>9} {'nll':>8} {'ece':>8} {'n':>7}")
