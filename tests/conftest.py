@@ -62,7 +62,7 @@ def ray_with_faults(tmp_path_factory, monkeypatch):
     ray.shutdown()
 
 
-def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None):
+def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None, head: bool = True):
     """Save a tiny random-weight sequence classifier with the bundled MiniLM tokenizer."""
     from transformers import AutoTokenizer, AutoModelForSequenceClassification
 
@@ -92,7 +92,12 @@ def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=Non
     import torch
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg)
+    if head:
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    else:  # a base model, as pretrained checkpoints ship: the classifier is created at load
+        from transformers import AutoModel
+
+        model = AutoModel.from_config(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -101,3 +106,9 @@ def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=Non
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_base(tmp_path_factory):
+    """A tiny BERT without a classification head (like MiniLM): every run initialises a new one."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bert_base"), "bert", head=False)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
-from transformers import PrinterCallback, TrainerCallback, TrainerState
+from transformers import PrinterCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import faults
@@ -135,6 +135,9 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
 
         # Training arguments — before the model loads, so that ZeRO-3 partitions it while it loads.
         args = training_arguments(cfg, g, max_steps, os.path.join(work, "hf"), on_gpu, precision)
+        # Seeded before the model loads: a new classification head is initialised at load, before
+        # the Trainer would seed anything, and it must come from run.seed too.
+        set_seed(args.seed)
         init_path = stage_local(request.init_model)
         tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
         # fp32 weights whatever the checkpoint holds: DeepSpeed makes the 16-bit copy itself, and a
