@@ -50,6 +50,10 @@ def init_ray(address: str | None) -> None:
         _ray_data_logs_to_file_only()
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Attached to a cluster: `cluster.use_gpu: auto` then refuses to fall back to CPU (it may
+        # autoscale GPU nodes in later); incr_ray.run.folder reads this.
+        os.environ["RAY_ADDRESS"] = address
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
                         **faults.runtime_env_vars()}}
@@ -93,21 +97,12 @@ def _config(args) -> Any:
     return load_config(args.config, args.set or [])
 
 
-def _check_model_and_storage(cfg) -> None:
-    """The model and storage checks of the run's own preflight, made before Ray starts (they need no Ray)."""
-    from .modeling import check_classifier, resolve_model_path
-    from .storage import absolute, check_writable, is_remote
-
-    base = resolve_model_path(cfg.model.base)
-    if not is_remote(base):
-        check_classifier(base, cfg.model.trust_remote_code)
-    check_writable(absolute(cfg.storage.path))
-
-
 def cmd_train(args) -> int:
     cfg = _config(args)  # before the heavy imports below: a config error is reported at once
-    _check_model_and_storage(cfg)
+    from .run.folder import check_model_and_storage
     from .run.loop import run_generations
+
+    check_model_and_storage(cfg)  # before Ray starts
 
     init_ray(args.address)
     manifest = run_generations(cfg)

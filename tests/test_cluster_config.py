@@ -139,6 +139,7 @@ def test_runtime_env_leaves_incr_rays_own_env_vars_alone(runtime_env, monkeypatc
     from incr_ray.cli import init_ray
 
     seen: dict = {}
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # init_ray sets it when attaching; undone afterwards
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     init_ray("127.0.0.1:1")  # the attach branch that a submitted job takes (RAY_ADDRESS is set)

@@ -202,18 +202,22 @@ def with_stage(cfg: Config, on_gpu: bool, say=print) -> Config:
     return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
 
 
-def _preflight(cfg: Config, on_gpu: bool) -> str:
-    """Checks that cost nothing and would otherwise fail late: precision, model, storage.
-    Returns the base model. ``cfg`` has its ZeRO stage resolved."""
-    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
-    problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_supported=True)
-    if problem:
-        raise ConfigError(problem)
+def check_model_and_storage(cfg: Config) -> str:
+    """Checks that need no Ray and would otherwise fail late: the base model is a classifier, the
+    storage folder takes files. Returns the base model's path (or hub name)."""
     base = resolve_model_path(cfg.model.base)
     if not is_remote(base):
         check_classifier(base, cfg.model.trust_remote_code)
     check_writable(absolute(cfg.storage.path))
     return base
+
+
+def _check_precision(cfg: Config, on_gpu: bool) -> None:
+    """``cfg`` has its ZeRO stage resolved; the workers check bf16 support again on their GPUs."""
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
+    problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_supported=True)
+    if problem:
+        raise ConfigError(problem)
 
 
 @ray.remote(num_cpus=0)  # 0: a head that advertises no CPUs still runs the probe
@@ -303,7 +307,8 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     on_gpu = cluster_has_gpu(cfg)
     settings = cfg  # as the user wrote it (stage auto stays auto in run.json)
     cfg = with_stage(cfg, on_gpu, say)
-    base_model = _preflight(cfg, on_gpu)
+    _check_precision(cfg, on_gpu)
+    base_model = check_model_and_storage(cfg)
     _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
     paths = RunPaths(absolute(cfg.run_dir))
     lock = RunLock(paths.root).acquire() if exists(paths.root) else None
