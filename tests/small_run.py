@@ -1,6 +1,10 @@
-"""The small run every end-to-end test starts from: synthetic data, a tiny model, k=3."""
+"""The small run every end-to-end test starts from (synthetic data, a tiny model, k=3), and a
+stand-in finished run folder for the checks made before Ray starts."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from incr_ray.config import config_from_dict
 
@@ -19,3 +23,13 @@ def small_config(tmp_path, tiny_model, name, **sections):
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return config_from_dict(raw)
+
+
+def fake_run(folder: Path) -> str:
+    """A folder with a valid finished ``run.json`` (and nothing else): enough for the checks made before Ray."""
+    folder.mkdir(parents=True)
+    manifest = {"version": 1, "name": "incr-run", "run_dir": str(folder), "status": "finished", "created": "now",
+                "config": {}, "label_names": ["a", "b"],
+                "data": {"fingerprint": "f", "block_sizes": [1], "holdout_size": 1}}
+    (folder / "run.json").write_text(json.dumps(manifest))
+    return str(folder)

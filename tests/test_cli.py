@@ -8,7 +8,6 @@ output of bad data that reaches Ray.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from incr_ray import cli
+from small_run import fake_run
 
 
 def ray_env() -> dict[str, str]:
@@ -139,16 +139,6 @@ def test_bad_data_leaves_no_run_folder(tmp_path, tiny_bert, ray_local, run_cli):
     two_classes = write(tmp_path / "two.csv", "text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(200)))
     assert_usage_error(train(two_classes, "data.eval_fraction=0"), "no holdout", "data.eval_fraction")
     assert not (runs / "incr-run").exists()
-
-
-def fake_run(folder: Path) -> str:
-    """A folder with a valid finished ``run.json`` (and nothing else): enough for the checks made before Ray."""
-    folder.mkdir(parents=True)
-    manifest = {"version": 1, "name": "incr-run", "run_dir": str(folder), "status": "finished", "created": "now",
-                "config": {}, "label_names": ["a", "b"],
-                "data": {"fingerprint": "f", "block_sizes": [1], "holdout_size": 1}}
-    (folder / "run.json").write_text(json.dumps(manifest))
-    return str(folder)
 
 
 def test_evaluate_and_extend_refuse_before_ray(tmp_path, run_cli, no_ray):

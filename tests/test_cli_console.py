@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from small_run import fake_run
+
 pytestmark = pytest.mark.e2e
 
 MAX_LINES = 3
@@ -44,16 +46,6 @@ def _jsonl(path: Path, rows, tail: str = "", encoding: str = "utf-8") -> str:
     text = "".join(json.dumps({"text": t, "label": label}, ensure_ascii=False) + "\n" for t, label in rows)
     path.write_bytes((text + tail).encode(encoding))
     return str(path)
-
-
-def _fake_run(folder: Path) -> str:
-    """A finished run's ``run.json`` and nothing else: enough for what extend checks before Ray."""
-    folder.mkdir(parents=True)
-    manifest = {"version": 1, "name": "incr-run", "run_dir": str(folder), "status": "finished", "created": "now",
-                "config": {}, "label_names": ["a", "b"],
-                "data": {"fingerprint": "f", "block_sizes": [1], "holdout_size": 1}}
-    (folder / "run.json").write_text(json.dumps(manifest))
-    return str(folder)
 
 
 # Each bad data file, and words its error line must hold.
@@ -139,7 +131,7 @@ def console(tmp_path_factory):
     runs = d / "runs"
     before_ray = {
         "evaluate_not_a_run": ["evaluate", "--run", str(d)],
-        "extend_missing_data": ["extend", "--run", _fake_run(d / "fake" / "incr-run"),
+        "extend_missing_data": ["extend", "--run", fake_run(d / "fake" / "incr-run"),
                                 "--data", str(d / "missing.jsonl")],
     }
     cases = [{"name": n, "argv": argv} for n, argv in before_ray.items()]
