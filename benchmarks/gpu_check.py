@@ -962,7 +962,8 @@ def decoder_settings(ctx: Ctx) -> dict[str, Any]:
     return dict(shape=dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                            intermediate_size=5632, max_position_embeddings=2048),
                 max_length=512, steps=30, skip=5, teacher_batch=64, teacher_batches=8,
-                runs=[dict(batch=16, ckpt=False), dict(batch=32, ckpt=False), dict(batch=32, ckpt=True)],
+                runs=[dict(batch=16, ckpt=False), dict(batch=32, ckpt=False), dict(batch=32, ckpt=True),
+                      dict(batch=64, ckpt=False), dict(batch=32, ckpt=False, compile=True)],
                 est_run_s=60)
 
 
@@ -1063,13 +1064,14 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
     min_chars = st["max_length"] * 6
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB if ctx.on_gpu else 80.0
 
-    def config(batch: int, ckpt: bool):
+    def config(batch: int, ckpt: bool, compile: bool = False):
         # epochs chosen so steps_for() gives the wanted number of optimizer steps over `rows`.
         cfg, why = make_config(ctx, {
             "run": {"name": "gpu-check-decoder", "seed": 0},
             "data": {"source": "rotten_tomatoes", "binary": True, "labels": LABELS},
             "model": {"base": str(folder), "max_length": st["max_length"]},
-            "student": {"epochs": 1, "learning_rate": 1e-5, "batch_size": batch, "gradient_checkpointing": ckpt},
+            "student": {"epochs": 1, "learning_rate": 1e-5, "batch_size": batch, "gradient_checkpointing": ckpt,
+                        "torch_compile": compile},
             # fp32 on CPU: the smoke test covers ZeRO-0 here and bf16/ZeRO-1 in the MiniLM section.
             "deepspeed": {"stage": "auto", "precision": "fp32" if ctx.cpu else "bf16"},
             "cluster": {"workers": 1, "use_gpu": ctx.on_gpu, "cpus_per_worker": 1, "gpu_memory_gb": gpu_gib},
@@ -1080,8 +1082,9 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
 
     teacher_done = False
     for spec in st["runs"]:
-        name = f"b{spec['batch']}{'-ckpt' if spec['ckpt'] else ''}"
-        run: dict[str, Any] = {"name": name, "batch": spec["batch"], "gradient_checkpointing": spec["ckpt"]}
+        name = f"b{spec['batch']}{'-ckpt' if spec['ckpt'] else ''}{'-compile' if spec.get('compile') else ''}"
+        run: dict[str, Any] = {"name": name, "batch": spec["batch"], "gradient_checkpointing": spec["ckpt"],
+                               "torch_compile": bool(spec.get("compile"))}
         out["runs"].append(run)
         left = GUARD_S - ctx.report.elapsed()
         if left < st["est_run_s"]:
@@ -1089,7 +1092,7 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
             ctx.report.write()
             continue
         try:
-            cfg = config(spec["batch"], spec["ckpt"])
+            cfg = config(spec["batch"], spec["ckpt"], bool(spec.get("compile")))
             rows = long_rows(ctx.texts(), st["steps"] * spec["batch"], min_chars)
             if ctx.on_gpu:
                 release()

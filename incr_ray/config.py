@@ -185,6 +185,11 @@ class StudentSection(_Section):
         False,
         description="Recompute activations in the backward pass: less memory, more compute.",
     )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the student with torch.compile (the Trainer's `torch_compile`): fused kernels, "
+        "faster steps on GPUs after a compile of a minute or more per generation.",
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0,
         description="Save an in-generation checkpoint every N optimizer steps so a restarted worker group "

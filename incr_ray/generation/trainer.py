@@ -123,6 +123,7 @@ def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=s.gradient_checkpointing,
+        torch_compile=s.torch_compile,
         seed=seed,
         data_seed=seed,
         remove_unused_columns=False,

@@ -214,7 +214,7 @@ def _quiet_deepspeed_import() -> None:
 
 def activation_bytes(
     seq_len: int, micro_batch: int, hidden: int, layers: int, heads: int,
-    checkpointing: bool = False, bytes_per_value: int = 2,
+    checkpointing: bool = False, bytes_per_value: int = 2, fused_attention: bool = False,
 ) -> int:
     """Activations a transformer keeps for backward, per GPU, for one micro-batch.
 
@@ -225,23 +225,28 @@ def activation_bytes(
         no checkpointing:            L · per layer
         full checkpointing:          2·s·b·h·L  (each layer's input)  +  one layer recomputed
 
-    The 5·a·s/h term is the attention-score matrices; fused (SDPA/flash) attention does not keep
-    them, so this is an upper bound there. A classifier has no vocabulary-sized logits, so nothing
-    beyond the layers is large. fp32 activations (``bytes_per_value=4``) double every term.
+    The 5·a·s/h term is the attention-score matrices (softmax input, output, dropout mask); fused
+    attention (SDPA, flash) never keeps them, so ``fused_attention`` drops it: s·b·h·34. (Measured on
+    an H200, a 1.03B Llama at s=512 peaked 9-18% above this estimate with the 1.10 overhead, and
+    28-35% below the one with the score matrices; benchmarks/results/gpu_check.json.) A classifier has
+    no vocabulary-sized logits, so nothing beyond the layers is large. fp32 activations
+    (``bytes_per_value=4``) double every term.
     """
     s, b, h, a, n_layers = seq_len, micro_batch, hidden, heads, layers
-    per_layer = s * b * h * (34 + 5 * a * s / h)
+    per_layer = s * b * h * (34 + (0 if fused_attention else 5 * a * s / h))
     total = 2 * s * b * h * n_layers + per_layer if checkpointing else n_layers * per_layer
     return int(total * bytes_per_value / 2)
 
 
-def teacher_activation_bytes(seq_len: int, batch: int, hidden: int, heads: int, bytes_per_value: int = 2) -> int:
+def teacher_activation_bytes(seq_len: int, batch: int, hidden: int, heads: int, bytes_per_value: int = 2,
+                             fused_attention: bool = False) -> int:
     """Peak forward activations of inference (no KV cache, no grads): one layer's working set.
 
     Nothing is kept for a backward pass, so layers do not add up; one layer's s·b·h·(34 + 5·a·s/h)
-    bytes (16-bit) bounds what is alive at once. fp32 doubles it.
+    bytes (16-bit; without the score term under fused attention) bounds what is alive at once.
+    fp32 doubles it.
     """
-    return activation_bytes(seq_len, batch, hidden, 1, heads, False, bytes_per_value)
+    return activation_bytes(seq_len, batch, hidden, 1, heads, False, bytes_per_value, fused_attention)
 
 
 def with_overhead(nbytes: float) -> int:

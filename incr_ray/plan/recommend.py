@@ -88,7 +88,7 @@ def student_row(
     if shape.hidden_size and shape.layers:
         acts = activation_bytes(seq_len, micro_batch, shape.hidden_size, shape.layers,
                                 shape.heads or max(1, shape.hidden_size // 128), checkpointing,
-                                precision.activation_bytes)
+                                precision.activation_bytes, shape.fused_attention)
     total = with_overhead(states.gpu_bytes + gathered + (acts or 0))
     cpu_per_node = states.cpu_bytes * gpus_per_node
     ds = None
@@ -260,7 +260,8 @@ def plan_teacher(cfg: Config, shape: ModelShape, on_gpu: bool) -> TeacherPlan:
     acts = None
     if shape.hidden_size:
         acts = teacher_activation_bytes(cfg.model.max_length, cfg.teacher.batch_size, shape.hidden_size,
-                                        shape.heads or max(1, shape.hidden_size // 128), value_bytes)
+                                        shape.heads or max(1, shape.hidden_size // 128), value_bytes,
+                                        shape.fused_attention)
     total = with_overhead(weights + (acts or 0))
     needed = gpus_needed(total, int(cfg.cluster.gpu_memory_gb * GiB)) if on_gpu else None
     return TeacherPlan("bf16" if on_gpu else "fp32", weights, acts, total, needed)

@@ -34,8 +34,9 @@ def render_plan(plan: Plan, cfg: Config) -> str:
         add(f"cluster      {plan.n_gpus} CPU workers (cluster.use_gpu: false): figures are host memory per worker")
     add(f"precision    {plan.precision_note}")
     add(f"             model states: {plan.precision.note}")
-    act_formula = ("2·s·b·h·L + one layer s·b·h·(34+5·a·s/h)  [gradient checkpointing]" if plan.checkpointing
-                   else "L·s·b·h·(34+5·a·s/h)  [no checkpointing]")
+    layer = "s·b·h·34 [fused attention]" if plan.shape.fused_attention else "s·b·h·(34+5·a·s/h)"
+    act_formula = (f"2·s·b·h·L + one layer {layer}  [gradient checkpointing]" if plan.checkpointing
+                   else f"L·{layer}  [no checkpointing]")
     add(f"activations  s={plan.seq_len} (model.max_length), b={plan.micro_batch} (student.batch_size): "
         f"{act_formula}, Korthikanti et al. 2022")
     add("")
@@ -70,7 +71,8 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     t = plan.teacher
     add(f"Teacher per actor (inference, {t.precision}, b={cfg.teacher.batch_size} teacher.batch_size, no KV cache)")
     add(f"  weights {2 if t.precision == 'bf16' else 4}Ψ           {gib(t.weights):>9} GiB")
-    add(f"  activations         {gib(t.activations):>9} GiB  (one layer at a time: s·b·h·(34+5·a·s/h))")
+    layer = "s·b·h·34, fused attention" if plan.shape.fused_attention else "s·b·h·(34+5·a·s/h)"
+    add(f"  activations         {gib(t.activations):>9} GiB  (one layer at a time: {layer})")
     add(f"  total × {1 + OVERHEAD:.2f}        {gib(t.total):>9} GiB")
     if t.gpus_needed is not None:
         fit_note = "ok" if t.gpus_needed <= cfg.teacher.gpus_per_actor else "too few"

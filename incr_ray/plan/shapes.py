@@ -57,6 +57,13 @@ class ModelShape:
     layers: int | None = None
     heads: int | None = None
     largest_layer_params: int | None = None  # one module's own parameters (ZeRO-3 gathers it whole)
+    # Attention that never materialises the s×s score matrices (SDPA, flash): transformers' default
+    # wherever the architecture supports it. False when unknown: the activation estimate is then the
+    # upper bound that keeps them.
+    fused_attention: bool = False
+
+
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def parse_count(text: str) -> int:
@@ -86,15 +93,23 @@ def count_parameters(hf_config, trust_remote_code: bool = False) -> tuple[int, i
     ``model.parameters()`` yields them) and the most parameters any one module owns directly,
     which is what DeepSpeed's ZeRO-3 estimator calls the largest layer. No memory is allocated.
     """
+    return _counts(_meta_model(hf_config, trust_remote_code))
+
+
+def _meta_model(hf_config, trust_remote_code: bool):
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=trust_remote_code)
+        return AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
+def _counts(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     return total, largest
 
 
 def _shape_from_hf_config(hf_config, source: str, trust_remote_code: bool = False) -> ModelShape:
-    total, largest = count_parameters(hf_config, trust_remote_code)
+    model = _meta_model(hf_config, trust_remote_code)
+    total, largest = _counts(model)
     return ModelShape(
         params=total,
         source=source,
@@ -102,6 +117,7 @@ def _shape_from_hf_config(hf_config, source: str, trust_remote_code: bool = Fals
         layers=_first_attr(hf_config, ("num_hidden_layers", "n_layers", "num_layers", "n_layer")),
         heads=_first_attr(hf_config, ("num_attention_heads", "n_heads", "n_head")),
         largest_layer_params=largest,
+        fused_attention=getattr(model.config, "_attn_implementation", None) in FUSED_ATTENTION,
     )
 
 

@@ -103,3 +103,6 @@ def test_activations_hand_computed():
     assert teacher_activation_bytes(128, 8, 4096, 32) == per_layer
     # Linear in the micro-batch.
     assert activation_bytes(128, 16, 4096, 32, 32) == 2 * activation_bytes(128, 8, 4096, 32, 32)
+    # Fused attention (SDPA, flash) keeps no score matrices: 34 bytes per s·b·h per layer.
+    assert activation_bytes(128, 8, 4096, 32, 32, fused_attention=True) == 32 * 4_194_304 * 34
+    assert teacher_activation_bytes(128, 8, 4096, 32, fused_attention=True) == 4_194_304 * 34

@@ -41,6 +41,11 @@ def test_known_shape_llama_7b():
     assert shape.params == 6_738_415_616 - 32000 * 4096 + 2 * 4096
     assert (shape.hidden_size, shape.layers, shape.heads) == (4096, 32, 32)
     assert "built-in shape 'llama-7b'" in shape.source
+    assert shape.fused_attention  # transformers runs Llama with SDPA by default: no score matrices kept
+
+
+def test_params_only_plans_the_upper_bound_of_activations():
+    assert not resolve_shape(cfg(), params=7_000_000_000).fused_attention
 
 
 def test_params_override_does_not_read_the_model():
