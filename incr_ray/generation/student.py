@@ -30,11 +30,11 @@ from transformers import PrinterCallback, TrainerCallback, TrainerState, set_see
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import faults
-from ..config import Config
+from ..config import Config, ConfigError
 from ..method.hashing import generation_seed, shuffle_keys
 from ..modeling import load_classifier, load_tokenizer
 from ..storage import remove_tree, stage_local, upload_dir
-from .deepspeed_config import resolve_precision
+from .deepspeed_config import precision_problem, resolve_precision
 from .evaluation import holdout_metrics
 from .progress import ProgressCallback, ProgressRelay
 from .trainer import (SoftTargetTrainer, loss_settings, make_collate, precision_record, save_student, steps_for,
@@ -97,11 +97,11 @@ def _set_up(on_gpu: bool, cfg: Config) -> None:
     # Workers print our progress lines; DeepSpeed's and Ray Train's INFO chatter would bury them.
     for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
-    # ZeRO-3 partitions weights at load time, or it sees a world of one.
     # NCCL reads this when its communicator starts (the first collective, after this): a first run on
     # a new cluster then says why a collective hangs or fails instead of only that it did.
     os.environ.setdefault("NCCL_DEBUG", "WARN")
+    # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
+    # ZeRO-3 partitions weights at load time, or it sees a world of one.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     if not on_gpu:
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
@@ -131,7 +131,11 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         # Set up.
         _set_up(on_gpu, cfg)
-        precision = resolve_precision(cfg.deepspeed.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+        bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+        precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_ok)
+        problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_ok)  # the driver could not ask a GPU
+        if problem:
+            raise ConfigError(problem)
 
         # Training arguments — before the model loads, so that ZeRO-3 partitions it while it loads.
         args = training_arguments(cfg, g, max_steps, os.path.join(work, "hf"), on_gpu, precision)

@@ -18,7 +18,7 @@ import ray.data
 from ray.data.expressions import col, lit
 
 from .. import faults
-from ..config import Config, config_from_dict
+from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, read_labelled_file, replay_rows
 from ..data.errors import exception_chain
 from ..generation.evaluation import evaluate_model
@@ -31,22 +31,27 @@ from .manifest import GenerationEntry, RunError, now
 from .report import plot_png, render_report, summary_line
 
 
+# Errors a Ray worker or actor can only find there (its GPU's bf16 support, NaN in its forward)
+# that the user can fix: they reach the console as their own one line, not in Ray's wrappers.
+WORKER_USER_ERRORS = (NonFiniteError, ConfigError)
+
+
 @contextmanager
-def _numerics_reported():
-    """NaN/inf found in a Ray worker or actor reaches the console as its own one-line error, not
-    as Ray's wrapper around it."""
+def _user_errors_from_workers():
     try:
         yield
-    except NonFiniteError:
+    except WORKER_USER_ERRORS:
         raise
     except Exception as err:
-        found = next((e for e in exception_chain(err) if isinstance(e, NonFiniteError)), None)
+        found = next((e for e in exception_chain(err) if isinstance(e, WORKER_USER_ERRORS)), None)
         if found is not None:
-            raise NonFiniteError(str(found.args[0]) if found.args else str(found)) from None
+            kind = next(k for k in WORKER_USER_ERRORS if isinstance(found, k))
+            raise kind(str(found.args[0]) if found.args else str(found)) from None
         # Ray Data's UDF wrapper keeps only the text of the actor's exception.
-        match = re.search(r"NonFiniteError: (.+)", str(err))
-        if match:
-            raise NonFiniteError(match.group(1).strip()) from None
+        for kind in WORKER_USER_ERRORS:
+            match = re.search(rf"{kind.__name__}: (.+)", str(err))
+            if match:
+                raise kind(match.group(1).strip()) from None
         raise
 
 
@@ -65,7 +70,7 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     tmp = dest + ".tmp"
     remove_tree(tmp)
     started = time.perf_counter()
-    with _numerics_reported():
+    with _user_errors_from_workers():
         score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
     rename_tree(tmp, dest)
     rows = ray.data.read_parquet(dest).count()
@@ -106,7 +111,7 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
                 f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}), then evaluating it on the holdout")
         request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=entry.rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train)
-        with _numerics_reported():
+        with _user_errors_from_workers():
             train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say)
         entry.metrics, entry.eval_seconds = train.pop("holdout"), train.pop("eval_seconds")
         entry.model, entry.train = run.rel(model_dest), train

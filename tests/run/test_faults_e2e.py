@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import signal
@@ -73,13 +74,21 @@ def _cli(config_path: str, **kw):
     )
 
 
-def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_bert):
+def _weights(run_dir: Path, g: int) -> str:
+    return hashlib.sha256((run_dir / f"gen_{g:03d}" / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_bert_base, monkeypatch):
     """SIGKILL the whole `incr-ray train` process group after generation 0; the same command
     resumes, keeps generation 0, and ends with the same model as a run that was never stopped.
-    While the first process runs, a second one on the same run folder is refused."""
+    While the first process runs, a second one on the same run folder is refused.
+
+    The base model has no classification head, so every run initialises a new one: the
+    uninterrupted run and the killed-then-resumed one train each generation afresh in different
+    processes, and run.seed alone must make their weights byte-identical; another seed must not."""
     from incr_ray.run.loop import run_generations
 
-    cfg = small_config(tmp_path, tiny_bert, "driver-kill", data={"synthetic_rows": 900},
+    cfg = small_config(tmp_path, tiny_bert_base, "driver-kill", data={"synthetic_rows": 900},
                        method={"k": 2}, student={"epochs": 1})
     reference = run_generations(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "reference"})}),
                                 say=lambda s: None)
@@ -122,6 +131,14 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_p
     assert model0.stat().st_mtime_ns == mtime0
     for g in (0, 1):
         assert final["generations"][g]["metrics"] == reference["generations"][g]["metrics"], g
+        assert _weights(Path(cfg.run_dir), g) == _weights(Path(reference["run_dir"]), g), g
+
+    # Another seed, the same data and settings: other weights from generation 0 on.
+    other = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "other-seed", "seed": 2})})
+    monkeypatch.setenv(faults.ENV, json.dumps({"stop_after_generation": 0}))
+    with pytest.raises(faults.StopRequested):
+        run_generations(other, say=lambda s: None)
+    assert _weights(Path(other.run_dir), 0) != _weights(Path(reference["run_dir"]), 0)
 
 
 def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_path, tiny_bert):
@@ -133,7 +150,7 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
 
     from incr_ray.generation.teacher import score_block
     from incr_ray.modeling import NonFiniteError
-    from incr_ray.run.loop import _numerics_reported
+    from incr_ray.run.loop import _user_errors_from_workers
 
     broken = tmp_path / "nan-model"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
@@ -144,7 +161,7 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
     cfg = small_config(tmp_path, str(broken), "nan")
     rows = [{"row_id": i, "text": f"word {i}", "label": i % 3, "block": 1} for i in range(20)]
     with pytest.raises(NonFiniteError) as caught:
-        with _numerics_reported():
+        with _user_errors_from_workers():
             score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
     assert type(caught.value) is NonFiniteError
     assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)
