@@ -123,6 +123,17 @@ def upload_dir(local_dir: str, dest: str) -> None:
     pafs.copy_files(local_dir, p, destination_filesystem=fs)
 
 
+def staged_path(uri: str) -> Path:
+    """Where :func:`stage_local` keeps its copy of ``uri`` on this node."""
+    return Path(tempfile.gettempdir()) / "incr_ray_models" / hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+def drop_staged(uris: list[str]) -> None:
+    """Remove this node's staged copies of ``uris`` (a run's models, once the run is done with them)."""
+    for uri in uris:
+        shutil.rmtree(staged_path(uri), ignore_errors=True)
+
+
 def stage_local(path: str) -> str:
     """A local folder with the contents of ``path``: ``path`` itself when local, else a copy in a
     per-node cache keyed by a stable hash of the URI, shared by every process on the node.
@@ -132,8 +143,8 @@ def stage_local(path: str) -> str:
     """
     if not is_remote(path):
         return path
-    cache_root = Path(tempfile.gettempdir()) / "incr_ray_models"
-    cache = cache_root / hashlib.sha256(path.encode()).hexdigest()[:32]
+    cache = staged_path(path)
+    cache_root = cache.parent
     if (cache / DONE_MARKER).exists():
         return str(cache)
     cache_root.mkdir(parents=True, exist_ok=True)

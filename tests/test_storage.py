@@ -47,3 +47,24 @@ def test_file_uris_are_local_paths(tmp_path):
     assert not is_remote(f"file://{tmp_path}") and not is_remote(str(tmp_path))
     assert is_remote("s3://bucket/runs") and absolute("s3://bucket/runs") == "s3://bucket/runs"
     assert absolute(f"file://{tmp_path}/runs") == str(tmp_path / "runs")
+
+
+def test_staged_copies_are_keyed_stably_and_dropped(tmp_path, monkeypatch):
+    """The staging cache key is a hash every process on a node agrees on (Python's hash() is
+    salted per process), and a finished run can drop its copies."""
+    import subprocess
+    import sys
+
+    from incr_ray.storage import drop_staged, staged_path
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    uri = "s3://bucket/runs/x/gen_000/model"
+    here = staged_path(uri)
+    code = f"from incr_ray.storage import staged_path; print(staged_path({uri!r}))"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert str(here) == there and here.is_relative_to(tmp_path)
+    here.mkdir(parents=True)
+    (here / "model.safetensors").write_bytes(b"x")
+    drop_staged([uri])
+    assert not here.exists()

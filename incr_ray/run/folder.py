@@ -220,19 +220,24 @@ def _check_precision(cfg: Config, on_gpu: bool) -> None:
         raise ConfigError(problem)
 
 
-@ray.remote(num_cpus=0)  # 0: a head that advertises no CPUs still runs the probe
+def on_every_node(fn, *args) -> list[tuple[str, Any]]:
+    """(node address, ``fn(*args)``) from a task on every alive node of the cluster."""
+    task = ray.remote(num_cpus=0)(fn)  # 0 CPUs: a head that advertises none still runs it
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    results = ray.get([
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
+        for n in nodes
+    ])
+    return [(n["NodeManagerAddress"], r) for n, r in zip(nodes, results)]
+
+
 def _missing_here(paths: list[str]) -> list[str]:
     return [p for p in paths if not os.path.exists(p)]
 
 
 def unreachable_on_nodes(paths: list[str]) -> list[tuple[str, str]]:
     """(node address, path) for every local path an alive node of the cluster cannot see."""
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    probes = [
-        _missing_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
-        for n in nodes
-    ]
-    return [(n["NodeManagerAddress"], p) for n, missing in zip(nodes, ray.get(probes)) for p in missing]
+    return [(node, p) for node, missing in on_every_node(_missing_here, paths) for p in missing]
 
 
 def _check_shared_paths(cfg: Config, base_model: str, storage: str) -> None:

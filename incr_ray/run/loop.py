@@ -25,8 +25,8 @@ from ..generation.evaluation import evaluate_model
 from ..generation.student import StudentRequest, fit_student
 from ..generation.teacher import score_block
 from ..modeling import NonFiniteError
-from ..storage import remove_tree, rename_tree, write_bytes_atomic
-from .folder import Run, cluster_has_gpu, open_finished, open_run, read_manifest
+from ..storage import drop_staged, is_remote, remove_tree, rename_tree, write_bytes_atomic
+from .folder import Run, cluster_has_gpu, on_every_node, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, now
 from .report import plot_png, render_report, summary_line
 
@@ -129,6 +129,9 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
 
 
 def _finish(run: Run) -> None:
+    if is_remote(run.paths.root):  # models staged from s3:// (teachers, student inits) on any node
+        models = [run.paths.join(e.model) for e in run.manifest.generations if e.model]
+        on_every_node(drop_staged, models)
     run.manifest.status = "finished"
     run.manifest.final_model = run.manifest.generations[-1].model
     run.save()
