@@ -7,6 +7,7 @@ the job's runtime env. Keys (all optional)::
     {"stop_after_generation": 0,   # the driver raises StopRequested after that generation
      "worker_exit_at_step": 3,     # training rank 1 dies at that optimizer step
      "teacher_exit_at_batch": 3,   # a teacher actor dies before scoring that batch (1-based)
+     "worker_raise_at_step": 1,    # training rank 0 prints a line to stderr and raises
      "once_dir": "/tmp/x"}         # where the killing faults remember that they fired
 
 A fault that kills a process fires once per ``once_dir`` (a marker file), so the retried work
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 ENV = "INCR_RAY_FAULTS"
@@ -70,3 +72,9 @@ def kill_worker_at_step(step: int, rank: int) -> None:
         # milliseconds of a save would race that. Real crashes come later.
         time.sleep(3)
         os._exit(1)
+
+
+def raise_in_worker_at_step(step: int, rank: int) -> None:
+    if _faults().get("worker_raise_at_step") == step and rank == 0:
+        print(f"fault injected: rank {rank} fails at step {step}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"injected failure at step {step} ({ENV})")

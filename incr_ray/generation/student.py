@@ -85,7 +85,9 @@ class _FaultCallback(TrainerCallback):
     """The test seam's worker fault (see :mod:`incr_ray.faults`); a no-op in real runs."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        faults.kill_worker_at_step(state.global_step, ray.train.get_context().get_world_rank())
+        rank = ray.train.get_context().get_world_rank()
+        faults.kill_worker_at_step(state.global_step, rank)
+        faults.raise_in_worker_at_step(state.global_step, rank)
 
 
 def _set_up(on_gpu: bool, cfg: Config) -> None:
@@ -117,6 +119,22 @@ def _in_generation_checkpoint(work: str) -> tuple[str | None, int]:
     if not os.path.isfile(state):
         return None, 0
     return hf, int(TrainerState.load_from_json(state).global_step)
+
+
+def _own_output_tail(lines: int = 30) -> str:
+    """The last lines this process wrote to stdout and stderr, which Ray sends to log files the job's
+    console never shows (DeepSpeed's and NCCL's own messages among them). Linux only."""
+    tails, seen = [], set()
+    for fd in (1, 2):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if os.path.isfile(path) and path not in seen:
+                seen.add(path)
+                with open(path, errors="replace") as f:
+                    tails.append("".join(f.readlines()[-lines:]).rstrip())
+        except OSError:
+            continue
+    return "\n".join(t for t in tails if t)
 
 
 def train_per_worker(loop_config: dict[str, Any]) -> None:
@@ -220,6 +238,12 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(marker)
         metrics["save_seconds"] = time.perf_counter() - saving - eval_seconds  # local save + upload
         ray.train.report(metrics, checkpoint=checkpoint)
+    except Exception as err:
+        # Ray Train shows the driver this exception's traceback, notes included.
+        tail = _own_output_tail()
+        if tail:
+            err.add_note(f"last lines worker rank {rank} printed:\n{tail}")
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the reported model has been persisted by now
 

@@ -165,3 +165,18 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
             score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
     assert type(caught.value) is NonFiniteError
     assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)
+
+
+def test_a_failing_worker_shows_its_last_lines(ray_with_faults, tmp_path, tiny_bert):
+    """Worker output goes to Ray's log files, not the job's console: a worker that fails adds the
+    last lines it printed to its exception, which the driver shows."""
+    from incr_ray.run.loop import run_generations
+
+    ray_with_faults(worker_raise_at_step=1)
+    cfg = small_config(tmp_path, tiny_bert, "worker-raises", data={"synthetic_rows": 600}, method={"k": 2},
+                       student={"epochs": 1})
+    with pytest.raises(Exception) as caught:
+        run_generations(cfg, say=lambda s: None)
+    text = str(caught.value)
+    assert "RuntimeError: injected failure at step 1" in text
+    assert "last lines worker rank 0 printed:" in text and "fault injected: rank 0 fails at step 1" in text
