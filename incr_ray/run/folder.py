@@ -23,7 +23,7 @@ from ray.data.expressions import col
 from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
 from ..generation.deepspeed_config import precision_problem, resolve_precision
-from ..modeling import check_classifier, head_mismatch, resolve_model_path
+from ..modeling import ModelError, check_classifier, head_mismatch, resolve_model_path
 from ..plan import auto_stage, resolve_shape
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
                        write_json_atomic)
@@ -196,7 +196,15 @@ def with_stage(cfg: Config, on_gpu: bool, say=print) -> Config:
         return cfg
     # The driver may have no GPU to ask; the workers check bf16 support again on theirs.
     precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
-    shape = resolve_shape(cfg) if on_gpu and cfg.cluster.workers > 1 else None
+    shape = None
+    if on_gpu and cfg.cluster.workers > 1:  # the plan decides: it needs the model's shape
+        try:
+            shape = resolve_shape(cfg)
+        except ModelError:
+            raise ConfigError(
+                f"deepspeed.stage auto cannot read the shape of model.base {cfg.model.base!r} to choose a stage "
+                "for several GPUs; set deepspeed.stage (incr-ray plan --params N shows which fits)"
+            ) from None
     stage, why = auto_stage(cfg, on_gpu, precision, shape)
     say(f"deepspeed.stage auto -> ZeRO-{stage}: {why}")
     return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
