@@ -49,3 +49,17 @@ def test_auto_never_falls_back_to_cpu_on_an_attached_cluster():
         decide_gpu("auto", cluster_gpus=0, attached=True)
     assert decide_gpu(False, cluster_gpus=0, attached=True) is False
     assert decide_gpu(True, cluster_gpus=0, attached=True) is True
+
+
+def test_stage_auto_is_resolved_once_and_said():
+    from incr_ray.config import config_from_dict
+    from incr_ray.run.folder import with_stage
+
+    said = []
+    one = with_stage(config_from_dict({}), on_gpu=False, say=said.append)
+    assert one.deepspeed.stage == 0 and said == ["deepspeed.stage auto -> ZeRO-0: one worker: nothing to partition"]
+    explicit = config_from_dict({"deepspeed": {"stage": 2}})
+    assert with_stage(explicit, on_gpu=True, say=said.append) is explicit and len(said) == 1
+    unreadable = config_from_dict({"model": {"base": "s3://bucket/model"}, "cluster": {"workers": 4}})
+    with pytest.raises(ConfigError, match="cannot read the shape.*set deepspeed.stage"):
+        with_stage(unreadable, on_gpu=True, say=said.append)
