@@ -123,9 +123,24 @@ def load_classifier(
     return model
 
 
+def head_in_fp32(model) -> None:
+    """Run the classification head (``classifier`` or ``score``) in fp32 on its 16-bit input.
+
+    A bf16 head rounds the logits to 8 significant bits: probabilities near the target threshold
+    (0.9 by default) land on a coarse grid, and the target rule compares them with p.
+    """
+    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        return
+    head.float()
+    head.register_forward_pre_hook(
+        lambda _, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+
+
 def load_for_inference(path: str, cfg: Config, on_gpu: bool):
     """``(model, tokenizer)`` ready to score: staged locally, in eval mode, on the GPU when given one
-    (bf16 where supported, else fp16), on ``cfg.teacher.cpus_per_actor`` threads otherwise."""
+    (bf16 where supported, else fp16, with the head in fp32), on ``cfg.teacher.cpus_per_actor``
+    threads otherwise."""
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.teacher.cpus_per_actor)))
     local = stage_local(path)
@@ -138,6 +153,8 @@ def load_for_inference(path: str, cfg: Config, on_gpu: bool):
     model = load_classifier(local, trust_remote_code=cfg.model.trust_remote_code, tokenizer=tokenizer, **kwargs)
     if "device_map" not in kwargs:
         model.to("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        head_in_fp32(model)
     return model.eval(), tokenizer
 
 
