@@ -72,12 +72,13 @@ class _ReportCheckpoint(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         saved = get_last_checkpoint(args.output_dir)
-        if saved is None:
-            return
         report = os.path.join(self.work, "report", str(state.global_step))
-        os.makedirs(report)
-        os.rename(saved, os.path.join(report, RayTrainReportCallback.CHECKPOINT_NAME))
-        ray.train.report({"step": state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(report))
+        checkpoint = None
+        if saved is not None:  # every rank writes its ZeRO shards; all must report, shards or not
+            os.makedirs(report)
+            os.rename(saved, os.path.join(report, RayTrainReportCallback.CHECKPOINT_NAME))
+            checkpoint = ray.train.Checkpoint.from_directory(report)
+        ray.train.report({"step": state.global_step}, checkpoint=checkpoint)
         shutil.rmtree(report, ignore_errors=True)  # uploaded by now (a synchronous report)
 
 
