@@ -37,13 +37,17 @@ WORKER_USER_ERRORS = (NonFiniteError, ConfigError)
 
 
 @contextmanager
-def _user_errors_from_workers():
+def _worker_failures_reported(say):
+    """User errors found in a worker or actor reach the console as their own one line; any other
+    worker failure first shows what the failing workers printed (Ray keeps it in log files, and
+    shortens the error it raises to 1,000 characters)."""
     try:
         yield
     except WORKER_USER_ERRORS:
         raise
     except Exception as err:
-        found = next((e for e in exception_chain(err) if isinstance(e, WORKER_USER_ERRORS)), None)
+        chain = exception_chain(err)
+        found = next((e for e in chain if isinstance(e, WORKER_USER_ERRORS)), None)
         if found is not None:
             kind = next(k for k in WORKER_USER_ERRORS if isinstance(found, k))
             raise kind(str(found.args[0]) if found.args else str(found)) from None
@@ -52,6 +56,9 @@ def _user_errors_from_workers():
             match = re.search(rf"{kind.__name__}: (.+)", str(err))
             if match:
                 raise kind(match.group(1).strip()) from None
+        for e in chain:
+            for note in getattr(e, "__notes__", ()):
+                say(note)
         raise
 
 
@@ -70,7 +77,7 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     tmp = dest + ".tmp"
     remove_tree(tmp)
     started = time.perf_counter()
-    with _user_errors_from_workers():
+    with _worker_failures_reported(run.say):
         score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
     rename_tree(tmp, dest)
     rows = ray.data.read_parquet(dest).count()
@@ -111,7 +118,7 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
                 f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}), then evaluating it on the holdout")
         request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=entry.rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train)
-        with _user_errors_from_workers():
+        with _worker_failures_reported(run.say):
             train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say)
         entry.metrics, entry.eval_seconds = train.pop("holdout"), train.pop("eval_seconds")
         entry.model, entry.train = run.rel(model_dest), train

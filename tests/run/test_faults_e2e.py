@@ -150,7 +150,7 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
 
     from incr_ray.generation.teacher import score_block
     from incr_ray.modeling import NonFiniteError
-    from incr_ray.run.loop import _user_errors_from_workers
+    from incr_ray.run.loop import _worker_failures_reported
 
     broken = tmp_path / "nan-model"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
@@ -161,7 +161,7 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
     cfg = small_config(tmp_path, str(broken), "nan")
     rows = [{"row_id": i, "text": f"word {i}", "label": i % 3, "block": 1} for i in range(20)]
     with pytest.raises(NonFiniteError) as caught:
-        with _user_errors_from_workers():
+        with _worker_failures_reported(print):
             score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
     assert type(caught.value) is NonFiniteError
     assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)
@@ -169,14 +169,15 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
 
 def test_a_failing_worker_shows_its_last_lines(ray_with_faults, tmp_path, tiny_bert):
     """Worker output goes to Ray's log files, not the job's console: a worker that fails adds the
-    last lines it printed to its exception, which the driver shows."""
+    last lines it printed to its exception, and the driver prints them in full."""
     from incr_ray.run.loop import run_generations
 
     ray_with_faults(worker_raise_at_step=1)
     cfg = small_config(tmp_path, tiny_bert, "worker-raises", data={"synthetic_rows": 600}, method={"k": 2},
                        student={"epochs": 1})
+    said = []
     with pytest.raises(Exception) as caught:
-        run_generations(cfg, say=lambda s: None)
-    text = str(caught.value)
-    assert "RuntimeError: injected failure at step 1" in text
-    assert "last lines worker rank 0 printed:" in text and "fault injected: rank 0 fails at step 1" in text
+        run_generations(cfg, say=said.append)
+    assert "injected failure at step 1" in str(caught.value.worker_failures[0])
+    shown = "\n".join(said)
+    assert "last lines worker rank 0 printed:" in shown and "fault injected: rank 0 fails at step 1" in shown
