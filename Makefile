@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Everything that starts no Ray: unit tests of the math, config, data helpers, trainer pieces, CLI errors.
 test-fast: setup
