@@ -2,8 +2,8 @@
 pyarrow can open, such as ``s3://``) and the built-in datasets.
 
 A source reads as a lazy dataset with two columns, ``text`` (str) and ``label`` (raw: str or int).
-A wrong path, column or format fails on the driver in milliseconds (:func:`locate`,
-:func:`peek_columns`), before Ray starts any read task.
+A wrong path, column or format fails on the driver in milliseconds (:func:`_locate`,
+:func:`_peek_columns`), before Ray starts any read task.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _decode_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Arr
     return pc.cast(column, pa.string())
 
 
-def check_columns(found: list[str], text_column: str, label_column: str, where: str) -> None:
+def _check_columns(found: list[str], text_column: str, label_column: str, where: str) -> None:
     missing = [c for c in (text_column, label_column) if c not in found]
     if missing:
         field = "data.text_column" if missing[0] == text_column else "data.label_column"
@@ -64,9 +64,9 @@ def check_columns(found: list[str], text_column: str, label_column: str, where: 
         )
 
 
-def normalize_columns(batch: pa.Table, text_column: str, label_column: str, where: str) -> pa.Table:
+def _normalize_columns(batch: pa.Table, text_column: str, label_column: str, where: str) -> pa.Table:
     """Pick and rename the text and label columns; decode the text."""
-    check_columns(batch.column_names, text_column, label_column, where)
+    _check_columns(batch.column_names, text_column, label_column, where)
     return pa.table({"text": _decode_text(batch[text_column]), "label": batch[label_column]})
 
 
@@ -93,7 +93,7 @@ def _format_of(name: str) -> str | None:
 
 
 @dataclass
-class Located:
+class _Located:
     path: str  # absolute local path or URI
     fmt: str
     is_dir: bool
@@ -101,7 +101,7 @@ class Located:
     first_file: str  # path inside fs of the first data file
 
 
-def locate(path: str, field: str, data_format: str) -> Located:
+def _locate(path: str, field: str, data_format: str) -> _Located:
     """Find a data file or folder and its format; a missing path or unknown format is a DataError."""
     if is_remote(path):
         try:
@@ -121,7 +121,7 @@ def locate(path: str, field: str, data_format: str) -> Located:
             raise DataError(
                 f"cannot tell the format of {field} {path!r} from its extension; set data.format to csv, jsonl or parquet"
             )
-        return Located(path, fmt, False, fs, inner)
+        return _Located(path, fmt, False, fs, inner)
     files = sorted(
         f.path for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
         if f.type == pafs.FileType.File and not Path(f.path).name.startswith((".", "_"))
@@ -134,10 +134,10 @@ def locate(path: str, field: str, data_format: str) -> Located:
     if not data_files:
         kind = f".{fmt}" if fmt else ".csv, .jsonl or .parquet"
         raise DataError(f"folder {field} {path!r} holds no {kind} files; point {field} at the data")
-    return Located(path, fmt, True, fs, data_files[0])
+    return _Located(path, fmt, True, fs, data_files[0])
 
 
-def peek_columns(located: Located, csv_convert_options) -> list[str]:
+def _peek_columns(located: _Located, csv_convert_options) -> list[str]:
     """Column names from the start of the first file, so that a wrong column name or an unreadable
     file fails on the driver in milliseconds instead of inside Ray tasks."""
     fs, file = located.fs, located.first_file
@@ -167,14 +167,14 @@ def read_file(path: str, data_cfg: DataSection, field: str) -> tuple["ray.data.D
         raise DataError(
             f"data.text_column and data.label_column are both {data_cfg.text_column!r}; name two different columns"
         )
-    located = locate(path, field, data_cfg.format)
+    located = _locate(path, field, data_cfg.format)
     path, fmt = located.path, located.fmt
     where = f"{field} {path!r}"
     extensions = _FORMAT_EXTENSIONS[fmt] if located.is_dir else None
     # Text read as bytes so that invalid UTF-8 is replaced, not refused.
     convert = pacsv.ConvertOptions(column_types={data_cfg.text_column: pa.binary()})
     with reading(where, fmt):
-        check_columns(peek_columns(located, convert), data_cfg.text_column, data_cfg.label_column, where)
+        _check_columns(_peek_columns(located, convert), data_cfg.text_column, data_cfg.label_column, where)
         if fmt == "csv":
             ds = ray.data.read_csv(
                 path,
@@ -189,7 +189,7 @@ def read_file(path: str, data_cfg: DataSection, field: str) -> tuple["ray.data.D
                 [data_cfg.text_column, data_cfg.label_column]  # pushed down: only these are read
             )
     ds = ds.map_batches(
-        normalize_columns,
+        _normalize_columns,
         batch_format="pyarrow",
         fn_kwargs={"text_column": data_cfg.text_column, "label_column": data_cfg.label_column, "where": where},
     )
@@ -218,7 +218,7 @@ def _read_rotten_tomatoes(binary: bool) -> "ray.data.Dataset":
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
     )
     ds = ds.map_batches(
-        normalize_columns,
+        _normalize_columns,
         batch_format="pyarrow",
         fn_kwargs={"text_column": "text", "label_column": "category", "where": "rotten_tomatoes"},
     )
