@@ -3,6 +3,7 @@
 :class:`TargetScorer` loads the teacher once per actor and turns each batch into the teacher's
 softmax and the soft target of every row. Resources — pool size, CPUs and GPUs per actor, batch
 size — are set at the ``map_batches`` call in :func:`score_block`, never inside the class.
+:func:`teacher_block_stats` then reads back what the teacher and the target rule did on the block.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pyarrow as pa
 
 from .. import faults
 from ..config import Config
-from ..method.targets import soft_targets, softmax
+from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, soft_targets, softmax,
+                              target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference
 
 
@@ -71,3 +73,50 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool):
         batch_size=cfg.teacher.batch_size,
         **resources,
     )
+
+
+# Rows per batch when summarising stored targets: pure numpy on a few floats per row, so large
+# batches keep the number of tasks (and of summary rows) small.
+STATS_BATCH_SIZE = 4096
+
+
+def _matrix(column) -> np.ndarray:
+    """An ``(n, C)`` float64 matrix from a non-empty list column as Ray hands it to numpy batches
+    (a 2-D array, or an object array of 1-D arrays)."""
+    return np.stack([np.asarray(r, dtype=np.float64) for r in column])
+
+
+def block_rule_stats(batch: dict[str, np.ndarray], threshold: float, floor: float | None,
+                     temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """``map_batches`` function: one row of :func:`target_rule_stats` sums over the batch's block
+    rows (``replay`` false or absent); replay rows are left out."""
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    own = ~np.asarray(batch["replay"], dtype=bool) if "replay" in batch else np.ones(len(labels), dtype=bool)
+    if own.any():
+        probs, targets = _matrix(batch["teacher_probs"])[own], _matrix(batch["target"])[own]
+        stats = target_rule_stats(probs, labels[own], targets, threshold, floor, temperature)
+    else:
+        stats = {k: 0.0 if k.endswith("_sum") else 0 for k in RULE_STAT_KEYS}
+    return {k: np.asarray([v]) for k, v in stats.items()}
+
+
+def teacher_block_stats(targets_ds, cfg: Config) -> dict[str, float] | None:
+    """What the teacher and the target rule did on a generation's own block, from its stored
+    targets (``score_block``'s output: ``label``, ``teacher_probs``, ``target``, ``replay``).
+
+    Returns :func:`incr_ray.method.targets.finalize_rule_stats` of the block's rows: the
+    teacher's accuracy and NLL (at τ = 1, like the holdout NLL, whatever ``method.temperature``
+    the probabilities were stored at), kept/pushed/floored shares, mean target entropy and
+    ``rows``; ``None`` when the block holds no rows.
+    """
+    m = cfg.method
+    stats_ds = targets_ds.select_columns(
+        [c for c in ("label", "teacher_probs", "target", "replay") if c in targets_ds.columns()]
+    ).map_batches(block_rule_stats,
+                  fn_kwargs={"threshold": m.threshold, "floor": m.floor, "temperature": m.temperature},
+                  batch_format="numpy", batch_size=STATS_BATCH_SIZE)
+    rows = stats_ds.take_all()  # one small row per batch
+    if not rows:
+        return None
+    total = merge_rule_stats([{k: r[k] for k in RULE_STAT_KEYS} for r in rows])
+    return finalize_rule_stats(total) if total["rows"] else None

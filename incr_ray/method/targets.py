@@ -1,8 +1,9 @@
 """Training targets a student learns from: the teacher's probabilities pushed toward the true class.
 
-The target rule of the method as vectorised numpy, plus the temperature softmax of the
-teacher's logits. It imports neither ray nor
-transformers so it can be tested directly and called from any Ray worker.
+The target rule of the method as vectorised numpy, the temperature softmax of the
+teacher's logits, and what the rule did to a batch (:func:`target_rule_stats`, additive like the
+holdout metrics). It imports neither ray nor transformers so it can be tested directly and
+called from any Ray worker.
 
 Shapes: ``n`` rows, ``C`` classes.
 """
@@ -86,6 +87,25 @@ def check_prob_rows(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     return probs, labels
 
 
+def _check_rule(threshold: float, floor: float | None) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if floor is not None and not 0.0 <= floor < threshold:
+        raise ValueError(f"floor must be in [0, threshold={threshold}) or None, got {floor}")
+
+
+def rule_branches(q_c: np.ndarray, threshold: float, floor: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which branch of the target rule each row takes, from the teacher's probability of the
+    true class: ``(kept, floored, pushed)`` boolean ``(n,)`` masks, exactly one true per row.
+
+    kept: ``q_c >= p``; floored: ``f`` set and ``q_c < f`` (and not kept); pushed: the rest.
+    """
+    q_c = np.asarray(q_c, dtype=np.float64)
+    keep = q_c >= threshold
+    hard = ~keep & (q_c < floor) if floor is not None else np.zeros(q_c.shape, dtype=bool)
+    return keep, hard, ~keep & ~hard
+
+
 def soft_targets(probs, labels, threshold: float = 0.9, floor: float | None = None) -> np.ndarray:
     """Build each row's training target from the teacher's probabilities and the true class.
 
@@ -112,10 +132,7 @@ def soft_targets(probs, labels, threshold: float = 0.9, floor: float | None = No
     Raises:
         ValueError: a parameter out of range or inputs that fail :func:`check_prob_rows`.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if floor is not None and not 0.0 <= floor < threshold:
-        raise ValueError(f"floor must be in [0, threshold={threshold}) or None, got {floor}")
+    _check_rule(threshold, floor)
     probs, labels = check_prob_rows(probs, labels)
     n = probs.shape[0]
     if n == 0:
@@ -123,9 +140,7 @@ def soft_targets(probs, labels, threshold: float = 0.9, floor: float | None = No
 
     rows = np.arange(n)
     q_c = probs[rows, labels]
-    keep = q_c >= threshold
-    hard = ~keep & (q_c < floor) if floor is not None else np.zeros(n, dtype=bool)
-    push = ~keep & ~hard
+    keep, hard, push = rule_branches(q_c, threshold, floor)
 
     # Pushed rows have q_c < p <= 1, so 1 - q_c > 0; the other rows get a dummy denominator so
     # that q_c == 1 never divides by zero.
@@ -158,3 +173,113 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+# -log(0) would make one confidently wrong row dominate the mean NLL as inf (the same floor as
+# incr_ray.method.metrics, which imports this module and so cannot be imported here).
+NLL_PROB_FLOOR = 1e-12
+
+RULE_STAT_KEYS = ("rows", "teacher_correct", "teacher_nll_sum", "kept", "pushed", "floored",
+                  "target_entropy_sum")
+
+
+def target_rule_stats(probs, labels, targets, threshold: float = 0.9, floor: float | None = None,
+                      temperature: float = 1.0) -> dict[str, float]:
+    """What the teacher and the target rule did on one batch, as additive sums.
+
+    Sum the dicts of any number of batches with :func:`merge_rule_stats` (any order, any
+    grouping) and call :func:`finalize_rule_stats` once.
+
+    Args:
+        probs: ``(n, C)`` the teacher's probabilities (at the run's temperature, as stored).
+        labels: ``(n,)`` integer true classes in ``[0, C)``.
+        targets: ``(n, C)`` the targets built from them (rows on the simplex).
+        threshold, floor: the rule's ``p`` and ``f``, as in :func:`soft_targets`.
+        temperature: the ``τ`` ``probs`` were taken at. The rule's branches use ``probs`` as
+            they are; the NLL is of the ``τ = 1`` distribution (``softmax(τ · log q)``), so that
+            it compares with the holdout NLL of the students.
+
+    Returns:
+        ``rows``; ``teacher_correct`` (argmax == label, first class on ties);
+        ``teacher_nll_sum`` (``Σ −log max(q_c, 1e-12)``, ``q`` at ``τ = 1``); ``kept``
+        (``q_c >= p``), ``pushed`` and ``floored`` (one-hot because ``q_c < f``) row counts,
+        which add up to ``rows``;
+        ``target_entropy_sum`` (``Σ −Σ_j t_j log t_j`` in nats, ``0 log 0 = 0``). Counts are
+        ints, sums floats.
+
+    Raises:
+        ValueError: a parameter out of range, inputs that fail :func:`check_prob_rows`, or
+            ``targets`` of another shape than ``probs``.
+    """
+    _check_rule(threshold, floor)
+    probs, labels = check_prob_rows(probs, labels)
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.shape != probs.shape:
+        raise ValueError(f"targets has shape {targets.shape} but probs has {probs.shape}; pass one target per row")
+    n = probs.shape[0]
+    if n == 0:
+        return {k: 0.0 if k.endswith("_sum") else 0 for k in RULE_STAT_KEYS}
+    rows = np.arange(n)
+    q_c = probs[rows, labels]
+    keep, hard, push = rule_branches(q_c, threshold, floor)
+    q1_c = q_c if temperature == 1.0 else softmax(np.log(np.maximum(probs, 1e-300)) * temperature)[rows, labels]
+    t = np.clip(targets, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0)
+    return {
+        "rows": int(n),
+        "teacher_correct": int((probs.argmax(axis=1) == labels).sum()),
+        "teacher_nll_sum": float(-np.log(np.maximum(q1_c, NLL_PROB_FLOOR)).sum()),
+        "kept": int(keep.sum()),
+        "pushed": int(push.sum()),
+        "floored": int(hard.sum()),
+        "target_entropy_sum": float(-plogp.sum()),
+    }
+
+
+def merge_rule_stats(stats_list) -> dict[str, float]:
+    """Sum :func:`target_rule_stats` dicts key by key.
+
+    Raises:
+        ValueError: an empty list, or a dict without exactly the keys of :data:`RULE_STAT_KEYS`.
+    """
+    stats_list = list(stats_list)
+    if not stats_list:
+        raise ValueError("merge_rule_stats needs at least one batch of statistics")
+    total: dict[str, float] = {}
+    for i, stats in enumerate(stats_list):
+        if set(stats) != set(RULE_STAT_KEYS):
+            raise ValueError(f"statistics {i} has keys {sorted(stats)}, expected {sorted(RULE_STAT_KEYS)}")
+        for k in RULE_STAT_KEYS:
+            value = np.asarray(stats[k]).reshape(-1)[0].item()
+            total[k] = total.get(k, 0) + value
+    return total
+
+
+def finalize_rule_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Shares and means from summed :func:`target_rule_stats`.
+
+    Returns:
+        ``accuracy`` (the teacher's, on these rows), ``nll`` (its mean NLL of the true class),
+        ``kept``, ``pushed``, ``floored`` (shares of the rows, summing to 1), ``target_entropy``
+        (mean entropy of the targets in nats) and ``rows``, all floats.
+
+    Raises:
+        ValueError: no rows.
+    """
+    n = float(np.asarray(stats["rows"]).reshape(-1)[0])
+    if n == 0:
+        raise ValueError("no rows to summarise; the block is empty")
+
+    def mean(key: str) -> float:
+        return float(np.asarray(stats[key]).reshape(-1)[0]) / n
+
+    return {
+        "accuracy": mean("teacher_correct"),
+        "nll": mean("teacher_nll_sum"),
+        "kept": mean("kept"),
+        "pushed": mean("pushed"),
+        "floored": mean("floored"),
+        "target_entropy": mean("target_entropy_sum"),
+        "rows": n,
+    }

@@ -1,12 +1,67 @@
-"""The human-readable end of a run: the per-generation table, report.md/json and the metrics plot."""
+"""The human-readable end of a run: the per-generation tables, report.md/json and the metrics plot.
+
+Everything here reads the manifest as ``run.json`` holds it (a dict, absent fields left out), and
+renders a field a generation entry may lack — ``teacher_on_block``, ``promoted``, ``continual``,
+``calibration`` — only where it is present, so run folders written by older versions still report.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
+DASH = "–"
+
+
+def _num(x: Any, fmt: str) -> str:
+    """``x`` formatted, or a dash when it is missing (None, absent, NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return DASH
+    return format(x, fmt)
+
+
+def _pct(x: Any) -> str:
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def finished(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g for g in manifest["generations"] if g.get("status") == "finished"]
+
+
+def final_entry(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The generation whose model is the run's result: ``final_generation`` when the manifest
+    names one (a generation gate may keep an earlier model), else the last finished one."""
+    gens = finished(manifest)
+    chosen = manifest.get("final_generation")
+    if chosen is not None:
+        for g in gens:
+            if g["index"] == chosen:
+                return g
+    return gens[-1] if gens else None
+
+
+def _kind(e: dict[str, Any]) -> str:
+    kind = "one-hot" if e["index"] == 0 else ("extend" if e.get("extended") else "soft targets")
+    return kind + (", not promoted" if e.get("promoted") is False else "")
+
+
+def extension_change(generations: list[dict[str, Any]], e: dict[str, Any]) -> dict[str, Any] | None:
+    """For an extended generation: holdout accuracy of the previous finished generation and of
+    this one, and the change in points; None when either is unknown."""
+    before = [g for g in generations if g["index"] < e["index"]]
+    if not e.get("extended") or not before:
+        return None
+    prev = before[-1]
+    a0 = (prev.get("metrics") or {}).get("accuracy")
+    a1 = (e.get("metrics") or {}).get("accuracy")
+    if a0 is None or a1 is None:
+        return None
+    delta = 100 * (a1 - a0)
+    return {"previous_generation": prev["index"], "accuracy_before": a0, "accuracy_after": a1,
+            "delta_points": delta, "worse": a1 < a0}
 
 
 def summary_line(entry: dict[str, Any], k: int) -> str:
@@ -21,28 +76,82 @@ def summary_line(entry: dict[str, Any], k: int) -> str:
     )
 
 
+# Continual-learning figures a generation may carry: (column heading, cell format).
+CONTINUAL = {
+    "flip_rate": ("flip rate", _pct),
+    "fix_rate": ("fix rate", _pct),
+    "retention_accuracy": ("retention acc", lambda x: _num(x, ".4f")),
+    "retention_rows": ("retention rows", lambda x: _num(None if x is None else int(x), "d")),
+}
+
+
 def table_markdown(generations: list[dict[str, Any]]) -> str:
-    head = "| gen | kind | rows | accuracy | macro-F1 | NLL | ECE | train rows/s | seconds |\n"
-    head += "|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    """Holdout metrics per generation; flip-rate and retention columns when a generation has them."""
+    continual = [k for k in CONTINUAL if any(k in (e.get("continual") or {}) for e in generations)]
+    head = "| gen | kind | rows | accuracy | macro-F1 | NLL | ECE |"
+    rule = "|---:|---|---:|---:|---:|---:|---:|"
+    for k in continual:
+        head += f" {CONTINUAL[k][0]} |"
+        rule += "---:|"
+    head += " train rows/s | seconds |\n"
+    rule += "---:|---:|\n"
     lines = []
     for e in generations:
         m = e.get("metrics") or {}
         t = e.get("train") or {}
-        kind = "one-hot" if e["index"] == 0 else ("extend" if e.get("extended") else "soft targets")
-        lines.append(
-            f"| {e['index']} | {kind} | {e.get('rows', 0)} | {m.get('accuracy', float('nan')):.4f} | "
-            f"{m.get('macro_f1', float('nan')):.4f} | {m.get('nll', float('nan')):.4f} | "
-            f"{m.get('ece', float('nan')):.4f} | {t.get('samples_per_second', float('nan')):.1f} | "
-            f"{e.get('seconds', float('nan')):.0f} |"
-        )
+        cells = [str(e["index"]), _kind(e), str(e.get("rows", 0)), _num(m.get("accuracy"), ".4f"),
+                 _num(m.get("macro_f1"), ".4f"), _num(m.get("nll"), ".4f"), _num(m.get("ece"), ".4f")]
+        c = e.get("continual") or {}
+        cells += [CONTINUAL[k][1](c.get(k)) for k in continual]
+        cells += [_num(t.get("samples_per_second"), ".1f"), _num(e.get("seconds"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + rule + "\n".join(lines) + "\n"
+
+
+def teacher_table_markdown(generations: list[dict[str, Any]]) -> str | None:
+    """What the teacher and the target rule did, per generation ≥ 1; None when no generation
+    recorded it (a run folder from before ``teacher_on_block``, or k = 1)."""
+    rows = [e for e in generations if e["index"] >= 1]
+    if not any(e.get("teacher_on_block") for e in rows):
+        return None
+    head = ("| gen | block rows | teacher accuracy | teacher NLL | kept | pushed | floored "
+            "| mean target entropy (nats) |\n")
+    head += "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for e in rows:
+        t = e.get("teacher_on_block") or {}
+        block_rows = t.get("rows", e.get("block_rows"))
+        cells = [str(e["index"]), _num(int(block_rows) if block_rows is not None else None, "d"),
+                 _num(t.get("accuracy"), ".4f"), _num(t.get("nll"), ".4f"), _pct(t.get("kept")),
+                 _pct(t.get("pushed")), _pct(t.get("floored")), _num(t.get("target_entropy"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def calibration_table_markdown(generations: list[dict[str, Any]]) -> str | None:
+    """Temperature scaling per generation; None when no generation was calibrated."""
+    rows = [e for e in generations if e.get("calibration")]
+    if not rows:
+        return None
+    head = "| gen | temperature | ECE before | ECE after | NLL before | NLL after |\n"
+    head += "|---:|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for e in rows:
+        c = e["calibration"]
+        cells = [str(e["index"]), _num(c.get("temperature"), ".3f"), _num(c.get("ece_before"), ".4f"),
+                 _num(c.get("ece_after"), ".4f"), _num(c.get("nll_before"), ".4f"), _num(c.get("nll_after"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+OPTIONAL_FIELDS = ("extended", "promoted", "teacher_on_block", "continual", "validation", "calibration")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
     """(report.md, report.json) text for a run manifest."""
-    gens = [g for g in manifest["generations"] if g.get("status") == "finished"]
+    gens = finished(manifest)
     cfg = manifest["config"]
-    final = gens[-1] if gens else None
+    final = final_entry(manifest)
     md = [f"# incr-ray run `{manifest['name']}`", ""]
     md.append(
         f"k={cfg['method']['k']} blocks, threshold p={cfg['method']['threshold']}, "
@@ -52,20 +161,58 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
     )
     md.append(f"Labels: {', '.join(manifest['label_names'])}. Holdout rows: {manifest['data']['holdout_size']}.")
     md += ["", "## Holdout metrics per generation", "", table_markdown(gens)]
+    if any(e.get("continual") for e in gens):
+        md += ["Flip rate: share of holdout rows the generation's teacher got right and it gets wrong "
+               "(fix rate: the reverse). Retention: accuracy on a sample of earlier blocks.", ""]
+
+    extensions = {}
+    for e in gens:
+        change = extension_change(gens, e)
+        if change is None:
+            continue
+        extensions[e["index"]] = change
+        md.append(f"Generation {e['index']} extension: holdout accuracy {change['accuracy_before']:.4f} "
+                  f"(generation {change['previous_generation']}) → {change['accuracy_after']:.4f} "
+                  f"({change['delta_points']:+.1f} points).")
+        if change["worse"]:
+            md.append(f"**Warning:** extending made holdout accuracy worse by {-change['delta_points']:.1f} points "
+                      f"than generation {change['previous_generation']}.")
+        md.append("")
+
     if final:
-        md.append(f"Final model: `{final['model']}` (generation {final['index']}), "
-                  f"holdout accuracy {final['metrics']['accuracy']:.4f}.")
-    md.append("")
+        later = [e["index"] for e in gens if e["index"] > final["index"] and e.get("promoted") is False]
+        accuracy = (final.get("metrics") or {}).get("accuracy")
+        md.append(f"Final model: `{final.get('model')}` (generation {final['index']}), "
+                  f"holdout accuracy {_num(accuracy, '.4f')}"
+                  + (f"; generation(s) {', '.join(map(str, later))} not promoted." if later else "."))
+        md.append("")
+
+    teacher = teacher_table_markdown(gens)
+    if teacher:
+        md += ["## What the teacher and the target rule did", "",
+               "Each generation's teacher on the new block's own rows (replay rows left "
+               "out), before the student trained on it: its accuracy and NLL (at τ = 1), and which "
+               "branch of the target rule each row took — kept (q_c ≥ p: t = q), pushed (t_c raised to p), "
+               "floored (q_c < f: one-hot) — with the targets' mean entropy.", "", teacher]
+    calibration = calibration_table_markdown(gens)
+    if calibration:
+        md += ["## Calibration (temperature scaling)", "", calibration]
     md.append("![metrics per generation](generations.png)")
+
+    def entry_json(g: dict[str, Any]) -> dict[str, Any]:
+        out = {"index": g["index"], "rows": g.get("rows"), "metrics": g.get("metrics"),
+               "train": g.get("train"), "seconds": g.get("seconds"), "model": g.get("model")}
+        out.update({k: g[k] for k in OPTIONAL_FIELDS if g.get(k) is not None})
+        if g["index"] in extensions:
+            out["extension"] = extensions[g["index"]]
+        return out
+
     report = {
         "name": manifest["name"],
         "label_names": manifest["label_names"],
-        "generations": [
-            {"index": g["index"], "rows": g.get("rows"), "metrics": g.get("metrics"),
-             "train": g.get("train"), "seconds": g.get("seconds"), "model": g.get("model")}
-            for g in gens
-        ],
-        "final": {"generation": final["index"], "metrics": final["metrics"], "model": final["model"]} if final else None,
+        "generations": [entry_json(g) for g in gens],
+        "final": {"generation": final["index"], "metrics": final.get("metrics"), "model": final.get("model")}
+        if final else None,
     }
     return "\n".join(md) + "\n", json.dumps(report, indent=2)
 
@@ -79,11 +226,22 @@ def plot_png(manifest: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gens = [g for g in manifest["generations"] if g.get("status") == "finished"]
+    gens = finished(manifest)
     xs = [g["index"] for g in gens]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for ax, key in zip(axes, METRICS):
-        ax.plot(xs, [g["metrics"][key] for g in gens], marker="o")
+        ax.plot(xs, [(g.get("metrics") or {}).get(key, float("nan")) for g in gens], marker="o", label="holdout")
+        if key == "accuracy":
+            # The teacher of generation g on block g, before M_g trained on it; earlier blocks, when measured.
+            for label, pick, style in (
+                ("teacher on new block", lambda g: (g.get("teacher_on_block") or {}).get("accuracy"), "s--"),
+                ("retention (earlier blocks)", lambda g: (g.get("continual") or {}).get("retention_accuracy"), "^:"),
+            ):
+                points = [(g["index"], pick(g)) for g in gens if pick(g) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, label=label)
+            if len(ax.get_lines()) > 1:
+                ax.legend(fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("generation")
         ax.set_xticks(xs)

@@ -71,3 +71,54 @@ def test_non_finite_teacher_logits_name_the_fix(tiny_bert):
         scorer.model.classifier.bias.fill_(float("inf"))
     with pytest.raises(NonFiniteError, match="fp32"):
         scorer(batch())
+
+
+def _targets_table(n=10, replay_every=3):
+    """A targets batch as score_block writes it: the rule applied to made-up teacher outputs."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=n)
+    labels = np.arange(n, dtype=np.int64) % 3
+    return {
+        "row_id": np.arange(n, dtype=np.int64),
+        "text": np.array([f"row {i}" for i in range(n)], dtype=object),
+        "label": labels,
+        "teacher_probs": probs,
+        "target": soft_targets(probs, labels, threshold=0.8, floor=0.1),
+        "replay": np.arange(n) % replay_every == 0,
+    }
+
+
+def test_block_rule_stats_leave_replay_rows_out():
+    from incr_ray.generation.teacher import block_rule_stats
+    from incr_ray.method.targets import target_rule_stats
+
+    t = _targets_table()
+    own = ~t["replay"]
+    row = block_rule_stats({**t, "teacher_probs": np.array(list(t["teacher_probs"]), dtype=object)}, 0.8, 0.1)
+    expected = target_rule_stats(t["teacher_probs"][own], t["label"][own], t["target"][own], 0.8, 0.1)
+    assert {k: v[0] for k, v in row.items()} == pytest.approx(expected)
+    assert row["rows"][0] == own.sum() == 6
+    only_replay = block_rule_stats({**t, "replay": np.ones(10, dtype=bool)}, 0.8, 0.1)
+    assert only_replay["rows"][0] == 0
+
+
+def test_teacher_block_stats_over_ray_data_match_the_whole_block(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from incr_ray.generation.teacher import STATS_BATCH_SIZE, _with_list_columns, teacher_block_stats
+    from incr_ray.method.targets import finalize_rule_stats, target_rule_stats
+
+    t = _targets_table(n=2 * STATS_BATCH_SIZE + 37)  # several batches
+    matrices = {k: t.pop(k) for k in ("teacher_probs", "target")}
+    table = _with_list_columns(t, **matrices)
+    assert table.schema.field("target").type == pa.list_(pa.float64())
+    pq.write_table(table, tmp_path / "targets.parquet")
+    stats = teacher_block_stats(ray.data.read_parquet(str(tmp_path / "targets.parquet")),
+                                scoring_config(threshold=0.8, floor=0.1))
+    own = ~t["replay"]
+    expected = finalize_rule_stats(target_rule_stats(
+        matrices["teacher_probs"][own], t["label"][own], matrices["target"][own], 0.8, 0.1))
+    assert stats == pytest.approx(expected)
+    assert stats["rows"] == own.sum()

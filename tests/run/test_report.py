@@ -1,0 +1,124 @@
+"""report.md, report.json and generations.png from fake manifests: optional fields rendered when
+present, and never a failure when absent (run folders written by older versions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from incr_ray.run.report import final_entry, plot_png, render_report, table_markdown
+
+
+def _gen(i, acc, **extra):
+    return {"index": i, "status": "finished", "rows": 100, "block_rows": 100, "model": f"gen_{i:03d}/model",
+            "metrics": {"accuracy": acc, "macro_f1": acc - 0.01, "nll": 0.5, "ece": 0.05, "n": 200},
+            "train": {"samples_per_second": 7.5}, "seconds": 120.0, **extra}
+
+
+def _teacher(acc):
+    return {"accuracy": acc, "nll": 0.45, "kept": 0.6, "pushed": 0.35, "floored": 0.05,
+            "target_entropy": 0.321, "rows": 100.0}
+
+
+def _manifest(gens, **top):
+    return {
+        "name": "fake", "run_dir": "/tmp/fake", "status": "finished", "label_names": ["neg", "pos"],
+        "data": {"holdout_size": 200},
+        "config": {"method": {"k": len(gens), "threshold": 0.9, "floor": None, "temperature": 1.0, "alpha": None},
+                   "student": {"init": "previous"}, "model": {"base": "minilm"},
+                   "deepspeed": {"stage": 1}, "cluster": {"workers": 1}},
+        "generations": gens, **top,
+    }
+
+
+def test_an_old_manifest_without_the_new_fields_still_reports():
+    m = _manifest([_gen(0, 0.70), _gen(1, 0.72), _gen(2, 0.75)])
+    md, js = render_report(m)
+    assert "| 2 | soft targets | 100 | 0.7500 |" in md
+    assert "What the teacher" not in md and "flip rate" not in md and "Calibration" not in md
+    assert "not promoted" not in md and "extension" not in md
+    assert "Final model: `gen_002/model` (generation 2), holdout accuracy 0.7500." in md
+    report = json.loads(js)
+    assert report["final"]["generation"] == 2
+    assert set(report["generations"][1]) == {"index", "rows", "metrics", "train", "seconds", "model"}
+    assert plot_png(m).startswith(b"\x89PNG")
+
+
+def test_teacher_table_per_generation_from_one():
+    m = _manifest([_gen(0, 0.70), _gen(1, 0.72, teacher_on_block=_teacher(0.68)),
+                   _gen(2, 0.75)])  # generation 2 scored by an older version: dashes, no failure
+    md, js = render_report(m)
+    section = md.split("## What the teacher and the target rule did")[1]
+    assert "| 1 | 100 | 0.6800 | 0.4500 | 60.0% | 35.0% | 5.0% | 0.321 |" in section
+    assert "| 2 | 100 | – | – | – | – | – | – |" in section
+    assert "| 0 |" not in section.split("![")[0]
+    report = json.loads(js)
+    assert report["generations"][1]["teacher_on_block"]["accuracy"] == 0.68
+    assert "teacher_on_block" not in report["generations"][2]
+    assert plot_png(m).startswith(b"\x89PNG")
+
+
+def test_gate_continual_and_calibration_fields():
+    cal = {"temperature": 1.7, "ece_before": 0.09, "nll_before": 0.52, "ece_after": 0.03, "nll_after": 0.48}
+    # As the loop records it: a dict of floats (retention_rows too), fix rate and retention NLL with it.
+    cont = {"flip_rate": 0.04, "fix_rate": 0.06, "retention_accuracy": 0.81, "retention_nll": 0.4,
+            "retention_rows": 300.0}
+    m = _manifest(
+        [_gen(0, 0.70, calibration=cal),
+         _gen(1, 0.74, promoted=True, continual=cont, teacher_on_block=_teacher(0.7)),
+         _gen(2, 0.73, promoted=False, continual=cont, teacher_on_block=_teacher(0.72))],
+        final_generation=1,
+    )
+    md, js = render_report(m)
+    assert "| 2 | soft targets, not promoted |" in md
+    assert "| 1 | soft targets |" in md  # promoted: no mark
+    assert "flip rate | fix rate | retention acc | retention rows" in md
+    assert "| 4.0% | 6.0% | 0.8100 | 300 |" in md
+    assert "| 0 | one-hot | 100 | 0.7000 | 0.6900 | 0.5000 | 0.0500 | – | – | – | – |" in md
+    assert "| 0 | 1.700 | 0.0900 | 0.0300 | 0.5200 | 0.4800 |" in md
+    assert "Final model: `gen_001/model` (generation 1), holdout accuracy 0.7400; generation(s) 2 not promoted." in md
+    report = json.loads(js)
+    assert report["final"] == {"generation": 1, "metrics": m["generations"][1]["metrics"], "model": "gen_001/model"}
+    assert report["generations"][2]["promoted"] is False
+    assert report["generations"][1]["continual"] == cont
+    assert report["generations"][0]["calibration"] == cal
+    assert plot_png(m).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("after, worse", [(0.78, False), (0.70, True)])
+def test_extension_line_and_warning(after, worse):
+    m = _manifest([_gen(0, 0.70), _gen(1, 0.75, teacher_on_block=_teacher(0.7)),
+                   _gen(2, after, extended=True, source="new.csv", teacher_on_block=_teacher(0.71))])
+    md, js = render_report(m)
+    assert "| 2 | extend |" in md
+    delta = 100 * (after - 0.75)
+    assert (f"Generation 2 extension: holdout accuracy 0.7500 (generation 1) → {after:.4f} "
+            f"({delta:+.1f} points).") in md
+    assert ("**Warning:**" in md) is worse
+    ext = json.loads(js)["generations"][2]["extension"]
+    assert ext["worse"] is worse and ext["delta_points"] == pytest.approx(delta)
+    assert ext["previous_generation"] == 1
+
+
+def test_final_generation_absent_or_unknown_is_the_last_finished():
+    gens = [_gen(0, 0.7), _gen(1, 0.72), {"index": 2, "status": "running"}]
+    assert final_entry(_manifest(gens))["index"] == 1
+    assert final_entry(_manifest(gens, final_generation=0))["index"] == 0
+    assert final_entry(_manifest(gens, final_generation=2))["index"] == 1  # not finished
+    assert final_entry(_manifest([])) is None
+    md, js = render_report(_manifest([]))
+    assert "Final model" not in md and json.loads(js)["final"] is None
+
+
+def test_table_markdown_tolerates_missing_metrics():
+    # `incr-ray train` prints this table too; a generation without train figures shows dashes.
+    table = table_markdown([{"index": 0, "status": "finished", "rows": 5, "metrics": {"accuracy": 0.5}}])
+    assert "| 0 | one-hot | 5 | 0.5000 | – | – | – | – | – |" in table
+
+
+def test_only_the_continual_figures_present_get_columns():
+    m = _manifest([_gen(0, 0.7), _gen(1, 0.72, continual={"retention_accuracy": 0.8, "retention_rows": 50.0})])
+    md, _ = render_report(m)
+    assert "retention acc | retention rows |" in md and "flip rate" not in md
+    assert "| 0.8000 | 50 |" in md
