@@ -4,13 +4,18 @@ tables and the result files (``benchmarks/results/<name>.{json,md,png}``).
 Import this module before ray: it sets the environment Ray and the Hugging Face libraries read at
 import time: Ray on loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), nothing fetched from a hub,
 DeepSpeed on its CPU accelerator.
+
+It also holds the statistics the scripts share: the mean and 95% confidence interval of paired
+per-seed differences (:func:`paired_difference`, Student t over seeds) and the verdict a goal gets
+from it (:func:`verdict`), and :func:`final_entry`, the generation a run's result is.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import os
+import shutil
 import platform
 import statistics
 import sys
@@ -76,8 +81,14 @@ def run_k_blocks(cfg) -> dict[str, Any]:
     return run_generations(cfg, say=_say)
 
 
-def run_full_fine_tune(cfg) -> dict[str, Any]:
-    """One generation-0 fit (one-hot CE) on every training row of the same split."""
+def run_full_fine_tune(cfg, finish: bool = False) -> dict[str, Any]:
+    """One generation-0 fit (one-hot CE) on every training row of the same split.
+
+    ``finish``: close the run as ``incr-ray train`` closes one (status finished, final model,
+    report), with the training rows recorded as one block, so that ``incr-ray extend`` (or
+    :func:`incr_ray.run.loop.extend_run`) can continue it. The config's ``method.k`` only decides
+    how the split is dealt, which this fit ignores.
+    """
     from ray.data.expressions import col
 
     from incr_ray.run.folder import open_run
@@ -85,8 +96,35 @@ def run_full_fine_tune(cfg) -> dict[str, Any]:
 
     with open_run(cfg, say=_say) as run:
         training_rows = run.split_dataset().filter(expr=col("block") >= 0)
-        run_generation(run, 0, training_rows, None)
+        entry = run_generation(run, 0, training_rows, None)
+        if finish and run.manifest.status != "finished":
+            from incr_ray.run.loop import _finish  # what run_generations does after its last generation
+
+            run.manifest.data.block_sizes = [int(entry.rows)]
+            _finish(run)
         return run.manifest.to_json()
+
+
+def has_setting(dotted: str) -> bool:
+    """Whether this incr-ray's config has ``section.key`` (benchmarks pin keys newer versions add)."""
+    from incr_ray.config import Config
+
+    section, key = dotted.split(".")
+    field = Config.model_fields.get(section)
+    return field is not None and key in field.annotation.model_fields
+
+
+def final_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The generation that is a run's result: the one whose index is ``final_generation`` when the
+    manifest names one (a generation gate may keep an earlier model), else the last generation."""
+    gens = manifest["generations"]
+    chosen = manifest.get("final_generation")
+    if chosen is not None:
+        for g in gens:
+            if g["index"] == chosen:
+                return g
+        raise ValueError(f"final_generation {chosen} is not among the generations {[g['index'] for g in gens]}")
+    return gens[-1]
 
 
 def machine() -> dict[str, Any]:
@@ -106,6 +144,86 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     vals = [float(v) for v in values]
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired differences over seeds
+
+# Two-sided 95% quantiles of Student's t, t_{0.975}(df), df = 1 … 30 (scipy is not in the venv;
+# tests/test_benchmarks_quality.py checks every entry against a numerical integral of the density).
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+Z_975 = 1.959963984540054
+
+
+def t_975(df: int) -> float:
+    """t_{0.975}(df): the table up to 30, beyond it the Cornish-Fisher expansion around the normal
+    quantile (within 1e-4 of the exact value from df 30 on)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be ≥ 1, not {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std and the 95% Student-t confidence interval of the mean of ``values``
+    (``lo``/``hi``/``half_width`` are None for a single value: one seed gives no interval)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("no values")
+    n = len(vals)
+    mean, std = mean_std(vals)
+    half = t_975(n - 1) * std / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "half_width": half,
+            "lo": None if half is None else mean - half, "hi": None if half is None else mean + half}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """``a − b`` per seed (``a[i]`` and ``b[i]`` from the same seed), its mean and 95% CI.
+
+    ``noise`` is True when the interval contains 0 (the difference is inside the seed noise),
+    None when there is no interval (one seed).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same seeds: {len(a)} against {len(b)}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    out = mean_ci(diffs)
+    out["diffs"] = diffs
+    out["noise"] = None if out["lo"] is None else bool(out["lo"] <= 0.0 <= out["hi"])
+    return out
+
+
+def verdict(diff: dict[str, Any], threshold: float = 0.0, higher_is_better: bool = True) -> str:
+    """A goal "difference better than ``threshold``" read from a :func:`paired_difference`:
+    ``met`` when the whole 95% interval is on the good side, ``missed`` when it is all on the bad
+    side, ``inside the seed noise`` when it contains the threshold; with one seed (no interval),
+    ``met (one seed)`` or ``missed (one seed)`` by the point estimate."""
+    sign = 1.0 if higher_is_better else -1.0
+    if diff["lo"] is None:
+        good = sign * (diff["mean"] - threshold) >= 0
+        return "met (one seed)" if good else "missed (one seed)"
+    worst = diff["lo"] if higher_is_better else diff["hi"]
+    best = diff["hi"] if higher_is_better else diff["lo"]
+    if sign * (worst - threshold) >= 0:
+        return "met"
+    if sign * (best - threshold) < 0:
+        return "missed"
+    return "inside the seed noise"
+
+
+def fmt_difference(diff: dict[str, Any], scale: float = 1.0, digits: int = 2, noise_note: bool = True) -> str:
+    """``+1.23 [−0.40, +2.86]`` (mean and 95% CI, times ``scale``), with ", inside the seed noise"
+    when the interval contains 0."""
+    text = f"{scale * diff['mean']:+.{digits}f}"
+    if diff["lo"] is not None:
+        text += f" [{scale * diff['lo']:+.{digits}f}, {scale * diff['hi']:+.{digits}f}]"
+        if noise_note and diff["noise"]:
+            text += ", inside the seed noise"
+    return text.replace("-", "−")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

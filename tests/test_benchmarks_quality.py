@@ -1,0 +1,296 @@
+"""benchmarks/quality.py and the statistics in benchmarks/harness.py, without Ray: the t quantiles,
+paired differences and their verdicts, the final generation of a gated run, the per-seed tables
+and the rendering of a fake result."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import harness  # noqa: E402
+import quality  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Student t
+
+
+def _t_cdf(x: float, df: int, n: int = 4000) -> float:
+    """P(T ≤ x) for x ≥ 0 by Simpson's rule on the density."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def pdf(t: float) -> float:
+        return c * (1 + t * t / df) ** (-(df + 1) / 2)
+
+    h = x / n
+    s = pdf(0.0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
+    return 0.5 + s * h / 3
+
+
+@pytest.mark.parametrize("df", [*range(1, 31), 31, 40, 60, 120, 1000])
+def test_t_quantile_is_the_975th_percentile(df):
+    assert _t_cdf(harness.t_975(df), df) == pytest.approx(0.975, abs=2e-5)
+
+
+def test_t_quantile_refuses_zero_degrees_of_freedom():
+    with pytest.raises(ValueError):
+        harness.t_975(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mean, interval, paired differences, verdicts
+
+
+def test_mean_ci_matches_the_textbook_formula():
+    vals = [0.70, 0.72, 0.75, 0.71, 0.74]
+    ci = harness.mean_ci(vals)
+    mean = sum(vals) / 5
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / 4)
+    assert ci["n"] == 5 and ci["mean"] == pytest.approx(mean) and ci["std"] == pytest.approx(sd)
+    assert ci["half_width"] == pytest.approx(2.7764 * sd / math.sqrt(5))
+    assert ci["lo"] == pytest.approx(mean - ci["half_width"]) and ci["hi"] == pytest.approx(mean + ci["half_width"])
+
+
+def test_one_value_has_no_interval():
+    ci = harness.mean_ci([0.5])
+    assert ci["mean"] == 0.5 and ci["std"] == 0.0
+    assert ci["lo"] is None and ci["hi"] is None and ci["half_width"] is None
+
+
+def test_paired_difference_is_the_mean_of_per_seed_differences():
+    a, b = [0.70, 0.80, 0.60], [0.68, 0.77, 0.59]
+    d = harness.paired_difference(a, b)
+    assert d["diffs"] == pytest.approx([0.02, 0.03, 0.01])
+    assert d["mean"] == pytest.approx(0.02)
+    # sd of (0.02, 0.03, 0.01) is 0.01: half width t(2) · 0.01 / √3
+    assert d["half_width"] == pytest.approx(4.3027 * 0.01 / math.sqrt(3))
+    assert d["noise"] is True  # 0.02 ± 0.0248: three seeds leave +2 points inside the noise
+
+
+def test_noise_means_the_interval_contains_zero():
+    tight = harness.paired_difference([0.72, 0.73, 0.74, 0.75], [0.70, 0.71, 0.72, 0.73])  # +2 points every seed
+    assert tight["std"] == pytest.approx(0.0, abs=1e-12) and tight["noise"] is False
+    loose = harness.paired_difference([0.72, 0.69, 0.75], [0.70, 0.71, 0.72])  # +2, −2, +3
+    assert loose["lo"] < 0 < loose["hi"] and loose["noise"] is True
+    assert harness.paired_difference([0.7], [0.6])["noise"] is None
+
+
+def test_paired_difference_needs_the_same_seeds():
+    with pytest.raises(ValueError):
+        harness.paired_difference([0.1, 0.2], [0.1])
+
+
+def test_verdict_reads_the_whole_interval():
+    up = {"mean": 0.03, "lo": 0.01, "hi": 0.05}
+    straddles = {"mean": 0.01, "lo": -0.01, "hi": 0.03}
+    down = {"mean": -0.03, "lo": -0.05, "hi": -0.01}
+    assert harness.verdict(up) == "met"
+    assert harness.verdict(straddles) == "inside the seed noise"
+    assert harness.verdict(down) == "missed"
+    # Lower is better (NLL, ECE): the upper end must be below the threshold.
+    assert harness.verdict(down, higher_is_better=False) == "met"
+    assert harness.verdict(up, higher_is_better=False) == "missed"
+    # "Within 1 point" is a threshold of −0.01 on the difference.
+    assert harness.verdict({"mean": -0.005, "lo": -0.008, "hi": -0.002}, -0.01) == "met"
+    assert harness.verdict({"mean": -0.005, "lo": -0.02, "hi": 0.01}, -0.01) == "inside the seed noise"
+    assert harness.verdict({"mean": -0.05, "lo": -0.08, "hi": -0.02}, -0.01) == "missed"
+    one = {"mean": -0.02, "lo": None, "hi": None}
+    assert harness.verdict(one, -0.01) == "missed (one seed)"
+    assert harness.verdict(one, -0.03) == "met (one seed)"
+
+
+def test_fmt_difference_says_when_zero_is_inside():
+    d = harness.paired_difference([0.72, 0.69, 0.75], [0.70, 0.71, 0.72])
+    text = harness.fmt_difference(d, 100)
+    assert text.startswith("+1.00 [−") and text.endswith(", inside the seed noise")
+    assert "inside" not in harness.fmt_difference(harness.paired_difference([0.8, 0.8], [0.7, 0.7]), 100)
+    assert harness.fmt_difference(harness.paired_difference([0.7], [0.75]), 100) == "−5.00"
+
+
+# ---------------------------------------------------------------------------------------------
+# The final generation
+
+
+def test_final_entry_follows_final_generation_when_present():
+    gens = [{"index": 0}, {"index": 1}, {"index": 2, "promoted": False}]
+    assert harness.final_entry({"generations": gens})["index"] == 2
+    assert harness.final_entry({"generations": gens, "final_generation": 1})["index"] == 1
+    with pytest.raises(ValueError):
+        harness.final_entry({"generations": gens, "final_generation": 7})
+
+
+def _manifest(accs, final_generation=None, calibration=None):
+    gens = []
+    for i, acc in enumerate(accs):
+        g = {"index": i, "status": "finished", "rows": 100, "seconds": 10.0 + i, "train": {"steps": 13},
+             "metrics": {"accuracy": acc, "macro_f1": acc - 0.1, "nll": 1 - acc, "ece": 0.05}}
+        if final_generation is not None:
+            g["promoted"] = i <= final_generation
+        if calibration is not None:
+            g["calibration"] = calibration
+        gens.append(g)
+    m = {"generations": gens}
+    if final_generation is not None:
+        m["final_generation"] = final_generation
+    return m
+
+
+def test_method_result_reports_the_kept_generation_of_a_gated_run():
+    r = quality.method_result(_manifest([0.6, 0.7, 0.65], final_generation=1))
+    assert r["final_generation"] == 1 and r["final"]["accuracy"] == 0.7
+    assert r["seconds"] == pytest.approx(33.0)
+    assert [g["promoted"] for g in r["generations"]] == [True, True, False]
+    assert r["generations"][0]["steps"] == 13
+    assert quality.method_result(_manifest([0.6, 0.7, 0.65]))["final"]["accuracy"] == 0.65
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-seed tables of the default run (3 methods) and of --levers
+
+
+def _gen(acc, nll=0.7, ece=0.05, g=0, seconds=10.0, **extra):
+    return {"generation": g, "rows": 100, "seconds": seconds, "accuracy": acc, "macro_f1": acc - 0.1,
+            "nll": nll, "ece": ece, **extra}
+
+
+def _k_blocks(final_acc, nll=0.7, ece=0.05, **extra):
+    gens = [_gen(0.6, 0.9, 0.1, g=g) for g in range(3)] + [_gen(final_acc, nll, ece, g=3, **extra)]
+    return {"final": gens[-1], "final_generation": 3, "generations": gens, "seconds": 40.0}
+
+
+def _default_seed(inc, full, hard):
+    f = _gen(full, 0.75, 0.08)
+    return {"incremental": _k_blocks(inc), "sequential hard-label": _k_blocks(hard, 0.8, 0.10),
+            "full fine-tune": {"final": f, "final_generation": 0, "generations": [f], "seconds": 20.0}}
+
+
+def _default_per_seed():
+    return {0: _default_seed(0.70, 0.72, 0.69), 1: _default_seed(0.74, 0.73, 0.71), 2: _default_seed(0.72, 0.74, 0.70),
+            3: _default_seed(0.71, 0.73, 0.70), 4: _default_seed(0.73, 0.72, 0.72)}
+
+
+def test_summary_of_the_default_methods_pairs_by_seed():
+    summary = quality.summarize(_default_per_seed())
+    assert list(summary["methods"]) == ["incremental", "sequential hard-label", "full fine-tune"]
+    assert set(summary["curves"]) == {"incremental", "sequential hard-label"}
+    assert list(summary["differences"]) == ["incremental − full fine-tune", "incremental − sequential hard-label"]
+    full = summary["differences"]["incremental − full fine-tune"]["accuracy"]
+    assert full["diffs"] == pytest.approx([-0.02, 0.01, -0.02, -0.02, 0.01])
+    assert full["mean"] == pytest.approx(-0.008)
+    hard = summary["differences"]["incremental − sequential hard-label"]["accuracy"]
+    assert hard["diffs"] == pytest.approx([0.01, 0.03, 0.02, 0.01, 0.01])
+    assert hard["noise"] is False  # +1 to +3 points on every seed
+    assert summary["differences"]["incremental − full fine-tune"]["seconds"]["mean"] == pytest.approx(20.0)
+
+
+def test_verdicts_come_from_the_intervals():
+    v = {x["goal"]: x for x in quality.verdicts(quality.summarize(_default_per_seed()))}
+    acc = v["final accuracy within 1 point of full fine-tuning (or better)"]
+    assert acc["status"] == "inside the seed noise" and acc["met"] is False  # −0.8 points, interval reaches −2.6
+    assert "95% CI over 5 seeds" in acc["figures"]
+    assert v["lower ECE than full fine-tuning"]["status"] == "met"  # 0.05 vs 0.08 on every seed
+    assert v["lower NLL than sequential hard-label"]["status"] == "met"
+
+
+def test_verdicts_skip_goals_whose_methods_did_not_run():
+    per_seed = {s: {m: r for m, r in v.items() if m != "sequential hard-label"} for s, v in _default_per_seed().items()}
+    goals = [x["goal"] for x in quality.verdicts(quality.summarize(per_seed))]
+    assert goals == ["final accuracy within 1 point of full fine-tuning (or better)",
+                     "lower ECE than full fine-tuning", "lower NLL than full fine-tuning"]
+
+
+CAL = {"temperature": 1.4, "ece_before": 0.10, "nll_before": 0.70, "ece_after": 0.04, "nll_after": 0.66}
+
+
+def _lever_per_seed():
+    out = {}
+    for s, (base, sched, cal) in enumerate([(0.70, 0.72, 0.70), (0.71, 0.74, 0.71), (0.69, 0.71, 0.69)]):
+        gated = _k_blocks(0.70)
+        gated["generations"] = [dict(g, promoted=g["generation"] != 3) for g in gated["generations"]]
+        gated["final_generation"], gated["final"] = 2, gated["generations"][2]
+        out[s] = {"incremental": _k_blocks(base), "one LR schedule across generations": _k_blocks(sched),
+                  "generation gate (keep best)": gated,
+                  "temperature scaling": _k_blocks(cal, ece=0.04, calibration=CAL)}
+    return out
+
+
+LEVERS = [lever for lever in quality.LEVERS if lever[0] != "teacher annealing"]
+
+
+def test_levers_are_paired_against_incremental():
+    summary = quality.summarize_variants(_lever_per_seed(), LEVERS)
+    assert list(summary["differences"]) == [f"{label} − incremental" for label, _, _ in LEVERS]
+    sched = summary["differences"]["one LR schedule across generations − incremental"]["accuracy"]
+    assert sched["diffs"] == pytest.approx([0.02, 0.03, 0.02]) and sched["noise"] is False
+    cal = summary["calibration"]["temperature scaling"]
+    assert cal["temperature"]["mean"] == pytest.approx(1.4)
+    assert cal["ece_after_minus_before"]["mean"] == pytest.approx(-0.06)
+    assert summary["gate"]["generation gate (keep best)"] == {"not_promoted": [1, 1, 1], "final_generation": [2, 2, 2],
+                                                               "generations": [4, 4, 4]}
+    # The gated run's final model is generation 2 (accuracy 0.6), not its last generation.
+    gate = summary["differences"]["generation gate (keep best) − incremental"]["accuracy"]
+    assert gate["diffs"] == pytest.approx([-0.10, -0.11, -0.09])
+
+
+def test_every_lever_config_key_is_named_as_the_issue_asks():
+    changes = {k: v for _, ch, _ in quality.LEVERS for k, v in ch.items()}
+    assert changes == {"student.schedule": "run", "method.anneal": True, "method.validation_fraction": 0.1,
+                       "method.keep_best": True, "method.calibrate": True}
+    assert quality._override("method.anneal", True) == "method.anneal=true"
+    assert [shares for _, _, shares in quality.LEVERS] == [False, True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering a fake result
+
+
+SETTINGS = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.25, "k": 4, "epochs": 1.0, "lr": 2e-4,
+            "batch_size": 8, "max_length": 32, "holdout_rows": 375, "block_rows": 281}
+
+
+def test_render_and_plot_a_default_result():
+    summary = quality.summarize(_default_per_seed())
+    result = {"settings": SETTINGS, "summary": summary, "verdicts": quality.verdicts(summary)}
+    text = quality.render(result)
+    assert "| incremental − full fine-tune | −0.80 [−" in text
+    assert "inside the seed noise" in text
+    assert "- INSIDE THE SEED NOISE: final accuracy within 1 point of full fine-tuning (or better)" in text
+    assert "- MET: lower ECE than full fine-tuning" in text
+    png = quality.plot(result)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_and_plot_a_levers_result():
+    per_seed = _lever_per_seed()
+    result = {"settings": dict(SETTINGS, seeds=[0, 1, 2]), "variants": [list(v) for v in LEVERS],
+              "summary": quality.summarize_variants(per_seed, LEVERS)}
+    text = quality.render_variants(result)
+    assert "| one LR schedule across generations | `student.schedule=run` |" in text
+    assert "| temperature scaling | 1.400 ± 0.000 | 0.1000 ± 0.0000 | 0.0400 ± 0.0000 | −0.0600" in text
+    assert "generations not promoted per seed [1, 1, 1]; final generation per seed [2, 2, 2] (of 4)" in text
+    assert quality.plot(result)[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_presets_fill_what_the_command_line_left_unset(tmp_path):
+    a = quality.resolve(quality.parser().parse_args(["--workdir", str(tmp_path)]))
+    assert (a.seeds, a.rows, a.max_length, a.k, a.min_steps) == ([0, 1, 2, 3, 4], 1500, 32, 4, 0)
+    assert a.methods == quality.DEFAULT_METHODS and a.out == harness.RESULTS
+    a = quality.resolve(quality.parser().parse_args(["--levers", "--workdir", str(tmp_path)]))
+    assert a.seeds == [0, 1, 2]
+    a = quality.resolve(quality.parser().parse_args(["--gpu", "--workdir", str(tmp_path), "--max-length", "128"]))
+    assert a.rows is None and a.use_gpu is True and a.batch_size == 32 and a.max_length == 128
+    a = quality.resolve(quality.parser().parse_args(["--smoke"]))
+    assert (a.seeds, a.rows, a.max_length, a.k) == ([0, 1], 160, 16, 2)
+    assert harness.RESULTS not in (a.out, a.out.parent) and "smoke" in str(a.out)
+    assert quality.resolve(quality.parser().parse_args(["--all-methods", "--workdir", str(tmp_path)])).methods == \
+        quality.METHODS
