@@ -52,7 +52,8 @@ def fork_after_generation_0(source_dir: Path, cfg) -> None:
     """Start ``cfg``'s run folder from a finished run's split and generation 0.
 
     The manifest is the source's with this run's name and config, so the pipeline's own resume
-    (and its settings check) takes over from generation 1.
+    (and its settings check) takes over from generation 1. Where it came from goes into a
+    ``forked_from`` file next to it: run.json is typed and takes no key of the benchmark's own.
     """
     from incr_ray.storage import write_json_atomic
 
@@ -67,7 +68,10 @@ def fork_after_generation_0(source_dir: Path, cfg) -> None:
     shutil.copytree(source_dir / "split", dest / "split")
     shutil.copytree(source_dir / "gen_000", dest / "gen_000")
     manifest.update(name=cfg.run.name, run_dir=str(dest), status="running", config=cfg.to_dict(),
-                    generations=[gen0], forked_from=str(source_dir))
+                    generations=[gen0])
+    for key in ("final_model", "final_generation"):  # the source's result, not this run's yet
+        manifest.pop(key, None)
+    (dest / "forked_from").write_text(str(source_dir) + "\n")
     write_json_atomic(str(dest / "run.json"), manifest)
 
 

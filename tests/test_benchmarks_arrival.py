@@ -110,3 +110,12 @@ def test_presets(tmp_path):
     assert (a.seeds, a.rows, a.k, a.max_length) == ([0, 1], 160, 2, 16) and "smoke" in str(a.out)
     with pytest.raises(SystemExit):
         arrival.resolve(arrival.parser().parse_args(["--k", "1", "--workdir", str(tmp_path)]))
+
+
+def test_script_describes_its_command():
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "arrival.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout and "--smoke" in out.stdout

@@ -294,3 +294,38 @@ def test_presets_fill_what_the_command_line_left_unset(tmp_path):
     assert harness.RESULTS not in (a.out, a.out.parent) and "smoke" in str(a.out)
     assert quality.resolve(quality.parser().parse_args(["--all-methods", "--workdir", str(tmp_path)])).methods == \
         quality.METHODS
+
+
+# ---------------------------------------------------------------------------------------------
+# Forking generation 0 (files only, no Ray)
+
+
+def test_forked_run_json_is_a_valid_manifest_without_the_sources_result(tmp_path):
+    from incr_ray.config import config_from_dict
+    from incr_ray.run.manifest import DataInfo, GenerationEntry, Manifest, load
+
+    source = tmp_path / "s0-incremental"
+    for folder in ("split", "gen_000/model", "gen_001/model"):
+        (source / folder).mkdir(parents=True)
+    (source / "split" / "part.parquet").write_bytes(b"x")
+    cfg_src = config_from_dict({"run": {"name": "s0-incremental"}, "storage": {"path": str(tmp_path)}})
+    gens = [GenerationEntry(index=g, status="finished", rows=10, model=f"gen_00{g}/model", seconds=1.0,
+                            metrics={"accuracy": 0.5}) for g in (0, 1)]
+    manifest = Manifest(name="s0-incremental", run_dir=str(source), status="finished", created="now",
+                        config=cfg_src.to_dict(), label_names=["a", "b"],
+                        data=DataInfo(fingerprint="f", block_sizes=[10, 10], holdout_size=5), generations=gens,
+                        final_model="gen_001/model")
+    if "final_generation" in Manifest.model_fields:
+        manifest.final_generation = 1
+    (source / "run.json").write_text(manifest.model_dump_json())
+
+    cfg = config_from_dict({"run": {"name": "s0-hard"}, "storage": {"path": str(tmp_path)},
+                            "method": {"threshold": 1.0}})
+    harness.fork_after_generation_0(source, cfg)
+    forked = load(str(tmp_path / "s0-hard" / "run.json"))  # typed: no key the manifest does not know
+    assert forked.name == "s0-hard" and forked.status == "running"
+    assert [g.index for g in forked.generations] == [0] and forked.final_model is None
+    assert forked.config["method"]["threshold"] == 1.0
+    assert (tmp_path / "s0-hard" / "gen_000" / "model").is_dir() and not (tmp_path / "s0-hard" / "gen_001").exists()
+    assert (tmp_path / "s0-hard" / "forked_from").read_text().strip() == str(source)
+    harness.fork_after_generation_0(source, cfg)  # a second call leaves the fork alone
