@@ -111,14 +111,14 @@ def cmd_train(args) -> int:
 
 
 def _print_final(manifest: dict[str, Any]) -> None:
-    from .run.report import table_markdown
+    from .run.report import final_entry, table_markdown
 
     gens = [g for g in manifest["generations"] if g.get("status") == "finished"]
     print()
     print(table_markdown(gens))
-    last = gens[-1]
-    print(f"final model: {os.path.join(manifest['run_dir'], last['model'])}  "
-          f"holdout accuracy {last['metrics']['accuracy']:.4f}")
+    final = final_entry(manifest)  # a generation gate (method.keep_best) may keep an earlier one
+    print(f"final model: {os.path.join(manifest['run_dir'], final['model'])} (generation {final['index']})  "
+          f"holdout accuracy {final['metrics']['accuracy']:.4f}")
 
 
 def _check_run_and_data(run_dir: str, data_path: str | None) -> None:

@@ -152,12 +152,39 @@ class MethodSection(_Section):
         description="α: the student's loss is α·hard-label CE + (1−α)·soft CE (generations 1 and later).",
     )
 
+    anneal: bool = Field(
+        False,
+        description="Teacher annealing (as in BAM, Clark et al. 2019): over each student's training the target "
+        "moves linearly from the corrected teacher distribution to the one-hot label (generations 1 and later).",
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5,
+        description="Share of every block's rows (a seeded per-row hash) kept out of training as a validation "
+        "slice — never the holdout. Needed by `keep_best` and `calibrate`; 0 turns it off.",
+    )
+    keep_best: bool = Field(
+        False,
+        description="Generation gate: a student less accurate than its teacher on the validation slice (NLL "
+        "breaks ties) is not promoted — the teacher stays the next teacher and the run's final model. Also "
+        "guards `extend`. Needs `validation_fraction`.",
+    )
+    calibrate: bool = Field(
+        False,
+        description="Temperature scaling: fit one temperature per generation on the validation slice (lowest "
+        "NLL) and fold it into the saved classification head, so the model folder gives calibrated "
+        "probabilities (and teaches with them). Accuracy is unchanged; run.json records ECE and NLL before "
+        "and after. Needs `validation_fraction`.",
+    )
+
     @model_validator(mode="after")
     def _floor_below_threshold(self) -> "MethodSection":
         if self.floor is not None and self.floor >= self.threshold:
             raise ValueError(
                 f"method.floor ({self.floor}) must be below method.threshold ({self.threshold})"
             )
+        for key in ("keep_best", "calibrate"):
+            if getattr(self, key) and self.validation_fraction <= 0:
+                raise ValueError(f"method.{key} needs a validation slice: set method.validation_fraction, e.g. 0.1")
         return self
 
 
@@ -170,14 +197,27 @@ class StudentSection(_Section):
         "`model.base` (`base`).",
     )
     epochs: float = Field(1.0, gt=0.0, description="Passes over each generation's rows (may be fractional).")
+    min_steps: int = Field(
+        100, ge=0,
+        description="Fewest optimizer steps a generation trains: a small block is passed over more than "
+        "`epochs` times until it reaches this many (a few hundred rows at batch 32 and one pass is under 10 "
+        "steps, too few to learn). Large blocks are unaffected; 0 turns it off.",
+    )
     learning_rate: float = Field(
         5e-5, gt=0.0,
-        description="Peak learning rate of AdamW; linear decay to zero within each generation.",
+        description="Peak learning rate of AdamW (see `schedule`).",
+    )
+    schedule: Literal["generation", "run"] = Field(
+        "generation",
+        description="`generation`: warmup and linear decay to zero within each generation. `run`: one "
+        "schedule over the k planned generations — warmup in generation 0, then a linear decay to 10% of the "
+        "peak at the end of generation k−1; extensions train at that 10%.",
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_ratio: float = Field(
         0.0, ge=0.0, lt=1.0,
-        description="Share of each generation's optimizer steps spent warming the learning rate up.",
+        description="Share of each generation's optimizer steps spent warming the learning rate up "
+        "(with `schedule: run`, of generation 0's steps only).",
     )
     batch_size: int = Field(32, gt=0, description="Rows per worker per step (the micro-batch).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -285,6 +325,11 @@ class EvalSection(_Section):
 
     batch_size: int = Field(128, gt=0, description="Rows per evaluation batch.")
     ece_bins: int = Field(15, ge=1, description="Equal-width confidence bins of the expected calibration error.")
+    retention_rows: int = Field(
+        500, ge=0,
+        description="Retention: each generation from 1 on is also scored on about this many rows sampled "
+        "(seeded) from the blocks trained before it, to show forgetting; 0 turns it off.",
+    )
 
 
 class Config(_Section):

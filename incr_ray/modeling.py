@@ -175,3 +175,44 @@ def classifier_logits(model, tokenizer, texts: list[str], max_length: int, devic
     if not np.isfinite(logits).all():
         raise NonFiniteError(f"the model's logits hold NaN or inf ({model.dtype} weights); {PRECISION_FIX}")
     return logits
+
+
+HEAD_PREFIXES = ("classifier.", "score.")  # what transformers' sequence classifiers call their head
+
+
+def fold_temperature(model_dir: str, temperature: float) -> list[str]:
+    """Divide the saved classification head's output layer by ``temperature``, in place.
+
+    The folder then gives ``softmax(logits / T)`` wherever it loads (``transformers.pipeline``, a
+    teacher) with no extra setting. The output layer is the head's weight with one row per label
+    (``classifier.weight``, ``classifier.out_proj.weight``, ``score.weight``) and its bias.
+    Returns the tensor names changed.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = Path(model_dir)
+    num_labels = len(json.loads((root / "config.json").read_text())["id2label"])
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    changed = []
+    for name in files:
+        with safe_open(str(root / name), framework="pt") as f:
+            keys = list(f.keys())
+            heads = [k[: -len("weight")] for k in keys if k.startswith(HEAD_PREFIXES) and k.endswith(".weight")
+                     and f.get_slice(k).get_shape()[0] == num_labels]
+            if not heads:
+                continue
+            tensors = {k: f.get_tensor(k) for k in keys}
+            metadata = f.metadata()
+        for prefix in heads:
+            for key in (prefix + "weight", prefix + "bias"):
+                if key in tensors:
+                    tensors[key] = (tensors[key].float() / temperature).to(tensors[key].dtype)
+                    changed.append(key)
+        save_file(tensors, str(root / name), metadata=metadata or {"format": "pt"})
+    if not changed:
+        raise ModelError(f"{model_dir}: found no classification head ({'/'.join(HEAD_PREFIXES)}) to calibrate")
+    return changed

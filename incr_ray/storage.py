@@ -52,12 +52,16 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def read_json(path: str) -> Any:
+def read_bytes(path: str) -> bytes:
     if not is_remote(path):
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_bytes()
     fs, p = _fs_and_path(path)
     with fs.open_input_stream(p) as f:
-        return json.loads(f.read().decode("utf-8"))
+        return f.read()
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path).decode("utf-8"))
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -73,6 +77,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             f.write(data)
         return
     d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:

@@ -16,7 +16,7 @@ def small_config(tmp_path, tiny_model, name, **sections):
         "data": {"source": "synthetic", "synthetic_rows": 1500, "synthetic_classes": 3, "eval_fraction": 0.2},
         "model": {"base": tiny_model, "max_length": 32},
         "method": {"k": 3, "threshold": 0.9},
-        "student": {"epochs": 2, "learning_rate": 1e-2, "batch_size": 16},
+        "student": {"epochs": 2, "min_steps": 0, "learning_rate": 1e-2, "batch_size": 16},
         "deepspeed": {"stage": 2},
         "teacher": {"batch_size": 128},
     }

@@ -54,6 +54,11 @@ def test_overrides_do_not_mutate_input():
         (["deepspeed.stage=2", "deepspeed.offload_params=true"], "needs deepspeed.stage: 3"),
         (["run.name=a/b"], "run.name"),
         (["data.eval_fraction=1"], "data.eval_fraction"),
+        (["method.keep_best=true"], "method.keep_best needs a validation slice: set method.validation_fraction"),
+        (["method.calibrate=true"], "method.calibrate needs a validation slice"),
+        (["method.validation_fraction=0.5"], "method.validation_fraction"),
+        (["student.schedule=global"], "student.schedule"),
+        (["student.min_steps=-1"], "student.min_steps"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(overrides, needle):

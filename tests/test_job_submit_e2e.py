@@ -222,8 +222,9 @@ def trained_run(head, tiny_bert, tmp_path_factory):
         "storage": {"path": str(work / "runs")},  # absolute: the job runs on this machine
         "data": {"source": "synthetic", "synthetic_rows": 600, "synthetic_classes": 3, "eval_fraction": 0.2},
         "model": {"base": tiny_bert, "max_length": 32},
-        "method": {"k": 2, "threshold": 0.9},
-        "student": {"epochs": 1, "learning_rate": 1e-2, "batch_size": 16},
+        # The generation gate guards the extension below; 15 steps a generation draws the warning.
+        "method": {"k": 2, "threshold": 0.9, "validation_fraction": 0.2, "keep_best": True},
+        "student": {"epochs": 1, "min_steps": 0, "learning_rate": 1e-2, "batch_size": 16},
         "deepspeed": {"stage": 2},
         # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
         "cluster": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
@@ -262,6 +263,7 @@ def test_train_job_runs_on_the_cluster_and_writes_the_run(head, trained_run):
     assert [g["status"] for g in manifest["generations"]] == ["finished", "finished"]
     assert manifest["final_model"] == "gen_001/model"
     assert "final model:" in trained_run["output"]  # the job's stdout reached `ray job submit`
+    assert "optimizer steps can hardly move a pretrained model; raise student.min_steps" in trained_run["output"]
 
     from transformers import pipeline
 
@@ -292,7 +294,17 @@ def test_extend_job_adds_one_generation(head, trained_run):
     assert gens[2]["source"] == str(new_data)
     assert gens[2]["block_rows"] == 240
     assert after["data"]["block_sizes"][:2] == before["data"]["block_sizes"] and after["data"]["block_sizes"][2] == 240
-    assert after["final_model"] == "gen_002/model"
+    # The gate decided on the new block's validation slice, and the console said what the
+    # extension did to the holdout accuracy.
+    promoted = gens[2]["promoted"]
+    assert after["final_model"] == ("gen_002/model" if promoted else "gen_001/model")
+    assert after["final_generation"] == (2 if promoted else 1)
+    a, b = gens[1]["metrics"]["accuracy"], gens[2]["metrics"]["accuracy"]
+    assert f"extension: holdout accuracy {a:.4f} (gen 1) → {b:.4f} (gen 2)" in output
+    if not promoted:
+        assert "the final model stays generation 1" in output
+    elif b < a:
+        assert "warning: generation 2 is" in output
     # The earlier generations are untouched.
     assert gens[:2] == before["generations"]
     assert (run_dir / "gen_002" / "targets").is_dir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import build_tiny_model
 from incr_ray.modeling import head_mismatch, minilm_dir
 
@@ -31,3 +33,36 @@ def test_the_head_runs_in_fp32_on_a_16_bit_body(tiny_bert):
     assert pooled.dtype == torch.bfloat16 and model.classifier.weight.dtype == torch.float32
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_folded_temperature_divides_the_saved_logits(tmp_path, family):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from incr_ray.modeling import fold_temperature
+
+    path = build_tiny_model(tmp_path / family, family)
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(["a calm text", "another one here"], return_tensors="pt", padding=True)
+
+    def logits():
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+        with torch.no_grad():
+            return model(**enc).logits.numpy()
+
+    before = logits()
+    changed = fold_temperature(path, 2.5)
+    assert changed == (["classifier.weight", "classifier.bias"] if family == "bert" else ["score.weight"])
+    np.testing.assert_allclose(logits(), before / 2.5, rtol=1e-5, atol=1e-6)
+
+
+def test_folding_needs_a_classification_head(tmp_path):
+    from incr_ray.modeling import ModelError, fold_temperature
+
+    base = build_tiny_model(tmp_path / "base", "bert", head=False)
+    with pytest.raises(ModelError, match="no classification head"):
+        fold_temperature(base, 2.0)

@@ -1,4 +1,5 @@
-"""Training data: sources, validation, the label map, the holdout, the k blocks and replay.
+"""Training data: sources, validation, the label map, the holdout, the k blocks, replay and
+the validation/retention slices.
 
 :func:`split_data` turns ``cfg.data`` into one Ray Dataset of ``ROW_COLUMNS`` (see
 :mod:`incr_ray.data.split`); :func:`read_labelled_file` reads an eval file or an extension's new
@@ -9,6 +10,7 @@ from ..method.hashing import HOLDOUT
 from .errors import DataError
 from .labels import label_name, sorted_label_names
 from .replay import replay_rows
+from .slices import retention_sample, training_part, validation_part
 from .sources import BUILTIN_SOURCES, ROTTEN_TOMATOES, ROTTEN_TOMATOES_LABELS, open_source
 from .split import ROW_COLUMNS, SplitData, read_labelled_file, split_data
 from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, synthetic_rows
@@ -16,5 +18,6 @@ from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, synthetic_rows
 __all__ = [
     "BUILTIN_SOURCES", "DataError", "HOLDOUT", "ROTTEN_TOMATOES", "ROTTEN_TOMATOES_LABELS", "ROW_COLUMNS",
     "SYNTHETIC", "SYNTHETIC_LABELS", "SplitData", "label_name", "open_source", "read_labelled_file",
-    "replay_rows", "sorted_label_names", "split_data", "synthetic_rows",
+    "replay_rows", "retention_sample", "sorted_label_names", "split_data", "synthetic_rows", "training_part",
+    "validation_part",
 ]

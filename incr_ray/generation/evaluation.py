@@ -1,31 +1,40 @@
 """Holdout evaluation: accuracy, macro-F1, NLL and ECE from additive per-batch statistics.
 
-Two ways in, one computation (:mod:`incr_ray.method.metrics`): :func:`holdout_metrics` runs a
-model already in memory over batches (the training workers, right after training), and
+Two ways in, one computation (:mod:`incr_ray.method.metrics`): :func:`evaluate_slice` runs a
+model already in memory over batches (the training workers, right after training: the holdout,
+the validation slice, the retention sample), and
 :func:`evaluate_model` loads a saved model into a Ray Data actor pool (``incr-ray evaluate``, and a
 generation whose workers stopped before evaluating).
 """
 
 from __future__ import annotations
 
+import io
 from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats
+from ..method.calibration import fit_temperature
+from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats, probs_metrics
 from ..method.targets import softmax
 from ..modeling import classifier_logits, load_for_inference
+from ..storage import read_bytes, write_bytes_atomic
 from .teacher import scoring_pool
 
 
-def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None, keep: int | None = None):
-    """Statistics of the first ``keep`` rows of ``batch`` (all by default); every row is scored."""
-    logits = classifier_logits(model, tokenizer, [str(t) for t in batch["text"]], cfg.model.max_length, device)
-    labels = np.asarray(batch["label"], dtype=np.int64)
-    return batch_stats(softmax(logits)[:keep], labels[:keep], num_bins=cfg.eval.ece_bins)
+def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None, keep: int | None = None,
+           temperatures: tuple[float, ...] = (1.0,)):
+    """Statistics of the first ``keep`` rows of ``batch`` (all by default), one per temperature, and
+    those rows' predicted classes; every row is scored."""
+    logits = classifier_logits(model, tokenizer, [str(t) for t in batch["text"]], cfg.model.max_length, device)[:keep]
+    labels = np.asarray(batch["label"], dtype=np.int64)[:keep]
+    stats = [batch_stats(softmax(logits, t), labels, num_bins=cfg.eval.ece_bins) for t in temperatures]
+    return stats, logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
 
 
 def rank_slice(n: int, rank: int, world: int) -> tuple[np.ndarray, int]:
@@ -49,39 +58,128 @@ def sum_over_ranks(stats: dict[str, np.ndarray], device) -> dict[str, np.ndarray
     return out
 
 
-def holdout_metrics(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
-                    rank: int = 0, world: int = 1) -> dict[str, float]:
-    """Metrics of an in-memory model over numpy batches with ``text`` and ``label``.
+def _gathered(parts: list[np.ndarray], world: int) -> np.ndarray:
+    """This rank's arrays concatenated, then those of every rank (rank order) on every rank."""
+    mine = np.concatenate(parts) if parts else np.zeros(0)
+    if world == 1:
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return np.concatenate(every)
+
+
+def _rows_of_each_rank(batches, rank: int, world: int):
+    """Each batch's rows that ``rank`` scores (:func:`rank_slice`) and how many of them are real."""
+    for batch in batches:
+        rows, real = rank_slice(len(batch["label"]), rank, world)
+        yield {k: np.asarray(v)[rows] for k, v in batch.items()}, real
+
+
+def evaluate_slice(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
+                   rank: int = 0, world: int = 1, temperatures: tuple[float, ...] = (1.0,),
+                   predictions: bool = False) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray] | None]:
+    """Metrics of an in-memory model over numpy batches with ``text`` and ``label`` (and ``row_id``
+    when ``predictions``): one metrics dict per temperature, and with ``predictions`` the
+    ``(row_ids, predicted classes)`` of every row, gathered on every rank.
 
     With ``world > 1`` (a torch.distributed group whose ranks all see the same batches) each rank
     scores its :func:`rank_slice` of every batch and the statistics are summed over the group: the
-    holdout is evaluated once, not once per rank, and under ZeRO-3 every rank still runs the same
+    slice is evaluated once, not once per rank, and under ZeRO-3 every rank still runs the same
     number of forwards, as the parameter gathers require.
     """
     model.eval()
-    stats = []
-    for batch in batches:
-        rows, real = rank_slice(len(batch["label"]), rank, world)
-        stats.append(_stats(model, tokenizer, {k: np.asarray(batch[k])[rows] for k in ("text", "label")},
-                            cfg, device, keep=real))
-    merged = merge_stats(stats)
-    return finalize(sum_over_ranks(merged, device) if world > 1 else merged)
+    per_t: list[list[dict]] = [[] for _ in temperatures]
+    ids, preds = [], []
+    for batch, real in _rows_of_each_rank(batches, rank, world):
+        stats, pred = _stats(model, tokenizer, batch, cfg, device, keep=real, temperatures=temperatures)
+        for acc, st in zip(per_t, stats):
+            acc.append(st)
+        if predictions:
+            ids.append(np.asarray(batch["row_id"], dtype=np.int64)[:real])
+            preds.append(pred)
+    metrics = []
+    for acc in per_t:
+        merged = merge_stats(acc)
+        metrics.append(finalize(sum_over_ranks(merged, device) if world > 1 else merged))
+    found = (_gathered(ids, world).astype(np.int64), _gathered(preds, world).astype(np.int64)) if predictions else None
+    return metrics, found
+
+
+def slice_logits(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
+                 rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, logits)`` of every row of a (small) slice, gathered on every rank in one order."""
+    model.eval()
+    labels, logits = [], []
+    for batch, real in _rows_of_each_rank(batches, rank, world):
+        texts = [str(t) for t in batch["text"]]
+        logits.append(classifier_logits(model, tokenizer, texts, cfg.model.max_length, device)[:real])
+        labels.append(np.asarray(batch["label"], dtype=np.int64)[:real])
+    num_classes = model.config.num_labels
+    return (_gathered(labels, world).astype(np.int64),
+            _gathered(logits, world).reshape(-1, num_classes) if logits else np.zeros((0, num_classes)))
+
+
+def holdout_metrics(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
+                    rank: int = 0, world: int = 1) -> dict[str, float]:
+    """:func:`evaluate_slice` at temperature 1: the metrics alone."""
+    return evaluate_slice(model, tokenizer, batches, cfg, device, rank, world)[0][0]
+
+
+def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.ndarray]]], cfg: Config,
+                     device=None, rank: int = 0, world: int = 1) -> dict:
+    """Everything a training worker measures on the student it just trained.
+
+    ``slices`` maps ``holdout`` (required), ``validation`` and ``retention`` (optional) to their
+    batches. With a validation slice and ``method.calibrate``, a temperature is fitted on it first;
+    the holdout is then scored once at temperature 1 and at that temperature. Returns ``holdout``
+    (metrics of the model as it will be saved, i.e. calibrated when calibrating), ``predictions``
+    (holdout row ids and classes), and when measured ``validation``, ``calibration`` and
+    ``retention``.
+    """
+    out: dict = {}
+    temperature = 1.0
+    if "validation" in slices:
+        labels, logits = slice_logits(model, tokenizer, slices["validation"], cfg, device, rank, world)
+        if len(labels):
+            if cfg.method.calibrate:
+                temperature = fit_temperature(logits, labels)
+            out["validation"] = {"rows": len(labels), **probs_metrics(softmax(logits, temperature), labels,
+                                                                       cfg.eval.ece_bins)}
+    temperatures = (1.0, temperature) if temperature != 1.0 else (1.0,)
+    metrics, out["predictions"] = evaluate_slice(model, tokenizer, slices["holdout"], cfg, device, rank, world,
+                                                 temperatures, predictions=True)
+    out["holdout"] = metrics[-1]
+    if cfg.method.calibrate:
+        out["calibration"] = {"temperature": temperature, "nll_before": metrics[0]["nll"],
+                              "ece_before": metrics[0]["ece"], "nll_after": metrics[-1]["nll"],
+                              "ece_after": metrics[-1]["ece"]}
+    if "retention" in slices:
+        retained = evaluate_slice(model, tokenizer, slices["retention"], cfg, device, rank, world, (temperature,))[0][0]
+        out["retention"] = {"accuracy": retained["accuracy"], "nll": retained["nll"], "rows": retained["n"]}
+    return out
 
 
 class HoldoutStatsScorer:
-    """``map_batches`` class: one row of additive statistics per batch."""
+    """``map_batches`` class: one row of additive statistics per batch, with the batch's row ids
+    and predicted classes."""
 
     def __init__(self, model_path: str, cfg: Config, on_gpu: bool):
         self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
         self.cfg = cfg
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stats = _stats(self.model, self.tokenizer, batch, self.cfg)
-        return {k: np.asarray(stats[k])[None, ...] for k in STAT_KEYS}
+        (stats,), pred = _stats(self.model, self.tokenizer, batch, self.cfg)
+        out = {k: np.asarray(stats[k])[None, ...] for k in STAT_KEYS}
+        if "row_id" in batch:
+            out["row_ids"] = np.asarray([np.asarray(batch["row_id"], dtype=np.int64)], dtype=object)
+            out["preds"] = np.asarray([pred.astype(np.int64)], dtype=object)
+        return out
 
 
-def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool) -> dict[str, float]:
-    """Holdout metrics of the saved model at ``model_path`` on ``ds``."""
+def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool,
+                   predictions: bool = False) -> dict[str, float] | tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """Holdout metrics of the saved model at ``model_path`` on ``ds``; with ``predictions`` also the
+    ``(row_ids, predicted classes)`` of its rows."""
     ds = ds.materialize()  # see score_block
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     stats_ds = ds.map_batches(
@@ -91,4 +189,23 @@ def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool) -> dict[str, 
         **resources,
     )
     rows = stats_ds.take_all()  # one small row per batch, not per example
-    return finalize(merge_stats([{k: np.asarray(r[k]) for k in STAT_KEYS} for r in rows]))
+    metrics = finalize(merge_stats([{k: np.asarray(r[k]) for k in STAT_KEYS} for r in rows]))
+    if not predictions:
+        return metrics
+    ids = [np.asarray(r["row_ids"], dtype=np.int64) for r in rows if "row_ids" in r]
+    preds = [np.asarray(r["preds"], dtype=np.int64) for r in rows if "preds" in r]
+    return metrics, (np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                     np.concatenate(preds) if preds else np.zeros(0, np.int64))
+
+
+def write_predictions(path: str, row_ids: np.ndarray, classes: np.ndarray) -> None:
+    """``row_id, pred`` Parquet at ``path`` (local or remote), written whole then renamed."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"row_id": pa.array(row_ids, pa.int64()), "pred": pa.array(classes, pa.int64())}), buf)
+    write_bytes_atomic(path, buf.getvalue().to_pybytes())
+
+
+def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_ids, classes)`` written by :func:`write_predictions`."""
+    table = pq.read_table(io.BytesIO(read_bytes(path)))
+    return table.column("row_id").to_numpy(), table.column("pred").to_numpy()

@@ -32,13 +32,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from .. import faults
 from ..config import Config, ConfigError
 from ..method.hashing import generation_seed, shuffle_keys
-from ..modeling import load_classifier, load_tokenizer
+from ..modeling import fold_temperature, load_classifier, load_tokenizer
 from ..storage import remove_tree, stage_local, upload_dir
 from .deepspeed_config import precision_problem, resolve_precision
-from .evaluation import holdout_metrics
+from .evaluation import evaluate_student, write_predictions
 from .progress import ProgressCallback, ProgressRelay
-from .trainer import (SoftTargetTrainer, loss_settings, make_collate, precision_record, save_student, steps_for,
-                      training_arguments)
+from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
+                      save_student, training_arguments)
 
 SHUFFLE_KEY = "_shuffle_key"
 
@@ -53,6 +53,8 @@ class StudentRequest:
     rows: int  # training rows, replay included: decides the number of steps
     model_dest: str  # gen_<g>/model on storage
     ray_storage: str  # Ray Train's folder for this run (in-generation checkpoints)
+    predictions_dest: str | None = None  # gen_<g>/holdout_predictions.parquet: row id -> class
+    lr_window: tuple[int, int, int] | None = None  # student.schedule: run — (offset, warmup, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +179,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
                 collate_fn=make_collate(tokenizer, len(request.label_names), cfg.model.max_length),
             ),
             processing_class=tokenizer,
+            lr_window=request.lr_window,
             **loss_settings(cfg, g),
         )
         trainer.remove_callback(PrinterCallback)
@@ -199,13 +202,22 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         save_student(trainer, tokenizer, out_dir, meta, is_rank0=rank == 0)
 
         # Evaluate the model still in memory, saving the actor pool a separate evaluation would
-        # cost: every rank reads the whole holdout and scores its share of each batch.
+        # cost: every rank reads each whole slice (holdout, validation, retention) and scores its
+        # share of each batch.
         evaluating = time.perf_counter()
-        holdout = None
+        evaluation: dict[str, Any] = {}
         if loop_config["evaluate"]:
-            holdout_batches = ray.train.get_dataset_shard("holdout").iter_batches(
-                batch_size=cfg.eval.batch_size, batch_format="numpy")
-            holdout = holdout_metrics(trainer.model, tokenizer, holdout_batches, cfg, args.device, rank, world)
+            slices = {name: ray.train.get_dataset_shard(name).iter_batches(batch_size=cfg.eval.batch_size,
+                                                                          batch_format="numpy")
+                      for name in loop_config["evaluate"]}
+            evaluation = evaluate_student(trainer.model, tokenizer, slices, cfg, args.device, rank, world)
+            if rank == 0:
+                predictions = evaluation.pop("predictions")
+                if request.predictions_dest:
+                    write_predictions(request.predictions_dest, *predictions)
+                if "calibration" in evaluation:  # the saved folder gives the calibrated probabilities
+                    fold_temperature(out_dir, evaluation["calibration"]["temperature"])
+            evaluation.pop("predictions", None)
         eval_seconds = time.perf_counter() - evaluating
 
         # Report: which nodes the group spanned (placement is visible to users and tests), timings.
@@ -224,7 +236,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
             "zero_stage": cfg.deepspeed.stage,
             "precision": precision_record(trainer, precision, args.hf_deepspeed_config.config),
-            "holdout": holdout,
+            **evaluation,  # holdout, and validation / calibration / retention when measured
             "eval_seconds": eval_seconds,
         }
         # Rank 0 writes the model straight to gen_<g>/model (local, NFS or s3://), not through the
@@ -276,11 +288,13 @@ def shuffled_for_training(train_ds, seed: int):
 
 
 def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, holdout_ds=None,
-                say=print) -> dict[str, Any]:
+                say=print, validation_ds=None, retention_ds=None) -> dict[str, Any]:
     """Train ``request.generation`` on ``train_ds`` and put the model at ``request.model_dest``.
 
     Returns the workers' metrics; with ``holdout_ds`` the workers also evaluate the trained model
-    on it (``holdout``)."""
+    on it (``holdout``), on ``validation_ds`` (``validation``, and ``calibration`` with
+    ``method.calibrate``) and on ``retention_ds`` (``retention``) — see
+    :func:`incr_ray.generation.evaluation.evaluate_student`."""
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
     # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.
@@ -291,14 +305,20 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     datasets = {"train": shuffled_for_training(train_ds, seed).materialize()}
     if holdout_ds is not None:
         datasets["holdout"] = holdout_ds.materialize()
-    max_steps = steps_for(request.rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum)
+        for name, ds in (("validation", validation_ds), ("retention", retention_ds)):
+            if ds is not None:
+                ds = ds.materialize()
+                if ds.count():
+                    datasets[name] = ds
+    max_steps = generation_steps(cfg, request.rows)
     name = f"gen_{request.generation:03d}-{int(time.time())}"
     started = time.perf_counter()
     with ProgressRelay(say) as relay:
         trainer = TorchTrainer(
             train_per_worker,
             train_loop_config={"config": cfg.to_dict(), "request": asdict(request), "max_steps": max_steps,
-                               "on_gpu": on_gpu, "evaluate": holdout_ds is not None, "progress": relay.queue},
+                               "on_gpu": on_gpu, "evaluate": [n for n in datasets if n != "train"],
+                               "progress": relay.queue},
             scaling_config=ScalingConfig(
                 num_workers=cfg.cluster.workers,
                 use_gpu=on_gpu,
@@ -311,7 +331,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
             datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads the whole holdout
+            dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads each whole slice
         )
         result = trainer.fit()
     fit_seconds = time.perf_counter() - started
@@ -319,6 +339,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
         raise RuntimeError(f"generation {request.generation}: training finished without reporting its model")
     remove_tree(f"{request.ray_storage}/{name}")  # in-generation checkpoints; the model is in gen_<g>/model
     metrics = dict(result.metrics or {})
+    metrics["rows"] = request.rows
     metrics["max_steps"] = max_steps
     metrics["fit_seconds"] = fit_seconds  # driver wall time of TorchTrainer.fit, start-up included
     return metrics

@@ -19,17 +19,39 @@ from transformers import Trainer, TrainingArguments
 from ..config import Config
 from ..method.hashing import generation_seed
 from ..method.losses import distillation_loss
+from ..method.schedule import annealed_alpha, run_lr_factor
 from ..modeling import PRECISION_FIX, NonFiniteError
 from .deepspeed_config import build_deepspeed_config
 
 MODEL_META = "incr_ray.json"  # beside the weights: generation, label names, resolved config
 
 
-def steps_for(rows: int, workers: int, batch_size: int, epochs: float, grad_accum: int) -> int:
-    """Optimizer steps for one generation: every worker sees ``rows // workers`` rows per epoch."""
+def steps_for(rows: int, workers: int, batch_size: int, epochs: float, grad_accum: int, min_steps: int = 0) -> int:
+    """Optimizer steps for one generation: every worker sees ``rows // workers`` rows per epoch,
+    ``epochs`` times, and at least ``min_steps`` steps are taken (more passes over a small block)."""
     per_worker = max(1, rows // workers)
     batches_per_epoch = math.ceil(per_worker / batch_size)
-    return max(1, math.ceil(batches_per_epoch * epochs / grad_accum))
+    return max(1, min_steps, math.ceil(batches_per_epoch * epochs / grad_accum))
+
+
+def generation_steps(cfg: Config, rows: int) -> int:
+    """:func:`steps_for` with the run's student and cluster settings."""
+    s = cfg.student
+    return steps_for(rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum, s.min_steps)
+
+
+def run_lr_window(cfg: Config, block_rows: list[int], generation: int) -> tuple[int, int, int]:
+    """``(offset, warmup, total)`` of generation ``generation`` on the run-long learning-rate
+    schedule (``student.schedule: run``): the run-wide step it starts at, the warmup steps and the
+    steps of the k planned generations. Planned from the block sizes (replay adds its expected
+    ``replay.fraction`` from generation 1 on), so every generation places itself the same way
+    whatever the others actually ran."""
+    k = cfg.method.k
+    planned = [generation_steps(cfg, round(rows * (1 + (cfg.replay.fraction if j else 0.0))))
+               for j, rows in enumerate(block_rows[:k])]
+    total = sum(planned)
+    offset = sum(planned[:generation]) if generation < k else total
+    return offset, min(int(cfg.student.warmup_ratio * planned[0]), total - 1), total
 
 
 def make_collate(tokenizer, num_labels: int, max_length: int):
@@ -70,10 +92,13 @@ def precision_record(trainer: "SoftTargetTrainer", precision: str, ds_config: di
 class SoftTargetTrainer(Trainer):
     """``compute_loss`` = forward pass + :func:`incr_ray.method.losses.distillation_loss`."""
 
-    def __init__(self, *args, temperature: float = 1.0, alpha: float = 0.0, **kwargs):
+    def __init__(self, *args, temperature: float = 1.0, alpha: float = 0.0, anneal: bool = False,
+                 lr_window: tuple[int, int, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature = temperature
         self.alpha = alpha
+        self.anneal = anneal  # teacher annealing: the hard-label weight rises from alpha to 1
+        self.lr_window = lr_window  # (offset, warmup, total) on the run-long schedule, or None
         # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_dtypes: dict[str, str] = {}  # what reached the loss, recorded in run.json
@@ -92,10 +117,21 @@ class SoftTargetTrainer(Trainer):
         outputs = model(**inputs)
         if not self.loss_dtypes:
             self.loss_dtypes = {"targets": _dtype_name(targets.dtype), "logits": _dtype_name(outputs.logits.dtype)}
-        loss = distillation_loss(outputs.logits, targets, labels, self.temperature, self.alpha)
+        alpha = annealed_alpha(self.alpha, self.state.global_step, self.state.max_steps) if self.anneal else self.alpha
+        loss = distillation_loss(outputs.logits, targets, labels, self.temperature, alpha)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the student's loss is {loss.item()} at step {self.state.global_step}; {PRECISION_FIX}")
         return (loss, outputs) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # DeepSpeed's integration calls this too (on a shallow copy), when the optimizer is DeepSpeed's.
+        if self.lr_window is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        offset, warmup, total = self.lr_window
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer if optimizer is not None else self.optimizer,
+            lambda step: run_lr_factor(offset + step, warmup, total))
+        return self.lr_scheduler
 
 
 def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir: str,
@@ -132,11 +168,11 @@ def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir:
     )
 
 
-def loss_settings(cfg: Config, generation: int) -> dict[str, float]:
+def loss_settings(cfg: Config, generation: int) -> dict[str, Any]:
     """Generation 0 learns one-hot labels: plain cross-entropy, no temperature, no hard mix."""
     if generation == 0:
-        return {"temperature": 1.0, "alpha": 0.0}
-    return {"temperature": cfg.method.temperature, "alpha": cfg.method.alpha}
+        return {"temperature": 1.0, "alpha": 0.0, "anneal": False}
+    return {"temperature": cfg.method.temperature, "alpha": cfg.method.alpha, "anneal": cfg.method.anneal}
 
 
 def save_student(trainer: Trainer, tokenizer, out_dir: str, meta: dict[str, Any], is_rank0: bool) -> None:

@@ -102,3 +102,14 @@ def sample_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     """Keep-mask for a seeded, unbiased per-row sample of about ``fraction`` of the rows."""
     return unit(hash_ids(ids, seed, "sample")) < fraction
 
+
+
+def validation_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Rows of the validation slice (``method.validation_fraction``): a per-row hash of the run's
+    seed, so a row is in the slice in every generation and for replay alike — never trained on."""
+    return unit(hash_ids(ids, seed, "validation")) < fraction
+
+
+def retention_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Rows of the retention sample (earlier blocks scored again to show forgetting)."""
+    return unit(hash_ids(ids, seed, "retention")) < fraction

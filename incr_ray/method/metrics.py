@@ -135,3 +135,38 @@ def finalize(stats: dict[str, np.ndarray]) -> dict[str, float]:
         "ece": float(ece),
         "n": n,
     }
+
+
+def probs_metrics(probs, labels, num_bins: int = 15) -> dict[str, float]:
+    """:func:`finalize` of one set of probability rows (a slice small enough to hold at once)."""
+    return finalize(batch_stats(probs, labels, num_bins))
+
+
+def flip_rates(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
+               truth: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """How predictions changed between two models on the same rows.
+
+    Args:
+        before, after, truth: ``(row_ids, classes)`` pairs — two models' predicted classes and the
+            true labels — each in any order; identical rows share an id (and a label).
+
+    Returns:
+        ``flip_rate``: share of rows ``before`` got right and ``after`` gets wrong (forgetting, in
+        the continual-learning sense); ``fix_rate``: wrong before, right after; ``rows`` compared.
+    """
+    def by_id(pair):
+        ids, values = (np.asarray(a, dtype=np.int64) for a in pair)
+        unique, first = np.unique(ids, return_index=True)
+        return unique, values[first]
+
+    ids, labels = by_id(truth)
+    b_ids, b_pred = by_id(before)
+    a_ids, a_pred = by_id(after)
+    common = np.intersect1d(np.intersect1d(ids, b_ids), a_ids)
+    if len(common) == 0:
+        return {"flip_rate": float("nan"), "fix_rate": float("nan"), "rows": 0}
+    y = labels[np.searchsorted(ids, common)]
+    right_before = b_pred[np.searchsorted(b_ids, common)] == y
+    right_after = a_pred[np.searchsorted(a_ids, common)] == y
+    return {"flip_rate": float((right_before & ~right_after).mean()),
+            "fix_rate": float((~right_before & right_after).mean()), "rows": int(len(common))}

@@ -53,6 +53,9 @@ class RunPaths:
     def targets(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "targets")
 
+    def predictions(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "holdout_predictions.parquet")
+
     @property
     def ray_train(self) -> str:
         return self.join("_ray_train")

@@ -19,11 +19,14 @@ from ray.data.expressions import col, lit
 
 from .. import faults
 from ..config import Config, ConfigError, config_from_dict
-from ..data import HOLDOUT, read_labelled_file, replay_rows
+from ..data import HOLDOUT, read_labelled_file, replay_rows, retention_sample, training_part, validation_part
 from ..data.errors import exception_chain
-from ..generation.evaluation import evaluate_model
+from ..generation.evaluation import evaluate_model, read_predictions, write_predictions
 from ..generation.student import StudentRequest, fit_student
-from ..generation.teacher import score_block
+from ..generation.trainer import generation_steps, run_lr_window
+from ..generation.teacher import score_block, teacher_block_stats
+from ..method.metrics import flip_rates, probs_metrics
+from ..method.targets import softmax
 from ..modeling import NonFiniteError
 from ..storage import drop_staged, is_remote, remove_tree, rename_tree, write_bytes_atomic
 from .folder import Run, cluster_has_gpu, on_every_node, open_finished, open_run, read_manifest
@@ -34,6 +37,8 @@ from .report import plot_png, render_report, summary_line
 # Errors a Ray worker or actor can only find there (its GPU's bf16 support, NaN in its forward)
 # that the user can fix: they reach the console as their own one line, not in Ray's wrappers.
 WORKER_USER_ERRORS = (NonFiniteError, ConfigError)
+# Fewer optimizer steps than this in a generation get a warning: a pretrained model hardly moves.
+FEW_STEPS = 30
 
 
 @contextmanager
@@ -63,32 +68,114 @@ def _worker_failures_reported(say):
 
 
 def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
-    """Teacher outputs + targets for block ``g`` (and replay rows) into gen_g/targets. Returns rows."""
+    """Teacher outputs + targets for block ``g`` (and replay rows) into gen_g/targets, and what the
+    teacher and the target rule did on the block's own rows (``teacher_on_block``). Returns rows.
+
+    Targets already recorded in run.json are never rescored: a run scored by an earlier attempt
+    (or an older incr-ray) only gets its missing ``teacher_on_block`` from them.
+    """
     entry = run.manifest.entry(g)
-    block_rows = block_ds.count()
-    ds = block_ds.with_column("replay", lit(False))
-    replay = replay_rows(run.split_dataset(), g, block_rows, run.cfg.replay.fraction,
-                         run.manifest.data.block_sizes, run.cfg.run.seed)
-    if replay is not None:
-        ds = ds.union(replay.with_column("replay", lit(True)))
-    run.say(f"[gen {g}] teacher {run.rel(teacher_model)} scores {block_rows} rows"
-            + (" + replay" if replay is not None else ""))
-    dest = run.paths.targets(g)
-    tmp = dest + ".tmp"
-    remove_tree(tmp)
-    started = time.perf_counter()
-    with _worker_failures_reported(run.say):
-        score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
-    rename_tree(tmp, dest)
-    rows = ray.data.read_parquet(dest).count()
-    entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
-    entry.replay_rows, entry.scoring_seconds = rows - block_rows, time.perf_counter() - started
+    if not entry.targets:
+        block_rows = block_ds.count()
+        ds = block_ds.with_column("replay", lit(False))
+        trained_before = training_part(run.split_dataset(), run.cfg.run.seed, run.cfg.method.validation_fraction)
+        replay = replay_rows(trained_before, g, block_rows, run.cfg.replay.fraction,
+                             run.manifest.data.block_sizes, run.cfg.run.seed)
+        if replay is not None:
+            ds = ds.union(replay.with_column("replay", lit(True)))
+        run.say(f"[gen {g}] teacher {run.rel(teacher_model)} scores {block_rows} rows"
+                + (" + replay" if replay is not None else ""))
+        dest = run.paths.targets(g)
+        tmp = dest + ".tmp"
+        remove_tree(tmp)
+        started = time.perf_counter()
+        with _worker_failures_reported(run.say):
+            score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
+        rename_tree(tmp, dest)
+        rows = ray.data.read_parquet(dest).count()
+        entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
+        entry.replay_rows, entry.scoring_seconds = rows - block_rows, time.perf_counter() - started
+    if entry.teacher_on_block is None:
+        # Saved together with the targets above, so a recorded scoring always has its figures.
+        entry.teacher_on_block = teacher_block_stats(ray.data.read_parquet(run.paths.join(entry.targets)), run.cfg)
+        t = entry.teacher_on_block
+        if t:
+            run.say(f"[gen {g}] teacher on its block: acc {t['accuracy']:.4f}, NLL {t['nll']:.4f}; "
+                    f"targets kept {100 * t['kept']:.1f}%, pushed {100 * t['pushed']:.1f}%, "
+                    f"floored {100 * t['floored']:.1f}%, mean entropy {t['target_entropy']:.3f} nats")
     run.save()
-    return rows
+    return entry.rows
 
 
-def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extended: bool = False) -> GenerationEntry:
-    """Score (g ≥ 1), train and evaluate generation ``g``; resumes inside the generation too."""
+def _teacher_on_validation(run: Run, entry: GenerationEntry) -> dict[str, float]:
+    """The teacher's metrics on the validation slice, from its stored probabilities (no scoring)."""
+    cfg = run.cfg
+    table = validation_part(ray.data.read_parquet(run.paths.join(entry.targets)), cfg.run.seed,
+                            cfg.method.validation_fraction).select_columns(["label", "teacher_probs", "replay"]).to_pandas()
+    table = table[~table["replay"].astype(bool)]
+    if len(table) == 0:
+        return {}
+    probs = np.stack(table["teacher_probs"].to_numpy()).astype(np.float64)
+    # Stored at temperature τ: undo it for NLL (softmax(log q · τ) is the τ = 1 distribution).
+    if cfg.method.temperature != 1.0:
+        probs = softmax(np.log(np.maximum(probs, 1e-300)) * cfg.method.temperature)
+    m = probs_metrics(probs, table["label"].to_numpy().astype(np.int64), cfg.eval.ece_bins)
+    return {"teacher_accuracy": m["accuracy"], "teacher_nll": m["nll"]}
+
+
+def _student_slices(run: Run, g: int, rows_ds, block_ds):
+    """(training rows, validation slice, retention sample) of generation ``g``; the last two None when off."""
+    cfg = run.cfg
+    seed, fraction = cfg.run.seed, cfg.method.validation_fraction
+    columns = ["row_id", "text", "label"]
+    train_ds = training_part(rows_ds, seed, fraction)
+    validation_ds = validation_part(block_ds, seed, fraction).select_columns(columns) if fraction > 0 else None
+    retention_ds = retention_sample(run.split_dataset(), g, cfg.eval.retention_rows, run.manifest.data.block_sizes,
+                                    seed, fraction)
+    return train_ds, validation_ds, retention_ds.select_columns(columns) if retention_ds is not None else None
+
+
+def _gate(run: Run, g: int, entry: GenerationEntry, teacher: GenerationEntry | None) -> bool:
+    """method.keep_best: is the student at least as good as its teacher on the validation slice?"""
+    v = entry.validation or {}
+    if not run.cfg.method.keep_best or teacher is None or "teacher_accuracy" not in v:
+        return True
+    better = (v["accuracy"], -v["nll"]) >= (v["teacher_accuracy"], -v["teacher_nll"])
+    if not better:
+        run.say(f"[gen {g}] not promoted: validation accuracy {v['accuracy']:.4f} (NLL {v['nll']:.4f}) is below "
+                f"its teacher's {v['teacher_accuracy']:.4f} (NLL {v['teacher_nll']:.4f}); generation "
+                f"{teacher.index} stays the teacher and the final model (method.keep_best)")
+    return better
+
+
+def _continual(run: Run, g: int, entry: GenerationEntry, teacher: GenerationEntry | None,
+               retention: dict[str, Any] | None) -> dict[str, float] | None:
+    """Flip and fix rates against the teacher on the holdout, and retention on earlier blocks."""
+    out: dict[str, float] = {}
+    if teacher is not None and teacher.predictions and entry.predictions:
+        holdout = run.holdout().select_columns(["row_id", "label"]).to_pandas()
+        rates = flip_rates(read_predictions(run.paths.join(teacher.predictions)),
+                           read_predictions(run.paths.join(entry.predictions)),
+                           (holdout["row_id"].to_numpy(), holdout["label"].to_numpy()))
+        out.update(flip_rate=rates["flip_rate"], fix_rate=rates["fix_rate"])
+    if retention:
+        out.update(retention_accuracy=retention["accuracy"], retention_nll=retention["nll"],
+                   retention_rows=retention["rows"])
+    if not out:
+        return None
+    parts = []
+    if "flip_rate" in out:
+        parts.append(f"against its teacher (gen {teacher.index}) {100 * out['flip_rate']:.1f}% of holdout rows "
+                     f"went right → wrong, {100 * out['fix_rate']:.1f}% wrong → right")
+    if "retention_accuracy" in out:
+        parts.append(f"accuracy {out['retention_accuracy']:.4f} on {int(out['retention_rows'])} rows of earlier blocks")
+    run.say(f"[gen {g}] " + "; ".join(parts))
+    return out
+
+
+def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, extended: bool = False) -> GenerationEntry:
+    """Score (g ≥ 1), train and evaluate generation ``g`` with ``teacher`` (None: generation 0, one-hot);
+    resumes inside the generation too."""
     cfg = run.cfg
     entry = run.manifest.entry(g)
     if entry.status == "finished":
@@ -101,32 +188,57 @@ def run_generation(run: Run, g: int, block_ds, teacher_model: str | None, extend
     run.save()
 
     # Targets: one-hot labels for generation 0, the teacher's corrected distribution after it.
+    teacher_model = run.paths.join(teacher.model) if teacher is not None else None
     if teacher_model is None:
-        train_ds = block_ds.select_columns(["row_id", "text", "label"])
-        entry.rows = entry.rows or train_ds.count()
+        rows_ds = block_ds.select_columns(["row_id", "text", "label"])
+        entry.rows = entry.rows or rows_ds.count()
     else:
-        if not entry.targets:
-            score_generation(run, g, block_ds, teacher_model)
-        train_ds = ray.data.read_parquet(run.paths.join(entry.targets)).select_columns(
+        score_generation(run, g, block_ds, teacher_model)
+        rows_ds = ray.data.read_parquet(run.paths.join(entry.targets)).select_columns(
             ["row_id", "text", "label", "target"])
+    train_ds, validation_ds, retention_ds = _student_slices(run, g, rows_ds, block_ds)
 
     # Train, then evaluate in the same workers.
     model_dest = run.paths.model(g)
     if not entry.model:
         init = teacher_model if (teacher_model and cfg.student.init == "previous") else run.base_model
-        run.say(f"[gen {g}] training student on {entry.rows} rows from {run.rel(init)} "
-                f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}), then evaluating it on the holdout")
-        request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=entry.rows,
-                                 model_dest=model_dest, ray_storage=run.paths.ray_train)
+        train_rows = train_ds.count() if validation_ds is not None else entry.rows
+        steps = generation_steps(cfg, train_rows)
+        run.say(f"[gen {g}] training student on {train_rows} rows from {run.rel(init)} "
+                f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}, {steps} optimizer steps), "
+                "then evaluating it on the holdout")
+        if steps < FEW_STEPS:
+            run.say(f"[gen {g}] warning: {steps} optimizer steps can hardly move a pretrained model; raise "
+                    "student.min_steps or student.epochs, or lower student.batch_size")
+        lr_window = (run_lr_window(cfg, run.manifest.data.block_sizes, g) if cfg.student.schedule == "run" else None)
+        request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=train_rows,
+                                 model_dest=model_dest, ray_storage=run.paths.ray_train,
+                                 predictions_dest=run.paths.predictions(g), lr_window=lr_window)
         with _worker_failures_reported(run.say):
-            train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say)
+            train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say,
+                                validation_ds=validation_ds, retention_ds=retention_ds)
         entry.metrics, entry.eval_seconds = train.pop("holdout"), train.pop("eval_seconds")
+        entry.predictions = run.rel(run.paths.predictions(g))
+        student_validation, entry.calibration = train.pop("validation", None), train.pop("calibration", None)
+        retention = train.pop("retention", None)
+        if student_validation is not None:
+            entry.validation = {**student_validation, **(_teacher_on_validation(run, entry) if teacher else {})}
+        if entry.calibration:
+            c = entry.calibration
+            run.say(f"[gen {g}] temperature {c['temperature']:.3f} fitted on {int(student_validation['rows'])} "
+                    f"validation rows: holdout ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, "
+                    f"NLL {c['nll_before']:.4f} → {c['nll_after']:.4f}")
+        entry.continual = _continual(run, g, entry, teacher, retention)
+        entry.promoted = _gate(run, g, entry, teacher)
         entry.model, entry.train = run.rel(model_dest), train
         run.save()
     if not entry.metrics:  # trained by an earlier attempt that stopped before evaluating
         run.say(f"[gen {g}] evaluating on the holdout")
         evaluating = time.perf_counter()
-        entry.metrics = evaluate_model(run.holdout(), model_dest, cfg, run.on_gpu)
+        entry.metrics, predictions = evaluate_model(run.holdout(), model_dest, cfg, run.on_gpu, predictions=True)
+        write_predictions(run.paths.predictions(g), *predictions)
+        entry.predictions = run.rel(run.paths.predictions(g))
+        entry.continual = _continual(run, g, entry, teacher, None)
         entry.eval_seconds = time.perf_counter() - evaluating
     entry.seconds = (entry.seconds or 0.0) + time.perf_counter() - started
     entry.finished = now()
@@ -139,8 +251,10 @@ def _finish(run: Run) -> None:
     if is_remote(run.paths.root):  # models staged from s3:// (teachers, student inits) on any node
         models = [run.paths.join(e.model) for e in run.manifest.generations if e.model]
         on_every_node(drop_staged, models)
-    run.manifest.status = "finished"
-    run.manifest.final_model = run.manifest.generations[-1].model
+    m = run.manifest
+    final = m.teacher_of(len(m.generations))  # the last promoted generation
+    m.status = "finished"
+    m.final_model, m.final_generation = final.model, final.index
     run.save()
     md, js = render_report(run.manifest.to_json())
     write_bytes_atomic(run.paths.join("report.md"), md.encode())
@@ -156,8 +270,7 @@ def run_generations(cfg: Config, say=print) -> dict[str, Any]:
             if run.manifest.entry(g).status == "finished":
                 say(f"[gen {g}] already finished, skipped")
                 continue
-            teacher = run.paths.model(g - 1) if g > 0 else None
-            entry = run_generation(run, g, run.block(g), teacher)
+            entry = run_generation(run, g, run.block(g), run.manifest.teacher_of(g))
             say(summary_line(entry.model_dump(exclude_none=True), k))
             faults.stop_after_generation(g, k)
         _finish(run)
@@ -186,14 +299,29 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
             run.save()
             remove_tree(run.paths.targets(g))  # leftovers of a crash before run.json knew them
             remove_tree(run.paths.model(g))
-        teacher = run.paths.join(m.generations[g - 1].model)
+        teacher = m.teacher_of(g)
         block = new_block.with_column("block", lit(np.int64(g)))
         entry = run_generation(run, g, block, teacher, extended=True)
         del m.data.block_sizes[g:]  # idempotent when an interrupted extend is finished
         m.data.block_sizes.append(int(entry.block_rows or entry.rows))
         say(summary_line(entry.model_dump(exclude_none=True), g + 1))
+        _say_extension(say, teacher, entry)
         _finish(run)
         return m.to_json()
+
+
+def _say_extension(say, before: GenerationEntry, after: GenerationEntry) -> None:
+    """What the extension did to the final model on the holdout, and a warning when it got worse."""
+    a, b = before.metrics["accuracy"], after.metrics["accuracy"]
+    say(f"extension: holdout accuracy {a:.4f} (gen {before.index}) → {b:.4f} (gen {after.index}), "
+        f"{100 * (b - a):+.1f} points")
+    if after.promoted is False:
+        say(f"the final model stays generation {before.index}: generation {after.index} was not promoted "
+            "(worse on the validation slice)")
+    elif b < a:
+        say(f"warning: generation {after.index} is {100 * (a - b):.1f} points less accurate on the holdout than "
+            f"generation {before.index} and is now the final model; with method.validation_fraction and "
+            "method.keep_best a student worse than its teacher on a validation slice is not promoted")
 
 
 def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bool = False):

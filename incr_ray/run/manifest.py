@@ -43,12 +43,24 @@ class GenerationEntry(_Record):
     block_rows: int | None = None
     replay_rows: int | None = None
     scoring_seconds: float | None = None
+    # What the teacher and the target rule did on the block's own rows (not replay), from the
+    # stored targets: accuracy, nll, kept/pushed/floored shares, target_entropy, rows.
+    teacher_on_block: dict[str, float] | None = None
     # Training: gen_<g>/model, the workers' figures, holdout metrics.
     model: str | None = None
     train: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     eval_seconds: float | None = None
     seconds: float | None = None
+    # Continual-learning figures: holdout rows this generation got wrong that its teacher got right
+    # (flip_rate) and the reverse (fix_rate), accuracy on a sample of earlier blocks (retention).
+    predictions: str | None = None  # gen_<g>/holdout_predictions.parquet
+    continual: dict[str, float] | None = None
+    # The validation slice (method.validation_fraction): student and teacher on it, the temperature
+    # fitted there (method.calibrate), and whether the gate (method.keep_best) promoted the student.
+    validation: dict[str, float] | None = None
+    calibration: dict[str, float] | None = None
+    promoted: bool | None = None
 
 
 class DataInfo(_Record):
@@ -71,6 +83,7 @@ class Manifest(_Record):
     base_model: str | None = None
     generations: list[GenerationEntry] = []
     final_model: str | None = None
+    final_generation: int | None = None  # the last promoted generation (method.keep_best may keep an older one)
 
     def entry(self, g: int) -> GenerationEntry:
         """Generation ``g``'s entry, created (pending) with any missing before it."""
@@ -80,6 +93,12 @@ class Manifest(_Record):
 
     def finished_generations(self) -> list[GenerationEntry]:
         return [e for e in self.generations if e.status == "finished"]
+
+    def teacher_of(self, g: int) -> GenerationEntry | None:
+        """The generation that teaches generation ``g``: the last finished one before it that was
+        promoted (the method.keep_best gate may skip a student); None for generation 0."""
+        earlier = [e for e in self.generations[:g] if e.status == "finished" and e.promoted is not False]
+        return earlier[-1] if earlier else None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -108,17 +127,20 @@ RESULT_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "data": None,
     "model": ("base", "max_length"),
     "method": None,
-    "student": ("init", "epochs", "learning_rate", "weight_decay", "warmup_ratio", "batch_size", "grad_accum"),
+    "student": ("init", "epochs", "min_steps", "learning_rate", "schedule", "weight_decay", "warmup_ratio",
+                "batch_size", "grad_accum"),
     "replay": None,
 }
 
 
 def result_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The flattened ``section.key -> value`` settings that define a run's generations."""
+    """The flattened ``section.key -> value`` settings that define a run's generations. A key the
+    config predates (a run folder written by an older incr-ray) counts as its default."""
+    defaults = Config().to_dict()
     out: dict[str, Any] = {}
     for section, keys in RESULT_SETTINGS.items():
-        values = cfg_dict.get(section, {})
-        for key in keys or values.keys():
+        values = {**defaults[section], **cfg_dict.get(section, {})}
+        for key in keys or defaults[section].keys():
             out[f"{section}.{key}"] = values.get(key)
     return out
 

@@ -16,8 +16,11 @@ def test_stats_are_additive(tiny_bert):
     cfg = scoring_config()
     scorer = HoldoutStatsScorer(tiny_bert, cfg, on_gpu=False)
     a, b = batch(6), batch(10)
-    stats = [{k: v[0] for k, v in scorer(x).items()} for x in (a, b)]
-    merged = finalize(merge_stats(stats))
+    outputs = [scorer(x) for x in (a, b)]
+    merged = finalize(merge_stats([{k: out[k][0] for k in STAT_KEYS} for out in outputs]))
+    # Each batch row also carries its rows' ids and predicted classes (for the flip rate).
+    assert outputs[0]["row_ids"][0].tolist() == a["row_id"].tolist()
+    assert len(outputs[1]["preds"][0]) == 10
     probs = np.concatenate([
         np.array(TargetScorer(tiny_bert, cfg, False)(x).to_pydict()["teacher_probs"]) for x in (a, b)
     ])
@@ -52,7 +55,7 @@ def work(rank, path, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from incr_ray.config import config_from_dict
-    from incr_ray.generation.evaluation import holdout_metrics
+    from incr_ray.generation.evaluation import evaluate_student, holdout_metrics
     from incr_ray.modeling import load_for_inference
 
     cfg = config_from_dict({"model": {"max_length": 16}})
@@ -60,8 +63,19 @@ def work(rank, path, port, out):
     batches = [{"text": np.array([f"word {i} apple" for i in range(s, s + n)], dtype=object),
                 "label": np.arange(s, s + n) % 3} for s, n in ((0, 7), (7, 5), (12, 1))]
     split = holdout_metrics(model, tok, batches, cfg, rank=rank, world=2)
+    # Everything a worker measures: validation slice, a fitted temperature, holdout predictions.
+    calibrating = config_from_dict({"model": {"max_length": 16},
+                                    "method": {"validation_fraction": 0.2, "calibrate": True}})
+    for b in batches:
+        b["row_id"] = np.arange(len(b["label"])) + 100 * int(b["label"][0])
+    slices = lambda: {"holdout": batches, "validation": batches[:2], "retention": batches[2:]}
+    student = evaluate_student(model, tok, slices(), calibrating, rank=rank, world=2)
     if rank == 0:
-        json.dump({"split": split, "whole": holdout_metrics(model, tok, batches, cfg)}, open(out, "w"))
+        whole = evaluate_student(model, tok, slices(), calibrating)
+        for r in (student, whole):
+            r["predictions"] = [sorted(zip(*(a.tolist() for a in r["predictions"])))]
+        json.dump({"split": split, "whole": holdout_metrics(model, tok, batches, cfg),
+                   "student_split": student, "student_whole": whole}, open(out, "w"))
     dist.destroy_process_group()
 
 
@@ -90,3 +104,12 @@ def test_two_ranks_give_the_metrics_of_one(tiny_bert, tmp_path):
     assert got["split"]["n"] == got["whole"]["n"] == 13
     for k in ("accuracy", "macro_f1", "nll", "ece"):
         assert got["split"][k] == pytest.approx(got["whole"][k], abs=1e-9), k
+    split, whole = got["student_split"], got["student_whole"]
+    assert split["predictions"] == whole["predictions"] and len(whole["predictions"][0]) == 13
+    assert split["validation"]["rows"] == whole["validation"]["rows"] == 12
+    assert split["retention"]["rows"] == 1
+    c = whole["calibration"]
+    assert split["calibration"]["temperature"] == pytest.approx(c["temperature"], rel=1e-9)
+    assert c["temperature"] != 1.0 and whole["holdout"]["nll"] == pytest.approx(c["nll_after"])
+    for k in ("accuracy", "nll", "ece"):
+        assert split["holdout"][k] == pytest.approx(whole["holdout"][k], abs=1e-9), k

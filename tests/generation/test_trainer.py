@@ -60,3 +60,70 @@ def test_a_nan_loss_stops_training_naming_the_fix(tiny_bert, tmp_path):
     inputs = make_collate(tok, 3, 32)({"text": np.array(["a b", "c d e"], dtype=object), "label": np.array([1, 2])})
     with pytest.raises(NonFiniteError, match="deepspeed.precision: bf16"):
         trainer.compute_loss(model, inputs)
+
+
+def test_min_steps_passes_over_a_small_block_more_often():
+    assert steps_for(rows=210, workers=1, batch_size=32, epochs=1, grad_accum=1) == 7
+    assert steps_for(rows=210, workers=1, batch_size=32, epochs=1, grad_accum=1, min_steps=100) == 100
+    assert steps_for(rows=10**6, workers=8, batch_size=32, epochs=1, grad_accum=1, min_steps=100) == 3907
+
+
+def test_run_window_places_each_generation_on_one_curve():
+    from incr_ray.config import config_from_dict
+    from incr_ray.generation.trainer import generation_steps, run_lr_window
+
+    cfg = config_from_dict({"method": {"k": 3}, "student": {"batch_size": 10, "min_steps": 0, "warmup_ratio": 0.5,
+                                                              "schedule": "run"}})
+    sizes = [100, 100, 80]
+    windows = [run_lr_window(cfg, sizes, g) for g in range(4)]
+    assert [w[0] for w in windows] == [0, 10, 20, 28]  # offsets: the steps of the generations before
+    assert {w[1:] for w in windows} == {(5, 28)}  # warmup: half of generation 0; total: all three
+    assert generation_steps(cfg, 80) == 8
+    # Replay's expected rows count from generation 1 on.
+    replaying = config_from_dict({**cfg.to_dict(), "replay": {"fraction": 0.5}})
+    assert run_lr_window(replaying, sizes, 2)[0] == 10 + 15
+
+
+def _trainer(tiny_bert, tmp_path, **kwargs):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=1.0,
+                             max_steps=10, warmup_steps=2, lr_scheduler_type="linear")
+    return model, SoftTargetTrainer(model=model, args=args, **kwargs)
+
+
+def test_the_run_schedule_replaces_the_per_generation_one(tiny_bert, tmp_path):
+    from incr_ray.method.schedule import run_lr_factor
+
+    model, trainer = _trainer(tiny_bert, tmp_path, lr_window=(10, 4, 40))
+    trainer.create_optimizer()
+    scheduler = trainer.create_scheduler(10, trainer.optimizer)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([run_lr_factor(10 + s, 4, 40) for s in range(10)])
+    _, plain = _trainer(tiny_bert, tmp_path / "plain")
+    plain.create_optimizer()
+    assert plain.create_scheduler(10, plain.optimizer).get_last_lr()[0] == 0.0  # HF's linear warmup from 0
+
+
+def test_annealing_turns_the_soft_loss_into_the_hard_one(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model, trainer = _trainer(tiny_bert, tmp_path, anneal=True)
+    raw = {"text": np.array(["a b", "c d e"], dtype=object), "label": np.array([1, 2]),
+           "target": np.array([[0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])}
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in make_collate(tok, 3, 32)(raw).items()
+                          if k not in ("targets", "labels")}).logits
+    trainer.state.max_steps = 10
+    for step, alpha in ((0, 0.0), (5, 0.5), (10, 1.0)):
+        trainer.state.global_step = step
+        inputs = make_collate(tok, 3, 32)(raw)
+        expected = distillation_loss(logits, inputs["targets"], inputs["labels"], 1.0, alpha)
+        with torch.no_grad():
+            torch.testing.assert_close(trainer.compute_loss(model, inputs), expected)

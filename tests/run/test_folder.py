@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from incr_ray.config import ConfigError
+from incr_ray.config import Config, ConfigError, config_from_dict
 from incr_ray.run.folder import RunLock, decide_gpu
-from incr_ray.run.manifest import RunError, load
+from incr_ray.run.manifest import GenerationEntry, Manifest, RunError, check_compatible, load
 from incr_ray.storage import StorageError
 
 
@@ -63,3 +63,27 @@ def test_stage_auto_is_resolved_once_and_said():
     unreadable = config_from_dict({"model": {"base": "s3://bucket/model"}, "cluster": {"workers": 4}})
     with pytest.raises(ConfigError, match="cannot read the shape.*set deepspeed.stage"):
         with_stage(unreadable, on_gpu=True, say=said.append)
+
+
+def _manifest(config: dict, promoted=(None, None, None)) -> Manifest:
+    m = Manifest(name="r", run_dir="/r", created="now", config=config, label_names=["a", "b"],
+                 data={"fingerprint": "f", "block_sizes": [1, 1, 1], "holdout_size": 1})
+    m.generations = [GenerationEntry(index=i, status="finished", model=f"gen_{i:03d}/model", promoted=p)
+                     for i, p in enumerate(promoted)]
+    return m
+
+
+def test_the_teacher_is_the_last_promoted_generation():
+    m = _manifest({}, promoted=(None, False, True))
+    assert m.teacher_of(0) is None
+    assert m.teacher_of(1).index == 0
+    assert m.teacher_of(2).index == 0  # generation 1 was not promoted: generation 0 teaches on
+    assert m.teacher_of(3).index == 2
+
+
+def test_settings_a_run_predates_count_as_their_defaults():
+    old = Config().to_dict()
+    del old["method"]["anneal"], old["student"]["min_steps"]  # written before those keys existed
+    check_compatible(_manifest(old), Config())
+    with pytest.raises(RunError, match="student.min_steps: 100 -> 5"):
+        check_compatible(_manifest(old), config_from_dict({"student": {"min_steps": 5}}))

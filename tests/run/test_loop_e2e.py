@@ -16,6 +16,7 @@ import pytest
 
 from incr_ray import faults
 from incr_ray.faults import StopRequested
+from incr_ray.method.hashing import validation_mask
 from incr_ray.method.targets import soft_targets
 from incr_ray.run.loop import run_generations
 from small_run import small_config
@@ -36,7 +37,11 @@ def _worker_folders() -> set[str]:
 
 
 def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
-    cfg = small_config(tmp_path, tiny_bert, "k3")
+    """The whole method, with the levers that change what a generation measures and saves: a
+    validation slice, temperature scaling folded into the saved head, teacher annealing and the
+    run-long learning-rate schedule."""
+    cfg = small_config(tmp_path, tiny_bert, "k3", method={"validation_fraction": 0.2, "calibrate": True, "anneal": True},
+                       student={"schedule": "run", "warmup_ratio": 0.2}, eval={"retention_rows": 100})
     scratch_before = _worker_folders()
     manifest = run_generations(cfg, say=lambda s: None)
     # Every worker removed its scratch folder: a run leaves no model copies in the temp folder.
@@ -66,6 +71,26 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
         expected = soft_targets(probs, targets.label.to_numpy(), threshold=0.9, floor=None)
         np.testing.assert_allclose(np.stack(targets.target.to_numpy()), expected, rtol=0, atol=1e-12)
         assert (np.stack(targets.target.to_numpy())[np.arange(len(targets)), targets.label] >= 0.9 - 1e-9).all()
+        # What the teacher and the rule did on the block, read back from those same targets.
+        t = gens[g]["teacher_on_block"]
+        assert t["rows"] == len(block_ids)
+        assert t["accuracy"] == pytest.approx((probs.argmax(1) == targets.label.to_numpy()).mean())
+        assert t["kept"] + t["pushed"] + t["floored"] == pytest.approx(1.0) and t["floored"] == 0
+        # The validation slice: the block's rows the seeded hash picks, never trained on.
+        validation = int(validation_mask(block_ids.to_numpy(), cfg.run.seed, 0.2).sum())
+        assert gens[g]["validation"]["rows"] == validation and 0.1 < validation / len(block_ids) < 0.3
+        assert gens[g]["train"]["rows"] == len(block_ids) - validation
+        assert 0 <= gens[g]["validation"]["teacher_accuracy"] <= 1
+        # Continual figures against the teacher, and retention on ~100 rows of earlier blocks.
+        c = gens[g]["continual"]
+        assert 0 <= c["flip_rate"] <= 1 and 0 <= c["fix_rate"] <= 1 and 50 < c["retention_rows"] < 150
+    assert "continual" not in gens[0]
+    assert gens[0]["train"]["rows"] == gens[0]["rows"] - gens[0]["validation"]["rows"]
+    for g in gens:  # calibrated: run.json's holdout figures are those after temperature scaling
+        cal = g["calibration"]
+        assert cal["temperature"] > 0 and g["metrics"]["ece"] == pytest.approx(cal["ece_after"])
+        assert g["metrics"]["nll"] == pytest.approx(cal["nll_after"]) and g["promoted"] is True
+    assert manifest["final_generation"] == 2
 
     from transformers import pipeline
 
@@ -77,6 +102,7 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
     assert gens[-1]["metrics"]["accuracy"] > 0.5, gens[-1]["metrics"]
     for f in ("report.md", "report.json", "generations.png"):
         assert (root / f).stat().st_size > 0
+    assert "## What the teacher and the target rule did" in (root / "report.md").read_text()
     assert manifest["final_model"] == "gen_002/model"
 
     # `incr-ray evaluate`: the final model on the holdout reproduces run.json's figures, and a
@@ -84,6 +110,7 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
     from incr_ray.run.loop import evaluate_run
 
     [(g, metrics)] = evaluate_run(str(root))
+    # The saved folder carries the fitted temperature: scored afresh it gives the calibrated figures.
     assert g == 2 and metrics == pytest.approx(gens[2]["metrics"])
     holdout = split[split.block == -1]
     csv = root.parent / "eval.csv"
