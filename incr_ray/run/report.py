@@ -49,9 +49,9 @@ def _kind(e: dict[str, Any]) -> str:
 
 
 def extension_change(generations: list[dict[str, Any]], e: dict[str, Any]) -> dict[str, Any] | None:
-    """For an extended generation: holdout accuracy of the previous finished generation and of
-    this one, and the change in points; None when either is unknown."""
-    before = [g for g in generations if g["index"] < e["index"]]
+    """For an extended generation: holdout accuracy of its teacher (the last earlier generation that
+    was promoted) and of this one, and the change in points; None when either is unknown."""
+    before = [g for g in generations if g["index"] < e["index"] and g.get("promoted") is not False]
     if not e.get("extended") or not before:
         return None
     prev = before[-1]
