@@ -134,9 +134,11 @@ def _check_run_and_data(run_dir: str, data_path: str | None) -> None:
 def cmd_extend(args) -> int:
     from .run.loop import extend_run
 
+    if not 0.0 <= args.holdout_fraction < 1.0:
+        raise UsageError(f"--holdout-fraction {args.holdout_fraction} is not a share in [0, 1); e.g. 0.2")
     _check_run_and_data(args.run, args.data)
     init_ray(args.address)
-    manifest = extend_run(args.run, args.data, args.set or [])
+    manifest = extend_run(args.run, args.data, args.set or [], holdout_fraction=args.holdout_fraction)
     _print_final(manifest)
     return 0
 
@@ -221,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run folder (storage.path/run.name)")
     e.add_argument("--data", required=True, help="new labelled data file (csv, jsonl, parquet)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override resource settings")
+    e.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
+                   help="carve this share of the new data off as its own holdout (seeded per-row hash): this and "
+                        "every later generation is scored on it, so drift and forgetting show (default 0: off)")
     with_address(e)
     e.set_defaults(func=cmd_extend)
 

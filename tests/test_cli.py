@@ -149,6 +149,8 @@ def test_evaluate_and_extend_refuse_before_ray(tmp_path, run_cli, no_ray):
     missing = str(tmp_path / "missing.csv")
     assert_usage_error(run_cli("extend", "--run", run, "--data", missing), "--data", "missing.csv", "does not exist")
     assert_usage_error(run_cli("evaluate", "--run", run, "--data", missing), "--data", "missing.csv")
+    assert_usage_error(run_cli("extend", "--run", run, "--data", data, "--holdout-fraction", "1.5"),
+                       "--holdout-fraction", "not a share in [0, 1)")
     assert sorted(p.name for p in Path(run).iterdir()) == ["run.json"]
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -282,7 +283,8 @@ def test_extend_job_adds_one_generation(head, trained_run):
     pd.DataFrame({"text": texts, "label": np.array(SYNTHETIC_LABELS)[classes]}).to_csv(new_data, index=False)
     assert set(np.array(SYNTHETIC_LABELS)[classes]) == set(before["label_names"])
 
-    job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data))
+    job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
+                                 "--holdout-fraction", "0.25")
     assert head.job_details(job_id)["status"] == "SUCCEEDED"
 
     after = json.loads((run_dir / "run.json").read_text())
@@ -292,8 +294,20 @@ def test_extend_job_adds_one_generation(head, trained_run):
     assert all(g["status"] == "finished" for g in gens)
     assert gens[2].get("extended") is True and not gens[0].get("extended") and not gens[1].get("extended")
     assert gens[2]["source"] == str(new_data)
-    assert gens[2]["block_rows"] == 240
-    assert after["data"]["block_sizes"][:2] == before["data"]["block_sizes"] and after["data"]["block_sizes"][2] == 240
+    # A quarter of the new rows (a seeded hash) held out as the extension's own holdout, scored
+    # by the generation trained on the rest.
+    held_out = pq.read_table(run_dir / "gen_002" / "own_holdout").to_pandas()
+    from incr_ray.method.hashing import extension_holdout_mask, row_ids
+
+    frame = pd.read_csv(new_data)
+    ids = row_ids(frame.text.tolist(), frame.label.tolist())
+    mask = extension_holdout_mask(ids, 1, 0.25)  # the run's seed
+    assert sorted(held_out.row_id) == sorted(ids[mask]) and gens[2]["own_holdout_rows"] == mask.sum()
+    assert gens[2]["block_rows"] == 240 - mask.sum()
+    assert gens[2]["drift"]["2"]["rows"] == mask.sum() and 0 <= gens[2]["drift"]["2"]["accuracy"] <= 1
+    assert "## Drift: accuracy on each data set's own holdout" in (run_dir / "report.md").read_text()
+    assert after["data"]["block_sizes"][:2] == before["data"]["block_sizes"]
+    assert after["data"]["block_sizes"][2] == 240 - mask.sum()
     # The gate decided on the new block's validation slice, and the console said what the
     # extension did to the holdout accuracy.
     promoted = gens[2]["promoted"]

@@ -10,13 +10,13 @@ from ..method.hashing import HOLDOUT
 from .errors import DataError
 from .labels import label_name, sorted_label_names
 from .replay import replay_rows
-from .slices import retention_sample, training_part, validation_part
+from .slices import extension_holdout_parts, retention_sample, training_part, validation_part
 from .sources import BUILTIN_SOURCES, ROTTEN_TOMATOES, ROTTEN_TOMATOES_LABELS, open_source
 from .split import ROW_COLUMNS, SplitData, read_labelled_file, split_data
 from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, synthetic_rows
 
 __all__ = [
-    "BUILTIN_SOURCES", "DataError", "HOLDOUT", "ROTTEN_TOMATOES", "ROTTEN_TOMATOES_LABELS", "ROW_COLUMNS",
+    "BUILTIN_SOURCES", "DataError", "extension_holdout_parts", "HOLDOUT", "ROTTEN_TOMATOES", "ROTTEN_TOMATOES_LABELS", "ROW_COLUMNS",
     "SYNTHETIC", "SYNTHETIC_LABELS", "SplitData", "label_name", "open_source", "read_labelled_file",
     "replay_rows", "retention_sample", "sorted_label_names", "split_data", "synthetic_rows", "training_part",
     "validation_part",

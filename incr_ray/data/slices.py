@@ -1,5 +1,5 @@
 """Row slices of a run besides the blocks: the validation slice carved from every block (never the
-holdout) and the retention sample of earlier blocks. Both are per-row-id hashes of the run's seed,
+holdout), the retention sample of earlier blocks and an extension's own holdout. Both are per-row-id hashes of the run's seed,
 so they come out the same whatever blocks Ray Data delivers the rows in."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import ray.data
 from ray.data.expressions import col
 
-from ..method.hashing import retention_mask, validation_mask
+from ..method.hashing import extension_holdout_mask, retention_mask, validation_mask
 
 
 def _rows_where(batch, mask_fn, seed: int, fraction: float, keep: bool):
@@ -39,3 +39,10 @@ def retention_sample(split: "ray.data.Dataset", g: int, rows: int, block_sizes: 
     return pool.map_batches(_rows_where, batch_format="numpy",
                             fn_kwargs={"mask_fn": retention_mask, "seed": seed, "fraction": min(1.0, rows / earlier),
                                        "keep": True})
+
+
+def extension_holdout_parts(ds: "ray.data.Dataset", seed: int, fraction: float):
+    """(rows to train on, the extension's own holdout) of a new data file."""
+    kwargs = {"mask_fn": extension_holdout_mask, "seed": seed, "fraction": fraction}
+    return (ds.map_batches(_rows_where, batch_format="numpy", fn_kwargs={**kwargs, "keep": False}),
+            ds.map_batches(_rows_where, batch_format="numpy", fn_kwargs={**kwargs, "keep": True}))

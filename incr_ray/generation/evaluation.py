@@ -125,16 +125,19 @@ def holdout_metrics(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], 
     return evaluate_slice(model, tokenizer, batches, cfg, device, rank, world)[0][0]
 
 
+EXTENSION_HOLDOUT = "holdout_gen_"  # slice name prefix of an extension's own holdout: + its generation
+
+
 def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.ndarray]]], cfg: Config,
                      device=None, rank: int = 0, world: int = 1) -> dict:
     """Everything a training worker measures on the student it just trained.
 
-    ``slices`` maps ``holdout`` (required), ``validation`` and ``retention`` (optional) to their
-    batches. With a validation slice and ``method.calibrate``, a temperature is fitted on it first;
+    ``slices`` maps ``holdout`` (required), ``validation``, ``retention`` and
+    ``holdout_gen_<j>`` (an extension's own holdout; optional) to their batches. With a validation slice and ``method.calibrate``, a temperature is fitted on it first;
     the holdout is then scored once at temperature 1 and at that temperature. Returns ``holdout``
     (metrics of the model as it will be saved, i.e. calibrated when calibrating), ``predictions``
     (holdout row ids and classes), and when measured ``validation``, ``calibration`` and
-    ``retention``.
+    ``retention``, and ``drift`` (``{j: metrics}`` on the extensions' own holdouts).
     """
     out: dict = {}
     temperature = 1.0
@@ -156,6 +159,10 @@ def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.n
     if "retention" in slices:
         retained = evaluate_slice(model, tokenizer, slices["retention"], cfg, device, rank, world, (temperature,))[0][0]
         out["retention"] = {"accuracy": retained["accuracy"], "nll": retained["nll"], "rows": retained["n"]}
+    for name in sorted(n for n in slices if n.startswith(EXTENSION_HOLDOUT)):
+        m = evaluate_slice(model, tokenizer, slices[name], cfg, device, rank, world, (temperature,))[0][0]
+        out.setdefault("drift", {})[str(int(name[len(EXTENSION_HOLDOUT):]))] = {
+            "accuracy": m["accuracy"], "nll": m["nll"], "rows": m["n"]}
     return out
 
 

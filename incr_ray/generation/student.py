@@ -35,7 +35,7 @@ from ..method.hashing import generation_seed, shuffle_keys
 from ..modeling import fold_temperature, load_classifier, load_tokenizer
 from ..storage import remove_tree, stage_local, upload_dir
 from .deepspeed_config import precision_problem, resolve_precision
-from .evaluation import evaluate_student, write_predictions
+from .evaluation import EXTENSION_HOLDOUT, evaluate_student, write_predictions
 from .progress import ProgressCallback, ProgressRelay
 from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
                       save_student, training_arguments)
@@ -288,12 +288,14 @@ def shuffled_for_training(train_ds, seed: int):
 
 
 def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, holdout_ds=None,
-                say=print, validation_ds=None, retention_ds=None) -> dict[str, Any]:
+                say=print, validation_ds=None, retention_ds=None,
+                extension_holdouts: dict[int, Any] | None = None) -> dict[str, Any]:
     """Train ``request.generation`` on ``train_ds`` and put the model at ``request.model_dest``.
 
     Returns the workers' metrics; with ``holdout_ds`` the workers also evaluate the trained model
     on it (``holdout``), on ``validation_ds`` (``validation``, and ``calibration`` with
-    ``method.calibrate``) and on ``retention_ds`` (``retention``) — see
+    ``method.calibrate``), on ``retention_ds`` (``retention``) and on each extension's own
+    holdout in ``extension_holdouts`` (``drift``) — see
     :func:`incr_ray.generation.evaluation.evaluate_student`."""
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
@@ -305,7 +307,8 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     datasets = {"train": shuffled_for_training(train_ds, seed).materialize()}
     if holdout_ds is not None:
         datasets["holdout"] = holdout_ds.materialize()
-        for name, ds in (("validation", validation_ds), ("retention", retention_ds)):
+        extra = [(f"{EXTENSION_HOLDOUT}{j:03d}", ds) for j, ds in sorted((extension_holdouts or {}).items())]
+        for name, ds in (("validation", validation_ds), ("retention", retention_ds), *extra):
             if ds is not None:
                 ds = ds.materialize()
                 if ds.count():

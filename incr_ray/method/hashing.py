@@ -113,3 +113,8 @@ def validation_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
 def retention_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     """Rows of the retention sample (earlier blocks scored again to show forgetting)."""
     return unit(hash_ids(ids, seed, "retention")) < fraction
+
+
+def extension_holdout_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Rows of a new data file held out as that extension's own holdout (``extend --holdout-fraction``)."""
+    return unit(hash_ids(ids, seed, "extension-holdout")) < fraction

@@ -53,6 +53,9 @@ class RunPaths:
     def targets(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "targets")
 
+    def own_holdout(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "own_holdout")
+
     def predictions(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "holdout_predictions.parquet")
 

@@ -19,7 +19,8 @@ from ray.data.expressions import col, lit
 
 from .. import faults
 from ..config import Config, ConfigError, config_from_dict
-from ..data import HOLDOUT, read_labelled_file, replay_rows, retention_sample, training_part, validation_part
+from ..data import (HOLDOUT, extension_holdout_parts, read_labelled_file, replay_rows, retention_sample,
+                    training_part, validation_part)
 from ..data.errors import exception_chain
 from ..generation.evaluation import evaluate_model, read_predictions, write_predictions
 from ..generation.student import StudentRequest, fit_student
@@ -214,13 +215,20 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=train_rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train,
                                  predictions_dest=run.paths.predictions(g), lr_window=lr_window)
+        extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
+                              for e in run.manifest.generations[:g + 1] if e.own_holdout}
         with _worker_failures_reported(run.say):
             train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say,
-                                validation_ds=validation_ds, retention_ds=retention_ds)
+                                validation_ds=validation_ds, retention_ds=retention_ds,
+                                extension_holdouts=extension_holdouts)
         entry.metrics, entry.eval_seconds = train.pop("holdout"), train.pop("eval_seconds")
         entry.predictions = run.rel(run.paths.predictions(g))
         student_validation, entry.calibration = train.pop("validation", None), train.pop("calibration", None)
         retention = train.pop("retention", None)
+        entry.drift = train.pop("drift", None)
+        if entry.drift:
+            run.say(f"[gen {g}] on the extensions' own holdouts: " + ", ".join(
+                f"gen {j}'s data acc {d['accuracy']:.4f}" for j, d in entry.drift.items()))
         if student_validation is not None:
             entry.validation = {**student_validation, **(_teacher_on_validation(run, entry) if teacher else {})}
         if entry.calibration:
@@ -277,8 +285,33 @@ def run_generations(cfg: Config, say=print) -> dict[str, Any]:
         return run.manifest.to_json()
 
 
-def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None, say=print) -> dict[str, Any]:
-    """Train generation k on a new block of data with the run's last model as the teacher."""
+def _carve_own_holdout(run: Run, g: int, new_block):
+    """extend --holdout-fraction: the new data's rows to train on; its own holdout goes to
+    gen_<g>/own_holdout (once: a resumed extension reads it back)."""
+    entry = run.manifest.entry(g)
+    fraction = entry.own_holdout_fraction or 0.0
+    if fraction <= 0:
+        return new_block
+    train_part, held_out = extension_holdout_parts(new_block, run.cfg.run.seed, fraction)
+    if not entry.own_holdout:
+        rows = held_out.count()
+        if rows == 0 or rows == new_block.count():
+            raise RunError(f"--holdout-fraction {fraction} leaves {'no' if rows == 0 else 'every'} row of "
+                           f"{entry.source!r} held out; choose a share that splits it")
+        dest = run.paths.own_holdout(g)
+        remove_tree(dest + ".tmp")
+        held_out.write_parquet(dest + ".tmp")
+        rename_tree(dest + ".tmp", dest)
+        entry.own_holdout, entry.own_holdout_rows = run.rel(dest), rows
+        run.save()
+        run.say(f"[gen {g}] held out {rows} rows of the new data as its own holdout")
+    return train_part.materialize()
+
+
+def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None, say=print,
+               holdout_fraction: float = 0.0) -> dict[str, Any]:
+    """Train generation k on a new block of data with the run's last model as the teacher; with
+    ``holdout_fraction``, part of the new data is held out as its own holdout first."""
     with open_finished(run_dir, overrides or [], say) as run:
         m = run.manifest
         # The new data is checked (labels the model knows, no empty text) before anything changes.
@@ -296,11 +329,12 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
             g = len(m.generations)
             m.status = "extending"
             m.entry(g).source = data_path
+            m.entry(g).own_holdout_fraction = holdout_fraction or None
             run.save()
-            remove_tree(run.paths.targets(g))  # leftovers of a crash before run.json knew them
-            remove_tree(run.paths.model(g))
+            for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.own_holdout(g)):
+                remove_tree(leftover)  # of a crash before run.json knew them
         teacher = m.teacher_of(g)
-        block = new_block.with_column("block", lit(np.int64(g)))
+        block = _carve_own_holdout(run, g, new_block).with_column("block", lit(np.int64(g)))
         entry = run_generation(run, g, block, teacher, extended=True)
         del m.data.block_sizes[g:]  # idempotent when an interrupted extend is finished
         m.data.block_sizes.append(int(entry.block_rows or entry.rows))

@@ -37,6 +37,10 @@ class GenerationEntry(_Record):
     finished: str | None = None
     extended: bool | None = None  # trained by `incr-ray extend`
     source: str | None = None  # extend: the new data file
+    # extend --holdout-fraction: the share of the new file held out, gen_<g>/own_holdout, its rows.
+    own_holdout_fraction: float | None = None
+    own_holdout: str | None = None
+    own_holdout_rows: int | None = None
     # Teacher scoring (generations ≥ 1): gen_<g>/targets, its rows (block + replay) and time.
     targets: str | None = None
     rows: int | None = None
@@ -61,6 +65,8 @@ class GenerationEntry(_Record):
     validation: dict[str, float] | None = None
     calibration: dict[str, float] | None = None
     promoted: bool | None = None
+    # Accuracy and NLL on each extension's own holdout, keyed by that extension's generation.
+    drift: dict[str, dict[str, float]] | None = None
 
 
 class DataInfo(_Record):

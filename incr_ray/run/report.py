@@ -144,7 +144,48 @@ def calibration_table_markdown(generations: list[dict[str, Any]]) -> str | None:
     return head + "\n".join(lines) + "\n"
 
 
-OPTIONAL_FIELDS = ("extended", "promoted", "teacher_on_block", "continual", "validation", "calibration")
+def drift_matrix(generations: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The accuracy matrix of a run extended with ``--holdout-fraction``, and its backward transfer.
+
+    Tasks (columns): the run's own holdout, then each extension that held out part of its data.
+    Rows: the generations from the one before the first such extension on. Backward transfer, as
+    in Lopez-Paz & Ranzato (2017) and Avalanche: the mean, over every task but the last model's
+    own, of (the last generation's accuracy on it − the accuracy right after it was learned).
+    None when no extension held data out.
+    """
+    tasks = [e["index"] for e in generations if e.get("own_holdout")]
+    if not tasks:
+        return None
+    first = min(tasks)
+    rows = [e for e in generations if e["index"] >= first - 1]
+
+    def acc(e: dict[str, Any], task: int | None) -> float | None:
+        if task is None:
+            return (e.get("metrics") or {}).get("accuracy")
+        return ((e.get("drift") or {}).get(str(task)) or {}).get("accuracy")
+
+    matrix = [{"generation": e["index"], "holdout": acc(e, None), **{str(t): acc(e, t) for t in tasks}} for e in rows]
+    last = rows[-1]
+    right_after = {None: acc(rows[0], None), **{t: acc(next(e for e in rows if e["index"] == t), t) for t in tasks}}
+    changes = [acc(last, t) - a for t, a in right_after.items()
+               if t != last["index"] and a is not None and acc(last, t) is not None]
+    return {"tasks": ["holdout", *map(str, tasks)], "rows": matrix,
+            "backward_transfer": sum(changes) / len(changes) if changes else None}
+
+
+def drift_markdown(drift: dict[str, Any]) -> str:
+    head = "| gen | run's holdout | " + " | ".join(f"gen {t}'s data" for t in drift["tasks"][1:]) + " |\n"
+    head += "|---:|" + "---:|" * len(drift["tasks"]) + "\n"
+    lines = ["| " + " | ".join([str(r["generation"]), *(_num(r[t], ".4f") for t in drift["tasks"])]) + " |"
+             for r in drift["rows"]]
+    bwt = drift["backward_transfer"]
+    note = ("" if bwt is None else f"\nBackward transfer (last generation vs right after each data set was "
+            f"learned, mean): {100 * bwt:+.1f} points.\n")
+    return head + "\n".join(lines) + "\n" + note
+
+
+OPTIONAL_FIELDS = ("extended", "promoted", "teacher_on_block", "continual", "validation", "calibration",
+                   "own_holdout", "own_holdout_rows", "drift")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -197,6 +238,11 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
     calibration = calibration_table_markdown(gens)
     if calibration:
         md += ["## Calibration (temperature scaling)", "", calibration]
+    drift = drift_matrix(gens)
+    if drift:
+        md += ["## Drift: accuracy on each data set's own holdout", "",
+               "Extensions run with `--holdout-fraction` held part of their new data out; every later "
+               "generation is scored on it.", "", drift_markdown(drift)]
     md.append("![metrics per generation](generations.png)")
 
     def entry_json(g: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +259,7 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
         "generations": [entry_json(g) for g in gens],
         "final": {"generation": final["index"], "metrics": final.get("metrics"), "model": final.get("model")}
         if final else None,
+        **({"drift": drift} if drift else {}),
     }
     return "\n".join(md) + "\n", json.dumps(report, indent=2)
 

@@ -122,3 +122,31 @@ def test_only_the_continual_figures_present_get_columns():
     md, _ = render_report(m)
     assert "retention acc | retention rows |" in md and "flip rate" not in md
     assert "| 0.8000 | 50 |" in md
+
+
+def test_drift_matrix_and_backward_transfer():
+    from incr_ray.run.report import drift_matrix, render_report
+
+    gens = [
+        {"index": 0, "status": "finished", "metrics": {"accuracy": 0.70}},
+        {"index": 1, "status": "finished", "metrics": {"accuracy": 0.80}},
+        {"index": 2, "status": "finished", "metrics": {"accuracy": 0.78}, "extended": True,
+         "own_holdout": "gen_002/own_holdout", "drift": {"2": {"accuracy": 0.60}}},
+        {"index": 3, "status": "finished", "metrics": {"accuracy": 0.74}, "extended": True,
+         "own_holdout": "gen_003/own_holdout", "drift": {"2": {"accuracy": 0.55}, "3": {"accuracy": 0.90}}},
+    ]
+    d = drift_matrix(gens)
+    assert d["tasks"] == ["holdout", "2", "3"]
+    assert [r["generation"] for r in d["rows"]] == [1, 2, 3]
+    assert d["rows"][0]["2"] is None and d["rows"][2]["3"] == 0.90
+    # The run's holdout: 0.74 now vs 0.80 after generation 1; gen 2's data: 0.55 vs 0.60.
+    assert d["backward_transfer"] == pytest.approx(((0.74 - 0.80) + (0.55 - 0.60)) / 2)
+    assert drift_matrix(gens[:2]) is None
+    manifest = {"name": "r", "label_names": ["a", "b"], "data": {"holdout_size": 10}, "generations": gens,
+                "config": {"method": {"k": 2, "threshold": 0.9, "floor": None, "temperature": 1.0, "alpha": 0.0},
+                           "student": {"init": "previous"}, "model": {"base": "m"}, "deepspeed": {"stage": 0},
+                           "cluster": {"workers": 1}}}
+    md, js = render_report(manifest)
+    assert "## Drift: accuracy on each data set's own holdout" in md
+    assert "| 3 | 0.7400 | 0.5500 | 0.9000 |" in md and "Backward transfer" in md and "-5.5 points" in md
+    assert '"backward_transfer"' in js
