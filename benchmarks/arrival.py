@@ -279,7 +279,8 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     ci = f"95% CI over {n} seeds" if n > 1 else "one seed, no interval"
 
     def ratio_text(r):
-        return f"{r['mean']:.2f}" + (f" [{r['lo']:.2f}, {r['hi']:.2f}]" if r["lo"] is not None else "")
+        text = f"{r['mean']:.2f}" + (f" [{r['lo']:.2f}, {r['hi']:.2f}]" if r["lo"] is not None else "")
+        return text.replace("-", "−")
 
     out = [
         ("(a) within 1 point of (b)'s accuracy", verdict(ab["accuracy"], -0.01, True),
