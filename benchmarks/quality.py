@@ -336,7 +336,7 @@ def summarize_variants(per_seed: dict[Any, dict[str, Any]], variants) -> dict[st
     seeds = _seeds(per_seed)
     calibration: dict[str, Any] = {}
     gate: dict[str, Any] = {}
-    for label in labels:
+    for label, changes, _ in variants:
         runs = [per_seed[s].get(label) for s in seeds]
         if not all(runs):
             continue
@@ -351,7 +351,7 @@ def summarize_variants(per_seed: dict[Any, dict[str, Any]], variants) -> dict[st
                 "nll_after_minus_before": paired_difference([c["nll_after"] for c in cal],
                                                             [c["nll_before"] for c in cal]),
             }
-        if any(g.get("promoted") is not None for r in runs for g in r["generations"]):
+        if changes.get("method.keep_best") or any(g.get("promoted") is False for r in runs for g in r["generations"]):
             gate[label] = {
                 "not_promoted": [sum(g.get("promoted") is False for g in r["generations"]) for r in runs],
                 "final_generation": [r["final_generation"] for r in runs],
@@ -395,7 +395,10 @@ def _size_line(s: dict[str, Any]) -> str:
 
 
 def _n_seeds_note(s: dict[str, Any]) -> str:
-    return (f"Paired differences: per seed a − b on the same holdout, then the mean over the {len(s['seeds'])} "
+    n = len(s["seeds"])
+    if n == 1:
+        return "Differences on the one seed (a − b on the same holdout; no interval); accuracy and macro-F1 in points."
+    return (f"Paired differences: per seed a − b on the same holdout, then the mean over the {n} "
             "seeds with its 95% confidence interval [low, high] (Student t); accuracy and macro-F1 in points. "
             "\"Inside the seed noise\": the interval contains 0.")
 

@@ -233,6 +233,13 @@ def test_levers_are_paired_against_incremental():
     assert cal["ece_after_minus_before"]["mean"] == pytest.approx(-0.06)
     assert summary["gate"]["generation gate (keep best)"] == {"not_promoted": [1, 1, 1], "final_generation": [2, 2, 2],
                                                                "generations": [4, 4, 4]}
+    assert list(summary["gate"]) == ["generation gate (keep best)"]
+    # Every generation of a newer run says promoted: true; only a gate or a skipped student is reported.
+    per_seed = _lever_per_seed()
+    for v in per_seed.values():
+        sched = v["one LR schedule across generations"]
+        sched["generations"] = [dict(g, promoted=True) for g in sched["generations"]]
+    assert list(quality.summarize_variants(per_seed, LEVERS)["gate"]) == ["generation gate (keep best)"]
     # The gated run's final model is generation 2 (accuracy 0.6), not its last generation.
     gate = summary["differences"]["generation gate (keep best) − incremental"]["accuracy"]
     assert gate["diffs"] == pytest.approx([-0.10, -0.11, -0.09])
