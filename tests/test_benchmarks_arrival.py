@@ -3,6 +3,7 @@ paired per-arrival differences and cost ratios, the claims, and rendering a fake
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def test_presets(tmp_path):
     a = arrival.resolve(arrival.parser().parse_args(["--workdir", str(tmp_path)]))
     assert (a.seeds, a.rows, a.k, a.max_length) == ([0, 1, 2, 3], 1100, 4, 32)
     a = arrival.resolve(arrival.parser().parse_args(["--smoke"]))
+    shutil.rmtree(a.out.parent)  # the temporary folder --smoke made
     assert (a.seeds, a.rows, a.k, a.max_length) == ([0, 1], 160, 2, 16) and "smoke" in str(a.out)
     with pytest.raises(SystemExit):
         arrival.resolve(arrival.parser().parse_args(["--k", "1", "--workdir", str(tmp_path)]))

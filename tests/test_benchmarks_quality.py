@@ -5,6 +5,7 @@ and the rendering of a fake result."""
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -297,6 +298,7 @@ def test_presets_fill_what_the_command_line_left_unset(tmp_path):
     a = quality.resolve(quality.parser().parse_args(["--gpu", "--workdir", str(tmp_path), "--max-length", "128"]))
     assert a.rows is None and a.use_gpu is True and a.batch_size == 32 and a.max_length == 128
     a = quality.resolve(quality.parser().parse_args(["--smoke"]))
+    shutil.rmtree(a.out.parent)  # the temporary folder --smoke made
     assert (a.seeds, a.rows, a.max_length, a.k) == ([0, 1], 160, 16, 2)
     assert harness.RESULTS not in (a.out, a.out.parent) and "smoke" in str(a.out)
     assert quality.resolve(quality.parser().parse_args(["--all-methods", "--workdir", str(tmp_path)])).methods == \
