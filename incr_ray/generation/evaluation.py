@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..method import calibration
 from ..method.calibration import fit_temperature
 from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats, probs_metrics
 from ..method.targets import softmax
@@ -132,6 +133,8 @@ def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.n
                      device=None, rank: int = 0, world: int = 1) -> dict:
     """Everything a training worker measures on the student it just trained.
 
+    A slice of fewer than ``calibration.MIN_ROWS`` rows fits no temperature (T stays 1).
+
     ``slices`` maps ``holdout`` (required), ``validation``, ``retention`` and
     ``holdout_gen_<j>`` (an extension's own holdout; optional) to their batches. With a validation slice and ``method.calibrate``, a temperature is fitted on it first;
     the holdout is then scored once at temperature 1 and at that temperature. Returns ``holdout``
@@ -144,7 +147,7 @@ def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.n
     if "validation" in slices:
         labels, logits = slice_logits(model, tokenizer, slices["validation"], cfg, device, rank, world)
         if len(labels):
-            if cfg.method.calibrate:
+            if cfg.method.calibrate and len(labels) >= calibration.MIN_ROWS:
                 temperature = fit_temperature(logits, labels)
             out["validation"] = {"rows": len(labels), **probs_metrics(softmax(logits, temperature), labels,
                                                                        cfg.eval.ece_bins)}

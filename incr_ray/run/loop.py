@@ -26,6 +26,7 @@ from ..generation.evaluation import evaluate_model, read_predictions, write_pred
 from ..generation.student import StudentRequest, fit_student
 from ..generation.trainer import generation_steps, run_lr_window
 from ..generation.teacher import score_block, teacher_block_stats
+from ..method.calibration import MIN_ROWS as MIN_CALIBRATION_ROWS
 from ..method.metrics import flip_rates, probs_metrics
 from ..method.targets import softmax
 from ..modeling import NonFiniteError
@@ -232,10 +233,13 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         if student_validation is not None:
             entry.validation = {**student_validation, **(_teacher_on_validation(run, entry) if teacher else {})}
         if entry.calibration:
-            c = entry.calibration
-            run.say(f"[gen {g}] temperature {c['temperature']:.3f} fitted on {int(student_validation['rows'])} "
-                    f"validation rows: holdout ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, "
-                    f"NLL {c['nll_before']:.4f} → {c['nll_after']:.4f}")
+            c, rows = entry.calibration, int((student_validation or {}).get("rows", 0))
+            if rows < MIN_CALIBRATION_ROWS:
+                run.say(f"[gen {g}] no temperature fitted: the validation slice has {rows} rows, fewer than "
+                        f"{MIN_CALIBRATION_ROWS}; raise method.validation_fraction")
+            else:
+                run.say(f"[gen {g}] temperature {c['temperature']:.3f} fitted on {rows} validation rows: holdout "
+                        f"ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} → {c['nll_after']:.4f}")
         entry.continual = _continual(run, g, entry, teacher, retention)
         entry.promoted = _gate(run, g, entry, teacher)
         entry.model, entry.train = run.rel(model_dest), train

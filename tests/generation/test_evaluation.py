@@ -64,6 +64,9 @@ def work(rank, path, port, out):
                 "label": np.arange(s, s + n) % 3} for s, n in ((0, 7), (7, 5), (12, 1))]
     split = holdout_metrics(model, tok, batches, cfg, rank=rank, world=2)
     # Everything a worker measures: validation slice, a fitted temperature, holdout predictions.
+    from incr_ray.method import calibration
+
+    calibration.MIN_ROWS = 10  # a 12-row slice may fit a temperature here
     calibrating = config_from_dict({"model": {"max_length": 16},
                                     "method": {"validation_fraction": 0.2, "calibrate": True}})
     for b in batches:
@@ -113,3 +116,17 @@ def test_two_ranks_give_the_metrics_of_one(tiny_bert, tmp_path):
     assert c["temperature"] != 1.0 and whole["holdout"]["nll"] == pytest.approx(c["nll_after"])
     for k in ("accuracy", "nll", "ece"):
         assert split["holdout"][k] == pytest.approx(whole["holdout"][k], abs=1e-9), k
+
+
+def test_a_small_validation_slice_fits_no_temperature(tiny_bert):
+    from incr_ray.config import config_from_dict
+    from incr_ray.generation.evaluation import evaluate_student
+    from incr_ray.method.calibration import MIN_ROWS
+
+    cfg = config_from_dict({"model": {"max_length": 16}, "method": {"validation_fraction": 0.1, "calibrate": True}})
+    model, tokenizer = load_for_inference(tiny_bert, cfg, on_gpu=False)
+    small = batch(MIN_ROWS - 1)
+    out = evaluate_student(model, tokenizer, {"holdout": [batch(6)], "validation": [small]}, cfg)
+    assert out["validation"]["rows"] == MIN_ROWS - 1
+    assert out["calibration"]["temperature"] == 1.0
+    assert out["calibration"]["ece_before"] == out["calibration"]["ece_after"] == out["holdout"]["ece"]

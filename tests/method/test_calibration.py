@@ -48,3 +48,10 @@ def test_flip_rates_align_rows_by_id():
     rates = flip_rates(before, after, truth)
     assert rates == {"flip_rate": pytest.approx(0.5), "fix_rate": pytest.approx(0.25), "rows": 4}
     assert flip_rates((np.array([9]), np.array([0])), after, truth)["rows"] == 0
+
+
+def test_a_slice_the_model_gets_all_right_stops_at_the_bound():
+    """NLL keeps falling as T → 0 when every row is right: the fit stops at T = 0.25, not near 0."""
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 3.0]] * 3)
+    labels = np.array([0, 1, 2] * 3)
+    assert fit_temperature(logits, labels) == pytest.approx(0.25, rel=1e-3)
