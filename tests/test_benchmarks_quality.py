@@ -248,7 +248,7 @@ def test_levers_are_paired_against_incremental():
 
 def test_every_lever_config_key_is_named_as_the_issue_asks():
     changes = {k: v for _, ch, _ in quality.LEVERS for k, v in ch.items()}
-    assert changes == {"student.schedule": "run", "method.anneal": True, "method.validation_fraction": 0.1,
+    assert changes == {"student.schedule": "run", "method.anneal": True, "method.validation_fraction": 0.2,
                        "method.keep_best": True, "method.calibrate": True}
     assert quality._override("method.anneal", True) == "method.anneal=true"
     assert [shares for _, _, shares in quality.LEVERS] == [False, True, False, False]
