@@ -7,12 +7,7 @@ import ray.data
 from ray.data.expressions import col
 
 from ..method.hashing import generation_seed, sample_mask
-
-
-def _keep_sampled(batch, seed: int, fraction: float):
-    # A per-row-id hash, so the sample does not depend on how Ray Data cuts the dataset into blocks.
-    mask = sample_mask(batch["row_id"], seed, fraction)
-    return {k: v[mask] for k, v in batch.items()}
+from .slices import rows_where
 
 
 def replay_rows(split: "ray.data.Dataset", g: int, block_rows: int, fraction: float,
@@ -23,5 +18,7 @@ def replay_rows(split: "ray.data.Dataset", g: int, block_rows: int, fraction: fl
     earlier = sum(block_sizes[:g])
     keep = min(1.0, fraction * block_rows / max(1, earlier))
     pool = split.filter(expr=(col("block") >= 0) & (col("block") < g))
-    return pool.map_batches(_keep_sampled, batch_format="numpy",
-                            fn_kwargs={"seed": generation_seed(run_seed, g), "fraction": keep})
+    # A per-row-id hash, so the sample does not depend on how Ray Data cuts the dataset into blocks.
+    return pool.map_batches(rows_where, batch_format="numpy",
+                            fn_kwargs={"mask_fn": sample_mask, "seed": generation_seed(run_seed, g),
+                                       "fraction": keep, "keep": True})

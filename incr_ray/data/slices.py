@@ -10,14 +10,15 @@ from ray.data.expressions import col
 from ..method.hashing import extension_holdout_mask, retention_mask, validation_mask
 
 
-def _rows_where(batch, mask_fn, seed: int, fraction: float, keep: bool):
+def rows_where(batch, mask_fn, seed: int, fraction: float, keep: bool):
+    """The rows of a numpy batch whose ``mask_fn(row ids, seed, fraction)`` equals ``keep``."""
     mask = mask_fn(batch["row_id"], seed, fraction)
     return {k: v[mask == keep] for k, v in batch.items()}
 
 
 def validation_part(ds: "ray.data.Dataset", seed: int, fraction: float) -> "ray.data.Dataset":
     """The validation slice of ``ds`` (rows with ``row_id``)."""
-    return ds.map_batches(_rows_where, batch_format="numpy",
+    return ds.map_batches(rows_where, batch_format="numpy",
                           fn_kwargs={"mask_fn": validation_mask, "seed": seed, "fraction": fraction, "keep": True})
 
 
@@ -25,7 +26,7 @@ def training_part(ds: "ray.data.Dataset", seed: int, fraction: float) -> "ray.da
     """``ds`` without its validation slice (``ds`` itself when there is none)."""
     if fraction <= 0:
         return ds
-    return ds.map_batches(_rows_where, batch_format="numpy",
+    return ds.map_batches(rows_where, batch_format="numpy",
                           fn_kwargs={"mask_fn": validation_mask, "seed": seed, "fraction": fraction, "keep": False})
 
 
@@ -36,7 +37,7 @@ def retention_sample(split: "ray.data.Dataset", g: int, rows: int, block_sizes: 
     if rows <= 0 or g < 1 or earlier < 1:
         return None
     pool = training_part(split.filter(expr=(col("block") >= 0) & (col("block") < g)), seed, validation_fraction)
-    return pool.map_batches(_rows_where, batch_format="numpy",
+    return pool.map_batches(rows_where, batch_format="numpy",
                             fn_kwargs={"mask_fn": retention_mask, "seed": seed, "fraction": min(1.0, rows / earlier),
                                        "keep": True})
 
@@ -44,5 +45,5 @@ def retention_sample(split: "ray.data.Dataset", g: int, rows: int, block_sizes: 
 def extension_holdout_parts(ds: "ray.data.Dataset", seed: int, fraction: float):
     """(rows to train on, the extension's own holdout) of a new data file."""
     kwargs = {"mask_fn": extension_holdout_mask, "seed": seed, "fraction": fraction}
-    return (ds.map_batches(_rows_where, batch_format="numpy", fn_kwargs={**kwargs, "keep": False}),
-            ds.map_batches(_rows_where, batch_format="numpy", fn_kwargs={**kwargs, "keep": True}))
+    return (ds.map_batches(rows_where, batch_format="numpy", fn_kwargs={**kwargs, "keep": False}),
+            ds.map_batches(rows_where, batch_format="numpy", fn_kwargs={**kwargs, "keep": True}))
