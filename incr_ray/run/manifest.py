@@ -134,7 +134,7 @@ RESULT_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "model": ("base", "max_length"),
     "method": None,
     "student": ("init", "epochs", "min_steps", "learning_rate", "schedule", "weight_decay", "warmup_ratio",
-                "batch_size", "grad_accum"),
+                "batch_size", "grad_accum", "lora"),
     "replay": None,
 }
 
