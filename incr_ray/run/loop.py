@@ -33,6 +33,7 @@ from ..modeling import NonFiniteError
 from ..storage import drop_staged, is_remote, remove_tree, rename_tree, write_bytes_atomic
 from .folder import Run, cluster_has_gpu, on_every_node, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, now
+from .model_card import write_model_card
 from .report import plot_png, render_report, summary_line
 
 
@@ -252,6 +253,9 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         entry.predictions = run.rel(run.paths.predictions(g))
         entry.continual = _continual(run, g, entry, teacher, None)
         entry.eval_seconds = time.perf_counter() - evaluating
+    # The folder is complete (temperature folded in, gate decided): its card goes in before the
+    # generation counts as finished, so a resumed run never skips a generation without one.
+    write_model_card(model_dest, run.manifest, g)
     entry.seconds = (entry.seconds or 0.0) + time.perf_counter() - started
     entry.finished = now()
     entry.status = "finished"
@@ -268,6 +272,11 @@ def _finish(run: Run) -> None:
     m.status = "finished"
     m.final_model, m.final_generation = final.model, final.index
     run.save()
+    # Every card again: the final one now says so, one that was final before an extension no
+    # longer does, and a run folder from before model cards gets them.
+    for e in m.finished_generations():
+        if e.model and e.metrics:
+            write_model_card(run.paths.model(e.index), m, e.index)
     md, js = render_report(run.manifest.to_json())
     write_bytes_atomic(run.paths.join("report.md"), md.encode())
     write_bytes_atomic(run.paths.join("report.json"), js.encode())
