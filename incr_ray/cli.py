@@ -1,7 +1,8 @@
-"""``incr-ray``: train | extend | evaluate | predict | plan.
+"""``incr-ray``: train | extend | evaluate | predict | push | plan.
 
 Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 1 anything
-unexpected (with its traceback, since that is our bug).
+unexpected (with its traceback, since that is our bug) — or, for ``push``, a Hub that could not be
+reached or refused the upload (one line, no traceback).
 
 The package is imported per command, inside each ``cmd_*``: ``--help``, ``plan`` and ``predict``
 must not pay for importing Ray, and a config error is reported before Ray starts.
@@ -12,9 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+EXIT_HUB = 1
 
 
 class UsageError(ValueError):
@@ -166,6 +169,25 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .run.push import HubError, files_to_upload, model_to_push, repo_id_problem, upload_model
+
+    problem = repo_id_problem(args.repo)
+    if problem:
+        raise UsageError(problem)
+    g, folder = model_to_push(args.run, args.generation)
+    files = files_to_upload(folder)
+    print(f"pushing generation {g} of {args.run} ({len(files)} files: {', '.join(files)}) to {args.repo}")
+    try:
+        url = upload_model(folder, args.repo, private=args.private, token=args.token,
+                           message=f"incr-ray push: generation {g} of run {Path(args.run.rstrip('/')).name}")
+    except HubError as err:
+        print(f"incr-ray: error: {err}", file=sys.stderr)
+        return EXIT_HUB
+    print(f"pushed: {url}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .plan import plan_text
 
@@ -240,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("texts", nargs="*")
     r.set_defaults(func=cmd_predict)
+
+    u = sub.add_parser("push", help="upload a run's final model (or --generation G), model card included, to a "
+                       "Hugging Face Hub repo")
+    u.add_argument("--run", required=True, help="run folder (storage.path/run.name)")
+    u.add_argument("--repo", required=True, metavar="OWNER/NAME", help="Hub model repo, created if missing")
+    u.add_argument("--generation", type=int, metavar="G",
+                   help="push this finished generation instead of the run's final model")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--token", help="Hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    u.set_defaults(func=cmd_push)
 
     pl = sub.add_parser(
         "plan", help="per-GPU memory of the student (ZeRO 0-3, offload) and the teacher, and a recommendation; "

@@ -92,6 +92,22 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
         assert g["metrics"]["nll"] == pytest.approx(cal["nll_after"]) and g["promoted"] is True
     assert manifest["final_generation"] == 2
 
+    # Every model folder carries its model card: the base model, the teacher chain, the final one named.
+    from huggingface_hub import ModelCard
+
+    for g in range(3):
+        card = ModelCard.load(root / f"gen_{g:03d}" / "model" / "README.md")
+        assert card.data.library_name == "transformers" and "incr-ray" in card.data.tags
+        assert card.data.base_model is None  # tiny_bert is a folder here, named by its folder name only
+        assert f"a model folder named `{Path(tiny_bert).name}`" in card.text and str(tmp_path) not in card.content
+        chain = " ← ".join(f"gen {i}" for i in range(g, -1, -1)) + " ← base model"
+        assert chain in card.text, card.text
+        assert {r.metric_type: r.metric_value for r in card.data.eval_results}["accuracy"] == \
+            pytest.approx(gens[g]["metrics"]["accuracy"], abs=1e-4)
+        assert ("This is the **final model**" in card.text) == (g == 2)
+        assert "| temperature scaling | temperature " in card.text
+        assert ("| teacher annealing | on" in card.text) == (g > 0)  # generation 0 learns one-hot labels
+
     from transformers import pipeline
 
     for g in range(3):
@@ -137,6 +153,8 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert, monkeypatc
     assert [g["status"] for g in state["generations"]] == ["finished"]
     model0 = root / "gen_000" / "model" / "model.safetensors"
     before = _sha(model0)
+    card0 = root / "gen_000" / "model" / "README.md"  # written before the generation counted as finished
+    assert "while the run went on" in card0.read_text()
 
     # Consolidated ZeRO-3 weights: full shapes, and trained (differ from the initial weights).
     from safetensors.numpy import load_file
@@ -153,6 +171,9 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert, monkeypatc
     manifest = run_generations(cfg, say=lambda s: None)
     assert [g["status"] for g in manifest["generations"]] == ["finished", "finished"]
     assert _sha(model0) == before, "generation 0 must not be retrained on resume"
+    # The resumed run's end re-renders every card: generation 0's now names the final model.
+    assert "Run `resume`'s final model is generation 1." in card0.read_text()
+    assert "This is the **final model**" in (root / "gen_001" / "model" / "README.md").read_text()
     assert manifest["generations"][0]["metrics"] == state["generations"][0]["metrics"]
 
     # The workers evaluated their partitioned (ZeRO-3) model in memory; the saved, consolidated
