@@ -14,7 +14,7 @@ its folder name only, and left out of ``base_model`` (the Hub wants a repo id th
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -278,8 +278,6 @@ def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = F
 
 def write_model_card(model_dir: str, manifest: Manifest, g: int) -> str:
     """Render generation ``g``'s card into ``model_dir/README.md`` (local or remote); returns its path."""
-    from pathlib import Path
-
     base = config_from_dict(manifest.config).model.base
     local = not is_remote(base) and base not in HUB_ALIASES and Path(base.removeprefix("file://")).expanduser().exists()
     path = model_dir.rstrip("/") + "/" + CARD_NAME
