@@ -136,7 +136,8 @@ def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]
         targets = ", ".join(s.lora.target_modules) if s.lora.target_modules else "the attention projections"
         rows.append(("LoRA", f"rank {s.lora.r}, alpha {s.lora.alpha:g}, dropout {s.lora.dropout:g} on {targets}; "
                      "merged into the weights of this folder"))
-    rows.append(("student", f"{s.epochs:g} epoch(s) (at least {s.min_steps} optimizer steps), learning rate "
+    at_least = f" (at least {s.min_steps} optimizer steps)" if s.min_steps else ""
+    rows.append(("student", f"{s.epochs:g} epoch(s){at_least}, learning rate "
                  f"{s.learning_rate:g} (schedule `{s.schedule}`, warmup {s.warmup_ratio:g}), weight decay "
                  f"{s.weight_decay:g}, batch {s.batch_size} × {s.grad_accum} accumulation per worker"))
     t = entry.train or {}

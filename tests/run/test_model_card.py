@@ -120,7 +120,7 @@ def test_levers_and_lora_appear_when_on():
             _gen(1, 0.74, calibration=cal)]
     m = _manifest(gens, method={"validation_fraction": 0.2, "calibrate": True, "anneal": True},
                   student={"lora": {"r": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": ["query", "value"]},
-                           "init": "base"}, replay={"fraction": 0.25})
+                           "init": "base", "min_steps": 0}, replay={"fraction": 0.25})
     zero = _section(render_model_card(m, 0), "How it was trained")
     assert "| LoRA | rank 8, alpha 16, dropout 0.1 on query, value; merged into the weights of this folder |" in zero
     assert "| validation slice | 0.2 of each block kept out of training (60 rows here) |" in zero
@@ -132,7 +132,8 @@ def test_levers_and_lora_appear_when_on():
     assert "| initialised from | the base model |" in trained
     assert "student of generation 0 on 301 rows of block 1, initialised from the base model" in one
     default = _section(render_model_card(_manifest(gens[:1]), 0), "How it was trained")
-    assert "LoRA" not in default
+    assert "LoRA" not in default and "(at least 100 optimizer steps)" in default
+    assert "at least" not in _section(render_model_card(m, 0), "How it was trained")  # min_steps 0
 
 
 def test_an_extension_names_its_new_data_and_block_size():
