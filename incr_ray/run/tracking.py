@@ -89,7 +89,8 @@ def check_tracking(cfg: Config) -> None:
         if not (_installed("tensorboardX") or _installed("tensorboard")):
             raise ConfigError(f"tracking.backend tensorboard needs TensorBoard's writer: {INSTALL['tensorboard']}")
     elif not _installed(*needs):
-        raise ConfigError(f"tracking.backend {t.backend} needs {needs[0]}: {INSTALL[t.backend]}, "
+        missing = [m for m in needs if not _installed(m)]
+        raise ConfigError(f"tracking.backend {t.backend} needs {', '.join(missing)}: {INSTALL[t.backend]}, "
                           "or set tracking.backend: none")
     if t.backend in ("mlflow", "tensorboard") and not t.uri and is_remote(cfg.storage.path):
         what = ("a local SQLite file" if t.backend == "mlflow" else "a local folder")
