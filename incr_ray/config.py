@@ -381,8 +381,10 @@ class TrackingSection(_Section):
     uri: str | None = Field(
         None,
         description="mlflow: the tracking URI; unset: a local SQLite store, `<storage.path>/mlflow.db`, with "
-        "artifacts in `<storage.path>/mlartifacts` (no server). tensorboard: the log folder; unset: "
-        "`<run folder>/tensorboard`. wandb: not used (set `WANDB_*` variables).",
+        "artifacts in `<storage.path>/mlartifacts` (no server; any `sqlite:///` store keeps its artifacts in "
+        "`mlartifacts` beside its file). tensorboard: a log folder for many runs (`<uri>/<run.name>/gen_NNN`); "
+        "unset: `<run folder>/tensorboard/gen_NNN`. wandb: not used (set `WANDB_*` variables). With a remote "
+        "storage.path, mlflow and tensorboard need it set.",
     )
     experiment: str = Field("incr-ray", description="mlflow experiment (wandb project) the runs are logged under.")
 

@@ -112,3 +112,23 @@ def tiny_bert(tmp_path_factory):
 def tiny_bert_base(tmp_path_factory):
     """A tiny BERT without a classification head (like MiniLM): every run initialises a new one."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_bert_base"), "bert", head=False)
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory):
+    """A new MLflow SQLite store, made once: creating its tables takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, _empty_mlflow_store):
+    """A real, empty MLflow SQLite store of this test's own: ``<tmp_path>/mlflow.db`` (a copy of the session's)."""
+    import shutil
+
+    dest = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_store, dest)
+    return dest

@@ -1,4 +1,5 @@
-"""Training progress on the driver's console: one line per logging step from rank 0.
+"""Training progress from rank 0: one line per logging step on the driver's console, and with
+``tracking.backend: mlflow`` the same steps' loss and learning rate in the generation's MLflow run.
 
 Worker stdout is not forwarded (it would bury these lines under library chatter), so rank 0 puts
 its lines on a Ray queue and the driver prints them while ``fit`` runs.
@@ -7,6 +8,8 @@ its lines on a Ray queue and the driver prints them while ``fit`` runs.
 from __future__ import annotations
 
 import threading
+import time
+from typing import Callable
 
 import ray
 from ray.util.queue import Empty, Queue
@@ -27,6 +30,55 @@ class ProgressCallback(TrainerCallback):
                 self.queue.put_nowait(line)
             except Exception:  # noqa: BLE001 - progress must never fail training
                 pass
+
+
+def queue_say(queue: Queue) -> Callable[[str], None]:
+    """A ``say`` for workers: the line goes to the driver's console through the progress queue."""
+
+    def say(line: str) -> None:
+        try:
+            queue.put_nowait(line)
+        except Exception:  # noqa: BLE001 - progress must never fail training
+            pass
+
+    return say
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Rank 0 logs each logging step's ``loss`` and ``learning_rate`` (step = the optimizer step) into
+    the generation's MLflow run, through an explicit client and run id.
+
+    A failure is said once (through ``say``) and ends the logging for this generation; it never
+    reaches the Trainer.
+    """
+
+    KEYS = ("loss", "learning_rate")
+
+    def __init__(self, uri: str, run_id: str, generation: int, say: Callable[[str], None]):
+        self.uri, self.run_id, self.generation, self.say = uri, run_id, generation, say
+        self.client = None
+        self.failed = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.failed or not state.is_world_process_zero or not logs:
+            return
+        figures = {k: float(logs[k]) for k in self.KEYS if isinstance(logs.get(k), (int, float))}
+        if not figures:
+            return
+        try:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            if self.client is None:
+                self.client = MlflowClient(tracking_uri=self.uri)
+            stamp = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, state.global_step)
+                                                        for k, v in figures.items()])
+        except Exception as err:  # noqa: BLE001 - tracking must never fail training
+            self.failed = True
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            self.say(f"[gen {self.generation}] warning: MLflow stopped taking the per-step figures "
+                     f"({type(err).__name__}: {first}); training goes on")
 
 
 class ProgressRelay:

@@ -36,9 +36,9 @@ from ..modeling import fold_temperature, load_classifier, load_tokenizer
 from ..storage import remove_tree, stage_local, upload_dir
 from .deepspeed_config import precision_problem, resolve_precision
 from .evaluation import EXTENSION_HOLDOUT, evaluate_student, write_predictions
-from .progress import ProgressCallback, ProgressRelay
+from .progress import MlflowStepLogger, ProgressCallback, ProgressRelay, queue_say
 from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
-                      save_student, training_arguments)
+                      reporting_env, save_student, training_arguments)
 
 SHUFFLE_KEY = "_shuffle_key"
 
@@ -55,6 +55,10 @@ class StudentRequest:
     ray_storage: str  # Ray Train's folder for this run (in-generation checkpoints)
     predictions_dest: str | None = None  # gen_<g>/holdout_predictions.parquet: row id -> class
     lr_window: tuple[int, int, int] | None = None  # student.schedule: run — (offset, warmup, total)
+    # tracking.backend mlflow: the store and this generation's run, where rank 0 logs each step's
+    # loss and learning rate; tensorboard: the generation's log folder.
+    tracking_uri: str | None = None
+    tracking_run_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +163,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             raise ConfigError(problem)
 
         # Training arguments — before the model loads, so that ZeRO-3 partitions it while it loads.
+        os.environ.update(reporting_env(cfg, request.tracking_uri))  # read by HF's TensorBoard / W&B callbacks
         args = training_arguments(cfg, g, max_steps, os.path.join(work, "hf"), on_gpu, precision)
         # Seeded before the model loads: a new classification head is initialised at load, before
         # the Trainer would seed anything, and it must come from run.seed too.
@@ -184,6 +189,9 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ProgressCallback(g, max_steps, loop_config["progress"]))
+        if cfg.tracking.backend == "mlflow" and request.tracking_run_id:
+            trainer.add_callback(MlflowStepLogger(request.tracking_uri, request.tracking_run_id, g,
+                                                  queue_say(loop_config["progress"])))
         trainer.add_callback(_FaultCallback())
         if cfg.student.checkpoint_every_steps:
             trainer.add_callback(_ReportCheckpoint(work))

@@ -134,6 +134,21 @@ class SoftTargetTrainer(Trainer):
         return self.lr_scheduler
 
 
+# tracking.backend -> the Hugging Face Trainer's own integrations that log the per-step figures
+# (mlflow is logged by incr-ray's own callback, into the generation's nested run).
+REPORT_TO = {"tensorboard": ["tensorboard"], "wandb": ["wandb"]}
+
+
+def reporting_env(cfg: Config, log_dir: str | None) -> dict[str, str]:
+    """What HF's TensorBoard and W&B callbacks read from the environment: the generation's log
+    folder, the W&B project."""
+    if cfg.tracking.backend == "tensorboard" and log_dir:
+        return {"TENSORBOARD_LOGGING_DIR": log_dir}
+    if cfg.tracking.backend == "wandb":
+        return {"WANDB_PROJECT": cfg.tracking.experiment}
+    return {}
+
+
 def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir: str,
                        on_gpu: bool, precision: str) -> TrainingArguments:
     """One generation's ``TrainingArguments``; DeepSpeed's config is built from the same settings."""
@@ -153,7 +168,8 @@ def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir:
         save_strategy="steps" if s.checkpoint_every_steps else "no",
         save_steps=s.checkpoint_every_steps or 500,
         save_total_limit=1,
-        report_to=[],
+        report_to=REPORT_TO.get(cfg.tracking.backend, []),
+        run_name=f"{cfg.run.name}-gen_{generation:03d}",
         deepspeed=build_deepspeed_config(cfg.deepspeed, on_gpu, precision),
         use_cpu=not on_gpu,
         bf16=precision == "bf16",

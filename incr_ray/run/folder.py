@@ -28,6 +28,7 @@ from ..plan import auto_stage, resolve_shape
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
                        write_json_atomic)
 from .manifest import DataInfo, Manifest, RunError, check_compatible, load, now
+from .tracking import Tracker, check_tracking
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Run:
     manifest: Manifest
     on_gpu: bool
     say: Callable[[str], None] = print
+    tracker: Tracker = field(default_factory=Tracker)  # set by tracking.tracked() while a command works
     _holdout: Any = field(default=None, repr=False)
 
     @property
@@ -218,7 +220,8 @@ def with_stage(cfg: Config, on_gpu: bool, say=print) -> Config:
 
 def check_model_and_storage(cfg: Config) -> str:
     """Checks that need no Ray and would otherwise fail late: the base model is a classifier, the
-    storage folder takes files. Returns the base model's path (or hub name)."""
+    storage folder takes files, the tracking backend can work. Returns the base model's path (or hub name)."""
+    check_tracking(cfg)
     base = resolve_model_path(cfg.model.base)
     if not is_remote(base):
         check_classifier(base, cfg.model.trust_remote_code)
@@ -378,6 +381,7 @@ def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run
         )
     cfg = config_from_dict(manifest.config, overrides)
     check_compatible(manifest, cfg)  # only resource settings may be overridden here
+    check_tracking(cfg)
     on_gpu = cluster_has_gpu(cfg)
     with RunLock(paths.root):
         yield Run(cfg=with_stage(cfg, on_gpu, say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)

@@ -35,6 +35,7 @@ from .folder import Run, cluster_has_gpu, on_every_node, open_finished, open_run
 from .manifest import GenerationEntry, RunError, now
 from .model_card import write_model_card
 from .report import plot_png, render_report, summary_line
+from .tracking import tracked
 
 
 # Errors a Ray worker or actor can only find there (its GPU's bf16 support, NaN in its forward)
@@ -188,6 +189,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
     entry.status = "running"
     if extended:
         entry.extended = True
+    run.tracker.generation_started(entry, teacher)  # its nested run (new, or the one an earlier attempt opened)
     run.save()
 
     # Targets: one-hot labels for generation 0, the teacher's corrected distribution after it.
@@ -216,7 +218,8 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         lr_window = (run_lr_window(cfg, run.manifest.data.block_sizes, g) if cfg.student.schedule == "run" else None)
         request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=train_rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train,
-                                 predictions_dest=run.paths.predictions(g), lr_window=lr_window)
+                                 predictions_dest=run.paths.predictions(g), lr_window=lr_window,
+                                 **run.tracker.worker_fields(g))
         extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
                               for e in run.manifest.generations[:g + 1] if e.own_holdout}
         with _worker_failures_reported(run.say):
@@ -260,6 +263,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
     entry.finished = now()
     entry.status = "finished"
     run.save()
+    run.tracker.generation_finished(entry)
     return entry
 
 
@@ -278,15 +282,16 @@ def _finish(run: Run) -> None:
         if e.model and e.metrics:
             write_model_card(run.paths.model(e.index), m, e.index)
     md, js = render_report(run.manifest.to_json())
-    write_bytes_atomic(run.paths.join("report.md"), md.encode())
-    write_bytes_atomic(run.paths.join("report.json"), js.encode())
-    write_bytes_atomic(run.paths.join("generations.png"), plot_png(run.manifest.to_json()))
+    files = {"report.md": md.encode(), "report.json": js.encode(), "generations.png": plot_png(run.manifest.to_json())}
+    for name, data in files.items():
+        write_bytes_atomic(run.paths.join(name), data)
+    run.tracker.run_finished(run.manifest.to_json(), files)
 
 
 def run_generations(cfg: Config, say=print) -> dict[str, Any]:
     """Train (or resume) every generation of ``cfg``; returns the finished manifest as in run.json."""
     k = cfg.method.k
-    with open_run(cfg, say) as run:
+    with open_run(cfg, say) as run, tracked(run):
         for g in range(k):
             if run.manifest.entry(g).status == "finished":
                 say(f"[gen {g}] already finished, skipped")
@@ -325,7 +330,7 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
                holdout_fraction: float = 0.0) -> dict[str, Any]:
     """Train generation k on a new block of data with the run's last model as the teacher; with
     ``holdout_fraction``, part of the new data is held out as its own holdout first."""
-    with open_finished(run_dir, overrides or [], say) as run:
+    with open_finished(run_dir, overrides or [], say) as run, tracked(run):
         m = run.manifest
         # The new data is checked (labels the model knows, no empty text) before anything changes.
         new_block = read_labelled_file(data_path, run.cfg.data, run.label_names).materialize()

@@ -67,6 +67,8 @@ class GenerationEntry(_Record):
     promoted: bool | None = None
     # Accuracy and NLL on each extension's own holdout, keyed by that extension's generation.
     drift: dict[str, dict[str, float]] | None = None
+    # tracking.backend mlflow: this generation's nested run (a resumed generation logs into it again).
+    tracking_run_id: str | None = None
 
 
 class DataInfo(_Record):
@@ -90,6 +92,8 @@ class Manifest(_Record):
     generations: list[GenerationEntry] = []
     final_model: str | None = None
     final_generation: int | None = None  # the last promoted generation (method.keep_best may keep an older one)
+    # tracking.backend mlflow: the parent run; a resumed or extended run logs into the same one.
+    tracking_run_id: str | None = None
 
     def entry(self, g: int) -> GenerationEntry:
         """Generation ``g``'s entry, created (pending) with any missing before it."""

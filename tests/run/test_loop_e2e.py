@@ -137,16 +137,19 @@ def test_k3_run_end_to_end(ray_local, tmp_path, tiny_bert):
 
 
 def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert, monkeypatch):
-    """ZeRO-3 on 2 workers saves a consolidated trained model; a stopped run resumes cleanly."""
+    """ZeRO-3 on 2 workers saves a consolidated trained model; a stopped run resumes cleanly, and
+    MLflow tracking follows it into the same parent run."""
     cfg = small_config(
         tmp_path, tiny_bert, "resume",
         method={"k": 2},
         deepspeed={"stage": 3},
         cluster={"workers": 2},
+        tracking={"backend": "mlflow"},
     )
+    said = []
     monkeypatch.setenv(faults.ENV, json.dumps({"stop_after_generation": 0}))  # the driver reads it
     with pytest.raises(StopRequested):
-        run_generations(cfg, say=lambda s: None)
+        run_generations(cfg, say=said.append)
     monkeypatch.delenv(faults.ENV)
     root = Path(cfg.run_dir)
     state = json.loads((root / "run.json").read_text())
@@ -168,13 +171,14 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert, monkeypatc
     assert len(changed) > len(initial) // 2, "most weights should have moved during training"
     assert state["generations"][0]["metrics"]["accuracy"] > 0.45
 
-    manifest = run_generations(cfg, say=lambda s: None)
+    manifest = run_generations(cfg, say=said.append)
     assert [g["status"] for g in manifest["generations"]] == ["finished", "finished"]
     assert _sha(model0) == before, "generation 0 must not be retrained on resume"
     # The resumed run's end re-renders every card: generation 0's now names the final model.
     assert "Run `resume`'s final model is generation 1." in card0.read_text()
     assert "This is the **final model**" in (root / "gen_001" / "model" / "README.md").read_text()
     assert manifest["generations"][0]["metrics"] == state["generations"][0]["metrics"]
+    _check_tracking(tmp_path / "mlflow.db", state, manifest, said)
 
     # The workers evaluated their partitioned (ZeRO-3) model in memory; the saved, consolidated
     # weights scored by the actor pool (`incr-ray evaluate`) must give the same figures.
@@ -182,6 +186,38 @@ def test_zero3_two_workers_and_resume(ray_local, tmp_path, tiny_bert, monkeypatc
 
     for g, metrics in evaluate_run(str(root), all_generations=True):
         assert metrics == pytest.approx(manifest["generations"][g]["metrics"], rel=1e-5), g
+
+
+def _check_tracking(db: Path, stopped: dict, manifest: dict, said: list[str]) -> None:
+    """The run's MLflow record, read back from its SQLite store: one parent run across the stop and
+    the resume, one nested run per generation with rank 0's per-step loss."""
+    from mlflow.tracking import MlflowClient
+
+    assert not [s for s in said if "warning: MLflow" in s], said
+    parent = manifest["tracking_run_id"]
+    assert parent and stopped["tracking_run_id"] == parent  # the resume continued the same run
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.info.run_name == "resume"
+    assert run.data.params["method.k"] == "2" and run.data.params["deepspeed.stage"] == "3"
+    assert run.data.params["cluster.workers"] == "2" and run.data.params["tracking.backend"] == "mlflow"
+    final = manifest["generations"][1]["metrics"]
+    assert run.data.metrics["final/accuracy"] == pytest.approx(final["accuracy"])
+    assert {a.path for a in client.list_artifacts(parent)} == {"report.md", "report.json", "generations.png"}
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    by_gen = {int(r.data.tags["generation"]): r for r in nested}
+    assert sorted(by_gen) == [0, 1]
+    for g, entry in enumerate(manifest["generations"]):
+        r = by_gen[g]
+        assert r.info.run_id == entry["tracking_run_id"] and r.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        # Logged by rank 0 alone: each logging step once, up to the generation's last step.
+        assert len(steps) > 1 and sorted(steps) == sorted(set(steps)), steps
+        assert max(steps) <= entry["train"]["steps"]
+        assert len(client.get_metric_history(r.info.run_id, "learning_rate")) == len(steps)
+        assert r.data.metrics["holdout/accuracy"] == pytest.approx(entry["metrics"]["accuracy"])
+        assert r.data.metrics["generation/rows"] == entry["rows"]
+    assert by_gen[1].data.metrics["teacher_on_block/kept"] == pytest.approx(manifest["generations"][1]["teacher_on_block"]["kept"])
 
 
 def test_changed_config_is_refused_on_resume(ray_local, tmp_path, tiny_bert):

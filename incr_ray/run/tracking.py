@@ -1,0 +1,384 @@
+"""Experiment tracking of a run (the ``tracking`` section): MLflow runs, or the Hugging Face Trainer's
+own TensorBoard and W&B integrations for the per-step figures.
+
+MLflow: one parent run per incr-ray run — its id in ``run.json``, so a resumed or extended run logs
+into the same one — with the resolved config as params, one point per generation of the holdout
+metrics, the final model's metrics, and the report and plot as artifacts. Each generation gets a
+nested run (its id in the generation's entry) with what ``run.json`` records for it; its rank-0
+training worker adds the per-step loss and learning rate
+(:class:`incr_ray.generation.progress.MlflowStepLogger`). Every call names its run through an
+explicit ``MlflowClient``, never MLflow's process-wide active run.
+
+A tracking failure never stops training: the first one is said once, and tracking is off for the
+rest of the command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from ..config import Config, ConfigError
+from ..storage import absolute, is_remote
+
+SQLITE_FILE = "mlflow.db"
+ARTIFACTS_FOLDER = "mlartifacts"
+TENSORBOARD_FOLDER = "tensorboard"
+INSTALL = {
+    "mlflow": "pip install 'incr-ray[tracking]'",
+    "tensorboard": "pip install tensorboardX (or tensorboard)",
+    "wandb": "pip install wandb",
+}
+# MLflow's limits: params per log_batch call, and characters per param value.
+PARAMS_PER_BATCH = 100
+MAX_PARAM_CHARS = 6000
+# Groups of a generation's entry in run.json that become its metrics, as "<group>/<name>".
+ENTRY_GROUPS = {"metrics": "holdout", "teacher_on_block": "teacher_on_block", "continual": "continual",
+                "validation": "validation", "calibration": "calibration", "train": "train"}
+ENTRY_FIGURES = ("rows", "block_rows", "replay_rows", "scoring_seconds", "eval_seconds", "seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: where the figures go, checked before any compute
+
+
+def default_uri(storage_path: str) -> str:
+    """The embedded store: a SQLite file in the storage folder (MLflow 3 keeps its plain file store
+    behind a flag, and a database needs no server)."""
+    return f"sqlite:///{absolute(storage_path).rstrip('/')}/{SQLITE_FILE}"
+
+
+def mlflow_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or default_uri(cfg.storage.path)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside its file; otherwise MLflow would put them in ``./mlruns``
+    of whatever folder the command ran in. A server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return os.path.join(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", ARTIFACTS_FOLDER)
+
+
+def tensorboard_dir(cfg: Config, run_dir: str) -> str:
+    """``<run folder>/tensorboard``, or ``<tracking.uri>/<run.name>`` (one folder holds many runs)."""
+    if cfg.tracking.uri:
+        return absolute(cfg.tracking.uri).rstrip("/") + "/" + cfg.run.name
+    return run_dir.rstrip("/") + "/" + TENSORBOARD_FOLDER
+
+
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def check_tracking(cfg: Config) -> None:
+    """The tracking settings can work: the backend's package is here, and the default store or
+    log folder is local. One line naming the fix otherwise."""
+    t = cfg.tracking
+    if t.backend == "none":
+        return
+    needs = {"mlflow": ("mlflow",), "wandb": ("wandb",)}.get(t.backend, ())
+    if t.backend == "mlflow" and mlflow_uri(cfg).startswith("sqlite:"):
+        needs += ("sqlalchemy", "alembic")
+    if t.backend == "tensorboard":
+        if not (_installed("tensorboardX") or _installed("tensorboard")):
+            raise ConfigError(f"tracking.backend tensorboard needs TensorBoard's writer: {INSTALL['tensorboard']}")
+    elif not _installed(*needs):
+        missing = [m for m in needs if not _installed(m)]
+        raise ConfigError(f"tracking.backend {t.backend} needs {', '.join(missing)}: {INSTALL[t.backend]}, "
+                          "or set tracking.backend: none")
+    if t.backend in ("mlflow", "tensorboard") and not t.uri and is_remote(cfg.storage.path):
+        what = ("a local SQLite file" if t.backend == "mlflow" else "a local folder")
+        example = ("sqlite:////shared/mlflow.db or http://mlflow-server:5000" if t.backend == "mlflow"
+                   else "/shared/tensorboard")
+        raise ConfigError(f"tracking.backend {t.backend} writes to {what} by default, but storage.path "
+                          f"{cfg.storage.path!r} is remote; set tracking.uri (e.g. {example})")
+
+
+# ---------------------------------------------------------------------------------------------
+# What gets logged (pure)
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"student": {"lora": {"r": 8}}}`` -> ``{"student.lora.r": "8"}``; strings as they are,
+    everything else as JSON (``null``, ``true``, lists)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, name + "."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def generation_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """A generation's figures from its run.json entry: ``holdout/accuracy``, ``teacher_on_block/kept``,
+    ``continual/flip_rate``, ``train/train_seconds``, ``drift/gen_2/accuracy``, ``generation/rows``..."""
+    out: dict[str, float] = {}
+    for field, group in ENTRY_GROUPS.items():
+        for key, value in (entry.get(field) or {}).items():
+            number = _number(value)
+            if number is not None:
+                out[f"{group}/{key}"] = number
+    for j, figures in (entry.get("drift") or {}).items():
+        for key, value in figures.items():
+            if _number(value) is not None:
+                out[f"drift/gen_{j}/{key}"] = _number(value)
+    for key in ENTRY_FIGURES:
+        if _number(entry.get(key)) is not None:
+            out[f"generation/{key}"] = _number(entry[key])
+    if entry.get("promoted") is not None:
+        out["generation/promoted"] = float(entry["promoted"])
+    return out
+
+
+def final_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    """The final model's holdout metrics as ``final/<name>``, and ``final/generation``."""
+    from .report import final_entry
+
+    final = final_entry(manifest)
+    if final is None:
+        return {}
+    out = {f"final/{k}": float(v) for k, v in (final.get("metrics") or {}).items() if _number(v) is not None}
+    out["final/generation"] = float(final["index"])
+    return out
+
+
+def _generation_tags(entry: dict[str, Any], teacher: int | None, parent_id: str) -> dict[str, str]:
+    tags = {"mlflow.parentRunId": parent_id, "generation": str(entry["index"]),
+            "teacher": "none" if teacher is None else str(teacher)}
+    if entry.get("extended"):
+        tags.update(extended="true", source=str(entry.get("source")))
+    return tags
+
+
+def _short(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The trackers the generation loop calls
+
+
+class Tracker:
+    """No tracking (``tracking.backend: none``, and W&B, whose figures come from the workers alone)."""
+
+    def worker_fields(self, generation: int) -> dict[str, str]:
+        """What the training workers need (``StudentRequest.tracking_uri`` / ``tracking_run_id``)."""
+        return {}
+
+    def generation_started(self, entry, teacher) -> None:
+        pass
+
+    def generation_finished(self, entry) -> None:
+        pass
+
+    def run_finished(self, manifest: dict[str, Any], files: dict[str, bytes]) -> None:
+        pass
+
+    def close(self, ok: bool) -> None:
+        pass
+
+
+class TensorBoardTracker(Tracker):
+    """The workers' Hugging Face TensorBoard callback writes ``<log folder>/gen_NNN``."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+
+    def worker_fields(self, generation: int) -> dict[str, str]:
+        return {"tracking_uri": f"{self.log_dir}/gen_{generation:03d}"}
+
+
+class MlflowTracker(Tracker):
+    """One parent MLflow run per incr-ray run, one nested run per generation."""
+
+    def __init__(self, client, uri: str, experiment_id: str, parent_id: str, say: Callable[[str], None]):
+        self.client, self.uri, self.experiment_id, self.parent_id, self.say = client, uri, experiment_id, parent_id, say
+        self.running: set[str] = set()  # runs this command set RUNNING, closed by close()
+        self._nested: str | None = None  # the generation in progress: its run, for the workers
+
+    def _safely(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Call MLflow; the first failure is said once and turns tracking off (training goes on)."""
+        if self.client is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - tracking must never fail training
+            self.client = None
+            self.say(f"warning: MLflow tracking stopped while {what} ({_short(err)}); training goes on "
+                     "without it")
+            return None
+
+    def _log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, v, stamp, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):  # MLflow takes at most 1,000 metrics per call
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def _set_running(self, run_id: str) -> None:
+        if run_id not in self.running:
+            self.client.update_run(run_id, status="RUNNING")
+            self.running.add(run_id)
+
+    def worker_fields(self, generation: int) -> dict[str, str]:
+        return {"tracking_uri": self.uri, "tracking_run_id": self._nested} if self.client and self._nested else {}
+
+    def generation_started(self, entry, teacher) -> None:
+        def start() -> None:
+            self._set_running(self.parent_id)
+            run_id = entry.tracking_run_id
+            if run_id and not self._is_ours(run_id):
+                run_id = None
+            if run_id:  # an earlier attempt's nested run: continue it
+                self._set_running(run_id)
+            else:
+                tags = _generation_tags(entry.model_dump(mode="json"), teacher.index if teacher else None,
+                                        self.parent_id)
+                run_id = self.client.create_run(self.experiment_id, run_name=f"gen_{entry.index:03d}",
+                                                tags=tags).info.run_id
+                self.running.add(run_id)
+                entry.tracking_run_id = run_id
+            self._nested = run_id
+
+        self._nested = None
+        self._safely(f"opening generation {entry.index}'s run", start)
+
+    def _is_ours(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:  # another store (tracking.uri changed): start a new run
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
+
+    def generation_finished(self, entry) -> None:
+        if not entry.tracking_run_id or entry.tracking_run_id != self._nested:
+            return
+        figures = generation_metrics(entry.model_dump(mode="json", exclude_none=True))
+
+        def finish() -> None:
+            self._log(entry.tracking_run_id, figures, step=0)
+            self._log(self.parent_id, {k: v for k, v in figures.items() if k.startswith("holdout/")}, step=entry.index)
+            self.client.set_terminated(entry.tracking_run_id, "FINISHED")
+            self.running.discard(entry.tracking_run_id)
+
+        self._safely(f"logging generation {entry.index}", finish)
+        self._nested = None
+
+    def run_finished(self, manifest: dict[str, Any], files: dict[str, bytes]) -> None:
+        def finish() -> None:
+            final = final_metrics(manifest)
+            if final:
+                self._log(self.parent_id, final, step=int(final["final/generation"]))
+            with tempfile.TemporaryDirectory(prefix="incr-ray-artifacts-") as folder:
+                for name, data in files.items():
+                    with open(os.path.join(folder, name), "wb") as f:
+                        f.write(data)
+                self.client.log_artifacts(self.parent_id, folder)
+            if manifest.get("final_model"):
+                self.client.set_tag(self.parent_id, "final_model", manifest["final_model"])
+
+        self._safely("logging the report", finish)
+
+    def close(self, ok: bool) -> None:
+        def close() -> None:
+            for run_id in sorted(self.running - {self.parent_id}):  # a generation that did not finish
+                self.client.set_terminated(run_id, "FAILED")
+            if self.parent_id in self.running:
+                self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+            self.running.clear()
+
+        self._safely("closing its runs", close)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    if experiment.lifecycle_stage != "active":
+        raise RuntimeError(f"experiment {name!r} is deleted in this store; restore it or choose another "
+                           "tracking.experiment")
+    return experiment.experiment_id
+
+
+def open_mlflow(cfg: Config, manifest, say: Callable[[str], None]) -> Tracker:
+    """The parent run of ``manifest`` (the one run.json names, else a new one with the config as
+    params); a store that cannot be opened is said once and the run goes on untracked."""
+    import logging
+
+    uri = mlflow_uri(cfg)
+    try:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        # MLflow announces the tables it creates in a new store at INFO; our own line says enough.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+        tracker = MlflowTracker(client, uri, experiment_id, manifest.tracking_run_id or "", say)
+        if not (manifest.tracking_run_id and tracker._is_ours(manifest.tracking_run_id)):
+            run = client.create_run(experiment_id, run_name=manifest.name,
+                                    tags={"incr_ray.run_dir": manifest.run_dir})
+            tracker.parent_id = manifest.tracking_run_id = run.info.run_id
+            tracker.running.add(run.info.run_id)
+        # Params are write-once in MLflow: a resumed run adds the keys it lacks (settings a resume
+        # may change, such as cluster.workers, keep the first attempt's value there).
+        logged = client.get_run(tracker.parent_id).data.params
+        params = [Param(k, v) for k, v in flat_params(cfg.to_dict()).items() if k not in logged]
+        for i in range(0, len(params), PARAMS_PER_BATCH):
+            client.log_batch(tracker.parent_id, params=params[i:i + PARAMS_PER_BATCH])
+    except Exception as err:  # noqa: BLE001 - tracking must never fail training
+        say(f"warning: MLflow tracking is off for this run: could not open {uri} ({_short(err)}); "
+            "training goes on without it")
+        return Tracker()
+    say(f"tracking: MLflow run {tracker.parent_id} in {uri} (experiment {cfg.tracking.experiment!r})")
+    return tracker
+
+
+def open_tracker(cfg: Config, manifest, run_dir: str, say: Callable[[str], None]) -> Tracker:
+    backend = cfg.tracking.backend
+    if backend == "mlflow":
+        return open_mlflow(cfg, manifest, say)
+    if backend == "tensorboard":
+        log_dir = tensorboard_dir(cfg, run_dir)
+        say(f"tracking: TensorBoard logs in {log_dir} (tensorboard --logdir {log_dir})")
+        return TensorBoardTracker(log_dir)
+    return Tracker()  # none; wandb: the workers' Hugging Face callback does it all
+
+
+@contextmanager
+def tracked(run) -> Iterator[Tracker]:
+    """Open the run's tracker for as long as the caller works on ``run`` (a :class:`~incr_ray.run.folder.Run`);
+    its parent run id goes into run.json."""
+    before = run.manifest.tracking_run_id
+    run.tracker = open_tracker(run.cfg, run.manifest, run.paths.root, run.say)
+    if run.manifest.tracking_run_id != before:
+        run.save()
+    ok = False
+    try:
+        yield run.tracker
+        ok = True
+    finally:
+        run.tracker.close(ok)
+        run.tracker = Tracker()
