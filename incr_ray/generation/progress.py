@@ -79,6 +79,8 @@ class ProgressCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.samples:
             try:
+                if state.global_step > self.samples[-1][1]:
+                    self._sample(state.global_step)
                 self._write(state.global_step, self._rates(), force=True)
             except Exception:  # noqa: BLE001 - progress must never fail training
                 pass
