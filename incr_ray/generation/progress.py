@@ -153,3 +153,11 @@ class ScoringProgress(ProgressRelay):
             left = (self.total - self.done_rows) / rate if rate > 0 else None
             self.say(f"{self.label} {10 * marks[-1]}% ({self.done_rows} of {self.total} rows, "
                      f"{rate:.1f} rows/s, ETA {duration(left)})")
+
+    def __exit__(self, *exc) -> None:
+        # The actors' last counts may still be on their way when the write returns: wait for them
+        # a moment, so that a finished scoring says 100%.
+        deadline = time.monotonic() + 2.0
+        while exc[0] is None and self.done_rows < self.total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().__exit__(*exc)
