@@ -80,14 +80,16 @@ def _ray_data_logs_to_file_only() -> None:
     through the "console" handler its logging config puts on the "ray.data" logger
     (ray/data/_internal/logging.py, ``DEFAULT_CONFIG``) -- before the error reaches :func:`main`,
     which reports bad input as one line. Our own one-line-per-step progress replaces its
-    per-dataset INFO logs and progress bars.
+    per-dataset INFO logs, and its progress bars unless the console is a terminal.
     """
     import logging
 
     from ray.data import DataContext
     from ray.data._internal.logging import SessionFileHandler
 
-    DataContext.get_current().enable_progress_bars = False
+    # On a terminal Ray Data's progress bars show teacher scoring (and reads) as they go; elsewhere
+    # (a log file, `ray job submit`) they would be noise, and the scoring prints a line per tenth.
+    DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     logger = logging.getLogger("ray.data")
     for handler in list(logger.handlers):
         if not isinstance(handler, SessionFileHandler):
@@ -155,6 +157,13 @@ def cmd_evaluate(args) -> int:
     print(f"{'gen':>4} {'accuracy':>9} {'macro_f1':>9} {'nll':>8} {'ece':>8} {'n':>7}")
     for g, m in rows:
         print(f"{g:>4} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {m['nll']:>8.4f} {m['ece']:>8.4f} {m['n']:>7}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .run.status import read_status
+
+    print(read_status(args.run))  # run.json and progress.json only: no Ray
     return 0
 
 
@@ -257,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--all", action="store_true", help="every generation, not only the final one")
     with_address(v)
     v.set_defaults(func=cmd_evaluate)
+
+    st = sub.add_parser("status", help="where a run stands (generation, step, last metrics, ETA), from its folder "
+                        "alone; starts no Ray")
+    st.add_argument("--run", required=True, help="run folder (storage.path/run.name), local or a storage URI")
+    st.set_defaults(func=cmd_status)
 
     r = sub.add_parser("predict", help="classify texts with a model folder")
     r.add_argument("--model", required=True)

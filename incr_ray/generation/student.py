@@ -36,7 +36,7 @@ from ..modeling import fold_temperature, load_classifier, load_tokenizer
 from ..storage import remove_tree, stage_local, upload_dir
 from .deepspeed_config import precision_problem, resolve_precision
 from .evaluation import EXTENSION_HOLDOUT, evaluate_student, write_predictions
-from .progress import MlflowStepLogger, ProgressCallback, ProgressRelay, queue_say
+from .progress import MlflowStepLogger, ProgressCallback, ProgressRelay, TokenCount, queue_say
 from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
                       reporting_env, save_student, training_arguments)
 
@@ -55,6 +55,8 @@ class StudentRequest:
     ray_storage: str  # Ray Train's folder for this run (in-generation checkpoints)
     predictions_dest: str | None = None  # gen_<g>/holdout_predictions.parquet: row id -> class
     lr_window: tuple[int, int, int] | None = None  # student.schedule: run — (offset, warmup, total)
+    later_steps: int = 0  # planned steps of the generations after this one (the run's ETA)
+    progress_dest: str | None = None  # gen_<g>/progress.json, written by rank 0
     # tracking.backend mlflow: the store and this generation's run, where rank 0 logs each step's
     # loss and learning rate; tensorboard: the generation's log folder.
     tracking_uri: str | None = None
@@ -176,19 +178,22 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
                                 dtype=torch.float32)
 
         # Trainer.
+        collate = TokenCount(make_collate(tokenizer, len(request.label_names), cfg.model.max_length))
         trainer = SoftTargetTrainer(
             model=model,
             args=args,
             train_dataset=ray.train.get_dataset_shard("train").iter_torch_batches(
-                batch_size=cfg.student.batch_size,
-                collate_fn=make_collate(tokenizer, len(request.label_names), cfg.model.max_length),
+                batch_size=cfg.student.batch_size, collate_fn=collate,
             ),
             processing_class=tokenizer,
             lr_window=request.lr_window,
             **loss_settings(cfg, g),
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(ProgressCallback(g, max_steps, loop_config["progress"]))
+        trainer.add_callback(ProgressCallback(
+            g, max_steps, loop_config["progress"], rows_per_step=cfg.student.batch_size * cfg.student.grad_accum * world,
+            workers=world, later_steps=request.later_steps, tokens=collate,
+            dest=request.progress_dest if rank == 0 else None))
         if cfg.tracking.backend == "mlflow" and request.tracking_run_id:
             trainer.add_callback(MlflowStepLogger(request.tracking_uri, request.tracking_run_id, g,
                                                   queue_say(loop_config["progress"])))

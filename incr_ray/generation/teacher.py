@@ -21,11 +21,12 @@ from ..modeling import classifier_logits, load_for_inference
 class TargetScorer:
     """``map_batches`` class: adds ``teacher_probs`` and ``target`` to every row of a batch."""
 
-    def __init__(self, model_path: str, cfg: Config, on_gpu: bool):
+    def __init__(self, model_path: str, cfg: Config, on_gpu: bool, progress=None):
         self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
         self.max_length = cfg.model.max_length
         self.method = cfg.method
         self.batches = 0
+        self.progress = progress  # a queue actor that counts the rows scored (ScoringProgress), or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.batches += 1
@@ -34,6 +35,9 @@ class TargetScorer:
         probs = softmax(logits, self.method.temperature)
         labels = np.asarray(batch["label"], dtype=np.int64)
         target = soft_targets(probs, labels, threshold=self.method.threshold, floor=self.method.floor)
+        if self.progress is not None:
+            # Fire and forget: the count never waits on the driver, nor fails the batch.
+            self.progress.put_nowait.remote(len(labels))
         return _with_list_columns(batch, teacher_probs=probs, target=target)
 
 
@@ -62,14 +66,15 @@ def scoring_pool(cfg: Config, on_gpu: bool) -> tuple[dict, bool]:
     return resources, gpus > 0
 
 
-def score_block(ds, model_path: str, cfg: Config, on_gpu: bool):
-    """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``."""
+def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
+    """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
+    ``progress``: a queue actor each scoring actor tells how many rows it scored."""
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     return ds.map_batches(
         TargetScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu},
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu, "progress": progress},
         batch_size=cfg.teacher.batch_size,
         **resources,
     )

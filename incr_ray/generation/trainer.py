@@ -40,6 +40,13 @@ def generation_steps(cfg: Config, rows: int) -> int:
     return steps_for(rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum, s.min_steps)
 
 
+def planned_steps(cfg: Config, block_rows: list[int]) -> list[int]:
+    """Optimizer steps of each of the k planned generations, from the block sizes (replay adds its
+    expected ``replay.fraction`` from generation 1 on)."""
+    return [generation_steps(cfg, round(rows * (1 + (cfg.replay.fraction if j else 0.0))))
+            for j, rows in enumerate(block_rows[:cfg.method.k])]
+
+
 def run_lr_window(cfg: Config, block_rows: list[int], generation: int) -> tuple[int, int, int]:
     """``(offset, warmup, total)`` of generation ``generation`` on the run-long learning-rate
     schedule (``student.schedule: run``): the run-wide step it starts at, the warmup steps and the
@@ -47,8 +54,7 @@ def run_lr_window(cfg: Config, block_rows: list[int], generation: int) -> tuple[
     ``replay.fraction`` from generation 1 on), so every generation places itself the same way
     whatever the others actually ran."""
     k = cfg.method.k
-    planned = [generation_steps(cfg, round(rows * (1 + (cfg.replay.fraction if j else 0.0))))
-               for j, rows in enumerate(block_rows[:k])]
+    planned = planned_steps(cfg, block_rows)
     total = sum(planned)
     offset = sum(planned[:generation]) if generation < k else total
     return offset, min(int(cfg.student.warmup_ratio * planned[0]), total - 1), total

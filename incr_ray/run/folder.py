@@ -57,6 +57,9 @@ class RunPaths:
     def own_holdout(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "own_holdout")
 
+    def progress(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "progress.json")
+
     def predictions(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "holdout_predictions.parquet")
 

@@ -8,6 +8,7 @@ never redone, a scored block is never rescored, a trained model is never retrain
 from __future__ import annotations
 
 import re
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -23,8 +24,9 @@ from ..data import (HOLDOUT, extension_holdout_parts, read_labelled_file, replay
                     training_part, validation_part)
 from ..data.errors import exception_chain
 from ..generation.evaluation import evaluate_model, read_predictions, write_predictions
+from ..generation.progress import ScoringProgress
 from ..generation.student import StudentRequest, fit_student
-from ..generation.trainer import generation_steps, run_lr_window
+from ..generation.trainer import generation_steps, planned_steps, run_lr_window
 from ..generation.teacher import score_block, teacher_block_stats
 from ..method.calibration import MIN_ROWS as MIN_CALIBRATION_ROWS
 from ..method.metrics import flip_rates, probs_metrics
@@ -71,6 +73,18 @@ def _worker_failures_reported(say):
         raise
 
 
+@contextmanager
+def _scoring_progress(run: Run, g: int, ds):
+    """(the rows to score, a queue actor counting them — None on a terminal, where Ray Data's
+    progress bars show the scoring)."""
+    if sys.stdout.isatty():
+        yield ds, None
+        return
+    ds = ds.materialize()  # score_block would read it first anyway; here it also gives the count
+    with ScoringProgress(run.say, ds.count(), f"[gen {g}] teacher scored") as progress:
+        yield ds, progress.actor
+
+
 def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     """Teacher outputs + targets for block ``g`` (and replay rows) into gen_g/targets, and what the
     teacher and the target rule did on the block's own rows (``teacher_on_block``). Returns rows.
@@ -93,8 +107,8 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
         tmp = dest + ".tmp"
         remove_tree(tmp)
         started = time.perf_counter()
-        with _worker_failures_reported(run.say):
-            score_block(ds, teacher_model, run.cfg, run.on_gpu).write_parquet(tmp)
+        with _worker_failures_reported(run.say), _scoring_progress(run, g, ds) as (ds, progress):
+            score_block(ds, teacher_model, run.cfg, run.on_gpu, progress=progress).write_parquet(tmp)
         rename_tree(tmp, dest)
         rows = ray.data.read_parquet(dest).count()
         entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
@@ -219,7 +233,8 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=train_rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train,
                                  predictions_dest=run.paths.predictions(g), lr_window=lr_window,
-                                 **run.tracker.worker_fields(g))
+                                 later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes)[g + 1:]),
+                                 progress_dest=run.paths.progress(g), **run.tracker.worker_fields(g))
         extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
                               for e in run.manifest.generations[:g + 1] if e.own_holdout}
         with _worker_failures_reported(run.say):

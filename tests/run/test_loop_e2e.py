@@ -268,15 +268,20 @@ def test_replay_rows_come_from_earlier_blocks(ray_local, tmp_path, tiny_bert):
     assert run.manifest.generations[2].replay_rows == len(replay)
 
 
-def test_bf16_on_cpu_trains_with_fp32_targets_and_accumulation(ray_local, tmp_path, tiny_bert):
+def test_bf16_on_cpu_trains_with_fp32_targets_and_accumulation(ray_local, tmp_path, tiny_bert, capsys):
     """Half precision runs in the suite: DeepSpeed's CPU accelerator trains in bf16. The targets
     reach the loss in fp32 (the Trainer would cast them to bf16), gradients accumulate in fp32
-    beside fp32 master weights, and run.json says so for every generation."""
+    beside fp32 master weights, and run.json says so for every generation. (The cheapest whole
+    run of the suite, so it also checks the progress a user watches: step lines, the teacher
+    scoring's tenths, progress.json and `incr-ray status`.)"""
     from transformers import pipeline
+
+    from incr_ray import cli
 
     cfg = small_config(tmp_path, tiny_bert, "bf16", method={"k": 2}, data={"synthetic_rows": 600},
                        student={"epochs": 1}, deepspeed={"stage": 1, "precision": "bf16"})
-    manifest = run_generations(cfg, say=lambda s: None)
+    said: list[str] = []
+    manifest = run_generations(cfg, say=said.append)
     for g in manifest["generations"]:
         assert g["train"]["precision"] == {
             "requested": "bf16", "model_weights": "bf16", "master_weights": "fp32", "grad_accum": "fp32",
@@ -286,3 +291,24 @@ def test_bf16_on_cpu_trains_with_fp32_targets_and_accumulation(ray_local, tmp_pa
     final = Path(cfg.run_dir) / manifest["final_model"]
     out = pipeline("text-classification", model=str(final), device="cpu")(["red words"])
     assert out[0]["label"] in manifest["label_names"]
+
+    # Step lines with throughput and ETAs; a teacher-scoring line per tenth (the test's stdout is
+    # no terminal); each generation's last progress.json.
+    steps = [line for line in said if " step " in line and " loss " in line]
+    assert steps and all("rows/s" in line and "tokens/s" in line and "ETA gen" in line for line in steps[1:]), said
+    assert any(line.startswith("[gen 1] teacher scored 100% (") for line in said), said
+    root = Path(cfg.run_dir)
+    for g in manifest["generations"]:
+        p = json.loads((root / f"gen_{g['index']:03d}" / "progress.json").read_text())
+        assert p["generation"] == g["index"] and p["step"] == p["max_steps"] == g["train"]["max_steps"]
+        assert p["loss"] > 0 and p["rows_per_s"] > 0 and p["tokens_per_s"] > 0 and p["eta_generation_s"] == 0
+        last = g["index"] == len(manifest["generations"]) - 1
+        assert (p["eta_run_s"] == 0) == last and p["updated_at"].endswith("+00:00")  # gen 1's steps were still ahead
+    # `incr-ray status` of the finished run: the final model and its holdout metrics, without Ray.
+    capsys.readouterr()
+    assert cli.main(["status", "--run", str(root)]) == 0
+    out = capsys.readouterr().out
+    final_metrics = manifest["generations"][manifest["final_generation"]]["metrics"]
+    assert "run 'bf16'" in out and ": finished" in out, out
+    assert f"final model {manifest['final_model']} (generation {manifest['final_generation']}): " \
+           f"holdout accuracy {final_metrics['accuracy']:.4f}" in out, out
