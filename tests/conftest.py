@@ -112,3 +112,9 @@ def tiny_bert(tmp_path_factory):
 def tiny_bert_base(tmp_path_factory):
     """A tiny BERT without a classification head (like MiniLM): every run initialises a new one."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_bert_base"), "bert", head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama-style decoder classifier (3 labels) whose config has no pad token."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
