@@ -1,5 +1,4 @@
-"""A LoRA run end to end on a local Ray: a tiny Llama-style decoder under ZeRO-3 on 2 workers,
-with a worker dying mid-generation and the group resuming from an in-generation checkpoint."""
+"""A LoRA run end to end on a local Ray: a tiny Llama-style decoder under ZeRO-3 on 2 workers."""
 
 from __future__ import annotations
 
@@ -9,30 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from incr_ray import faults
 from small_run import small_config
 
 pytestmark = pytest.mark.e2e
 
 
-def test_lora_run_saves_merged_models_and_adapters(ray_with_faults, tmp_path, tiny_llama):
+def test_lora_run_saves_merged_models_and_adapters(ray_local, tmp_path, tiny_llama):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, pipeline
 
     from incr_ray.run.loop import run_generations
 
-    ray_with_faults(worker_exit_at_step=3)
     cfg = small_config(tmp_path, tiny_llama, "lora", data={"synthetic_rows": 600}, method={"k": 2},
                        cluster={"workers": 2}, deepspeed={"stage": 3},
-                       student={"epochs": 1, "checkpoint_every_steps": 2, "max_failures": 1,
-                                "lora": {"r": 4, "alpha": 8}})
+                       student={"epochs": 1, "lora": {"r": 4, "alpha": 8}}, eval={"retention_rows": 0})
     manifest = run_generations(cfg, say=lambda s: None)
     root = Path(cfg.run_dir)
     gens = manifest["generations"]
     assert [g["status"] for g in gens] == ["finished", "finished"]
-    # Rank 1 died after step 3; the restarted group went on from the step-2 checkpoint (adapters only).
-    assert faults.fired("worker") and gens[0]["train"]["resumed_from_step"] == 2, gens[0]["train"]
     plain = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny_llama).parameters())
     for g in gens:  # q_proj and v_proj of 2 layers at r=4, and the 3×32 head
         assert (g["train"]["trainable_params"], g["train"]["total_params"]) == (2 * 2 * 4 * 64 + 3 * 32, plain)
