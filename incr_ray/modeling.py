@@ -98,9 +98,14 @@ def load_classifier(
     label_names: list[str] | None = None,
     trust_remote_code: bool = False,
     tokenizer=None,
+    with_new_keys: bool = False,
     **kwargs,
 ):
-    """Load a sequence classifier; with ``label_names`` the head is sized and named for them."""
+    """Load a sequence classifier; with ``label_names`` the head is sized and named for them.
+
+    ``with_new_keys``: return ``(model, keys)``, the weights the checkpoint did not hold or held in
+    another shape, drawn at random at load (a new head, a missing pooler).
+    """
     extra = {}
     if label_names is not None:
         extra = dict(
@@ -108,11 +113,12 @@ def load_classifier(
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
         )
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, info = AutoModelForSequenceClassification.from_pretrained(
         path,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         ignore_mismatched_sizes=label_names is not None,
+        output_loading_info=True,
         **extra,
         **kwargs,
     )
@@ -120,6 +126,8 @@ def load_classifier(
         model.config.pad_token_id = tokenizer.pad_token_id
     # A classifier runs one forward per batch: decoder models need no KV cache (it only costs memory).
     model.config.use_cache = False
+    if with_new_keys:
+        return model, sorted({*info["missing_keys"], *(m[0] for m in info["mismatched_keys"])})
     return model
 
 

@@ -115,6 +115,12 @@ def tiny_bert_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama-style decoder classifier (3 labels) whose config has no pad token."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
 def _empty_mlflow_store(tmp_path_factory):
     """A new MLflow SQLite store, made once: creating its tables takes seconds."""
     from mlflow.tracking import MlflowClient

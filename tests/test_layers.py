@@ -19,6 +19,7 @@ LAYERS = {
     "plan": 3,
     "data": 2,
     "modeling": 2,
+    "lora": 2,
     "method": 1,
     "config": 1,
     "storage": 0,

@@ -31,6 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .. import faults
 from ..config import Config, ConfigError
+from ..lora import parameter_counts, with_lora
 from ..method.hashing import generation_seed, shuffle_keys
 from ..modeling import fold_temperature, load_classifier, load_tokenizer
 from ..storage import remove_tree, stage_local, upload_dir
@@ -38,7 +39,7 @@ from .deepspeed_config import precision_problem, resolve_precision
 from .evaluation import EXTENSION_HOLDOUT, evaluate_student, write_predictions
 from .progress import MlflowStepLogger, ProgressCallback, ProgressRelay, TokenCount, queue_say
 from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
-                      reporting_env, save_student, training_arguments)
+                      reporting_env, save_lora_student, save_student, training_arguments)
 
 SHUFFLE_KEY = "_shuffle_key"
 
@@ -61,6 +62,7 @@ class StudentRequest:
     # loss and learning rate; tensorboard: the generation's log folder.
     tracking_uri: str | None = None
     tracking_run_id: str | None = None
+    adapter_dest: str | None = None  # gen_<g>/adapter on storage (student.lora.r > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +176,15 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
         # fp32 weights whatever the checkpoint holds: DeepSpeed makes the 16-bit copy itself, and a
         # bf16 checkpoint loaded as it is (transformers' dtype="auto") would train without fp32 masters.
-        model = load_classifier(init_path, request.label_names, cfg.model.trust_remote_code, tokenizer=tokenizer,
-                                dtype=torch.float32)
+        def load_initial(**kwargs):
+            return load_classifier(init_path, request.label_names, cfg.model.trust_remote_code, tokenizer=tokenizer,
+                                   dtype=torch.float32, **kwargs)
+
+        model, new_keys = load_initial(with_new_keys=True)
+        lora = cfg.student.lora
+        if lora.r:  # adapters on the initial model; the head and weights new at load train in full
+            model = with_lora(model, lora, new_keys)
+        trainable_params, total_params = parameter_counts(model)
 
         # Trainer.
         collate = TokenCount(make_collate(tokenizer, len(request.label_names), cfg.model.max_length))
@@ -212,7 +221,11 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         saving = time.perf_counter()
         out_dir = os.path.join(work, "model")
         meta = {"generation": g, "label_names": request.label_names, "config": loop_config["config"]}
-        save_student(trainer, tokenizer, out_dir, meta, is_rank0=rank == 0)
+        if lora.r:  # the adapter, then the initial model with it merged in: a plain model folder
+            save_lora_student(trainer, tokenizer, out_dir, os.path.join(work, "adapter"), meta, rank == 0,
+                              load_initial, base_model=request.init_model)
+        else:
+            save_student(trainer, tokenizer, out_dir, meta, is_rank0=rank == 0)
 
         # Evaluate the model still in memory, saving the actor pool a separate evaluation would
         # cost: every rank reads each whole slice (holdout, validation, retention) and scores its
@@ -248,6 +261,8 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             "steps": int(output.global_step),
             "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
             "zero_stage": cfg.deepspeed.stage,
+            "trainable_params": trainable_params,  # adapters + head under LoRA; every weight otherwise
+            "total_params": total_params,
             "precision": precision_record(trainer, precision, args.hf_deepspeed_config.config),
             **evaluation,  # holdout, and validation / calibration / retention when measured
             "eval_seconds": eval_seconds,
@@ -256,6 +271,8 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         # driver. Ray Train keeps reported metrics only with a checkpoint: a one-line one.
         checkpoint = None
         if rank == 0:
+            if request.adapter_dest:  # before the model: a recorded model always has its adapter
+                upload_dir(os.path.join(work, "adapter"), request.adapter_dest)
             upload_dir(out_dir, request.model_dest)
             marker = os.path.join(work, "reported-model")
             os.makedirs(marker)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from ..config import Config
+from ..lora import merged_model, save_adapter
 from ..method.hashing import generation_seed
 from ..method.losses import distillation_loss
 from ..method.schedule import annealed_alpha, run_lr_factor
@@ -203,11 +206,41 @@ def save_student(trainer: Trainer, tokenizer, out_dir: str, meta: dict[str, Any]
     Every rank must call this: under ZeRO-3 the save gathers the partitioned 16-bit weights.
     """
     trainer.save_model(out_dir)
-    if not is_rank0:
-        return
+    if is_rank0:
+        _finish_model_folder(tokenizer, out_dir, meta)
+
+
+def _finish_model_folder(tokenizer, out_dir: str, meta: dict[str, Any]) -> None:
     tokenizer.save_pretrained(out_dir)
     stray = os.path.join(out_dir, "training_args.bin")  # a pickle; never ship it
     if os.path.exists(stray):
         os.unlink(stray)
     with open(os.path.join(out_dir, MODEL_META), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def save_lora_student(trainer: Trainer, tokenizer, out_dir: str, adapter_dir: str, meta: dict[str, Any],
+                      is_rank0: bool, load_initial: Callable[[], torch.nn.Module], base_model: str) -> None:
+    """A LoRA student: its adapter in ``adapter_dir``, and in ``out_dir`` the folder
+    :func:`save_student` would write, holding the initial model with the adapter merged in.
+
+    Every rank must call this (ZeRO-3 gathers the adapter); rank 0 then loads the initial model
+    once more, whole and on the CPU, and merges. ``base_model`` is the initial model's location
+    recorded in the adapter's config.
+    """
+    save_adapter(trainer, adapter_dir, out_dir + "-adapter-save", base_model, is_rank0)
+    if not is_rank0:
+        return
+    dtype = next(trainer.model.parameters()).dtype  # what a full fine-tune would have saved
+    # Rank 0 alone must not load the model partitioned: ZeRO-3's load-time partitioning (on while
+    # the Trainer's DeepSpeed config is registered) would wait for the other ranks.
+    unset_hf_deepspeed_config()
+    try:
+        merged = merged_model(load_initial, adapter_dir, dtype)
+    finally:
+        registered = getattr(trainer.args, "hf_deepspeed_config", None)
+        if registered is not None:
+            set_hf_deepspeed_config(registered)
+    merged.save_pretrained(out_dir)
+    del merged
+    _finish_model_folder(tokenizer, out_dir, meta)

@@ -95,7 +95,8 @@ class ModelStates:
     cpu_bytes: int  # per rank (one GPU's share of what lives in host memory)
 
 
-def zero_model_states(params: int, n_gpus: int, layout: Layout, precision: Precision) -> ModelStates:
+def zero_model_states(params: int, n_gpus: int, layout: Layout, precision: Precision,
+                      trainable: int | None = None) -> ModelStates:
     """Model-state bytes per GPU under ZeRO (Rajbhandari et al. 2020), and what offload moves.
 
     With p, g, K the bytes per parameter of params, grads and optimizer states (2, 2, 12 mixed
@@ -117,22 +118,28 @@ def zero_model_states(params: int, n_gpus: int, layout: Layout, precision: Preci
     weight partition (+4Ψ/N), stage 3 holds its gradient partition twice (+4Ψ/N), and stage 3 with
     offload does both (+8Ψ/N, on the CPU side). In mixed precision the fp32 master copy is
     already part of K.
+
+    ``trainable`` (Ψ_t, LoRA: the adapters and the head) counts the parameters that have
+    gradients and optimizer states; every parameter is still held, frozen ones in the same
+    precision. Gradients, optimizer states and DeepSpeed's fp32 copies then scale with Ψ_t
+    instead of Ψ (stage 0: p·Ψ + (g + K)·Ψ_t, ..., stage 3: (p·Ψ + (g + K)·Ψ_t)/N).
     """
     if n_gpus < 1:
         raise ValueError("n_gpus must be at least 1")
     p, g, k = precision.param_bytes, precision.grad_bytes, precision.optimizer_bytes
     n, stage = n_gpus, layout.stage
+    t = params if trainable is None else trainable
     if layout.offload_params and stage != 3:
         raise ValueError("parameter offload needs ZeRO stage 3")
     if layout.offload_optimizer and stage < 2:
         raise ValueError("optimizer offload needs ZeRO stage 2 or 3")
     if stage == 0:
-        return ModelStates(int((p + g + k) * params), 0)
+        return ModelStates(int(p * params + (g + k) * t), 0)
     if stage == 1:
-        return ModelStates(int((p + g) * params + k * params / n
-                               + _fp32_deepspeed_copies(params, n, layout, precision)), 0)
+        return ModelStates(int(p * params + g * t + k * t / n
+                               + _fp32_deepspeed_copies(t, n, layout, precision)), 0)
     params_on_gpu = p * params if stage == 2 else p * params / n
-    rest = (g + k) * params / n + _fp32_deepspeed_copies(params, n, layout, precision)
+    rest = (g + k) * t / n + _fp32_deepspeed_copies(t, n, layout, precision)
     if layout.offload_params:
         return ModelStates(0, int(params_on_gpu + rest))
     if layout.offload_optimizer:

@@ -82,7 +82,7 @@ def student_row(
     seq_len: int, micro_batch: int, checkpointing: bool, gpu_budget: int | None, cpu_budget: int | None,
     with_deepspeed: bool = True,
 ) -> StudentRow:
-    states = zero_model_states(shape.params, n_gpus, layout, precision)
+    states = zero_model_states(shape.params, n_gpus, layout, precision, shape.trainable_params)
     gathered = stage3_gather_bytes(shape.largest_layer_params, layout, precision)
     acts = None
     if shape.hidden_size and shape.layers:
@@ -92,7 +92,7 @@ def student_row(
     total = with_overhead(states.gpu_bytes + gathered + (acts or 0))
     cpu_per_node = states.cpu_bytes * gpus_per_node
     ds = None
-    if with_deepspeed:
+    if with_deepspeed and shape.trainable_params is None:  # its estimators assume every weight trains
         try:
             ds = deepspeed_estimate(shape.params, shape.largest_layer_params, gpus_per_node, nodes, layout)
         except Exception:  # noqa: BLE001 - DeepSpeed missing or changed: the plan stands without it

@@ -27,6 +27,11 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     dims = ", ".join(f"{k} {v}" for k, v in known if v)
     add(f"shape        {dims or 'unknown: pass --hidden-size and --layers for activation estimates'}"
         + (f"; largest layer {sh.largest_layer_params:,} params" if sh.largest_layer_params else ""))
+    if sh.trainable_params is not None:
+        lora = cfg.student.lora
+        add(f"LoRA         r={lora.r} on {', '.join(sh.lora_targets)} + the head (student.lora): "
+            f"Ψ_t = {sh.trainable_params:,} trainable ({100 * sh.trainable_params / sh.params:.2f}% of Ψ); "
+            "gradients and optimizer states over Ψ_t, weights over Ψ")
     if plan.on_gpu:
         add(f"cluster      {plan.n_gpus} GPU workers × {cfg.cluster.gpu_memory_gb:g} GiB (cluster.workers, "
             f"cluster.gpu_memory_gb); {plan.gpus_per_node} per node, {plan.nodes} node(s)")
@@ -60,7 +65,9 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     add("states: model states per GPU by the ZeRO paper; CPU/node: the offloaded states of one node's ranks.")
     add("DS est. / DS CPU: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs, per GPU (it adds an fp32 gradient")
     add("copy: 18Ψ/N) and per node (host memory incl. model-loading buffers, × 1.5; ZeRO-3 with zero.Init).")
-    if plan.precision.name == "fp32":
+    if sh.trainable_params is not None:
+        add("DS est. is left out under LoRA: DeepSpeed's estimators assume every parameter trains.")
+    elif plan.precision.name == "fp32":
         add("DeepSpeed's estimators assume 16-bit training; with fp32 they undercount.")
     if not sh.largest_layer_params:
         add("gathered: ZeRO-3's whole-layer gather is unknown without a model config (counted as 0).")

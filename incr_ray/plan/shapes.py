@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from ..config import Config
+from ..config import Config, ConfigError
+from ..lora import HEAD_NAMES, adapter_params, target_modules, trainable_params_estimate
 from ..modeling import MINILM, ModelError, check_classifier, resolve_model_path
 
 # Well-known shapes, as Hugging Face config arguments. Planning only: training needs a real folder.
@@ -61,6 +62,10 @@ class ModelShape:
     # wherever the architecture supports it. False when unknown: the activation estimate is then the
     # upper bound that keeps them.
     fused_attention: bool = False
+    # Parameters with gradients and optimizer states: None when all of them train; with LoRA the
+    # adapters and the head (student.lora).
+    trainable_params: int | None = None
+    lora_targets: tuple[str, ...] = ()
 
 
 FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -107,9 +112,20 @@ def _counts(model) -> tuple[int, int]:
     return total, largest
 
 
-def _shape_from_hf_config(hf_config, source: str, trust_remote_code: bool = False) -> ModelShape:
+def lora_trainable(model, targets: list[str], r: int) -> int:
+    """Adapters of rank ``r`` on ``targets`` plus the head's parameters, counted on ``model``."""
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    head = sum(p.numel() for name, child in model.named_children() if name in HEAD_NAMES for p in child.parameters())
+    return adapter_params(linears, targets, r) + head
+
+
+def _shape_from_hf_config(hf_config, source: str, trust_remote_code: bool = False, lora=None) -> ModelShape:
     model = _meta_model(hf_config, trust_remote_code)
     total, largest = _counts(model)
+    trainable, targets = None, ()
+    if lora is not None and lora.r:
+        targets = tuple(target_modules(hf_config.model_type, lora.target_modules))
+        trainable = lora_trainable(model, list(targets), lora.r)
     return ModelShape(
         params=total,
         source=source,
@@ -118,6 +134,8 @@ def _shape_from_hf_config(hf_config, source: str, trust_remote_code: bool = Fals
         heads=_first_attr(hf_config, ("num_attention_heads", "n_heads", "n_head")),
         largest_layer_params=largest,
         fused_attention=getattr(model.config, "_attn_implementation", None) in FUSED_ATTENTION,
+        trainable_params=trainable,
+        lora_targets=targets,
     )
 
 
@@ -144,11 +162,19 @@ def resolve_shape(
     ``model.base`` is a local folder (or ``minilm``), else a :data:`KNOWN_SHAPES` name; its config is
     built on the meta device with a head for :func:`head_labels` classes and counted.
     """
-    if params is not None:
-        return ModelShape(params=params, source="--params (model.base not read)", hidden_size=hidden_size,
-                          layers=layers, heads=heads)
     base = cfg.model.base
     num_labels, why = head_labels(cfg)
+    lora = cfg.student.lora
+    if params is not None:
+        trainable, targets = None, ()
+        if lora.r:
+            if not (hidden_size and layers):
+                raise ConfigError("student.lora.r > 0: the plan counts the adapters from the model's shape; "
+                                  "pass --hidden-size and --layers with --params")
+            targets = tuple(lora.target_modules or ["q_proj", "v_proj"])
+            trainable = trainable_params_estimate(hidden_size, layers, num_labels, list(targets), lora.r)
+        return ModelShape(params=params, source="--params (model.base not read)", hidden_size=hidden_size,
+                          layers=layers, heads=heads, trainable_params=trainable, lora_targets=targets)
     head = f"{num_labels}-label head ({why})"
     # id2label rather than num_labels: a folder's own id2label of another length would clash with it.
     names = cfg.data.labels or [f"LABEL_{i}" for i in range(num_labels)]
@@ -158,13 +184,13 @@ def resolve_shape(
         check_classifier(path, cfg.model.trust_remote_code)
         hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **head_kwargs)
         shape = _shape_from_hf_config(hf, f"{path}/config.json, built on the meta device with a {head}",
-                                      cfg.model.trust_remote_code)
+                                      cfg.model.trust_remote_code, lora)
     elif base in KNOWN_SHAPES:
         kwargs = dict(KNOWN_SHAPES[base])
         model_type = kwargs.pop("model_type")
         hf = AutoConfig.for_model(model_type, **head_kwargs, **kwargs)
         shape = _shape_from_hf_config(hf, f"built-in shape {base!r} ({model_type}), built on the meta device "
-                                          f"with a {head}")
+                                          f"with a {head}", lora=lora)
     else:
         try:  # a hub name: only its config.json is fetched, where the hub is reachable
             hf = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code, **head_kwargs)
@@ -175,7 +201,7 @@ def resolve_shape(
                 "--hidden-size 4096 --layers 32)"
             ) from None
         shape = _shape_from_hf_config(hf, f"the hub's {base}/config.json, built on the meta device with a {head}",
-                                      cfg.model.trust_remote_code)
+                                      cfg.model.trust_remote_code, lora)
     overrides = {k: v for k, v in (("hidden_size", hidden_size), ("layers", layers), ("heads", heads)) if v}
     if overrides:
         flags = ", ".join("--" + k.replace("_", "-") for k in overrides)

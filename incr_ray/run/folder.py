@@ -23,6 +23,7 @@ from ray.data.expressions import col
 from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
 from ..generation.deepspeed_config import precision_problem, resolve_precision
+from ..lora import check_lora
 from ..modeling import ModelError, check_classifier, head_mismatch, resolve_model_path
 from ..plan import auto_stage, resolve_shape
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
@@ -50,6 +51,9 @@ class RunPaths:
 
     def model(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "model")
+
+    def adapter(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "adapter")
 
     def targets(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "targets")
@@ -228,6 +232,8 @@ def check_model_and_storage(cfg: Config) -> str:
     base = resolve_model_path(cfg.model.base)
     if not is_remote(base):
         check_classifier(base, cfg.model.trust_remote_code)
+        if cfg.student.lora.r:  # the adapters' targets exist in this architecture
+            check_lora(cfg.student.lora, base, cfg.model.trust_remote_code)
     check_writable(absolute(cfg.storage.path))
     return base
 

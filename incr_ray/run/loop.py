@@ -234,7 +234,9 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
                                  model_dest=model_dest, ray_storage=run.paths.ray_train,
                                  predictions_dest=run.paths.predictions(g), lr_window=lr_window,
                                  later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes)[g + 1:]),
-                                 progress_dest=run.paths.progress(g), **run.tracker.worker_fields(g))
+                                 progress_dest=run.paths.progress(g),
+                                 adapter_dest=run.paths.adapter(g) if cfg.student.lora.r else None,
+                                 **run.tracker.worker_fields(g))
         extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
                               for e in run.manifest.generations[:g + 1] if e.own_holdout}
         with _worker_failures_reported(run.say):
@@ -262,6 +264,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         entry.continual = _continual(run, g, entry, teacher, retention)
         entry.promoted = _gate(run, g, entry, teacher)
         entry.model, entry.train = run.rel(model_dest), train
+        entry.adapter = run.rel(request.adapter_dest) if request.adapter_dest else None
         run.save()
     if not entry.metrics:  # trained by an earlier attempt that stopped before evaluating
         run.say(f"[gen {g}] evaluating on the holdout")
@@ -364,7 +367,7 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
             m.entry(g).source = data_path
             m.entry(g).own_holdout_fraction = holdout_fraction or None
             run.save()
-            for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.own_holdout(g)):
+            for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.adapter(g), run.paths.own_holdout(g)):
                 remove_tree(leftover)  # of a crash before run.json knew them
         teacher = m.teacher_of(g)
         block = _carve_own_holdout(run, g, new_block).with_column("block", lit(np.int64(g)))

@@ -52,6 +52,7 @@ class GenerationEntry(_Record):
     teacher_on_block: dict[str, float] | None = None
     # Training: gen_<g>/model, the workers' figures, holdout metrics.
     model: str | None = None
+    adapter: str | None = None  # gen_<g>/adapter: the LoRA adapter merged into model (student.lora.r > 0)
     train: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     eval_seconds: float | None = None

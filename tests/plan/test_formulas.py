@@ -106,3 +106,24 @@ def test_activations_hand_computed():
     # Fused attention (SDPA, flash) keeps no score matrices: 34 bytes per s·b·h per layer.
     assert activation_bytes(128, 8, 4096, 32, 32, fused_attention=True) == 32 * 4_194_304 * 34
     assert teacher_activation_bytes(128, 8, 4096, 32, fused_attention=True) == 4_194_304 * 34
+
+
+def test_lora_shrinks_gradients_and_optimizer_states_not_weights():
+    # Ψ = 7e9 with Ψ_t = 7e7 trainable (1%), N = 8, mixed precision: weights stay 2Ψ (or 2Ψ/N at
+    # stage 3), gradients and Adam states are (2 + 12)·Ψ_t, partitioned as the stage says.
+    t = 70_000_000
+
+    def lora(layout, precision=MIXED):
+        s = zero_model_states(PSI, 8, layout, precision, trainable=t)
+        return s.gpu_bytes / GB, s.cpu_bytes / GB
+
+    assert lora(Layout(0)) == pytest.approx((14 + 0.98, 0.0))                  # 2·7 + 14·0.07
+    assert lora(Layout(1)) == pytest.approx((14 + 0.14 + 0.84 / 8, 0.0))       # 2·7 + 2·0.07 + 12·0.07/8
+    assert lora(Layout(2)) == pytest.approx((14 + 0.98 / 8, 0.0))              # 2·7 + 14·0.07/8
+    assert lora(Layout(3)) == pytest.approx(((14 + 0.98) / 8, 0.0))            # (2·7 + 14·0.07)/8
+    assert lora(Layout(3, offload_optimizer=True)) == pytest.approx((14 / 8, 0.98 / 8))
+    # fp32: 4Ψ weights, (4 + 8)·Ψ_t, DeepSpeed's fp32 copy of the trainable partition (+4Ψ_t/N).
+    assert lora(Layout(2), FP32) == pytest.approx((28 + (12 + 4) * 0.07 / 8, 0.0))
+    # Every parameter trainable is full fine-tuning.
+    for layout in (Layout(0), Layout(1), Layout(2), Layout(3), Layout(3, True)):
+        assert zero_model_states(PSI, 8, layout, MIXED, trainable=PSI) == zero_model_states(PSI, 8, layout, MIXED)

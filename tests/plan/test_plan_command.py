@@ -77,3 +77,27 @@ def test_the_shipped_gpu_config_plans_as_shipped_without_a_hub():
     assert "deepspeed.stage auto -> ZeRO-1: the first stage whose plan fits 24 GiB per GPU" in proc.stdout
     configured = [line for line in proc.stdout.splitlines() if "<- configured" in line]
     assert len(configured) == 1 and configured[0].split()[0] == "1", configured
+
+
+def test_lora_plan_counts_adapters_and_head(tmp_path, capsys):
+    from incr_ray.cli import main
+    from incr_ray.config import config_from_dict
+    from incr_ray.plan import resolve_shape
+
+    folder = build_tiny_model(tmp_path / "tiny", "llama", num_labels=3)
+    cfg = config_from_dict({"model": {"base": folder}, "data": {"labels": ["a", "b", "c"]},
+                            "student": {"lora": {"r": 4}}})
+    shape = resolve_shape(cfg)
+    # q_proj and v_proj (32 → 32) in 2 layers: 4·(32 + 32) each; the 3×32 score head in full.
+    assert shape.trainable_params == 2 * 2 * 4 * 64 + 3 * 32 and shape.lora_targets == ("q_proj", "v_proj")
+    full = resolve_shape(config_from_dict({**cfg.to_dict(), "student": {"lora": {"r": 0}}}))
+    assert full.params == shape.params and full.trainable_params is None
+    rc = main(["plan", "--set", f"model.base={folder}", "--set", "data.labels=[a, b, c]", "--set", "student.lora.r=4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"LoRA         r=4 on q_proj, v_proj + the head (student.lora): Ψ_t = {shape.trainable_params:,}" in out
+    # Without a model to count on, the shape must come from the command line.
+    assert main(["plan", "--params", "7e9", "--set", "student.lora.r=8"]) == 2
+    assert "pass --hidden-size and --layers" in capsys.readouterr().err
+    big = resolve_shape(config_from_dict({"student": {"lora": {"r": 8}}, "data": {"labels": ["a", "b"]}}),
+                        params=7_000_000_000, hidden_size=4096, layers=32)
+    assert big.trainable_params == 2 * 32 * 8 * 2 * 4096 + 2 * 4096
