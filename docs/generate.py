@@ -164,7 +164,7 @@ and writing `benchmarks/results/<name>.{json,md,png}`: quality, arrival and thro
 sizes are chosen so that each finishes in about 45 minutes or less on a 2-core CPU machine; pass
 larger sizes (`--help`) on a bigger machine. `--smoke` runs quality or arrival end to end at a
 tiny size in a few minutes and writes into a temporary folder, never into `benchmarks/results/`.
-A fourth script measures ZeRO memory ([Memory](#memory)).
+Two more measure ZeRO memory ([Memory](#memory)) and LoRA against full fine-tuning ([LoRA](#lora)).
 
 ```bash
 .venv/bin/python benchmarks/quality.py            # ≈ 45 min (estimated): 5 seeds × 3 methods, paired
@@ -174,6 +174,7 @@ A fourth script measures ZeRO memory ([Memory](#memory)).
 .venv/bin/python benchmarks/quality.py --knobs    # optional: p, τ, α, init, min_steps, seeds 0-2
 .venv/bin/python benchmarks/quality.py --gpu      # the whole corpus, sized for a GPU machine
 .venv/bin/python benchmarks/zero_memory.py        # about 6 min here
+.venv/bin/python benchmarks/lora.py               # about 3 min: LoRA r=8 and r=16 against full fine-tuning
 ```
 
 The tables on this page are the scripts' own output (`benchmarks/results/*.md`, rendered from the
@@ -421,6 +422,19 @@ attention-score matrices, which SDPA (transformers' default attention) never sto
 now leaves them out for such models, and the second run compared against that. Not run on a GPU: Ray
 itself (no Ray on that machine), several GPUs or nodes, ZeRO-2/3 and offload on GPUs.
 
+## LoRA
+
+LoRA students against full fine-tuning on CPU, `benchmarks/lora.py` (about 3 minutes on 2 cores
+when the machine is otherwise idle). The same model (MiniLM with a new 2-label head), Rotten
+Tomatoes rows, batch, sequence length and steps, trained by a plain Hugging Face `Trainer` (fp32,
+AdamW, no Ray, no DeepSpeed) with every weight trainable, and with LoRA adapters of rank 8 and 16
+on the query and value projections and the head in full — the model a run with
+`student.lora.r` trains. Each training runs in its own process so its peak resident memory is its
+own; the variants alternate over the rounds and each figure is the median. Ratios are against full
+fine-tuning in the same run (`benchmarks/results/lora.md`):
+
+{{lora}}
+
 ## Memory
 
 ZeRO model-state memory per worker on CPU against the planner, `benchmarks/zero_memory.py` (about 6
@@ -447,6 +461,7 @@ PER_SEED_METHODS = (("incremental", "incremental"), ("incremental + floor", "+ f
                     ("block 0 only", "block 0 only"))
 # Results a script writes only when run with that option or once run at all: the line in their place until then.
 NOT_RUN = {
+    "lora": "Not run to the end yet: `python benchmarks/lora.py` (about 3 minutes on an idle 2-core machine).",
     "quality_levers": "Not run yet: 3 seeds × 5 k-block runs (incremental and the four levers), estimated at "
                       "≈ 55 min on 2 cores at the default size.",
     "arrival": "Not run yet: the default (4 seeds, 1,100 rows per seed: a 20% holdout and 4 arrivals of ≈ 220 "
