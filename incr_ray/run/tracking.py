@@ -94,8 +94,8 @@ def check_tracking(cfg: Config) -> None:
                           "or set tracking.backend: none")
     if t.backend in ("mlflow", "tensorboard") and not t.uri and is_remote(cfg.storage.path):
         what = ("a local SQLite file" if t.backend == "mlflow" else "a local folder")
-        example = ("sqlite:////shared/mlflow.db or http://mlflow-server:5000" if t.backend == "mlflow"
-                   else "/shared/tensorboard")
+        example = ("sqlite:////mnt/nfs/mlflow.db or http://mlflow-server:5000" if t.backend == "mlflow"
+                   else "/mnt/nfs/tensorboard")
         raise ConfigError(f"tracking.backend {t.backend} writes to {what} by default, but storage.path "
                           f"{cfg.storage.path!r} is remote; set tracking.uri (e.g. {example})")
 
