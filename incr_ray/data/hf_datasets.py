@@ -23,7 +23,6 @@ offline); otherwise it is a one-line error.
 from __future__ import annotations
 
 import functools
-import json
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
 
-from ..storage import absolute, is_remote
+from ..storage import absolute, exists, is_remote, read_json
 from .errors import DataError, first_line
 
 DATASET_DICT_FILE = "dataset_dict.json"
@@ -65,12 +64,9 @@ def _join(path: str, name: str) -> str:
     return posixpath.join(path.rstrip("/"), name) if is_remote(path) else f"{absolute(path).rstrip('/')}/{name}"
 
 
-def _read_json(fs: pafs.FileSystem, inner: str) -> dict | None:
-    """A small JSON file, or None when it does not exist."""
-    if fs.get_file_info(inner).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(inner) as stream:
-        return json.loads(stream.read().decode("utf-8"))
+def _read_json(path: str) -> dict | None:
+    """A small JSON file (local or remote), or None when it does not exist."""
+    return read_json(path) if exists(path) else None
 
 
 def saved_kind(path: str) -> str | None:
@@ -96,8 +92,7 @@ def saved_kind(path: str) -> str | None:
 
 
 def saved_splits(path: str) -> list[str]:
-    fs, inner = _filesystem(path)
-    return list((_read_json(fs, _join(inner, DATASET_DICT_FILE)) or {}).get("splits", []))
+    return list((_read_json(_join(path, DATASET_DICT_FILE)) or {}).get("splits", []))
 
 
 def _class_names(features: dict) -> dict[str, list[str]]:
@@ -109,16 +104,16 @@ def _class_names(features: dict) -> dict[str, list[str]]:
 
 
 def _load_split(path: str, where: str) -> SavedSplit:
-    fs, inner = _filesystem(path)
-    state = _read_json(fs, _join(inner, STATE_FILE)) or {}
-    info = _read_json(fs, _join(inner, INFO_FILE)) or {}
+    state = _read_json(_join(path, STATE_FILE)) or {}
+    info = _read_json(_join(path, INFO_FILE)) or {}
     names = [f["filename"] for f in state.get("_data_files", [])]
     if not names:
         raise DataError(f"{where} lists no Arrow files in its {STATE_FILE}; save the dataset again with save_to_disk")
     features = info.get("features") or {}
     columns = list(features)
     if not columns:  # no features recorded: take the columns from the first file's schema
-        with fs.open_input_stream(_join(inner, names[0])) as stream:
+        fs, inner = _filesystem(_join(path, names[0]))
+        with fs.open_input_stream(inner) as stream:
             columns = pa.ipc.open_stream(stream).schema.names
     return SavedSplit(
         files=[_join(path, n) for n in names],
