@@ -14,7 +14,6 @@ scoring and each generation's start-up come on top).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -24,7 +23,7 @@ import ray
 from ray.util.queue import Empty, Queue
 from transformers import TrainerCallback
 
-from ..storage import write_bytes_atomic
+from ..storage import write_json_atomic
 from .rates import PROGRESS_RATES, WINDOW, WRITE_EVERY_S, duration, step_line, step_rates, tenths_reached, utc_now
 
 
@@ -97,7 +96,7 @@ class ProgressCallback(TrainerCallback):
             return
         record = {"generation": self.generation, "step": step, "max_steps": self.max_steps,
                   "loss": self.loss, "lr": self.lr, **{k: rates[k] for k in PROGRESS_RATES}, "updated_at": utc_now()}
-        write_bytes_atomic(self.dest, json.dumps(record, indent=1).encode())
+        write_json_atomic(self.dest, record)
         self.written = now
 
 
