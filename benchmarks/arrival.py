@@ -1,6 +1,7 @@
 """Arrival: data keeps arriving in blocks, and after each block a model must be ready.
 
     python benchmarks/arrival.py            # 4 seeds, k=4 arrivals, 1,100 rows per seed: ≈ 45 min on 2 cores
+    python benchmarks/arrival.py --resume   # go on after a stop: finished seeds are read back
     python benchmarks/arrival.py --smoke    # 2 seeds, 160 rows, k=2: the script end to end in minutes
 
 Per seed, Rotten Tomatoes rows are split once by the project's own split (``split_data``: the
@@ -51,6 +52,7 @@ the run folders and data files stay in ``runs/benchmarks/arrival``.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -228,6 +230,25 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
             "steps": {m: cumulate(s) for m, s in steps.items()}}
 
 
+def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """A seed's record: read back from ``s<seed>/seed.json`` with ``--resume`` when that seed
+    finished with the same settings, else its folder is cleared and the seed runs again (a seed
+    stopped half-way restarts: its extensions cannot be replayed one by one)."""
+    folder = a.workdir / f"s{seed}"
+    done = folder / "seed.json"
+    settings = {k: getattr(a, k) for k in ("rows", "eval_fraction", "k", "epochs", "lr", "batch_size", "max_length")}
+    if a.resume and done.exists():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == settings:
+            print(f"[seed {seed}] finished earlier, read from {done}", flush=True)
+            return saved["result"]
+    if folder.exists():
+        shutil.rmtree(folder)
+    result = run_seed(a, seed)
+    done.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Summaries (pure: tests/test_benchmarks_arrival.py)
 
@@ -391,6 +412,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default 8")
     p.add_argument("--max-length", type=int, help="default 32")
     p.add_argument("--smoke", action="store_true", help="tiny (2 seeds, 160 rows, max_length 16, k=2), into a temporary folder")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the seeds --workdir finished (their seed.json) instead of starting clean")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--out", type=Path, help="results folder; default benchmarks/results")
     return p
@@ -414,11 +437,11 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = resolve(parser().parse_args(argv))
-    if a.workdir.exists():
+    if a.workdir.exists() and not a.resume:
         shutil.rmtree(a.workdir)
     started = time.perf_counter()
     harness.start_local_ray()
-    per_seed = {seed: run_seed(a, seed) for seed in a.seeds}
+    per_seed = {seed: seed_result(a, seed) for seed in a.seeds}
     first = per_seed[a.seeds[0]]
     settings = {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "k": a.k, "epochs": a.epochs,
                 "lr": a.lr, "batch_size": a.batch_size, "max_length": a.max_length, "threshold": 0.9,

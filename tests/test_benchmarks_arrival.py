@@ -114,6 +114,30 @@ def test_presets(tmp_path):
         arrival.resolve(arrival.parser().parse_args(["--k", "1", "--workdir", str(tmp_path)]))
 
 
+def test_resume_reads_finished_seeds_and_reruns_the_rest(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run_seed(a, seed):
+        ran.append(seed)
+        (a.workdir / f"s{seed}").mkdir(parents=True, exist_ok=True)
+        return {"block_rows": [seed], "holdout_rows": 1, "steps": {}}
+
+    monkeypatch.setattr(arrival, "run_seed", fake_run_seed)
+    a = arrival.resolve(arrival.parser().parse_args(["--workdir", str(tmp_path), "--resume"]))
+    assert arrival.seed_result(a, 0) == {"block_rows": [0], "holdout_rows": 1, "steps": {}}
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "half-done").write_text("")  # a seed stopped half-way: cleared, run again
+    arrival.seed_result(a, 1)
+    assert ran == [0, 1] and not (tmp_path / "s1" / "half-done").exists()
+    assert arrival.seed_result(a, 0)["block_rows"] == [0] and ran == [0, 1]  # read back, not run
+    a.lr = 1e-3  # other settings: the saved seed does not count
+    arrival.seed_result(a, 0)
+    assert ran == [0, 1, 0]
+    a.resume, a.lr = False, 2e-4
+    arrival.seed_result(a, 1)
+    assert ran == [0, 1, 0, 1]
+
+
 def test_script_describes_its_command():
     import subprocess
 
