@@ -86,41 +86,6 @@ DEFAULTS: dict[str, Any] = {
 SMOKE = {"seeds": [0, 1], "rows": 160, "k": 2, "max_length": 16}
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: the arrivals as files
-
-
-def write_arrival_files(a: argparse.Namespace, seed: int, data_dir: Path) -> dict[str, Any]:
-    """Split ``a.rows`` Rotten Tomatoes rows with the project's split (holdout + k blocks) and write
-    the files a user would receive: holdout, each block, and blocks 0 … i together."""
-    from incr_ray.config import config_from_dict
-    from incr_ray.data import split_data
-
-    cfg = config_from_dict({
-        "run": {"name": "split", "seed": seed},
-        "data": {"source": "rotten_tomatoes", "max_rows": a.rows, "eval_fraction": a.eval_fraction},
-        "method": {"k": a.k},
-        "student": {"batch_size": a.batch_size},
-    })
-    split = split_data(cfg)
-    table = split.dataset.to_pandas()
-    table["label"] = [split.label_names[int(i)] for i in table["label"]]
-    table = table.sort_values("row_id", kind="stable")  # a file's order does not depend on Ray's
-    data_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {"label_names": list(split.label_names), "holdout": str(data_dir / "holdout.parquet"),
-                             "blocks": [], "seen": []}
-    table[table["block"] < 0][["text", "label"]].to_parquet(files["holdout"], index=False)
-    for i in range(a.k):
-        block, seen = data_dir / f"block_{i}.parquet", data_dir / f"seen_{i}.parquet"
-        table[table["block"] == i][["text", "label"]].to_parquet(block, index=False)
-        table[(table["block"] >= 0) & (table["block"] <= i)][["text", "label"]].to_parquet(seen, index=False)
-        files["blocks"].append(str(block))
-        files["seen"].append(str(seen))
-    files["block_rows"] = [int((table["block"] == i).sum()) for i in range(a.k)]
-    files["holdout_rows"] = int((table["block"] < 0).sum())
-    return files
-
-
 def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any], source: str, name: str) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "run": {"name": name, "seed": seed},
@@ -196,7 +161,7 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     from incr_ray.run.loop import extend_run
 
     say = harness._say
-    files = write_arrival_files(a, seed, a.workdir / f"s{seed}" / "data")
+    files = harness.write_block_files(seed, a.rows, a.eval_fraction, a.k, a.workdir / f"s{seed}" / "data")
     raw = base_config(a, seed, files, files["blocks"][0], "incremental")
     cfg_a = _config(raw)
     cfg_c = _config(raw, ["run.name=fine-tune", "method.threshold=1.0"])

