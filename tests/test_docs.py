@@ -23,12 +23,21 @@ def _generator():
     return module
 
 
-@pytest.mark.parametrize("page", ["configuration.md", "benchmarks.md"])
+@pytest.mark.parametrize("page", ["docs/configuration.md", "docs/benchmarks.md", "README.md"])
 def test_generated_page_is_current(page):
     generate = _generator()
     expected = generate.PAGES[page]()
-    committed = (DOCS / page).read_text(encoding="utf-8")
-    assert committed == expected, f"docs/{page} is stale: run `make docs` and commit it"
+    committed = (REPO / page).read_text(encoding="utf-8")
+    assert committed == expected, f"{page} is stale: run `make docs` and commit it"
+
+
+def test_readme_quality_block_holds_every_paired_difference():
+    generate = _generator()
+    block = generate.quality_block()
+    assert block.startswith(generate.README_BEGIN) and block.endswith(generate.README_END)
+    assert "| incremental − full fine-tune |" in block and "| incremental − sequential hard-label |" in block
+    if (REPO / "benchmarks" / "results" / "quality_levers.json").is_file():
+        assert "| teacher annealing − incremental |" in block
 
 
 def test_every_config_key_is_documented():
