@@ -163,16 +163,19 @@ BENCHMARKS = """\
 <!-- Generated from benchmarks/results/ by `make docs` (docs/generate.py); do not edit. The prose
      lives in docs/generate.py, the tables in benchmarks/results/<name>.md and .json. -->
 
-Three scripts, each one command from a fresh clone after `make setup`, each printing its tables
-and writing `benchmarks/results/<name>.{json,md,png}`: quality, arrival and throughput. Default
-sizes are chosen so that each finishes in about 45 minutes or less on a 2-core CPU machine; pass
-larger sizes (`--help`) on a bigger machine. `--smoke` runs quality or arrival end to end at a
-tiny size in a few minutes and writes into a temporary folder, never into `benchmarks/results/`.
+Four scripts, each one command from a fresh clone after `make setup`, each printing its tables
+and writing `benchmarks/results/<name>.{json,md,png}`: quality, arrival, extension and throughput.
+Default sizes are chosen so that each finishes in about an hour or less on a 2-core CPU machine,
+run alone (three at once on 2 cores slowed each training step about twentyfold here); pass larger sizes
+(`--help`) on a bigger machine. `--smoke` runs quality, arrival or extension end to end at a tiny
+size (minutes; about 10 for extension) and writes into a temporary folder, never into
+`benchmarks/results/`.
 Two more measure ZeRO memory ([Memory](#memory)) and LoRA against full fine-tuning ([LoRA](#lora)).
 
 ```bash
 .venv/bin/python benchmarks/quality.py            # ≈ 45 min (estimated): 5 seeds × 3 methods, paired
 .venv/bin/python benchmarks/arrival.py            # ≈ 45 min (estimated): 4 seeds, k = 4 arrivals
+.venv/bin/python benchmarks/extension.py          # ≈ 65 min (estimated): 5 seeds, a k = 2 run extended 4 ways
 .venv/bin/python benchmarks/throughput.py         # 17 min here
 .venv/bin/python benchmarks/quality.py --levers   # optional: issue #13's levers against incremental, seeds 0-2
 .venv/bin/python benchmarks/quality.py --knobs    # optional: p, τ, α, init, min_steps, seeds 0-2
@@ -360,6 +363,22 @@ user's path.
 
 {{arrival}}
 
+## Extension
+
+Does `incr-ray extend` with a few hundred new rows cost accuracy, and why?
+`benchmarks/extension.py`: per seed, a k = 2 run with the demo's settings (lr 2e-4, 10% warmup,
+batch 8, one pass, `min_steps` at its default of 100; MiniLM, max_length 32) on two blocks of
+≈ 300 Rotten Tomatoes rows, then four copies of that finished run, each extended with the same
+300 new rows one way: as a user gets it (*default*: 300 rows at batch 8 are 38 steps, so
+`min_steps` passes over them 2.6 times, warmup and decay from the peak); *one pass*
+(`student.min_steps: 0`); *no restart* (`student.schedule: run`: the extension trains at 10% of
+the peak, so the learning rate does not climb back to it); *gate* (`method.keep_best` on a 20%
+slice of the new rows). Reported per way: the final model's accuracy change on the 600-row
+holdout, its worst seed, how many seeds lost more than a point, and the churn (rows the new
+model gets right or wrong that its teacher did not).
+
+{{extension}}
+
 ## Throughput
 
 Overhead and scaling of the Ray pipeline against plain Hugging Face, `benchmarks/throughput.py`.
@@ -468,6 +487,7 @@ NOT_RUN = {
     "lora": "Not run to the end yet: `python benchmarks/lora.py` (about 3 minutes on an idle 2-core machine).",
     "quality_levers": "Not run yet: 3 seeds × 5 k-block runs (incremental and the four levers), estimated at "
                       "≈ 55 min on 2 cores at the default size.",
+    "extension": "Not run yet: 5 seeds × (a k = 2 run + 4 extensions) at ≈ 13 min per seed on 2 cores.",
     "arrival": "Not run yet: the default (4 seeds, 1,100 rows per seed: a 20% holdout and 4 arrivals of ≈ 220 "
                "rows, max_length 32) is estimated at ≈ 45 min on 2 cores (worked out in the script's docstring); "
                "`--smoke` has run it end to end.",
