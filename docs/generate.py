@@ -165,15 +165,15 @@ BENCHMARKS = """\
 
 Four scripts, each one command from a fresh clone after `make setup`, each printing its tables
 and writing `benchmarks/results/<name>.{json,md,png}`: quality, arrival, extension and throughput.
-Default sizes are chosen so that each finishes in about an hour or less on a 2-core CPU machine,
-run alone (three at once on 2 cores slowed each training step about twentyfold here); pass larger sizes
-(`--help`) on a bigger machine. `--smoke` runs quality, arrival or extension end to end at a tiny
-size (minutes; about 10 for extension) and writes into a temporary folder, never into
-`benchmarks/results/`.
+Default sizes were chosen for about an hour or less each on a 2-core CPU machine (quality now
+takes about 70 min). Run them one at a time: three at once on 2 cores slowed each training step
+about twentyfold here. Pass larger sizes (`--help`) on a bigger machine. `--smoke` runs quality,
+arrival or extension end to end at a tiny size (minutes; about 10 for extension) and writes into a
+temporary folder, never into `benchmarks/results/`.
 Two more measure ZeRO memory ([Memory](#memory)) and LoRA against full fine-tuning ([LoRA](#lora)).
 
 ```bash
-.venv/bin/python benchmarks/quality.py            # ≈ 45 min (estimated): 5 seeds × 3 methods, paired
+.venv/bin/python benchmarks/quality.py            # ≈ 70 min here: 5 seeds × 3 methods, paired
 .venv/bin/python benchmarks/arrival.py            # ≈ 45 min (estimated): 4 seeds, k = 4 arrivals
 .venv/bin/python benchmarks/extension.py          # ≈ 65 min (estimated): 5 seeds, a k = 2 run extended 4 ways
 .venv/bin/python benchmarks/throughput.py         # 17 min here
