@@ -386,8 +386,8 @@ def _say_extension(say, before: GenerationEntry, after: GenerationEntry) -> None
     say(f"extension: holdout accuracy {a:.4f} (gen {before.index}) → {b:.4f} (gen {after.index}), "
         f"{100 * (b - a):+.1f} points")
     if after.promoted is False:
-        say(f"the final model stays generation {before.index}: generation {after.index} was not promoted "
-            "(worse on the validation slice)")
+        say(f"generation {after.index} was not promoted (worse than its teacher on the validation slice: accuracy, "
+            f"then NLL), so the final model stays generation {before.index} at holdout accuracy {a:.4f}")
     elif b < a:
         say(f"warning: generation {after.index} is {100 * (a - b):.1f} points less accurate on the holdout than "
             f"generation {before.index} and is now the final model; with method.validation_fraction and "

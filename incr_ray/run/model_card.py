@@ -123,8 +123,8 @@ def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]
         rows.append(("validation slice", f"{m.validation_fraction:g} of each block kept out of training"
                      + (f" ({int(v['rows'])} rows here)" if "rows" in v else "")))
     if m.keep_best:
-        rows.append(("generation gate", "on: a student less accurate than its teacher on the validation slice "
-                     "is not promoted"))
+        rows.append(("generation gate", "on: a student worse than its teacher on the validation slice (accuracy, "
+                     "then NLL) is not promoted"))
     if m.calibrate:
         c = entry.calibration or {}
         rows.append(("temperature scaling", f"temperature {c['temperature']:.3f} fitted on the validation slice and "
@@ -173,7 +173,7 @@ def _chain_lines(manifest: Manifest, g: int, cfg: Config, base: str) -> list[str
                if e.promoted is False and e.index not in chain]
     if skipped:
         lines += ["", f"Not in the chain: generation(s) {', '.join(map(str, skipped))}, trained but not promoted by "
-                  "the generation gate (less accurate than their teacher on the validation slice), so they taught "
+                  "the generation gate (worse than their teacher on the validation slice), so they taught "
                   "no one."]
     return lines
 
@@ -239,7 +239,7 @@ def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = F
         standing = "Written when this generation finished, while the run went on."
     if entry.promoted is False:
         teacher = manifest.teacher_of(g)
-        standing += (f" This generation was not promoted: on the validation slice it was less accurate than its "
+        standing += (f" This generation was not promoted: on the validation slice it was worse (accuracy, then NLL) than its "
                      f"teacher, generation {teacher.index}, which stayed the teacher of the next generation.")
     m = entry.metrics or {}
     labels = ", ".join(f"`{name}`" for name in manifest.label_names)
