@@ -160,9 +160,9 @@ def _gate(run: Run, g: int, entry: GenerationEntry, teacher: GenerationEntry | N
         return True
     better = (v["accuracy"], -v["nll"]) >= (v["teacher_accuracy"], -v["teacher_nll"])
     if not better:
-        run.say(f"[gen {g}] not promoted: validation accuracy {v['accuracy']:.4f} (NLL {v['nll']:.4f}) is below "
-                f"its teacher's {v['teacher_accuracy']:.4f} (NLL {v['teacher_nll']:.4f}); generation "
-                f"{teacher.index} stays the teacher and the final model (method.keep_best)")
+        run.say(f"[gen {g}] not promoted: on the validation slice accuracy {v['accuracy']:.4f}, NLL {v['nll']:.4f} "
+                f"against its teacher's {v['teacher_accuracy']:.4f}, {v['teacher_nll']:.4f} (accuracy decides, NLL "
+                f"breaks a tie); generation {teacher.index} stays the teacher and the final model (method.keep_best)")
     return better
 
 
