@@ -157,8 +157,11 @@ def summarize(per_seed: dict[Any, Any]) -> dict[str, Any]:
             "steps": recs[0]["steps"],
         }
         if label != BASELINE:
-            out["variants"][label]["vs_default"] = paired_difference(
-                changes, [per_seed[s]["variants"][BASELINE]["change"] for s in seeds])
+            base = [per_seed[s]["variants"][BASELINE] for s in seeds]
+            out["variants"][label]["vs_default"] = paired_difference(changes, [r["change"] for r in base])
+            if churn and len(churn) == len(seeds):
+                out["variants"][label]["churn_vs_default"] = paired_difference(
+                    churn, [r["flip_rate"] + r["fix_rate"] for r in base])
     return out
 
 
@@ -183,13 +186,14 @@ def render(result: dict[str, Any]) -> str:
         c = v["change"]
         ci = f"[{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]" if c["lo"] is not None else "—"
         vs = fmt_difference(v["vs_default"], 100, 2) if "vs_default" in v else "—"
+        churn_vs = fmt_difference(v["churn_vs_default"], 1, 3) if "churn_vs_default" in v else "—"
         rows.append([label, ", ".join(f"`{k}={json.dumps(x)}`" for k, x in changes.items()) or "—", v["steps"],
                      f"{100 * c['mean']:+.2f} ± {100 * c['std']:.2f}", ci, f"{100 * v['worst']:+.2f}",
                      f"{v['losses']} of {n}", f"{v['not_promoted']} of {n}",
-                     f"{v['churn']['mean']:.3f}" if v["churn"] else "—", f"{v['after']['mean']:.4f}", vs])
+                     f"{v['churn']['mean']:.3f}" if v["churn"] else "—", f"{v['after']['mean']:.4f}", vs, churn_vs])
     lines.append(markdown_table(["extension", "change", "steps", "accuracy change", "95% CI", "worst",
                                  "lost > 1 point", "gate kept the teacher", "churn", "accuracy after",
-                                 "change − default's (points)"], rows))
+                                 "change − default's (points)", "churn − default's"], rows))
     lines += ["", "Per seed, accuracy change in points (student's own when the gate kept the teacher):", ""]
     per_seed = result["per_seed"]
     rows = []

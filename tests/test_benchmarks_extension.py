@@ -54,6 +54,7 @@ def test_summary_counts_losses_and_pairs_with_the_default():
     assert d["losses"] == 2 and "vs_default" not in d
     nr = s["variants"]["no restart"]
     assert nr["losses"] == 0 and nr["vs_default"]["diffs"] == pytest.approx([0.10, 0.0, 0.02])
+    assert nr["churn_vs_default"]["diffs"] == pytest.approx([0.10, 0.0, 0.02])  # fix rate moved with the change
     assert s["variants"]["one pass"]["steps"] == 38
     assert d["churn"]["mean"] == pytest.approx((0.05 + 0.05 - 0.10 + 0.05 + 0.06 + 0.05 + 0.03) / 3)
 
