@@ -52,16 +52,14 @@ the run folders and data files stay in ``runs/benchmarks/arrival``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import harness  # environment before ray
-from harness import (ROOT, final_entry, fmt_difference, machine, markdown_table, mean_ci, mean_std,
+from harness import (final_entry, fmt_difference, machine, markdown_table, mean_ci, mean_std,
                      paired_difference, verdict)
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
@@ -196,22 +194,11 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """A seed's record: read back from ``s<seed>/seed.json`` with ``--resume`` when that seed
-    finished with the same settings, else its folder is cleared and the seed runs again (a seed
-    stopped half-way restarts: its extensions cannot be replayed one by one)."""
-    folder = a.workdir / f"s{seed}"
-    done = folder / "seed.json"
+    """A seed's record; with ``--resume`` read back when that seed finished with the same settings.
+    A seed stopped half-way restarts from a cleared folder: its extensions cannot be replayed one
+    by one."""
     settings = {k: getattr(a, k) for k in ("rows", "eval_fraction", "k", "epochs", "lr", "batch_size", "max_length")}
-    if a.resume and done.exists():
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == settings:
-            print(f"[seed {seed}] finished earlier, read from {done}", flush=True)
-            return saved["result"]
-    if folder.exists():
-        shutil.rmtree(folder)
-    result = run_seed(a, seed)
-    done.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
-    return result
+    return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,18 +372,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(a: argparse.Namespace) -> argparse.Namespace:
-    preset = dict(DEFAULTS, **(SMOKE if a.smoke else {}))
-    for key, value in preset.items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    harness.apply_preset(a, DEFAULTS, SMOKE, "arrival")
     if a.k < 2:
         raise SystemExit("--k must be at least 2 (one arrival after the first)")
-    if a.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="incr-ray-arrival-smoke-"))
-        a.workdir = a.workdir or tmp / "runs"
-        a.out = a.out or tmp / "results"
-    a.workdir = (a.workdir or ROOT / "runs" / "benchmarks" / "arrival").resolve()
-    a.out = a.out or harness.RESULTS
     return a
 
 

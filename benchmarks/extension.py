@@ -42,13 +42,12 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import harness  # environment before ray
-from harness import ROOT, final_entry, fmt_difference, machine, markdown_table, mean_ci, paired_difference
+from harness import final_entry, fmt_difference, machine, markdown_table, mean_ci, paired_difference
 
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("default", {}),
@@ -117,22 +116,12 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """A seed's record, read back from ``s<seed>/seed.json`` with ``--resume`` when it finished with
-    the same settings. Otherwise it runs: with ``--resume`` its k=2 run goes on from where it stopped
-    (the pipeline's own resume) and each extension starts again from a fresh copy of that run."""
-    folder = a.workdir / f"s{seed}"
-    done = folder / "seed.json"
+    """A seed's record; with ``--resume`` read back when that seed finished with the same settings,
+    else its k=2 run goes on from where it stopped (the pipeline's own resume) and each extension
+    starts again from a fresh copy of that run."""
     settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length}
-    if a.resume and done.exists():
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == settings:
-            print(f"[seed {seed}] finished earlier, read from {done}", flush=True)
-            return saved["result"]
-    if folder.exists() and not a.resume:
-        shutil.rmtree(folder)
-    result = run_seed(a, seed)
-    done.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
-    return result
+    return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed),
+                             clear=not a.resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,17 +214,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(a: argparse.Namespace) -> argparse.Namespace:
-    preset = dict(DEFAULTS, **(SMOKE if a.smoke else {}))
-    for key, value in preset.items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    if a.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="incr-ray-extension-smoke-"))
-        a.workdir = a.workdir or tmp / "runs"
-        a.out = a.out or tmp / "results"
-    a.workdir = (a.workdir or ROOT / "runs" / "benchmarks" / "extension").resolve()
-    a.out = a.out or harness.RESULTS
-    return a
+    return harness.apply_preset(a, DEFAULTS, SMOKE, "extension")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import shutil
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -122,6 +123,40 @@ def write_block_files(seed: int, rows: int, eval_fraction: float, k: int, data_d
     files["block_rows"] = [int((table["block"] == i).sum()) for i in range(k)]
     files["holdout_rows"] = int((table["block"] < 0).sum())
     return files
+
+
+def apply_preset(a, defaults: dict[str, Any], smoke: dict[str, Any], name: str):
+    """Fill the sizes the command line left unset from ``defaults`` (and ``smoke`` with
+    ``--smoke``, which also writes into a temporary folder); the run folders go to
+    ``--workdir`` or ``runs/benchmarks/<name>``, the results to ``--out`` or :data:`RESULTS`."""
+    preset = dict(defaults, **(smoke if a.smoke else {}))
+    for key, value in preset.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix=f"incr-ray-{name}-smoke-"))
+        a.workdir = a.workdir or tmp / "runs"
+        a.out = a.out or tmp / "results"
+    a.workdir = (a.workdir or ROOT / "runs" / "benchmarks" / name).resolve()
+    a.out = a.out or RESULTS
+    return a
+
+
+def seed_once(folder: Path, settings: dict[str, Any], resume: bool, run, clear: bool = True) -> dict[str, Any]:
+    """A seed's record: read back from ``<folder>/seed.json`` with ``resume`` when that seed
+    finished with the same ``settings``; else ``run()`` makes it (in a cleared ``folder`` unless
+    ``clear`` is False) and it is saved there."""
+    done = folder / "seed.json"
+    if resume and done.exists():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == settings:
+            print(f"[{folder.name}] finished earlier, read from {done}", flush=True)
+            return saved["result"]
+    if clear and folder.exists():
+        shutil.rmtree(folder)
+    result = run()
+    done.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return result
 
 
 def _say(line: str) -> None:
