@@ -355,8 +355,10 @@ method passes over each row once and costs compare rows; a 217-row fit at batch 
 optimizer steps. Generation 0 predicted the majority class on all three seeds (macro-F1 0.22–0.25
 at arrival 0), seed 1 stayed there through its first extension, and at the last arrival the
 incremental models' macro-F1 is 0.42 against 0.66 for retraining, whose later fits get 2–4× the
-steps. So these figures mostly measure how few steps each fit gets. A user gets
-`student.min_steps: 100` by default; the next run of this benchmark should use it.
+steps. So these figures mostly measure how few steps each fit gets. The next run needs fits that
+learn: a user gets `student.min_steps: 100` by default, but at this size that makes every fit of
+every method about 100 steps, so costs would no longer follow rows; larger arrivals (≈ 800 rows,
+100 steps in one pass) keep both, at about four times the time per seed.
 
 Does `incr-ray extend` with a few hundred new rows cost accuracy, and why?
 `benchmarks/extension.py`: per seed, a k = 2 run with the demo's settings (lr 2e-4, 10% warmup,
