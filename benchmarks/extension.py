@@ -1,6 +1,6 @@
 """Extension: does ``incr-ray extend`` with a few hundred new rows cost holdout accuracy, and why?
 
-    python benchmarks/extension.py            # 5 seeds: a k=2 run, then 4 ways to extend it with 300 rows (≈ 65 min)
+    python benchmarks/extension.py            # 5 seeds: a k=2 run, then 4 ways to extend it with 300 rows (≈ 75 min)
     python benchmarks/extension.py --resume   # go on after a stop: finished seeds are read back
     python benchmarks/extension.py --smoke    # 1 seed, 200 rows: the script end to end in about 10 min
 
