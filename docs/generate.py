@@ -174,7 +174,7 @@ Two more measure ZeRO memory ([Memory](#memory)) and LoRA against full fine-tuni
 
 ```bash
 .venv/bin/python benchmarks/quality.py            # ≈ 70 min here: 5 seeds × 3 methods, paired
-.venv/bin/python benchmarks/arrival.py            # ≈ 45 min (estimated): 4 seeds, k = 4 arrivals
+.venv/bin/python benchmarks/arrival.py            # ≈ 70 min here (3 seeds took 51): 4 seeds, k = 4 arrivals
 .venv/bin/python benchmarks/extension.py          # ≈ 75 min here (3 seeds took 44): 5 seeds, a k = 2 run extended 4 ways
 .venv/bin/python benchmarks/throughput.py         # 17 min here
 .venv/bin/python benchmarks/quality.py --levers   # optional: issue #13's levers against incremental, seeds 0-2
