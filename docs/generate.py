@@ -503,8 +503,7 @@ NOT_RUN = {
                       "≈ 55 min on 2 cores at the default size.",
     "extension": "Not run yet: 5 seeds × (a k = 2 run + 4 extensions) at ≈ 13 min per seed on 2 cores.",
     "arrival": "Not run yet: the default (4 seeds, 1,100 rows per seed: a 20% holdout and 4 arrivals of ≈ 220 "
-               "rows, max_length 32) is estimated at ≈ 45 min on 2 cores (worked out in the script's docstring); "
-               "`--smoke` has run it end to end.",
+               "rows, max_length 32) takes about 70 min on 2 cores; `--smoke` runs it end to end.",
 }
 
 
