@@ -534,14 +534,21 @@ def _benchmark_script(name: str):
     return importlib.import_module(name)
 
 
+def _differences(data: dict[str, Any]) -> dict[str, Any]:
+    """The paired differences of a quality result: the script's own when it computed them, else
+    computed here from its per-seed finals the way the script does."""
+    if "differences" in data.get("summary", {}):
+        return data["summary"]["differences"]
+    quality = _benchmark_script("quality")
+    return quality.differences(data["per_seed"], quality.COMPARISONS)
+
+
 def _paired(results: Path, name: str) -> str:
-    """The paired differences of a quality result: rendered by the script itself in ``<name>.md``
-    when it computed them, else computed here from its per-seed finals the way the script does."""
+    """The paired differences table of a quality result, unless ``<name>.md`` already renders it."""
     data = json.loads((results / f"{name}.json").read_text(encoding="utf-8"))
     if "differences" in data.get("summary", {}):
         return "(The second table above.)"
-    quality = _benchmark_script("quality")
-    return quality.differences_table(quality.differences(data["per_seed"], quality.COMPARISONS))
+    return _benchmark_script("quality").differences_table(_differences(data))
 
 
 def _optional(results: Path, name: str) -> str:
@@ -612,17 +619,14 @@ README_END = "<!-- end of the generated quality table -->"
 def quality_block(results: Path = RESULTS) -> str:
     """Each paired difference of the default quality run and of the levers run: accuracy (points),
     NLL and ECE, mean and 95% CI over the seeds, with the sizes they ran at."""
-    quality = _benchmark_script("quality")
     harness = _benchmark_script("harness")
     rows, sizes = [], {}
-    for name, comparisons in (("quality", quality.COMPARISONS), ("quality_levers", None)):
+    for name in ("quality", "quality_levers"):
         path = results / f"{name}.json"
         if not path.is_file():
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
-        diffs = (data["summary"]["differences"] if comparisons is None
-                 else quality.differences(data["per_seed"], comparisons))
-        for label, d in diffs.items():
+        for label, d in _differences(data).items():
             rows.append([label, f"{len(d['accuracy']['diffs'])}",
                          *(harness.fmt_difference(d[m], scale, digits, noise_note=False)
                            for m, scale, digits in (("accuracy", 100, 1), ("nll", 1, 3), ("ece", 1, 3)))])
