@@ -52,7 +52,6 @@ the run folders and data files stay in ``runs/benchmarks/arrival``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -380,11 +379,8 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = resolve(parser().parse_args(argv))
-    if a.workdir.exists() and not a.resume:
-        shutil.rmtree(a.workdir)
     started = time.perf_counter()
-    harness.start_local_ray()
-    per_seed = {seed: seed_result(a, seed) for seed in a.seeds}
+    per_seed = harness.run_seeds(a, seed_result)
     first = per_seed[a.seeds[0]]
     settings = {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "k": a.k, "epochs": a.epochs,
                 "lr": a.lr, "batch_size": a.batch_size, "max_length": a.max_length, "threshold": 0.9,

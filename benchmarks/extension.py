@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,15 +78,18 @@ def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any]) -> dict
 
 def extension_record(manifest: dict[str, Any]) -> dict[str, Any]:
     """What one extension did (pure): the final model before and after, and the new student."""
+    from incr_ray.run.report import extension_change
+
     gens = manifest["generations"]
     trained = gens[-1]
-    before = next(g for g in gens[:-1][::-1] if g.get("promoted") is not False)  # the teacher it extended
+    teacher = extension_change(gens, trained)["previous_generation"]  # the generation it extended
+    before = next(g for g in gens if g["index"] == teacher)
     after = final_entry(manifest)
     continual = trained.get("continual") or {}
     return {
         "before": before["metrics"]["accuracy"], "after": after["metrics"]["accuracy"],
         "change": after["metrics"]["accuracy"] - before["metrics"]["accuracy"],
-        "student": trained["metrics"]["accuracy"], "promoted": trained.get("promoted", True) is not False,
+        "student": trained["metrics"]["accuracy"], "promoted": trained.get("promoted") is not False,
         "nll_change": after["metrics"]["nll"] - before["metrics"]["nll"],
         "flip_rate": continual.get("flip_rate"), "fix_rate": continual.get("fix_rate"),
         "steps": (trained.get("train") or {}).get("steps"), "rows": trained.get("rows"),
@@ -120,8 +122,7 @@ def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     else its k=2 run goes on from where it stopped (the pipeline's own resume) and each extension
     starts again from a fresh copy of that run."""
     settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length}
-    return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed),
-                             clear=not a.resume)
+    return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed), clear=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +220,8 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = resolve(parser().parse_args(argv))
-    if a.workdir.exists() and not a.resume:
-        shutil.rmtree(a.workdir)
     started = time.perf_counter()
-    harness.start_local_ray()
-    per_seed = {seed: seed_result(a, seed) for seed in a.seeds}
+    per_seed = harness.run_seeds(a, seed_result)
     first = per_seed[a.seeds[0]]
     settings = {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length,
                 "holdout_rows": first["holdout_rows"], "block_rows": round(sum(first["block_rows"]) / 3),

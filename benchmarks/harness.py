@@ -159,6 +159,15 @@ def seed_once(folder: Path, settings: dict[str, Any], resume: bool, run, clear: 
     return result
 
 
+def run_seeds(a, seed_result) -> dict[int, dict[str, Any]]:
+    """``seed_result(a, seed)`` for each of ``a.seeds`` on one local Ray, in a ``--workdir``
+    cleared first unless ``--resume``."""
+    if a.workdir.exists() and not a.resume:
+        shutil.rmtree(a.workdir)
+    start_local_ray()
+    return {seed: seed_result(a, seed) for seed in a.seeds}
+
+
 def _say(line: str) -> None:
     print(f"    {time.strftime('%H:%M:%S')} {line}", flush=True)
 

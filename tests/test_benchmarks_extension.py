@@ -16,7 +16,7 @@ import extension  # noqa: E402
 
 
 def _gen(index, acc, promoted=None, flip=0.05, fix=0.08, steps=100):
-    g = {"index": index, "status": "finished", "rows": 300, "train": {"steps": steps},
+    g = {"index": index, "status": "finished", "rows": 300, "train": {"steps": steps}, "extended": index >= 2,
          "metrics": {"accuracy": acc, "nll": 1.0 - acc}, "continual": {"flip_rate": flip, "fix_rate": fix}}
     if promoted is not None:
         g["promoted"] = promoted
