@@ -29,7 +29,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import annotated_types as at
 from pydantic import BaseModel
@@ -91,12 +91,20 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(annotation)
         return f"list of {_type_name(item)}s"
+    if origin is Annotated:  # a union's number with its own bounds: `auto` or integer ≥ 1
+        base, *extras = typing.get_args(annotation)
+        limits = _bounds([m for e in extras for m in getattr(e, "metadata", [e])])
+        return _type_name(base) + (f" {limits}" if limits else "")
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
 
 
 def _range(field: FieldInfo) -> str:
+    return _bounds(field.metadata)
+
+
+def _bounds(metadata: list[Any]) -> str:
     low = high = None
-    for m in field.metadata:
+    for m in metadata:
         if isinstance(m, at.Ge):
             low = ("[", "≥", m.ge)
         elif isinstance(m, at.Gt):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,6 +193,13 @@ class MethodSection(_Section):
         "and after. Needs `validation_fraction`.",
     )
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether generations 1 and later need the teacher's scores. At threshold 1 every target is
+        the one-hot label whatever the teacher says (temperature, α and annealing then act on one-hot
+        targets too); only the gate still reads the teacher's stored probabilities."""
+        return self.threshold < 1.0 or self.keep_best
+
     @model_validator(mode="after")
     def _floor_below_threshold(self) -> "MethodSection":
         if self.floor is not None and self.floor >= self.threshold:
@@ -326,9 +333,11 @@ class ClusterSection(_Section):
         "auto",
         description="Train and score on GPUs; `auto`: GPUs when the Ray cluster has any.",
     )
-    cpus_per_worker: int = Field(
-        1, ge=1,
-        description="CPUs reserved per training worker; also its torch threads.",
+    cpus_per_worker: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="CPUs reserved per training worker; also its torch threads. `auto`: on CPU the most "
+        "whole CPUs each worker can hold with all of them placed (a 2-core laptop's one worker gets 2); "
+        "on GPU clusters 1. The choice is printed.",
     )
     gpu_memory_gb: float = Field(
         80.0, gt=0.0,
@@ -345,9 +354,11 @@ class TeacherSection(_Section):
         1.0, ge=0.0,
         description="GPUs per scoring actor; used only when the cluster has GPUs (0 scores on CPU).",
     )
-    cpus_per_actor: float = Field(
-        1.0, gt=0.0,
-        description="CPUs reserved per scoring actor; on CPU also its torch threads.",
+    cpus_per_actor: Literal["auto"] | Annotated[float, Field(gt=0.0)] = Field(
+        "auto",
+        description="CPUs reserved per scoring actor; on CPU also its torch threads. `auto`: on CPU the most "
+        "whole CPUs each of the pool's actors can hold with all of them placed; on GPU clusters 1. The "
+        "choice is printed.",
     )
     device_map_auto: bool = Field(
         False,
@@ -470,12 +481,16 @@ def _one_line(err: ValidationError) -> str:
             + (f" in {'.'.join(map(str, first['loc'][:-1]))}" if len(first["loc"]) > 1 else "")
             + ": " + ", ".join(model.model_fields)
         )
-    msg = first["msg"]
+    msg, problems = first["msg"], len(err.errors())
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if str(first["loc"][-1]).startswith("literal["):  # `auto` or a number: one line for both branches
+        branches = [e for e in err.errors() if e["loc"][:-1] == first["loc"][:-1]]
+        msg = "Input should be " + " or ".join(e["msg"].removeprefix("Input should be ") for e in branches)
+        loc, problems = ".".join(str(p) for p in first["loc"][:-1]), problems - len(branches) + 1
     got = first.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    more = f" [and {len(err.errors()) - 1} more problem(s)]" if len(err.errors()) > 1 else ""
+    more = f" [and {problems - 1} more problem(s)]" if problems > 1 else ""
     return f"config {loc or 'file'}: {msg}{got_s}{more}"
 
 

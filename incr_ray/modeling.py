@@ -148,8 +148,8 @@ def head_in_fp32(model) -> None:
 def load_for_inference(path: str, cfg: Config, on_gpu: bool):
     """``(model, tokenizer)`` ready to score: staged locally, in eval mode, on the GPU when given one
     (bf16 where supported, else fp16, with the head in fp32), on ``cfg.teacher.cpus_per_actor``
-    threads otherwise."""
-    if not on_gpu:
+    threads otherwise (torch's own default while it is still ``auto``: outside a Ray pool)."""
+    if not on_gpu and cfg.teacher.cpus_per_actor != "auto":
         torch.set_num_threads(max(1, int(cfg.teacher.cpus_per_actor)))
     local = stage_local(path)
     tokenizer = load_tokenizer(local, cfg.model.trust_remote_code)

@@ -25,6 +25,7 @@ from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats, prob
 from ..method.targets import softmax
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import read_bytes, write_bytes_atomic
+from .resources import with_cpus
 from .teacher import scoring_pool
 
 
@@ -191,6 +192,7 @@ def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool,
     """Holdout metrics of the saved model at ``model_path`` on ``ds``; with ``predictions`` also the
     ``(row_ids, predicted classes)`` of its rows."""
     ds = ds.materialize()  # see score_block
+    cfg = with_cpus(cfg, on_gpu)
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     stats_ds = ds.map_batches(
         HoldoutStatsScorer,

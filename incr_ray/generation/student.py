@@ -38,6 +38,7 @@ from ..storage import remove_tree, stage_local, upload_dir
 from .deepspeed_config import precision_problem, resolve_precision
 from .evaluation import EXTENSION_HOLDOUT, evaluate_student, write_predictions
 from .progress import MlflowStepLogger, ProgressCallback, ProgressRelay, TokenCount, queue_say
+from .resources import with_cpus
 from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
                       reporting_env, save_lora_student, save_student, training_arguments)
 
@@ -261,6 +262,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             "steps": int(output.global_step),
             "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
             "zero_stage": cfg.deepspeed.stage,
+            "cpus_per_worker": cfg.cluster.cpus_per_worker,  # the number `auto` became
             "trainable_params": trainable_params,  # adapters + head under LoRA; every weight otherwise
             "total_params": total_params,
             "precision": precision_record(trainer, precision, args.hf_deepspeed_config.config),
@@ -327,6 +329,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     ``method.calibrate``), on ``retention_ds`` (``retention``) and on each extension's own
     holdout in ``extension_holdouts`` (``drift``) — see
     :func:`incr_ray.generation.evaluation.evaluate_student`."""
+    cfg = with_cpus(cfg, on_gpu)  # a no-op for a run's config, resolved (and said) when the run opened
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
     # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.

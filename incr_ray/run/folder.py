@@ -23,6 +23,7 @@ from ray.data.expressions import col
 from ..config import Config, ConfigError, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
 from ..generation.deepspeed_config import precision_problem, resolve_precision
+from ..generation.resources import with_cpus
 from ..lora import check_lora
 from ..modeling import ModelError, check_classifier, head_mismatch, resolve_model_path
 from ..plan import auto_stage, resolve_shape
@@ -337,7 +338,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     """
     on_gpu = cluster_has_gpu(cfg)
     settings = cfg  # as the user wrote it (stage auto stays auto in run.json)
-    cfg = with_stage(cfg, on_gpu, say)
+    cfg = with_cpus(with_stage(cfg, on_gpu, say), on_gpu, say=say)
     _check_precision(cfg, on_gpu)
     base_model = check_model_and_storage(cfg)
     _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
@@ -393,4 +394,4 @@ def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run
     check_tracking(cfg)
     on_gpu = cluster_has_gpu(cfg)
     with RunLock(paths.root):
-        yield Run(cfg=with_stage(cfg, on_gpu, say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
+        yield Run(cfg=with_cpus(with_stage(cfg, on_gpu, say), on_gpu, say=say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
