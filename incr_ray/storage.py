@@ -60,6 +60,21 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def parquet_batches(path: str, columns: list[str], batch_size: int):
+    """``(names present, iterator of pyarrow RecordBatches)`` of a Parquet file or folder, local
+    or remote, streamed ``batch_size`` rows at a time: ``columns`` that the files lack are left
+    out (a run folder written by an older incr-ray)."""
+    import pyarrow.dataset as pads
+
+    if is_remote(path):
+        fs, p = _fs_and_path(path)
+        dataset = pads.dataset(p, format="parquet", filesystem=fs)
+    else:
+        dataset = pads.dataset(path, format="parquet")
+    present = [c for c in columns if c in dataset.schema.names]
+    return present, dataset.to_batches(columns=present, batch_size=batch_size)
+
+
 def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))
 

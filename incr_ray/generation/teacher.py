@@ -16,6 +16,8 @@ from ..config import Config
 from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, soft_targets, softmax,
                               target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference
+from ..storage import parquet_batches
+from .resources import with_cpus
 
 
 class TargetScorer:
@@ -71,6 +73,7 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
     ``progress``: a queue actor each scoring actor tells how many rows it scored."""
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
+    cfg = with_cpus(cfg, on_gpu)  # a no-op for a run's config, resolved (and said) when the run opened
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     return ds.map_batches(
         TargetScorer,
@@ -80,34 +83,38 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
     )
 
 
-# Rows per batch when summarising stored targets: pure numpy on a few floats per row, so large
-# batches keep the number of tasks (and of summary rows) small.
+# Rows per batch when summarising stored targets: numpy on a few floats per row, so the driver
+# streams a block of any size in bounded memory.
 STATS_BATCH_SIZE = 4096
 
 
 def _matrix(column) -> np.ndarray:
-    """An ``(n, C)`` float64 matrix from a non-empty list column as Ray hands it to numpy batches
-    (a 2-D array, or an object array of 1-D arrays)."""
+    """An ``(n, C)`` float64 matrix from a non-empty list column: a pyarrow list array, a 2-D
+    array, or an object array of 1-D arrays."""
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        flat = pa.concat_arrays(column.chunks) if isinstance(column, pa.ChunkedArray) else column
+        return np.asarray(flat.flatten(), dtype=np.float64).reshape(len(flat), -1)
     return np.stack([np.asarray(r, dtype=np.float64) for r in column])
 
 
-def block_rule_stats(batch: dict[str, np.ndarray], threshold: float, floor: float | None,
-                     temperature: float = 1.0) -> dict[str, np.ndarray]:
-    """``map_batches`` function: one row of :func:`target_rule_stats` sums over the batch's block
-    rows (``replay`` false or absent); replay rows are left out."""
-    labels = np.asarray(batch["label"], dtype=np.int64)
-    own = ~np.asarray(batch["replay"], dtype=bool) if "replay" in batch else np.ones(len(labels), dtype=bool)
-    if own.any():
-        probs, targets = _matrix(batch["teacher_probs"])[own], _matrix(batch["target"])[own]
-        stats = target_rule_stats(probs, labels[own], targets, threshold, floor, temperature)
-    else:
-        stats = {k: 0.0 if k.endswith("_sum") else 0 for k in RULE_STAT_KEYS}
-    return {k: np.asarray([v]) for k, v in stats.items()}
+def block_rule_stats(batch, threshold: float, floor: float | None, temperature: float = 1.0) -> dict[str, float]:
+    """:func:`target_rule_stats` sums over a batch's block rows (``replay`` false or absent);
+    replay rows are left out. ``batch``: a pyarrow RecordBatch or a dict of numpy columns."""
+    column = batch.column if isinstance(batch, pa.RecordBatch) else batch.__getitem__
+    names = batch.schema.names if isinstance(batch, pa.RecordBatch) else list(batch)
+    labels = np.asarray(column("label"), dtype=np.int64)
+    own = ~np.asarray(column("replay"), dtype=bool) if "replay" in names else np.ones(len(labels), dtype=bool)
+    if not own.any():
+        return {k: 0.0 if k.endswith("_sum") else 0 for k in RULE_STAT_KEYS}
+    probs, targets = _matrix(column("teacher_probs"))[own], _matrix(column("target"))[own]
+    return target_rule_stats(probs, labels[own], targets, threshold, floor, temperature)
 
 
-def teacher_block_stats(targets_ds, cfg: Config) -> dict[str, float] | None:
+def teacher_block_stats(targets_path: str, cfg: Config) -> dict[str, float] | None:
     """What the teacher and the target rule did on a generation's own block, from its stored
-    targets (``score_block``'s output: ``label``, ``teacher_probs``, ``target``, ``replay``).
+    targets (the Parquet ``score_block``'s output went to: ``label``, ``teacher_probs``,
+    ``target``, ``replay``), streamed here on the driver: a Ray Data pass cost more to start
+    than the numpy it runs.
 
     Returns :func:`incr_ray.method.targets.finalize_rule_stats` of the block's rows: the
     teacher's accuracy and NLL (at τ = 1, like the holdout NLL, whatever ``method.temperature``
@@ -115,13 +122,9 @@ def teacher_block_stats(targets_ds, cfg: Config) -> dict[str, float] | None:
     ``rows``; ``None`` when the block holds no rows.
     """
     m = cfg.method
-    stats_ds = targets_ds.select_columns(
-        [c for c in ("label", "teacher_probs", "target", "replay") if c in targets_ds.columns()]
-    ).map_batches(block_rule_stats,
-                  fn_kwargs={"threshold": m.threshold, "floor": m.floor, "temperature": m.temperature},
-                  batch_format="numpy", batch_size=STATS_BATCH_SIZE)
-    rows = stats_ds.take_all()  # one small row per batch
-    if not rows:
+    _, batches = parquet_batches(targets_path, ["label", "teacher_probs", "target", "replay"], STATS_BATCH_SIZE)
+    parts = [block_rule_stats(b, m.threshold, m.floor, m.temperature) for b in batches if b.num_rows]
+    if not parts:
         return None
-    total = merge_rule_stats([{k: r[k] for k in RULE_STAT_KEYS} for r in rows])
+    total = merge_rule_stats(parts)
     return finalize_rule_stats(total) if total["rows"] else None

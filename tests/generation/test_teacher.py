@@ -96,29 +96,38 @@ def test_block_rule_stats_leave_replay_rows_out():
     own = ~t["replay"]
     row = block_rule_stats({**t, "teacher_probs": np.array(list(t["teacher_probs"]), dtype=object)}, 0.8, 0.1)
     expected = target_rule_stats(t["teacher_probs"][own], t["label"][own], t["target"][own], 0.8, 0.1)
-    assert {k: v[0] for k, v in row.items()} == pytest.approx(expected)
-    assert row["rows"][0] == own.sum() == 6
+    assert row == pytest.approx(expected)
+    assert row["rows"] == own.sum() == 6
     only_replay = block_rule_stats({**t, "replay": np.ones(10, dtype=bool)}, 0.8, 0.1)
-    assert only_replay["rows"][0] == 0
+    assert only_replay["rows"] == 0
 
 
-def test_teacher_block_stats_over_ray_data_match_the_whole_block(ray_local, tmp_path):
+@pytest.mark.parametrize("replay_column", [True, False])
+def test_teacher_block_stats_streamed_from_parquet_match_the_whole_block(tmp_path, replay_column):
+    """Several batches and several files, as the scoring pool writes them; a run folder from
+    before replay has no ``replay`` column (every row is the block's own)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray.data
 
     from incr_ray.generation.teacher import STATS_BATCH_SIZE, _with_list_columns, teacher_block_stats
     from incr_ray.method.targets import finalize_rule_stats, target_rule_stats
 
-    t = _targets_table(n=2 * STATS_BATCH_SIZE + 37)  # several batches
+    t = _targets_table(n=2 * STATS_BATCH_SIZE + 37)
+    if not replay_column:
+        t.pop("replay")
     matrices = {k: t.pop(k) for k in ("teacher_probs", "target")}
     table = _with_list_columns(t, **matrices)
     assert table.schema.field("target").type == pa.list_(pa.float64())
-    pq.write_table(table, tmp_path / "targets.parquet")
-    stats = teacher_block_stats(ray.data.read_parquet(str(tmp_path / "targets.parquet")),
-                                scoring_config(threshold=0.8, floor=0.1))
-    own = ~t["replay"]
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    pq.write_table(table.slice(0, 5000), folder / "a.parquet", row_group_size=1000)
+    pq.write_table(table.slice(5000), folder / "b.parquet")
+    stats = teacher_block_stats(str(folder), scoring_config(threshold=0.8, floor=0.1))
+    own = ~t["replay"] if replay_column else np.ones(len(t["label"]), dtype=bool)
     expected = finalize_rule_stats(target_rule_stats(
         matrices["teacher_probs"][own], t["label"][own], matrices["target"][own], 0.8, 0.1))
     assert stats == pytest.approx(expected)
     assert stats["rows"] == own.sum()
+    pq.write_table(table.slice(0, 0), folder / "a.parquet")
+    pq.write_table(table.slice(0, 0), folder / "b.parquet")
+    assert teacher_block_stats(str(folder), scoring_config()) is None  # no rows, no figures
