@@ -85,6 +85,34 @@ def _scoring_progress(run: Run, g: int, ds):
         yield ds, progress.actor
 
 
+def _with_replay(run: Run, g: int, block_ds, block_rows: int):
+    """(block ``g``'s rows with ``replay`` false, and with ``replay.fraction`` rows sampled from the
+    blocks trained before it with ``replay`` true; whether any were sampled)."""
+    cfg = run.cfg
+    ds = block_ds.with_column("replay", lit(False))
+    trained_before = training_part(run.split_dataset(), cfg.run.seed, cfg.method.validation_fraction)
+    replay = replay_rows(trained_before, g, block_rows, cfg.replay.fraction, run.manifest.data.block_sizes,
+                         cfg.run.seed)
+    if replay is None:
+        return ds, False
+    return ds.union(replay.with_column("replay", lit(True))), True
+
+
+def one_hot_generation(run: Run, g: int, block_ds):
+    """The rows of a generation whose targets are all one-hot (``method.threshold: 1``): block and
+    replay rows as they are, no teacher scoring — the labels are the targets."""
+    entry = run.manifest.entry(g)
+    block_rows = entry.block_rows or block_ds.count()
+    ds, replayed = _with_replay(run, g, block_ds, block_rows)
+    ds = ds.select_columns(["row_id", "text", "label"])
+    if not entry.rows:
+        run.say(f"[gen {g}] no teacher scoring: at method.threshold 1 every target is the one-hot label")
+        entry.rows, entry.block_rows = (ds.count() if replayed else block_rows), block_rows
+        entry.replay_rows = entry.rows - block_rows
+        run.save()
+    return ds
+
+
 def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     """Teacher outputs + targets for block ``g`` (and replay rows) into gen_g/targets, and what the
     teacher and the target rule did on the block's own rows (``teacher_on_block``). Returns rows.
@@ -95,14 +123,8 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     entry = run.manifest.entry(g)
     if not entry.targets:
         block_rows = block_ds.count()
-        ds = block_ds.with_column("replay", lit(False))
-        trained_before = training_part(run.split_dataset(), run.cfg.run.seed, run.cfg.method.validation_fraction)
-        replay = replay_rows(trained_before, g, block_rows, run.cfg.replay.fraction,
-                             run.manifest.data.block_sizes, run.cfg.run.seed)
-        if replay is not None:
-            ds = ds.union(replay.with_column("replay", lit(True)))
-        run.say(f"[gen {g}] teacher {run.rel(teacher_model)} scores {block_rows} rows"
-                + (" + replay" if replay is not None else ""))
+        ds, replayed = _with_replay(run, g, block_ds, block_rows)
+        run.say(f"[gen {g}] teacher {run.rel(teacher_model)} scores {block_rows} rows" + (" + replay" if replayed else ""))
         dest = run.paths.targets(g)
         tmp = dest + ".tmp"
         remove_tree(tmp)
@@ -115,7 +137,7 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
         entry.replay_rows, entry.scoring_seconds = rows - block_rows, time.perf_counter() - started
     if entry.teacher_on_block is None:
         # Saved together with the targets above, so a recorded scoring always has its figures.
-        entry.teacher_on_block = teacher_block_stats(ray.data.read_parquet(run.paths.join(entry.targets)), run.cfg)
+        entry.teacher_on_block = teacher_block_stats(run.paths.join(entry.targets), run.cfg)
         t = entry.teacher_on_block
         if t:
             run.say(f"[gen {g}] teacher on its block: acc {t['accuracy']:.4f}, NLL {t['nll']:.4f}; "
@@ -211,6 +233,8 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
     if teacher_model is None:
         rows_ds = block_ds.select_columns(["row_id", "text", "label"])
         entry.rows = entry.rows or rows_ds.count()
+    elif not cfg.method.needs_teacher:
+        rows_ds = one_hot_generation(run, g, block_ds)
     else:
         score_generation(run, g, block_ds, teacher_model)
         rows_ds = ray.data.read_parquet(run.paths.join(entry.targets)).select_columns(
@@ -252,7 +276,8 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
             run.say(f"[gen {g}] on the extensions' own holdouts: " + ", ".join(
                 f"gen {j}'s data acc {d['accuracy']:.4f}" for j, d in entry.drift.items()))
         if student_validation is not None:
-            entry.validation = {**student_validation, **(_teacher_on_validation(run, entry) if teacher else {})}
+            entry.validation = {**student_validation,
+                                **(_teacher_on_validation(run, entry) if teacher and entry.targets else {})}
         if entry.calibration:
             c, rows = entry.calibration, int((student_validation or {}).get("rows", 0))
             if rows < MIN_CALIBRATION_ROWS:

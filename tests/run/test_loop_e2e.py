@@ -268,6 +268,30 @@ def test_replay_rows_come_from_earlier_blocks(ray_local, tmp_path, tiny_bert):
     assert run.manifest.generations[2].replay_rows == len(replay)
 
 
+def test_threshold_one_trains_on_labels_without_scoring(ray_local, tmp_path, tiny_bert):
+    """At method.threshold 1 every target is the one-hot label: no teacher pool starts, replay
+    rows still join the block, and run.json counts them as a scored generation's would."""
+    from ray.data.expressions import col
+
+    from incr_ray.run.folder import open_run
+    from incr_ray.run.loop import one_hot_generation
+
+    said: list[str] = []
+    cfg = small_config(tmp_path, tiny_bert, "onehot", method={"threshold": 1.0}, replay={"fraction": 0.5})
+    assert not cfg.method.needs_teacher
+    assert cfg.model_copy(update={"method": cfg.method.model_copy(update={"keep_best": True})}).method.needs_teacher
+    with open_run(cfg, say=said.append) as run:
+        block = run.split_dataset().filter(expr=col("block") == 2).materialize()
+        rows = one_hot_generation(run, 2, block).to_pandas()
+        entry = run.manifest.generations[2]
+    block_rows = run.manifest.data.block_sizes[2]
+    assert list(rows.columns) == ["row_id", "text", "label"] and rows.row_id.is_unique
+    assert entry.rows == len(rows) and entry.block_rows == block_rows
+    assert 0.3 * block_rows < entry.replay_rows < 0.7 * block_rows  # the same seeded sample as a scored one
+    assert entry.targets is None and not (Path(cfg.run_dir) / "gen_002" / "targets").exists()
+    assert "[gen 2] no teacher scoring: at method.threshold 1 every target is the one-hot label" in said
+
+
 def test_bf16_on_cpu_trains_with_fp32_targets_and_accumulation(ray_local, tmp_path, tiny_bert, capsys):
     """Half precision runs in the suite: DeepSpeed's CPU accelerator trains in bf16. The targets
     reach the loss in fp32 (the Trainer would cast them to bf16), gradients accumulate in fp32
