@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
@@ -43,6 +44,9 @@ from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_c
                       reporting_env, save_lora_student, save_student, training_arguments)
 
 SHUFFLE_KEY = "_shuffle_key"
+# Training blocks up to this many rows are put in order on the driver (see shuffled_for_training).
+LOCAL_ORDER_ROWS = 200_000
+LOCAL_ORDER_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -297,8 +301,8 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
 # On the driver
 
 
-def shuffled_for_training(train_ds, seed: int):
-    """The rows in a seeded random order that depends on the rows and the seed only.
+def shuffled_for_training(train_ds, seed: int, rows: int | None = None, local_rows: int = LOCAL_ORDER_ROWS):
+    """The rows in a seeded random order that depends on the rows and the seed only, materialized.
 
     Sources are often sorted (by class, by date), and a block keeps its source's order: the
     Rotten Tomatoes file starts with all 1,097 plot summaries. Fine-tuning on long runs of one
@@ -308,15 +312,30 @@ def shuffled_for_training(train_ds, seed: int):
     Ray Data's ``random_shuffle``: that one seeds each input block by its position, so the same
     rows arriving from the teacher pool in another block order were trained in another order, and
     a resumed run ended with a different model than an uninterrupted one.
+
+    Up to ``local_rows`` rows (``rows``, when the caller knows the count) are read once and sorted
+    here in memory; more go through Ray Data's distributed sort, which streams but pays a sampling
+    pass over the data and a shuffle — seconds per generation on a small block. Both orders are
+    the same: by key, then row id.
     """
 
     def keyed(batch: pa.Table) -> pa.Table:
         keys = shuffle_keys(batch.column("row_id").to_numpy(), seed)
         return batch.append_column(SHUFFLE_KEY, pa.array(keys, type=pa.int64()))
 
-    # The key column stays: a map after the sort (drop_columns) may emit blocks out of order, and
-    # the collate reads only the columns it needs.
-    return train_ds.map_batches(keyed, batch_format="pyarrow").sort(SHUFFLE_KEY)
+    order = [(SHUFFLE_KEY, "ascending"), ("row_id", "ascending")]
+    keyed_ds = train_ds.map_batches(keyed, batch_format="pyarrow")
+    if rows is None or rows > local_rows:
+        # The key column stays: a map after the sort (drop_columns) may emit blocks out of order,
+        # and the collate reads only the columns it needs.
+        return keyed_ds.sort([SHUFFLE_KEY, "row_id"]).materialize()
+    tables = [t for t in ray.get(keyed_ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return keyed_ds.materialize()
+    table = pa.concat_tables(tables, promote_options="default")
+    table = table.take(pc.sort_indices(table, sort_keys=order))
+    # Blocks of a few thousand rows: several workers' streaming_split shares them out evenly.
+    return ray.data.from_arrow([table.slice(i, LOCAL_ORDER_BLOCK) for i in range(0, table.num_rows, LOCAL_ORDER_BLOCK)])
 
 
 def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, holdout_ds=None,
@@ -337,7 +356,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     # Materialize first: training workers may hold every CPU of the cluster, and a lazy dataset
     # would then wait forever for a CPU to run its read tasks on.
     seed = generation_seed(cfg.run.seed, request.generation)
-    datasets = {"train": shuffled_for_training(train_ds, seed).materialize()}
+    datasets = {"train": shuffled_for_training(train_ds, seed, rows=request.rows)}
     if holdout_ds is not None:
         datasets["holdout"] = holdout_ds.materialize()
         extra = [(f"{EXTENSION_HOLDOUT}{j:03d}", ds) for j, ds in sorted((extension_holdouts or {}).items())]

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import numpy as np
 
+import pytest
+
 from incr_ray.generation.student import shuffled_for_training
+from incr_ray.method.hashing import shuffle_keys
 
 
-def test_training_rows_are_shuffled_reproducibly(ray_local):
+@pytest.mark.parametrize("local_rows", [10_000, 0], ids=["in memory", "ray data sort"])
+def test_training_rows_are_shuffled_reproducibly(ray_local, local_rows):
     """A class-sorted block (like Rotten Tomatoes' file order) reaches training well mixed, the
     same way for the same seed, with every row exactly once."""
     import ray
 
     rows = [{"row_id": i, "label": 0 if i < 300 else 1} for i in range(600)]
     ds = ray.data.from_items(rows, override_num_blocks=4)
-    first = [r["row_id"] for r in shuffled_for_training(ds, seed=7).take_all()]
-    again = [r["row_id"] for r in shuffled_for_training(ds, seed=7).take_all()]
-    other = [r["row_id"] for r in shuffled_for_training(ds, seed=8).take_all()]
+
+    def order(ds, seed):
+        return [r["row_id"] for r in shuffled_for_training(ds, seed, rows=600, local_rows=local_rows).take_all()]
+
+    first, again, other = order(ds, 7), order(ds, 7), order(ds, 8)
     assert sorted(first) == list(range(600))
     assert first == again
     assert first != other
     # The same rows cut into other blocks and arriving in another order (as a teacher pool's
     # output does between runs) train in the same order: a resumed run matches an unbroken one.
     relaid = ray.data.from_items(rows[::-1], override_num_blocks=7)
-    assert [r["row_id"] for r in shuffled_for_training(relaid, seed=7).take_all()] == first
+    assert order(relaid, 7) == first
     labels = np.array([0 if i < 300 else 1 for i in first])
     # Sorted input has one switch between classes; a shuffle has about n/2.
     assert (labels[1:] != labels[:-1]).sum() > 200
     assert abs(labels[:100].mean() - 0.5) < 0.2  # the first batches already hold both classes
+    # Both ways give one order: by the seeded key, then the row id (the key alone, as sorted here).
+    keys = shuffle_keys(np.arange(600), 7)
+    assert first == sorted(range(600), key=lambda i: (keys[i], i))
