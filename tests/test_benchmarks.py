@@ -73,3 +73,80 @@ def test_scripts_describe_their_command(script):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def test_driver_profile_is_seconds_per_generation_of_each_step():
+    class Stats:  # pstats.Stats' table: (file, line, function) -> (cc, calls, tottime, cumtime, callers)
+        stats = {
+            ("/x/incr_ray/run/folder.py", 196, "block"): (4, 4, 0.1, 8.0, {}),
+            ("/x/incr_ray/generation/student.py", 330, "fit_student"): (4, 4, 0.1, 100.0, {}),
+            ("/x/site-packages/ray/data/dataset.py", 7917, "materialize"): (9, 9, 0.1, 6.0, {}),
+            ("/x/site-packages/other/dataset.py", 1, "materialize"): (9, 9, 0.1, 50.0, {}),  # another file's
+        }
+
+    rows = {r["step"]: r for r in throughput.driver_profile(Stats(), generations=4)}
+    assert rows["read the block (split filter)"] == {"step": "read the block (split filter)", "calls": 4,
+                                                     "seconds_per_generation": 2.0}
+    assert rows["student fit (fit_student)"]["seconds_per_generation"] == 25.0
+    assert rows["  Dataset.materialize (order, holdout, slices)"]["seconds_per_generation"] == 1.5
+    assert rows["model card"] == {"step": "model card", "calls": 0, "seconds_per_generation": 0.0}
+
+
+def _throughput_result():
+    """A throughput.json of the shape main() writes, with made-up figures."""
+    def gen(seconds, train, scoring):
+        return {"rows": 100, "seconds": seconds, "fit_seconds": seconds - 5 - scoring, "train_seconds": train,
+                "setup_seconds": 2.0, "save_seconds": 0.2, "scoring_seconds": scoring, "eval_seconds": 0.5}
+
+    def e2e(n, wall, scoring=3.0):
+        return {"rows": n, "training_rows": n, "wall_seconds": wall, "final_accuracy": 0.7,
+                "generations": [gen(20, 10, 0.0)] + [gen(22, 10, scoring)] * 3}
+
+    student = {label: {"train_seconds": 10.0, "call_seconds": 20.0, "setup_seconds": 2.0, "save_seconds": 0.1,
+                       "steps": 20, "samples": 640, "samples_per_second": 64.0, "ratio_in_loop": 0.92,
+                       "ratio_whole_call": 0.8} for label, *_ in throughput.STUDENT_PATHS}
+    student["plain"] = {"train_seconds": 9.0, "call_seconds": 10.0, "samples": 640, "samples_per_second": 70.0}
+    r = {
+        "teacher": {"rows": 2000, "half_rows": 1000,
+                    "plain": {"seconds": 20.0, "rows_per_s": 100.0, "marginal_rows_per_s": 98.0},
+                    "ray_1x2": {"seconds": 22.0, "rows_per_s": 90.0, "marginal_rows_per_s": 100.0,
+                                "ratio_whole_call": 0.9, "ratio_marginal": 1.02},
+                    "ray_2x1": {"seconds": 23.0, "rows_per_s": 87.0, "marginal_rows_per_s": None,
+                                "ratio_whole_call": 0.87, "ratio_marginal": None}},
+        "student": {"rows": 640, **student},
+        "order": {"sizes": [{"rows": 640, "in_memory": 0.3, "ray_sort": 3.0}]},
+        "end_to_end": {"sizes": [750, 1500, 3000], "incremental": [e2e(n, 100 + 0.05 * n) for n in (750, 1500, 3000)],
+                       "full": [e2e(n, 40 + 0.04 * n) for n in (750, 1500, 3000)],
+                       "hard_label": [e2e(750, 130, scoring=0.0)], "ratios": [1.6, 1.5, 1.45],
+                       "incremental_fit": {"fixed_seconds": 100.0, "seconds_per_row": 0.05},
+                       "full_fit": {"fixed_seconds": 40.0, "seconds_per_row": 0.04}, "ratio_per_row": 1.25,
+                       "per_generation": {"seconds": 21.5, "fit_seconds": 14.0, "train_seconds": 10.0,
+                                          "setup_seconds": 2.0, "save_seconds": 0.2, "scoring_seconds": 2.2,
+                                          "eval_seconds": 0.5, "fit_startup_seconds": 1.3, "fixed_seconds": 11.5},
+                       "hard_label_ratio": 0.93, "hard_label_saved_per_generation": 2.0,
+                       "driver_profile": [{"step": "  training order", "calls": 4, "seconds_per_generation": 0.4}]},
+        "flops": {"params": 22_700_000, "tokens_per_row": 30.0, "matmul_peak_flops": 1.6e11,
+                  "plain": {"flops": 1.4e11, "fraction_of_peak": 0.87, "non_embedding_fraction_of_peak": 0.4},
+                  "ray_1x2": {"flops": 1.2e11, "fraction_of_peak": 0.75, "non_embedding_fraction_of_peak": 0.35}},
+    }
+    return r
+
+
+def test_throughput_verdicts_are_the_overhead_goals_and_the_report_renders():
+    r = _throughput_result()
+    met = {v["goal"]: v["met"] for v in throughput.verdicts(r)}
+    assert met["student training ≥ 0.9× plain HF Trainer, in the training loop"] is True  # 0.92
+    assert met["student training ≥ 0.75× plain HF Trainer, whole call at 640 rows"] is True  # 0.8
+    assert met["end to end k=4 ≤ 1.6× full fine-tune at 3000 rows"] is True  # 1.45
+    assert met["end to end k=4 ≤ 1.4× full fine-tune per extra row (slope)"] is True  # 1.25
+    assert met["fixed cost per generation ≤ 12 s (outside the training loop)"] is True  # 11.5
+    r["end_to_end"]["per_generation"]["fixed_seconds"] = 12.5
+    r["student"]["ray_1x2"]["ratio_in_loop"] = 0.85
+    met = {v["goal"]: v["met"] for v in throughput.verdicts(r)}
+    assert not met["fixed cost per generation ≤ 12 s (outside the training loop)"]
+    assert not met["student training ≥ 0.9× plain HF Trainer, in the training loop"]
+    r["verdicts"] = throughput.verdicts(r)
+    text = throughput.render(r)
+    assert "(0.93×), 2.0 s less per generation" in text and "| ↳ training order | 4 | 0.4 |" in text
+    assert "| 640 | 0.30 | 3.00 |" in text and "MISSED: fixed cost per generation ≤ 12 s" in text
+    assert throughput.plot(r).startswith(b"\x89PNG")
