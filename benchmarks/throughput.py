@@ -323,7 +323,8 @@ def bench_end_to_end(workdir: Path, sizes: list[int]) -> dict[str, Any]:
                 {"rows": g["rows"], "seconds": g["seconds"], "fit_seconds": g["train"]["fit_seconds"],
                  "train_seconds": g["train"]["train_seconds"], "setup_seconds": g["train"]["setup_seconds"],
                  "save_seconds": g["train"]["save_seconds"], "scoring_seconds": g.get("scoring_seconds") or 0.0,
-                 "eval_seconds": g["eval_seconds"]}
+                 "eval_seconds": g["eval_seconds"], "ray_start_seconds": g["train"]["fit_startup_seconds"],
+                 "ray_stop_seconds": g["train"]["fit_shutdown_seconds"]}
                 for g in gens
             ],
         })
@@ -338,7 +339,7 @@ def bench_end_to_end(workdir: Path, sizes: list[int]) -> dict[str, Any]:
     out["per_generation"] = {
         key: float(np.mean([g[key] for g in gens]))
         for key in ("seconds", "fit_seconds", "train_seconds", "setup_seconds", "save_seconds", "scoring_seconds",
-                    "eval_seconds")
+                    "eval_seconds", "ray_start_seconds", "ray_stop_seconds")
     }
     out["per_generation"]["fit_startup_seconds"] = float(np.mean(
         [g["fit_seconds"] - g["train_seconds"] - g["setup_seconds"] - g["save_seconds"] - g["eval_seconds"]
@@ -490,7 +491,8 @@ def render(r: dict[str, Any]) -> str:
               f"(per-row ratio {e['ratio_per_row']:.2f}×).",
               f"Fixed cost per incremental generation (mean over {len(e['sizes']) * 4} generations): "
               f"{pg['seconds'] - pg['train_seconds']:.0f} s of its {pg['seconds']:.0f} s outside the training loop — "
-              f"Ray Train start/stop {pg['fit_startup_seconds']:.0f} s, worker set-up (imports, model load, "
+              f"Ray Train start/stop {pg['fit_startup_seconds']:.0f} s (fit() to the worker function "
+              f"{pg['ray_start_seconds']:.1f} s, its last report to fit()'s return {pg['ray_stop_seconds']:.1f} s), worker set-up (imports, model load, "
               f"DeepSpeed) {pg['setup_seconds']:.0f} s, save {pg['save_seconds']:.1f} s, teacher scoring "
               f"{pg['scoring_seconds']:.0f} s, holdout evaluation in the workers {pg['eval_seconds']:.1f} s, other "
               f"(block reads, shuffle, bookkeeping) {pg['seconds'] - pg['fit_seconds'] - pg['scoring_seconds']:.0f} s.", ""]

@@ -96,7 +96,8 @@ def _throughput_result():
     """A throughput.json of the shape main() writes, with made-up figures."""
     def gen(seconds, train, scoring):
         return {"rows": 100, "seconds": seconds, "fit_seconds": seconds - 5 - scoring, "train_seconds": train,
-                "setup_seconds": 2.0, "save_seconds": 0.2, "scoring_seconds": scoring, "eval_seconds": 0.5}
+                "setup_seconds": 2.0, "save_seconds": 0.2, "scoring_seconds": scoring, "eval_seconds": 0.5,
+                "ray_start_seconds": 4.0, "ray_stop_seconds": 1.0}
 
     def e2e(n, wall, scoring=3.0):
         return {"rows": n, "training_rows": n, "wall_seconds": wall, "final_accuracy": 0.7,
@@ -122,7 +123,8 @@ def _throughput_result():
                        "full_fit": {"fixed_seconds": 40.0, "seconds_per_row": 0.04}, "ratio_per_row": 1.25,
                        "per_generation": {"seconds": 21.5, "fit_seconds": 14.0, "train_seconds": 10.0,
                                           "setup_seconds": 2.0, "save_seconds": 0.2, "scoring_seconds": 2.2,
-                                          "eval_seconds": 0.5, "fit_startup_seconds": 1.3, "fixed_seconds": 11.5},
+                                          "eval_seconds": 0.5, "fit_startup_seconds": 1.3, "fixed_seconds": 11.5,
+                                          "ray_start_seconds": 4.0, "ray_stop_seconds": 1.0},
                        "hard_label_ratio": 0.93, "hard_label_saved_per_generation": 2.0,
                        "driver_profile": [{"step": "  training order", "calls": 4, "seconds_per_generation": 0.4}]},
         "flops": {"params": 22_700_000, "tokens_per_row": 30.0, "matmul_peak_flops": 1.6e11,
@@ -147,6 +149,6 @@ def test_throughput_verdicts_are_the_overhead_goals_and_the_report_renders():
     assert not met["student training ≥ 0.9× plain HF Trainer, in the training loop"]
     r["verdicts"] = throughput.verdicts(r)
     text = throughput.render(r)
-    assert "(0.93×), 2.0 s less per generation" in text and "| ↳ training order | 4 | 0.4 |" in text
+    assert "(0.93×), 2.0 s less per generation" in text and "fit() to the worker function 4.0 s" in text and "| ↳ training order | 4 | 0.4 |" in text
     assert "| 640 | 0.30 | 3.00 |" in text and "MISSED: fixed cost per generation ≤ 12 s" in text
     assert throughput.plot(r).startswith(b"\x89PNG")

@@ -155,7 +155,7 @@ def _own_output_tail(lines: int = 30) -> str:
 
 def train_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: one generation of student training."""
-    entered = time.perf_counter()
+    entered, entered_at = time.perf_counter(), time.time()
     cfg = Config.model_validate(loop_config["config"])
     request = StudentRequest(**loop_config["request"])
     on_gpu, max_steps, g = loop_config["on_gpu"], loop_config["max_steps"], request.generation
@@ -286,6 +286,9 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
                 json.dump({"model": request.model_dest}, f)
             checkpoint = ray.train.Checkpoint.from_directory(marker)
         metrics["save_seconds"] = time.perf_counter() - saving - eval_seconds  # local save + upload
+        # Wall clock (this node's) when the function began and when it reports its last: the
+        # driver's fit time outside the two is Ray Train's start-up and shutdown.
+        metrics.update(entered_at=entered_at, reported_at=time.time())
         ray.train.report(metrics, checkpoint=checkpoint)
     except Exception as err:
         # Ray Train shows the driver this exception's traceback, notes included.
@@ -367,7 +370,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
                     datasets[name] = ds
     max_steps = generation_steps(cfg, request.rows)
     name = f"gen_{request.generation:03d}-{int(time.time())}"
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     with ProgressRelay(say) as relay:
         trainer = TorchTrainer(
             train_per_worker,
@@ -389,7 +392,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
             dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads each whole slice
         )
         result = trainer.fit()
-    fit_seconds = time.perf_counter() - started
+    fit_seconds, ended_at = time.perf_counter() - started, time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"generation {request.generation}: training finished without reporting its model")
     remove_tree(f"{request.ray_storage}/{name}")  # in-generation checkpoints; the model is in gen_<g>/model
@@ -397,4 +400,8 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     metrics["rows"] = request.rows
     metrics["max_steps"] = max_steps
     metrics["fit_seconds"] = fit_seconds  # driver wall time of TorchTrainer.fit, start-up included
+    # From fit() to the worker function's first line (controller, placement, worker processes and
+    # their imports, the process group), and from its last report to fit()'s return.
+    metrics["fit_startup_seconds"] = metrics.pop("entered_at") - started_at
+    metrics["fit_shutdown_seconds"] = ended_at - metrics.pop("reported_at")
     return metrics

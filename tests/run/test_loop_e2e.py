@@ -312,6 +312,13 @@ def test_bf16_on_cpu_trains_with_fp32_targets_and_accumulation(ray_local, tmp_pa
             "loss_targets": "fp32", "loss_logits": "bf16",
         }, g["train"]["precision"]
         assert all(np.isfinite(v) for v in g["metrics"].values())
+        # Where a fit's time went: Ray Train's start-up and shutdown around the worker function,
+        # and the CPUs `auto` gave the one worker (the test's Ray has 2).
+        t = g["train"]
+        assert 0 < t["fit_startup_seconds"] and 0 <= t["fit_shutdown_seconds"]
+        assert t["fit_startup_seconds"] + t["setup_seconds"] + t["train_seconds"] < t["fit_seconds"]
+        assert t["cpus_per_worker"] == 2
+    assert "cluster.cpus_per_worker auto -> 2 for 1 worker(s) (2 CPUs on 1 node(s))" in said
     final = Path(cfg.run_dir) / manifest["final_model"]
     out = pipeline("text-classification", model=str(final), device="cpu")(["red words"])
     assert out[0]["label"] in manifest["label_names"]
