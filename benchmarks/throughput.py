@@ -160,9 +160,12 @@ def bench_teacher(workdir: Path, ds) -> dict[str, Any]:
 # 2. Student training
 
 
-def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max_steps: int) -> dict[str, float]:
+def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max_steps: int,
+                   ray_ds=None) -> dict[str, float]:
     """A plain HF ``Trainer`` in this process: the same collate, steps, batch size and lr; no Ray,
-    no DeepSpeed, the model's own cross-entropy."""
+    no DeepSpeed, the model's own cross-entropy. With ``ray_ds`` its batches come from Ray Data's
+    ``iter_torch_batches`` (collate included) the way a Ray Train worker's do, which isolates what
+    that iteration costs."""
     from transformers import Trainer, TrainingArguments
 
     from incr_ray.modeling import load_classifier, load_tokenizer
@@ -185,7 +188,18 @@ def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max
         logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], use_cpu=True,
         remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=data_collator)
+    if ray_ds is None:
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=data_collator)
+    else:
+        from ray.train.huggingface.transformers import prepare_trainer
+
+        def ray_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            out = collate(batch)
+            out.pop("targets")
+            return out
+
+        batches = ray_ds.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate)
+        trainer = prepare_trainer(Trainer(model=model, args=args, train_dataset=batches))
     loop_started = time.perf_counter()
     trainer.train()
     loop = time.perf_counter() - loop_started
@@ -198,6 +212,7 @@ STUDENT_PATHS = (("ray_1x2", 1, "auto", "auto"), ("ray_1x2_zero2", 1, THREADS, 2
                  ("ray_2x1", 2, 1, 2))
 STUDENT_NAMES = {
     "plain": "plain HF Trainer, 2 threads",
+    "plain_ray_data": "plain HF Trainer fed by Ray Data's iter_torch_batches",
     "ray_1x2": "Ray Train + DeepSpeed, defaults (ZeRO-0, 1 worker × 2 threads)",
     "ray_1x2_zero2": "… ZeRO-2 (the old CPU configs), 1 worker × 2 threads",
     "ray_1x1": "… ZeRO-0, 1 worker × 1 thread (the old cpus_per_worker)",
@@ -213,6 +228,7 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
     out: dict[str, Any] = {"rows": rows}
     max_steps = steps_for(rows, 1, BATCH, 1.0, 1)
     out["plain"] = plain_training(model_dir, label_names, ds.take_all(), max_steps)
+    out["plain_ray_data"] = plain_training(model_dir, label_names, [], max_steps, ray_ds=ds)
     # The defaults (stage and CPUs auto: ZeRO-0, 1 worker × 2 threads here) against what they
     # replace: ZeRO-2, which the CPU config used to pin, and 1 thread, the old cpus_per_worker.
     for label, workers, cpus, stage in STUDENT_PATHS:
@@ -226,7 +242,7 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
                       "setup_seconds": m["setup_seconds"], "save_seconds": m["save_seconds"],
                       "steps": m["steps"], "samples": m["steps"] * BATCH * workers,
                       "samples_per_second": m["samples_per_second"]}
-    for label, *_ in STUDENT_PATHS:
+    for label in ("plain_ray_data", *(path[0] for path in STUDENT_PATHS)):
         r, p = out[label], out["plain"]
         r["ratio_in_loop"] = r["samples_per_second"] / p["samples_per_second"]
         r["ratio_whole_call"] = (r["samples"] / r["call_seconds"]) / (p["samples"] / p["call_seconds"])

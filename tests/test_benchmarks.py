@@ -107,6 +107,7 @@ def _throughput_result():
                        "steps": 20, "samples": 640, "samples_per_second": 64.0, "ratio_in_loop": 0.92,
                        "ratio_whole_call": 0.8} for label, *_ in throughput.STUDENT_PATHS}
     student["plain"] = {"train_seconds": 9.0, "call_seconds": 10.0, "samples": 640, "samples_per_second": 70.0}
+    student["plain_ray_data"] = {**student["plain"], "ratio_in_loop": 0.97, "ratio_whole_call": 0.95}
     r = {
         "teacher": {"rows": 2000, "half_rows": 1000,
                     "plain": {"seconds": 20.0, "rows_per_s": 100.0, "marginal_rows_per_s": 98.0},
