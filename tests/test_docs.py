@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import subprocess
+import json
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,16 @@ def test_readme_quality_block_holds_every_paired_difference():
     assert "| incremental − full fine-tune |" in block and "| incremental − sequential hard-label |" in block
     if (REPO / "benchmarks" / "results" / "quality_levers.json").is_file():
         assert "| teacher annealing − incremental |" in block
+
+
+def test_readme_cost_line_gives_every_throughput_goal():
+    generate = _generator()
+    block = generate.cost_block()
+    verdicts = json.loads((REPO / "benchmarks" / "results" / "throughput.json").read_text())["verdicts"]
+    assert block.startswith(generate.COST_BEGIN) and block.endswith(generate.COST_END)
+    for v in verdicts:
+        assert f"{v['goal']}: {v['figures']}, {'met' if v['met'] else 'missed'}" in block
+    assert block in (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_config_key_is_documented():
