@@ -207,6 +207,20 @@ def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max
             "samples": max_steps * BATCH, "samples_per_second": max_steps * BATCH / loop}
 
 
+def collate_seconds(model_dir: str, label_names: list[str], rows: list[dict]) -> float:
+    """Seconds the collate (tokenize + pad + targets) takes for every batch of ``rows``: the most
+    that tokenizing ahead in Ray Data could take off the training loop."""
+    from incr_ray.generation.trainer import make_collate
+    from incr_ray.modeling import load_tokenizer
+
+    collate = make_collate(load_tokenizer(model_dir), len(label_names), MAX_LENGTH)
+    started = time.perf_counter()
+    for i in range(0, len(rows), BATCH):
+        part = rows[i:i + BATCH]
+        collate({"text": np.array([r["text"] for r in part], dtype=object), "label": np.array([r["label"] for r in part])})
+    return time.perf_counter() - started
+
+
 # (label, workers, cpus_per_worker, deepspeed.stage) of the Ray Train paths; the first is the defaults'.
 STUDENT_PATHS = (("ray_1x2", 1, "auto", "auto"), ("ray_1x2_zero2", 1, THREADS, 2), ("ray_1x1", 1, 1, "auto"),
                  ("ray_2x1", 2, 1, 2))
@@ -228,6 +242,7 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
     out: dict[str, Any] = {"rows": rows}
     max_steps = steps_for(rows, 1, BATCH, 1.0, 1)
     out["plain"] = plain_training(model_dir, label_names, ds.take_all(), max_steps)
+    out["collate"] = collate_seconds(model_dir, label_names, ds.take_all())
     out["plain_ray_data"] = plain_training(model_dir, label_names, [], max_steps, ray_ds=ds)
     # The defaults (stage and CPUs auto: ZeRO-0, 1 worker × 2 threads here) against what they
     # replace: ZeRO-2, which the CPU config used to pin, and 1 thread, the old cpus_per_worker.
@@ -493,6 +508,10 @@ def render(r: dict[str, Any]) -> str:
                      f"{x.get('ratio_whole_call', 1.0):.2f}"])
     lines += [f"**Student training** ({s['rows']} rows, batch {BATCH} per worker, one pass)", "",
               markdown_table(["path", "samples", "loop s", "samples/s", "× plain (loop)", "whole call s", "× plain (call)"], rows), ""]
+    if "collate" in s:
+        lines += [f"The collate (tokenize, pad, targets) of all {s['rows']} rows took {s['collate']:.2f} s, "
+                  f"{100 * s['collate'] / s['plain']['train_seconds']:.1f}% of the plain loop: the most that "
+                  "tokenizing ahead in Ray Data could save here.", ""]
     rows = []
     for i, n in enumerate(e["sizes"]):
         inc, full = e["incremental"][i], e["full"][i]
