@@ -61,9 +61,9 @@ def read_bytes(path: str) -> bytes:
 
 
 def parquet_batches(path: str, columns: list[str], batch_size: int):
-    """``(names present, iterator of pyarrow RecordBatches)`` of a Parquet file or folder, local
-    or remote, streamed ``batch_size`` rows at a time: ``columns`` that the files lack are left
-    out (a run folder written by an older incr-ray)."""
+    """The pyarrow RecordBatches of a Parquet file or folder, local or remote, streamed
+    ``batch_size`` rows at a time; of ``columns``, those the files hold (a run folder written by an
+    older incr-ray may lack one)."""
     import pyarrow.dataset as pads
 
     if is_remote(path):
@@ -71,8 +71,7 @@ def parquet_batches(path: str, columns: list[str], batch_size: int):
         dataset = pads.dataset(p, format="parquet", filesystem=fs)
     else:
         dataset = pads.dataset(path, format="parquet")
-    present = [c for c in columns if c in dataset.schema.names]
-    return present, dataset.to_batches(columns=present, batch_size=batch_size)
+    return dataset.to_batches(columns=[c for c in columns if c in dataset.schema.names], batch_size=batch_size)
 
 
 def read_json(path: str) -> Any:

@@ -326,17 +326,17 @@ def shuffled_for_training(train_ds, seed: int, rows: int | None = None, local_ro
         keys = shuffle_keys(batch.column("row_id").to_numpy(), seed)
         return batch.append_column(SHUFFLE_KEY, pa.array(keys, type=pa.int64()))
 
-    order = [(SHUFFLE_KEY, "ascending"), ("row_id", "ascending")]
+    order = [SHUFFLE_KEY, "row_id"]
     keyed_ds = train_ds.map_batches(keyed, batch_format="pyarrow")
     if rows is None or rows > local_rows:
         # The key column stays: a map after the sort (drop_columns) may emit blocks out of order,
         # and the collate reads only the columns it needs.
-        return keyed_ds.sort([SHUFFLE_KEY, "row_id"]).materialize()
+        return keyed_ds.sort(order).materialize()
     tables = [t for t in ray.get(keyed_ds.to_arrow_refs()) if t.num_rows]
     if not tables:
         return keyed_ds.materialize()
     table = pa.concat_tables(tables, promote_options="default")
-    table = table.take(pc.sort_indices(table, sort_keys=order))
+    table = table.take(pc.sort_indices(table, sort_keys=[(key, "ascending") for key in order]))
     # Blocks of a few thousand rows: several workers' streaming_split shares them out evenly.
     return ray.data.from_arrow([table.slice(i, LOCAL_ORDER_BLOCK) for i in range(0, table.num_rows, LOCAL_ORDER_BLOCK)])
 

@@ -88,25 +88,21 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
 STATS_BATCH_SIZE = 4096
 
 
-def _matrix(column) -> np.ndarray:
-    """An ``(n, C)`` float64 matrix from a non-empty list column: a pyarrow list array, a 2-D
-    array, or an object array of 1-D arrays."""
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
-        flat = pa.concat_arrays(column.chunks) if isinstance(column, pa.ChunkedArray) else column
-        return np.asarray(flat.flatten(), dtype=np.float64).reshape(len(flat), -1)
-    return np.stack([np.asarray(r, dtype=np.float64) for r in column])
+def _matrix(column: pa.Array) -> np.ndarray:
+    """The ``(n, C)`` float64 matrix of a list column whose rows all hold C values."""
+    return np.asarray(column.flatten(), dtype=np.float64).reshape(len(column), -1)
 
 
-def block_rule_stats(batch, threshold: float, floor: float | None, temperature: float = 1.0) -> dict[str, float]:
+def block_rule_stats(batch: pa.RecordBatch, threshold: float, floor: float | None,
+                     temperature: float = 1.0) -> dict[str, float]:
     """:func:`target_rule_stats` sums over a batch's block rows (``replay`` false or absent);
-    replay rows are left out. ``batch``: a pyarrow RecordBatch or a dict of numpy columns."""
-    column = batch.column if isinstance(batch, pa.RecordBatch) else batch.__getitem__
-    names = batch.schema.names if isinstance(batch, pa.RecordBatch) else list(batch)
-    labels = np.asarray(column("label"), dtype=np.int64)
-    own = ~np.asarray(column("replay"), dtype=bool) if "replay" in names else np.ones(len(labels), dtype=bool)
+    replay rows are left out."""
+    labels = batch.column("label").to_numpy().astype(np.int64)
+    own = (~batch.column("replay").to_numpy(zero_copy_only=False).astype(bool) if "replay" in batch.schema.names
+           else np.ones(len(labels), dtype=bool))
     if not own.any():
         return {k: 0.0 if k.endswith("_sum") else 0 for k in RULE_STAT_KEYS}
-    probs, targets = _matrix(column("teacher_probs"))[own], _matrix(column("target"))[own]
+    probs, targets = _matrix(batch.column("teacher_probs"))[own], _matrix(batch.column("target"))[own]
     return target_rule_stats(probs, labels[own], targets, threshold, floor, temperature)
 
 
@@ -122,7 +118,7 @@ def teacher_block_stats(targets_path: str, cfg: Config) -> dict[str, float] | No
     ``rows``; ``None`` when the block holds no rows.
     """
     m = cfg.method
-    _, batches = parquet_batches(targets_path, ["label", "teacher_probs", "target", "replay"], STATS_BATCH_SIZE)
+    batches = parquet_batches(targets_path, ["label", "teacher_probs", "target", "replay"], STATS_BATCH_SIZE)
     parts = [block_rule_stats(b, m.threshold, m.floor, m.temperature) for b in batches if b.num_rows]
     if not parts:
         return None

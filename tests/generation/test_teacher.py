@@ -92,14 +92,20 @@ def test_block_rule_stats_leave_replay_rows_out():
     from incr_ray.generation.teacher import block_rule_stats
     from incr_ray.method.targets import target_rule_stats
 
+    from incr_ray.generation.teacher import _with_list_columns
+
     t = _targets_table()
     own = ~t["replay"]
-    row = block_rule_stats({**t, "teacher_probs": np.array(list(t["teacher_probs"]), dtype=object)}, 0.8, 0.1)
+
+    def batch(**columns):
+        plain = {k: v for k, v in {**t, **columns}.items() if k not in ("teacher_probs", "target")}
+        return _with_list_columns(plain, teacher_probs=t["teacher_probs"], target=t["target"]).to_batches()[0]
+
+    row = block_rule_stats(batch(), 0.8, 0.1)
     expected = target_rule_stats(t["teacher_probs"][own], t["label"][own], t["target"][own], 0.8, 0.1)
     assert row == pytest.approx(expected)
     assert row["rows"] == own.sum() == 6
-    only_replay = block_rule_stats({**t, "replay": np.ones(10, dtype=bool)}, 0.8, 0.1)
-    assert only_replay["rows"] == 0
+    assert block_rule_stats(batch(replay=np.ones(10, dtype=bool)), 0.8, 0.1)["rows"] == 0
 
 
 @pytest.mark.parametrize("replay_column", [True, False])
