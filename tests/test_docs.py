@@ -39,6 +39,13 @@ def test_readme_quality_block_holds_every_paired_difference():
     assert "| incremental − full fine-tune |" in block and "| incremental − sequential hard-label |" in block
     if (REPO / "benchmarks" / "results" / "quality_levers.json").is_file():
         assert "| teacher annealing − incremental |" in block
+        # The lever with the best mean accuracy difference is named as the recommendation.
+        levers = json.loads((REPO / "benchmarks" / "results" / "quality_levers.json").read_text())
+        diffs = levers["summary"]["differences"]
+        label, best = max(diffs.items(), key=lambda item: item[1]["accuracy"]["mean"])
+        change = dict((v[0], v[1]) for v in levers["variants"])[label.split(" − ")[0]]
+        assert f"Recommended: `{next(iter(change))}: " in block
+        assert f"the best-measured lever ({100 * best['accuracy']['mean']:+.1f} points" in block
 
 
 def test_readme_cost_line_gives_every_throughput_goal():
