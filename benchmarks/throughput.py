@@ -237,6 +237,7 @@ STUDENT_NAMES = {
 def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> dict[str, Any]:
     from incr_ray.generation.student import StudentRequest, fit_student
     from incr_ray.generation.trainer import steps_for
+    from incr_ray.run.folder import with_stage
 
     rows = ds.count()
     out: dict[str, Any] = {"rows": rows}
@@ -249,6 +250,7 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
     for label, workers, cpus, stage in STUDENT_PATHS:
         cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus,
                                                    "deepspeed.stage": stage})
+        cfg = with_stage(cfg, on_gpu=False, say=lambda line: None)  # what open_run does for a run
         started = time.perf_counter()
         request = StudentRequest(generation=0, init_model=model_dir, label_names=label_names, rows=rows,
                                  model_dest=str(workdir / f"student-{label}"), ray_storage=str(workdir / "_ray_train"))

@@ -352,6 +352,9 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     holdout in ``extension_holdouts`` (``drift``) — see
     :func:`incr_ray.generation.evaluation.evaluate_student`."""
     cfg = with_cpus(cfg, on_gpu)  # a no-op for a run's config, resolved (and said) when the run opened
+    if cfg.deepspeed.stage == "auto":  # the plan decides it, a layer above: incr_ray.run.folder.with_stage
+        raise ValueError("fit_student needs deepspeed.stage resolved; pass the config through "
+                         "incr_ray.run.folder.with_stage first")
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
     # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.
