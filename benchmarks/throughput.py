@@ -320,6 +320,37 @@ def bench_order(ds, sizes: list[int]) -> dict[str, Any]:
     return {"sizes": out}
 
 
+def bench_ray_train_floor(workdir: Path, repeats: int = 2) -> dict[str, Any]:
+    """Ray Train's own start-up and shutdown: ``TorchTrainer.fit`` of a function that does nothing
+    (1 worker × 2 CPUs, as the students), and the import of the students' module in a fresh
+    process, which a real worker pays before its function begins."""
+    import subprocess
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def mark_entry(config: dict[str, Any]) -> None:  # local: pickled by value, whoever imports this script
+        import time
+
+        with open(config["mark"], "w") as f:
+            f.write(str(time.time()))
+
+    fits = []
+    for i in range(repeats):
+        mark = workdir / f"ray-train-floor-{i}"
+        started = time.time()
+        TorchTrainer(mark_entry, train_loop_config={"mark": str(mark)},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": THREADS}),
+                     run_config=RunConfig(name=f"floor-{i}", storage_path=str(workdir / "_ray_train_floor"))).fit()
+        ended, entered = time.time(), float(mark.read_text())
+        fits.append({"start_seconds": entered - started, "stop_seconds": ended - entered})
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import incr_ray.generation.student"], check=True, cwd=ROOT)
+    return {"fits": fits, "start_seconds": float(np.mean([f["start_seconds"] for f in fits])),
+            "stop_seconds": float(np.mean([f["stop_seconds"] for f in fits])),
+            "student_import_seconds": time.perf_counter() - started}
+
+
 def _k_blocks_profiled(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import cProfile
     import pstats
@@ -544,6 +575,12 @@ def render(r: dict[str, Any]) -> str:
                   markdown_table(["step", "calls", "s per generation"],
                                  [[x["step"].replace("  ", "↳ "), x["calls"], f"{x['seconds_per_generation']:.1f}"]
                                   for x in e["driver_profile"]]), ""]
+    fl = r.get("ray_train_floor")
+    if fl:
+        lines += [f"Ray Train's own floor: `TorchTrainer.fit` of a function that does nothing took {fl['start_seconds']:.1f} s "
+                  f"from fit() to the function and {fl['stop_seconds']:.1f} s after it (mean of {len(fl['fits'])}); "
+                  f"importing the students' module (torch, transformers' Trainer) in a fresh process took "
+                  f"{fl['student_import_seconds']:.1f} s, which every training worker pays before its function begins.", ""]
     o = r.get("order")
     if o:
         lines += ["**Training order** (seconds to put a block in its seeded order)", "",
@@ -637,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     r["student"] = bench_student(workdir, student_ds, model_dir, label_names)
     print("3. training order, end to end and growth", flush=True)
     r["order"] = bench_order(ds, [a.student_rows, max(a.teacher_rows, a.student_rows)])
+    r["ray_train_floor"] = bench_ray_train_floor(workdir)
     r["end_to_end"] = bench_end_to_end(workdir, r["settings"]["sizes"])
     if not a.skip_memory:
         print("4. memory, ZeRO-0 vs ZeRO-3", flush=True)

@@ -117,6 +117,7 @@ def _throughput_result():
                                 "ratio_whole_call": 0.87, "ratio_marginal": None}},
         "student": {"rows": 640, "collate": 0.09, **student},
         "order": {"sizes": [{"rows": 640, "in_memory": 0.3, "ray_sort": 3.0}]},
+        "ray_train_floor": {"fits": [{}, {}], "start_seconds": 11.0, "stop_seconds": 1.0, "student_import_seconds": 4.6},
         "end_to_end": {"sizes": [750, 1500, 3000], "incremental": [e2e(n, 100 + 0.05 * n) for n in (750, 1500, 3000)],
                        "full": [e2e(n, 40 + 0.04 * n) for n in (750, 1500, 3000)],
                        "hard_label": [e2e(750, 130, scoring=0.0)], "ratios": [1.6, 1.5, 1.45],
@@ -151,5 +152,6 @@ def test_throughput_verdicts_are_the_overhead_goals_and_the_report_renders():
     r["verdicts"] = throughput.verdicts(r)
     text = throughput.render(r)
     assert "(0.93×), 2.0 s less per generation" in text and "fit() to the worker function 4.0 s" in text and "| ↳ training order | 4 | 0.4 |" in text
+    assert "does nothing took 11.0 s from fit() to the function and 1.0 s after it (mean of 2)" in text
     assert "| 640 | 0.30 | 3.00 |" in text and "took 0.09 s, 1.0% of the plain loop" in text and "MISSED: fixed cost per generation ≤ 12 s" in text
     assert throughput.plot(r).startswith(b"\x89PNG")
