@@ -1,6 +1,6 @@
 """Overhead and scaling: the Ray pipeline against plain single-process Hugging Face, as ratios.
 
-    python benchmarks/throughput.py           # about 30 min on 2 cores (default sizes below)
+    python benchmarks/throughput.py           # 43 min on 2 cores on 2026-12-01 (default sizes below)
 
 All parts run in one process, one after another, on the same machine and local Ray, so every
 ratio compares two measurements taken minutes apart under the same conditions:

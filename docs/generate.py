@@ -184,7 +184,7 @@ Two more measure ZeRO memory ([Memory](#memory)) and LoRA against full fine-tuni
 .venv/bin/python benchmarks/quality.py            # ≈ 70 min here: 5 seeds × 3 methods, paired
 .venv/bin/python benchmarks/arrival.py            # ≈ 70 min here (3 seeds took 51): 4 seeds, k = 4 arrivals
 .venv/bin/python benchmarks/extension.py          # ≈ 75 min here (3 seeds took 44): 5 seeds, a k = 2 run extended 4 ways
-.venv/bin/python benchmarks/throughput.py         # 17 min here
+.venv/bin/python benchmarks/throughput.py         # 43 min here
 .venv/bin/python benchmarks/quality.py --levers   # optional: issue #13's levers against incremental, seeds 0-2
 .venv/bin/python benchmarks/quality.py --knobs    # optional: p, τ, α, init, min_steps, seeds 0-2
 .venv/bin/python benchmarks/quality.py --gpu      # the whole corpus, sized for a GPU machine
@@ -413,46 +413,55 @@ default schedule cannot switch for its extensions (`extend` refuses changed trai
 
 Overhead and scaling of the Ray pipeline against plain Hugging Face, `benchmarks/throughput.py`.
 Everything measured in one process, one part after another, on the same 2-core machine and local
-Ray (2026-11-30; MiniLM, Rotten Tomatoes, max_length 48, 2 threads on every side of every
-comparison; `benchmarks/results/throughput.md`). Sizes: 2,000 rows for scoring, 640 for training,
-n = 200, 400, 800 rows for growth; 16.6 min in all.
+Ray (2026-12-01, 42.7 min alone; MiniLM, Rotten Tomatoes, max_length 48, 2 threads on every side
+of every comparison, one pass at batch 32 with `student.min_steps: 0`;
+`benchmarks/results/throughput.md`). Sizes: 2,000 rows for scoring, 640 for training, n = 750,
+1,500, 3,000 rows for growth. The machine was slow that day: its 2-thread fp32 matmul peak measured
+102 GFLOP/s, against 165 on 2026-11-30, so only the ratios inside this one run compare.
 
 {{throughput}}
 
-The end-to-end accuracies are only a sanity column: batch 32 on 40-180-row blocks is far too
-coarse to learn from (the quality benchmark uses batch 8). At 200 and 400 rows both methods
-predict only the majority class (macro-F1 0.22 and 0.25); at 800 rows they land on the same
-accuracy (52 of 85 holdout rows) with different predictions (macro-F1 0.515 and 0.517).
+The end-to-end accuracies are only a sanity column: one pass at batch 32 is 6-22 steps per block.
 
 ![end to end time against rows, and where a generation's time goes](../benchmarks/results/throughput.png)
 
-The goals above are the issue's targets. Two more were asked to be reported rather than met: growth
-is linear with the fixed cost stated (the fitted lines above), and the achieved FLOP/s against
-the matmul peak (the last table); the 2 workers × 1 thread training row is reported only (0.67×
-in the loop). Teacher scoring meets its target at the margin (1,000 → 2,000 rows, start-up
-cancelled) and misses it for the whole call.
+**Every goal of issue #15 is missed in this run.** What the run shows, lever by lever:
 
-Why, as far as these runs show:
+- **`cluster.cpus_per_worker` / `teacher.cpus_per_actor: auto`** (new default; 2 on this machine):
+  the student loop at 2 threads ran 1.25× the old default's 1 thread (0.69× against 0.55× of the
+  plain Trainer), the whole call 1.31×. Kept.
+- **`deepspeed.stage: auto`** (ZeRO-0 for one worker, the default since the GPU round): 0.69× in the
+  loop against ZeRO-2's 0.74× here, where the run before measured 0.81× against 0.71×. One fit
+  each, on a noisy machine: no difference is shown either way. Kept as the default (it partitions
+  nothing away and skips ZeRO-2's bucket copies), not claimed as a speed-up.
+- **Training order in memory** (blocks up to 200,000 rows; larger ones keep Ray Data's sort):
+  0.26 s against 7.4 s for the sort at 640 rows, 0.47 s against 9.2 s at 2,000. Kept. In a run the
+  step still costs 5.8 s per generation (the profile), nearly all of it reading the targets back
+  through Ray Data.
+- **Teacher statistics streamed with pyarrow on the driver** instead of a Ray Data pass: 0.003 s per
+  generation in the profile. Kept.
+- **`method.threshold: 1` skips the teacher:** 17.3 s less per generation, the k=4 run 0.85× of
+  the scored one. Kept.
+- **Tokenizing in Ray Data:** the collate of all 640 rows took 0.12 s, 0.4% of the loop. Not built:
+  there is nothing here for it to save (a GPU, where a step takes milliseconds, may differ).
+- **The rest of the in-loop gap:** a plain Trainer fed by Ray Data's `iter_torch_batches` ran 0.92×
+  of the plain one, so Ray Data's iteration is about a quarter of the gap to 0.69×. The rest is
+  the Ray Train worker process and DeepSpeed's engine around the same model.
 
-- **Teacher scoring.** A marginal rate above the plain loop (1.06×) is within the noise of a
-  1,000-row difference (about 10 s) on this shared machine; the earlier run at 4,000 rows measured
-  0.89×. The whole call adds the actor pool's start-up (a process that imports torch and loads
-  the model), ~5 s here.
-- **Student training.** ZeRO-0 through the same Ray path reaches 0.81×, so about a third of the gap
-  is DeepSpeed's ZeRO-2 machinery (gradient buckets and flat-partition copies), which partitions
-  nothing with one worker; the rest is Ray (data iterator, worker process). The whole call adds
-  ~16 s of Ray Train start-up, worker set-up and teardown per fit.
-- **End to end.** Each generation pays a fixed ~27 s here (Ray Train start/stop 10 s, teacher
-  actor pool 6 s, worker set-up 3 s, reads, the training-order sort and bookkeeping 7 s), so four
-  generations cost ~110 s before any row is trained, against ~32 s for one fine-tune. The per-row
-  slope is fitted on three small sizes, where small fits also run their first steps slowly; it is
-  not a clean asymptote. Two changes this round moved the fixed cost: Ray Train's controller now
-  polls its workers every 0.25 s instead of 2 s (start/stop 14 s → 10 s), and the deterministic
-  training order (a sort, see [the quality section](#wall-time-and-a-fix-along-the-way)) costs
-  ~4 s more than `random_shuffle` did.
-- **Memory.** On CPU in fp32 DeepSpeed 0.19.8 keeps an extra fp32 partition copy at ZeRO-3, so the
-  planner already predicts 0.62× (see [Memory](#memory) below); measured 0.67×. The paper's
-  0.50× assumes mixed precision on GPUs, which was not available to check here.
+Where a generation's 62 s outside the loop go, and why 12 s is out of reach with one
+`TorchTrainer.fit` per generation on this machine:
+
+- **Ray Train start-up, 21 s** from `fit()` to the worker function. A fit of a function that does
+  nothing took 13.5 s to start here: a controller process and a worker process start, and the
+  worker imports torch. A real worker also imports the students' module (transformers' `Trainer`:
+  11.7 s in a fresh process). This is Ray's and the libraries' start-up, not ours; removing it
+  means keeping one worker group for the whole run, a redesign.
+- **Teacher scoring, 16 s:** an actor process that imports torch and transformers and loads the
+  teacher, then about 700 rows.
+- **Ray Data jobs on the driver:** reading the block (7.8 s per generation in the profile), the
+  training order's read (5.8 s), and the holdout and retention slices; each job costs seconds to
+  start here.
+- **Evaluation in the workers, 7.5 s:** the holdout and the 500-row retention sample, every generation.
 
 ## On a GPU
 
