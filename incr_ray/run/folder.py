@@ -226,6 +226,12 @@ def with_stage(cfg: Config, on_gpu: bool, say=print) -> Config:
     return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
 
 
+def resolve_auto(cfg: Config, on_gpu: bool, say=print) -> Config:
+    """``cfg`` with every ``auto`` that depends on the cluster resolved (ZeRO stage, CPUs per worker
+    and per scoring actor), each choice said: what a run (or an extension) trains with."""
+    return with_cpus(with_stage(cfg, on_gpu, say), on_gpu, say=say)
+
+
 def check_model_and_storage(cfg: Config) -> str:
     """Checks that need no Ray and would otherwise fail late: the base model is a classifier, the
     storage folder takes files, the tracking backend can work. Returns the base model's path (or hub name)."""
@@ -338,7 +344,7 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     """
     on_gpu = cluster_has_gpu(cfg)
     settings = cfg  # as the user wrote it (stage auto stays auto in run.json)
-    cfg = with_cpus(with_stage(cfg, on_gpu, say), on_gpu, say=say)
+    cfg = resolve_auto(cfg, on_gpu, say)
     _check_precision(cfg, on_gpu)
     base_model = check_model_and_storage(cfg)
     _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
@@ -394,4 +400,4 @@ def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run
     check_tracking(cfg)
     on_gpu = cluster_has_gpu(cfg)
     with RunLock(paths.root):
-        yield Run(cfg=with_cpus(with_stage(cfg, on_gpu, say), on_gpu, say=say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
+        yield Run(cfg=resolve_auto(cfg, on_gpu, say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
