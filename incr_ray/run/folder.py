@@ -344,7 +344,8 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
     """
     on_gpu = cluster_has_gpu(cfg)
     settings = cfg  # as the user wrote it (stage auto stays auto in run.json)
-    cfg = resolve_auto(cfg, on_gpu, say)
+    resolved: list[str] = []  # said once the data has passed: bad data stays a short error
+    cfg = resolve_auto(cfg, on_gpu, resolved.append)
     _check_precision(cfg, on_gpu)
     base_model = check_model_and_storage(cfg)
     _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
@@ -371,6 +372,8 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
                 lock = RunLock(paths.root).acquire()
             _write_split(split, paths)
             manifest = _new_manifest(settings, paths, base_model, split)
+        for line in resolved:
+            say(line)
         run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
         run.save()
         yield run
