@@ -161,11 +161,12 @@ def bench_teacher(workdir: Path, ds) -> dict[str, Any]:
 
 
 def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max_steps: int,
-                   ray_ds=None) -> dict[str, float]:
+                   ray_ds=None, deepspeed: dict[str, Any] | None = None) -> dict[str, float]:
     """A plain HF ``Trainer`` in this process: the same collate, steps, batch size and lr; no Ray,
     no DeepSpeed, the model's own cross-entropy. With ``ray_ds`` its batches come from Ray Data's
     ``iter_torch_batches`` (collate included) the way a Ray Train worker's do, which isolates what
-    that iteration costs."""
+    that iteration costs. With ``deepspeed`` (a config dict) the Trainer runs DeepSpeed's engine;
+    the process must then hold a torch process group (``deepspeed.init_distributed``)."""
     from transformers import Trainer, TrainingArguments
 
     from incr_ray.modeling import load_classifier, load_tokenizer
@@ -186,7 +187,7 @@ def plain_training(model_dir: str, label_names: list[str], rows: list[dict], max
         output_dir=tempfile.mkdtemp(prefix="plain-hf-"), per_device_train_batch_size=BATCH,
         learning_rate=LR, warmup_steps=int(0.1 * max_steps), max_steps=max_steps, lr_scheduler_type="linear",
         logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, seed=0, deepspeed=deepspeed,
     )
     if ray_ds is None:
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=data_collator)
@@ -234,10 +235,28 @@ STUDENT_NAMES = {
 }
 
 
-def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> dict[str, Any]:
+def ray_training(workdir: Path, ds, model_dir: str, label_names: list[str], label: str, workers: int,
+                 cpus: int | str, stage: int | str) -> dict[str, Any]:
+    """One ``fit_student`` (Ray Train + DeepSpeed, fed by Ray Data) on ``ds``, one pass, as a generation 0."""
     from incr_ray.generation.student import StudentRequest, fit_student
-    from incr_ray.generation.trainer import steps_for
     from incr_ray.run.folder import with_stage
+
+    rows = ds.count()
+    cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus,
+                                               "deepspeed.stage": stage})
+    cfg = with_stage(cfg, on_gpu=False, say=lambda line: None)  # what open_run does for a run
+    started = time.perf_counter()
+    request = StudentRequest(generation=0, init_model=model_dir, label_names=label_names, rows=rows,
+                             model_dest=str(workdir / f"student-{label}"), ray_storage=str(workdir / "_ray_train"))
+    m = fit_student(cfg, request, ds, on_gpu=False, say=lambda line: None)
+    return {"train_seconds": m["train_seconds"], "call_seconds": time.perf_counter() - started,
+            "setup_seconds": m["setup_seconds"], "save_seconds": m["save_seconds"],
+            "steps": m["steps"], "samples": m["steps"] * BATCH * workers,
+            "samples_per_second": m["samples_per_second"]}
+
+
+def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> dict[str, Any]:
+    from incr_ray.generation.trainer import steps_for
 
     rows = ds.count()
     out: dict[str, Any] = {"rows": rows}
@@ -248,17 +267,7 @@ def bench_student(workdir: Path, ds, model_dir: str, label_names: list[str]) -> 
     # The defaults (stage and CPUs auto: ZeRO-0, 1 worker × 2 threads here) against what they
     # replace: ZeRO-2, which the CPU config used to pin, and 1 thread, the old cpus_per_worker.
     for label, workers, cpus, stage in STUDENT_PATHS:
-        cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus,
-                                                   "deepspeed.stage": stage})
-        cfg = with_stage(cfg, on_gpu=False, say=lambda line: None)  # what open_run does for a run
-        started = time.perf_counter()
-        request = StudentRequest(generation=0, init_model=model_dir, label_names=label_names, rows=rows,
-                                 model_dest=str(workdir / f"student-{label}"), ray_storage=str(workdir / "_ray_train"))
-        m = fit_student(cfg, request, ds, on_gpu=False, say=lambda line: None)
-        out[label] = {"train_seconds": m["train_seconds"], "call_seconds": time.perf_counter() - started,
-                      "setup_seconds": m["setup_seconds"], "save_seconds": m["save_seconds"],
-                      "steps": m["steps"], "samples": m["steps"] * BATCH * workers,
-                      "samples_per_second": m["samples_per_second"]}
+        out[label] = ray_training(workdir, ds, model_dir, label_names, label, workers, cpus, stage)
     for label in ("plain_ray_data", *(path[0] for path in STUDENT_PATHS)):
         r, p = out[label], out["plain"]
         r["ratio_in_loop"] = r["samples_per_second"] / p["samples_per_second"]

@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import quality  # noqa: E402
+import student_gap  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def test_matmul_peak_is_a_positive_finite_rate():
     assert math.isfinite(flops) and flops > 1e6
 
 
-@pytest.mark.parametrize("script", ["quality.py", "throughput.py", "zero_memory.py"])
+@pytest.mark.parametrize("script", ["quality.py", "throughput.py", "zero_memory.py", "student_gap.py"])
 def test_scripts_describe_their_command(script):
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                          timeout=120)
@@ -155,3 +156,22 @@ def test_throughput_verdicts_are_the_overhead_goals_and_the_report_renders():
     assert "does nothing took 11.0 s from fit() to the function and 1.0 s after it (mean of 2)" in text
     assert "| 640 | 0.30 | 3.00 |" in text and "took 0.09 s, 1.0% of the plain loop" in text and "MISSED: fixed cost per generation ≤ 12 s" in text
     assert throughput.plot(r).startswith(b"\x89PNG")
+
+
+def test_student_gap_takes_each_ratio_against_the_same_rounds_plain_fit():
+    def fit(rate):
+        return {"samples_per_second": rate, "train_seconds": 640 / rate}
+
+    rates = [{"plain": 20.0, "deepspeed": 18.0, "ray_task": 19.0, "ray_task_deepspeed": 17.0, "ray_data": 18.5,
+              "fit_student": 14.0},
+             {"plain": 10.0, "deepspeed": 9.0, "ray_task": 10.0, "ray_task_deepspeed": 8.0, "ray_data": 9.0,
+              "fit_student": 8.0}]  # round 2 on a machine twice as slow
+    paths = student_gap.with_ratios([{name: fit(rate) for name, rate in r.items()} for r in rates])
+    assert paths["plain"]["ratios"] == [1.0, 1.0]
+    assert paths["deepspeed"]["ratios"] == pytest.approx([0.9, 0.9]) and paths["deepspeed"]["ratio"] == pytest.approx(0.9)
+    assert paths["fit_student"]["ratio"] == pytest.approx((0.7 + 0.8) / 2)
+    assert (paths["fit_student"]["ratio_min"], paths["fit_student"]["ratio_max"]) == pytest.approx((0.7, 0.8))
+    r = {"settings": {"rows": 640, "steps": 20, "repeats": 2}, "paths": paths}
+    text = student_gap.render(r)
+    assert "| + DeepSpeed ZeRO-0 engine, fresh process | 18.0 / 9.0 | 0.90× (0.90–0.90) |" in text
+    assert "| the students' fit_student (Ray Train + DeepSpeed + Ray Data) | 14.0 / 8.0 | 0.75× (0.70–0.80) |" in text
