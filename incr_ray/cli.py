@@ -253,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("extend", help="train one more generation of a finished run on new data")
     e.add_argument("--run", required=True, help="run folder (storage.path/run.name)")
     e.add_argument("--data", required=True, help="new labelled data file (csv, jsonl, parquet)")
-    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override resource settings")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override resource settings, or how the new generation trains: student.learning_rate, "
+                        "student.schedule (run: at 10%% of the peak, no warmup back to it), student.min_steps, "
+                        "student.epochs, ...")
     e.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
                    help="carve this share of the new data off as its own holdout (seeded per-row hash): this and "
                         "every later generation is scored on it, so drift and forgetting show (default 0: off)")

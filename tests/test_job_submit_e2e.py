@@ -283,8 +283,10 @@ def test_extend_job_adds_one_generation(head, trained_run):
     pd.DataFrame({"text": texts, "label": np.array(SYNTHETIC_LABELS)[classes]}).to_csv(new_data, index=False)
     assert set(np.array(SYNTHETIC_LABELS)[classes]) == set(before["label_names"])
 
+    # The extension trains at the run schedule's floor (10% of the peak) although the run used the
+    # default per-generation schedule: extend may change how its own generation trains.
     job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
-                                 "--holdout-fraction", "0.25")
+                                 "--holdout-fraction", "0.25", "--set", "student.schedule=run")
     assert head.job_details(job_id)["status"] == "SUCCEEDED"
 
     after = json.loads((run_dir / "run.json").read_text())
@@ -294,6 +296,12 @@ def test_extend_job_adds_one_generation(head, trained_run):
     assert all(g["status"] == "finished" for g in gens)
     assert gens[2].get("extended") is True and not gens[0].get("extended") and not gens[1].get("extended")
     assert gens[2]["source"] == str(new_data)
+    assert gens[2]["settings"] == {"student.schedule": "run"} and "settings" not in gens[1]
+    assert after["config"]["student"]["schedule"] == "generation"  # the run's own, for its next extension
+    assert "generation 2 trains with student.schedule=run (the run's: student.schedule=generation)" in output
+    assert gens[1]["train"]["max_learning_rate"] > 0.5e-2  # warmed up to the 1e-2 peak
+    assert gens[2]["train"]["max_learning_rate"] == pytest.approx(1e-3)  # the floor, from the first step
+    assert "extension (trained with `student.schedule=run`)" in (run_dir / "report.md").read_text()
     # A quarter of the new rows (a seeded hash) held out as the extension's own holdout, scored
     # by the generation trained on the rest.
     held_out = pq.read_table(run_dir / "gen_002" / "own_holdout").to_pandas()

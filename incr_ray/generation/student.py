@@ -264,6 +264,9 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             # the first step, and the consolidated save after the last.
             "setup_seconds": started - entered,
             "steps": int(output.global_step),
+            # The highest rate a logged step trained at: the peak, or the floor of `schedule: run` after its plan.
+            "max_learning_rate": max((h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h),
+                                     default=None),
             "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
             "zero_stage": cfg.deepspeed.stage,
             "cpus_per_worker": cfg.cluster.cpus_per_worker,  # the number `auto` became

@@ -29,7 +29,7 @@ from ..modeling import ModelError, check_classifier, head_mismatch, resolve_mode
 from ..plan import auto_stage, resolve_shape
 from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
                        write_json_atomic)
-from .manifest import DataInfo, Manifest, RunError, check_compatible, load, now
+from .manifest import EXTENSION_SETTINGS, DataInfo, Manifest, RunError, check_compatible, load, now
 from .tracking import Tracker, check_tracking
 
 
@@ -399,7 +399,8 @@ def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run
             f"run {manifest.name!r} is not finished; finish it first with the same `incr-ray train` command"
         )
     cfg = config_from_dict(manifest.config, overrides)
-    check_compatible(manifest, cfg)  # only resource settings may be overridden here
+    # Resource settings may change, and how the new generation trains (EXTENSION_SETTINGS).
+    check_compatible(manifest, cfg, may_change=EXTENSION_SETTINGS)
     check_tracking(cfg)
     on_gpu = cluster_has_gpu(cfg)
     with RunLock(paths.root):

@@ -34,7 +34,7 @@ from ..method.targets import softmax
 from ..modeling import NonFiniteError
 from ..storage import drop_staged, is_remote, remove_tree, rename_tree, write_bytes_atomic
 from .folder import Run, cluster_has_gpu, on_every_node, open_finished, open_run, read_manifest
-from .manifest import GenerationEntry, RunError, now
+from .manifest import GenerationEntry, RunError, as_sets, extension_settings, now, result_settings
 from .model_card import write_model_card
 from .report import plot_png, render_report, summary_line
 from .tracking import tracked
@@ -379,21 +379,16 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
         new_block = read_labelled_file(data_path, run.cfg.data, run.label_names).materialize()
         if new_block.count() == 0:
             raise RunError(f"{data_path!r} holds no rows; nothing to extend with")
-        if m.status == "extending":  # an earlier extend was interrupted: finish it
-            if m.generations[-1].source != data_path:
-                raise RunError(
-                    f"run {m.name!r} is still being extended with {m.generations[-1].source!r}; "
-                    "run extend with that --data first"
-                )
-            g = m.generations[-1].index
-        else:
-            g = len(m.generations)
-            m.status = "extending"
-            m.entry(g).source = data_path
-            m.entry(g).own_holdout_fraction = holdout_fraction or None
+        settings = extension_settings(m, run.cfg)
+        resumed = m.status == "extending"
+        g = m.begin_extension(data_path, holdout_fraction, settings)
+        if not resumed:
             run.save()
             for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.adapter(g), run.paths.own_holdout(g)):
                 remove_tree(leftover)  # of a crash before run.json knew them
+        if settings:
+            say(f"generation {g} trains with {as_sets(settings)} (the run's: "
+                f"{as_sets({k: v for k, v in result_settings(m.config).items() if k in settings})})")
         teacher = m.teacher_of(g)
         block = _carve_own_holdout(run, g, new_block).with_column("block", lit(np.int64(g)))
         entry = run_generation(run, g, block, teacher, extended=True)
@@ -415,8 +410,9 @@ def _say_extension(say, before: GenerationEntry, after: GenerationEntry) -> None
             f"then NLL), so the final model stays generation {before.index} at holdout accuracy {a:.4f}")
     elif b < a:
         say(f"warning: generation {after.index} is {100 * (a - b):.1f} points less accurate on the holdout than "
-            f"generation {before.index} and is now the final model; with method.validation_fraction and "
-            "method.keep_best a student worse than its teacher on a validation slice is not promoted")
+            f"generation {before.index} and is now the final model; an extension with --set student.schedule=run "
+            "trains at 10% of the peak learning rate and moves the model less, and in a run with "
+            "method.validation_fraction and method.keep_best a student worse than its teacher is not promoted")
 
 
 def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bool = False):

@@ -222,7 +222,7 @@ def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = F
     that ``model.base`` names a folder on this machine (a relative path can look like a Hub id).
     The card calls ``g`` the run's final model when the run is finished and names it so.
     """
-    cfg = config_from_dict(manifest.config)
+    cfg = config_from_dict(manifest.config_of(g))  # an extension may train with its own settings
     entry = manifest.generations[g]
     hub_id = hub_base_model(cfg.model.base, base_is_local_folder)
     base = _base_shown(cfg.model.base, hub_id)

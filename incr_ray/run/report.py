@@ -184,7 +184,7 @@ def drift_markdown(drift: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n" + note
 
 
-OPTIONAL_FIELDS = ("extended", "promoted", "teacher_on_block", "continual", "validation", "calibration",
+OPTIONAL_FIELDS = ("extended", "settings", "promoted", "teacher_on_block", "continual", "validation", "calibration",
                    "own_holdout", "own_holdout_rows", "drift")
 
 
@@ -212,7 +212,9 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
         if change is None:
             continue
         extensions[e["index"]] = change
-        md.append(f"Generation {e['index']} extension: holdout accuracy {change['accuracy_before']:.4f} "
+        own = ", ".join(f"`{k}={v}`" for k, v in (e.get("settings") or {}).items())
+        trained_with = f" (trained with {own})" if own else ""
+        md.append(f"Generation {e['index']} extension{trained_with}: holdout accuracy {change['accuracy_before']:.4f} "
                   f"(generation {change['previous_generation']}) → {change['accuracy_after']:.4f} "
                   f"({change['delta_points']:+.1f} points).")
         if change["worse"]:

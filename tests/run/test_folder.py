@@ -11,7 +11,8 @@ import pytest
 
 from incr_ray.config import Config, ConfigError, config_from_dict
 from incr_ray.run.folder import RunLock, decide_gpu
-from incr_ray.run.manifest import GenerationEntry, Manifest, RunError, check_compatible, load
+from incr_ray.run.manifest import (EXTENSION_SETTINGS, GenerationEntry, Manifest, RunError, check_compatible,
+                                   extension_settings, load)
 from incr_ray.storage import StorageError
 
 
@@ -87,3 +88,43 @@ def test_settings_a_run_predates_count_as_their_defaults():
     check_compatible(_manifest(old), Config())
     with pytest.raises(RunError, match="student.min_steps: 100 -> 5"):
         check_compatible(_manifest(old), config_from_dict({"student": {"min_steps": 5}}))
+
+
+def test_an_extension_may_change_how_its_generation_trains_and_nothing_else():
+    m = _manifest(Config().to_dict())
+    gentle = config_from_dict({"student": {"schedule": "run", "learning_rate": 1e-5}})
+    with pytest.raises(RunError, match="student.schedule: 'generation' -> 'run'"):
+        check_compatible(m, gentle)  # a resumed run may not change it
+    check_compatible(m, gentle, may_change=EXTENSION_SETTINGS)  # an extension's new generation may
+    assert extension_settings(m, gentle) == {"student.learning_rate": 1e-5, "student.schedule": "run"}
+    assert extension_settings(m, Config()) == {}
+    with pytest.raises(RunError, match="method.threshold: 0.9 -> 0.8"):  # targets are made as the run's were
+        check_compatible(m, config_from_dict({"method": {"threshold": 0.8}}), may_change=EXTENSION_SETTINGS)
+    with pytest.raises(RunError, match="student.init"):
+        check_compatible(m, config_from_dict({"student": {"init": "base"}}), may_change=EXTENSION_SETTINGS)
+
+
+def test_each_generation_reads_back_the_config_it_trained_with():
+    m = _manifest(Config().to_dict())
+    m.entry(2).settings = {"student.schedule": "run", "student.learning_rate": 1e-5}
+    assert config_from_dict(m.config_of(2)).student.schedule == "run"
+    assert config_from_dict(m.config_of(2)).student.learning_rate == 1e-5
+    assert config_from_dict(m.config_of(1)).student.schedule == "generation"  # the run's own
+    assert m.config["student"]["schedule"] == "generation"  # the run's settings stay as they were
+
+
+def test_an_interrupted_extension_is_finished_only_with_its_data_and_settings():
+    m = _manifest(Config().to_dict())
+    m.status = "finished"
+    gentle = {"student.schedule": "run"}
+    assert m.begin_extension("new.csv", 0.2, gentle) == 3
+    e = m.generations[3]
+    assert (m.status, e.status, e.source, e.own_holdout_fraction, e.settings) == \
+        ("extending", "pending", "new.csv", 0.2, gentle)
+    assert m.begin_extension("new.csv", 0.2, gentle) == 3  # the same extend again finishes it
+    with pytest.raises(RunError, match="still being extended with 'new.csv'; run extend with that --data first"):
+        m.begin_extension("other.csv", 0.2, gentle)
+    with pytest.raises(RunError, match="started with student.schedule=run, not the run's own settings; "
+                                       "pass the same --set to finish it"):
+        m.begin_extension("new.csv", 0.2, {})
+    assert len(m.generations) == 4

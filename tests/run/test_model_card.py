@@ -144,6 +144,11 @@ def test_an_extension_names_its_new_data_and_block_size():
     assert "| 3 (new data `new_reviews.csv`) | 150 | 3 |" in _section(card, "Data")
     assert "student of generation 2 on 150 rows of the new data `new_reviews.csv`" in card
     assert "| **3** | **extension** |" in card
+    assert "schedule `generation`" in _section(card, "How it was trained")
+    m.generations[3].settings = {"student.schedule": "run", "student.learning_rate": 2e-5}
+    trained = _section(render_model_card(m, 3), "How it was trained")  # the extension's own settings
+    assert "learning rate 2e-05 (schedule `run`" in trained
+    assert "schedule `generation`" in _section(render_model_card(m, 2), "How it was trained")
 
 
 @pytest.mark.parametrize("base, local, expected", [

@@ -101,6 +101,14 @@ def test_extension_line_and_warning(after, worse):
     assert ext["previous_generation"] == 1
 
 
+def test_an_extension_with_its_own_settings_says_them():
+    m = _manifest([_gen(0, 0.70), _gen(1, 0.75),
+                   _gen(2, 0.76, extended=True, settings={"student.schedule": "run"})])
+    md, js = render_report(m)
+    assert "Generation 2 extension (trained with `student.schedule=run`): holdout accuracy 0.7500" in md
+    assert json.loads(js)["generations"][2]["settings"] == {"student.schedule": "run"}
+
+
 def test_final_generation_absent_or_unknown_is_the_last_finished():
     gens = [_gen(0, 0.7), _gen(1, 0.72), {"index": 2, "status": "running"}]
     assert final_entry(_manifest(gens))["index"] == 1
