@@ -164,6 +164,8 @@ def _generation_tags(entry: dict[str, Any], teacher: int | None, parent_id: str)
             "teacher": "none" if teacher is None else str(teacher)}
     if entry.get("extended"):
         tags.update(extended="true", source=str(entry.get("source")))
+        # extend --set: how this generation trained differently from the run's params
+        tags.update({f"extension.{k}": str(v) for k, v in (entry.get("settings") or {}).items()})
     return tags
 
 

@@ -134,6 +134,7 @@ def test_a_run_resumed_and_extended_logs_into_one_parent_run(tmp_path, mlflow_db
     run.cfg = extended
     with tracked(run):
         run.manifest.entry(2).extended, run.manifest.entry(2).source = True, "new.csv"
+        run.manifest.entry(2).settings = {"student.schedule": "run"}
         _train_generation(run, 2, accuracy=0.8)
 
     client = _client(mlflow_db)
@@ -156,6 +157,7 @@ def test_a_run_resumed_and_extended_logs_into_one_parent_run(tmp_path, mlflow_db
     assert [by_gen[g].info.run_id for g in range(3)] == [run.manifest.entry(g).tracking_run_id for g in range(3)]
     assert by_gen[0].data.tags["teacher"] == "none" and by_gen[1].data.tags["teacher"] == "0"
     assert by_gen[2].data.tags["extended"] == "true" and by_gen[2].data.tags["source"] == "new.csv"
+    assert by_gen[2].data.tags["extension.student.schedule"] == "run" and "extension.student.schedule" not in by_gen[1].data.tags
     assert by_gen[1].info.run_name == "gen_001" and by_gen[1].info.status == "FINISHED"
     loss = client.get_metric_history(by_gen[1].info.run_id, "loss")
     assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [(1, 0.8), (2, 0.6), (3, 0.4)]
