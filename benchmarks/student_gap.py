@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import harness  # environment before ray
-from harness import ROOT, machine, markdown_table, start_local_ray, write_results
-from throughput import BATCH, THREADS, classifier_folder, plain_training, ray_training, training_rows
+from harness import ROOT, machine, markdown_table, write_results
+from throughput import BATCH, THREADS, begin, classifier_folder, plain_training, ray_training, training_rows
 
 HERE = Path(__file__).resolve().parent
 PATHS: tuple[tuple[str, str], ...] = (
@@ -129,14 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         a.child[1].write_text(json.dumps(train_once(json.loads(a.child[0].read_text()))))
         return 0
-    workdir = a.workdir.resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    import torch
-
-    torch.set_num_threads(THREADS)
     started = time.perf_counter()
-    start_local_ray()
+    workdir = begin(a.workdir)
     from incr_ray.generation.trainer import steps_for
 
     ds, label_names = training_rows(workdir, a.rows)

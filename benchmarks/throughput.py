@@ -644,6 +644,18 @@ def plot(r: dict[str, Any]) -> bytes:
     return figure_png(fig)
 
 
+def begin(workdir: Path) -> Path:
+    """An empty ``workdir`` (resolved), ``THREADS`` torch threads in this process, and the local Ray."""
+    import torch
+
+    workdir = workdir.resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    torch.set_num_threads(THREADS)
+    start_local_ray()
+    return workdir
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher-rows", type=int, default=2000)
@@ -662,15 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         write_results("throughput", r, text, plot(r), a.out)
         return 0
-    workdir = a.workdir.resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-
-    import torch
-
-    torch.set_num_threads(THREADS)
     started = time.perf_counter()
-    start_local_ray()
+    workdir = begin(a.workdir)
     r: dict[str, Any] = {"machine": machine(), "settings": {
         "threads": THREADS, "max_length": MAX_LENGTH, "batch": BATCH, "teacher_batch": TEACHER_BATCH,
         "teacher_rows": a.teacher_rows, "student_rows": a.student_rows, "sizes": [a.n, 2 * a.n, 4 * a.n]}}
