@@ -98,7 +98,8 @@ def test_an_extension_may_change_how_its_generation_trains_and_nothing_else():
     check_compatible(m, gentle, may_change=EXTENSION_SETTINGS)  # an extension's new generation may
     assert extension_settings(m, gentle) == {"student.learning_rate": 1e-5, "student.schedule": "run"}
     assert extension_settings(m, Config()) == {}
-    with pytest.raises(RunError, match="method.threshold: 0.9 -> 0.8"):  # targets are made as the run's were
+    with pytest.raises(RunError, match=r"method.threshold: 0.9 -> 0.8\); an extension may change resource settings "
+                                       r"and student.epochs, .*student.schedule"):  # targets are made as the run's were
         check_compatible(m, config_from_dict({"method": {"threshold": 0.8}}), may_change=EXTENSION_SETTINGS)
     with pytest.raises(RunError, match="student.init"):
         check_compatible(m, config_from_dict({"student": {"init": "base"}}), may_change=EXTENSION_SETTINGS)
