@@ -210,13 +210,10 @@ def check_compatible(manifest: Manifest, cfg: Config, may_change: tuple[str, ...
     old = result_settings(manifest.config)
     new = result_settings(cfg.to_dict())
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if k not in may_change and old.get(k) != new.get(k)]
-    if changed and may_change:  # an extension
-        raise RunError(
-            f"run {manifest.name!r} was trained with other settings ({'; '.join(changed)}); an extension may "
-            f"change resource settings and {', '.join(may_change)} only"
-        )
-    if changed:
-        raise RunError(
-            f"run {manifest.name!r} was started with other settings ({'; '.join(changed)}); "
-            "restore them to resume, or choose a new run.name"
-        )
+    if not changed:
+        return
+    if may_change:  # an extension
+        said, fix = "trained", f"an extension may change resource settings and {', '.join(may_change)} only"
+    else:
+        said, fix = "started", "restore them to resume, or choose a new run.name"
+    raise RunError(f"run {manifest.name!r} was {said} with other settings ({'; '.join(changed)}); {fix}")

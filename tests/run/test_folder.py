@@ -86,7 +86,7 @@ def test_settings_a_run_predates_count_as_their_defaults():
     old = Config().to_dict()
     del old["method"]["anneal"], old["student"]["min_steps"]  # written before those keys existed
     check_compatible(_manifest(old), Config())
-    with pytest.raises(RunError, match="student.min_steps: 100 -> 5"):
+    with pytest.raises(RunError, match=r"was started with other settings \(student.min_steps: 100 -> 5\); restore them to resume"):
         check_compatible(_manifest(old), config_from_dict({"student": {"min_steps": 5}}))
 
 
