@@ -1,7 +1,7 @@
 """Where the student loop's gap to a plain HF Trainer goes: the same loop with one piece of the
 pipeline added at a time.
 
-    python benchmarks/student_gap.py                            # about 12 min on 2 cores
+    python benchmarks/student_gap.py                            # about 18 min on 2 cores (4 rounds)
     python benchmarks/student_gap.py --rows 96 --repeats 1 --out /tmp/gap   # the script end to end
 
 ``throughput.py`` measures the students' loop at about 0.7× a plain ``transformers.Trainer`` and a
@@ -19,8 +19,9 @@ the same lr, 2 threads) and is timed inside ``trainer.train()``:
   Ray Train, DeepSpeed ZeRO-0, Ray Data, the soft-target loss).
 
 The paths run ``--repeats`` times, interleaved (all paths, then all again), so that drift on the
-machine touches each alike; each ratio is taken against the ``plain`` fit of the same round, and
-the mean and range over rounds are reported. Results go to ``benchmarks/results/student_gap.{json,md}``.
+machine touches each alike, and every other round runs them in reverse order, so that no path
+always runs first or last (:func:`round_order`); each ratio is taken against the ``plain`` fit of
+the same round, and the mean and range over rounds are reported. Results go to ``benchmarks/results/student_gap.{json,md}``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def in_ray_task(job: dict[str, Any]) -> dict[str, float]:
     return ray.get(ray.remote(num_cpus=THREADS, max_calls=1)(train_once).remote(job))
 
 
+def round_order(i: int) -> list[str]:
+    """The paths in the order round ``i`` runs them: as listed in even rounds, reversed in odd ones."""
+    names = [name for name, _ in PATHS]
+    return names if i % 2 == 0 else names[::-1]
+
+
 def with_ratios(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Per path: samples/s in each round, and its ratio to the same round's ``plain``."""
     out: dict[str, Any] = {}
@@ -113,14 +120,14 @@ def render(r: dict[str, Any]) -> str:
              f"{r['paths'][name]['ratio']:.2f}× ({r['paths'][name]['ratio_min']:.2f}–{r['paths'][name]['ratio_max']:.2f})"]
             for name, label in PATHS]
     return (f"# Where the student loop's gap goes\n\n{s['rows']} rows, {s['steps']} steps at batch {BATCH}, "
-            f"{THREADS} threads, {s['repeats']} interleaved round(s); samples/s inside `trainer.train()`.\n\n"
+            f"{THREADS} threads, {s['repeats']} interleaved round(s), every other one in reverse order; samples/s inside `trainer.train()`.\n\n"
             + markdown_table(["path", "samples/s per round", "÷ plain (range)"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=640)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmarks" / "student_gap")
     p.add_argument("--out", type=Path, default=harness.RESULTS)
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -139,19 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     for row in job["rows"]:
         row["label"] = int(row["label"])  # JSON for the fresh process
         row["row_id"] = int(row["row_id"])
+    fits = {
+        "plain": lambda i: in_fresh_process({**job, "deepspeed": False}, workdir),
+        "deepspeed": lambda i: in_fresh_process({**job, "deepspeed": True}, workdir),
+        "ray_task": lambda i: in_ray_task({**job, "deepspeed": False}),
+        "ray_task_deepspeed": lambda i: in_ray_task({**job, "deepspeed": True}),
+        "ray_data": lambda i: plain_training(model_dir, label_names, [], steps, ray_ds=ds),
+        "fit_student": lambda i: ray_training(workdir, ds, model_dir, label_names, f"gap-{i}", 1, "auto", "auto"),
+    }
     rounds = []
     for i in range(a.repeats):
-        print(f"round {i + 1} of {a.repeats}", flush=True)
-        rounds.append({
-            "plain": in_fresh_process({**job, "deepspeed": False}, workdir),
-            "deepspeed": in_fresh_process({**job, "deepspeed": True}, workdir),
-            "ray_task": in_ray_task({**job, "deepspeed": False}),
-            "ray_task_deepspeed": in_ray_task({**job, "deepspeed": True}),
-            "ray_data": plain_training(model_dir, label_names, [], steps, ray_ds=ds),
-            "fit_student": ray_training(workdir, ds, model_dir, label_names, f"gap-{i}", 1, "auto", "auto"),
-        })
+        print(f"round {i + 1} of {a.repeats}: {', '.join(round_order(i))}", flush=True)
+        rounds.append({name: fits[name](i) for name in round_order(i)})
     r = {"machine": machine(), "settings": {"rows": a.rows, "steps": steps, "repeats": a.repeats},
-         "rounds": rounds, "paths": with_ratios(rounds), "wall_seconds": time.perf_counter() - started}
+         "rounds": rounds, "orders": [round_order(i) for i in range(a.repeats)], "paths": with_ratios(rounds), "wall_seconds": time.perf_counter() - started}
     text = render(r) + f"\n\nTotal wall time {r['wall_seconds'] / 60:.1f} min."
     print(text)
     write_results("student_gap", r, text, None, a.out)

@@ -158,6 +158,14 @@ def test_throughput_verdicts_are_the_overhead_goals_and_the_report_renders():
     assert throughput.plot(r).startswith(b"\x89PNG")
 
 
+def test_student_gap_reverses_every_other_round_so_no_path_always_runs_first():
+    names = [name for name, _ in student_gap.PATHS]
+    assert student_gap.round_order(0) == names and student_gap.round_order(2) == names
+    assert student_gap.round_order(1) == names[::-1] and student_gap.round_order(3) == names[::-1]
+    positions = {n: sum(student_gap.round_order(i).index(n) for i in range(4)) for n in names}
+    assert len(set(positions.values())) == 1  # over 4 rounds every path has the same mean place
+
+
 def test_student_gap_takes_each_ratio_against_the_same_rounds_plain_fit():
     def fit(rate):
         return {"samples_per_second": rate, "train_seconds": 640 / rate}
