@@ -106,7 +106,7 @@ def test_render_and_plot_a_fake_result():
 
 def test_presets(tmp_path):
     a = arrival.resolve(arrival.parser().parse_args(["--workdir", str(tmp_path)]))
-    assert (a.seeds, a.rows, a.k, a.max_length) == ([0, 1, 2, 3], 1100, 4, 32)
+    assert (a.seeds, a.rows, a.k, a.max_length) == ([0, 1, 2], 4000, 4, 32)
     a = arrival.resolve(arrival.parser().parse_args(["--smoke"]))
     shutil.rmtree(a.out.parent)  # the temporary folder --smoke made
     assert (a.seeds, a.rows, a.k, a.max_length) == ([0, 1], 160, 2, 16) and "smoke" in str(a.out)

@@ -48,6 +48,16 @@ def test_readme_quality_block_holds_every_paired_difference():
         assert f"the best-measured lever ({100 * best['accuracy']['mean']:+.1f} points" in block
 
 
+def test_readme_quality_block_gives_every_arrival_claim_and_nothing_before_a_run(tmp_path):
+    generate = _generator()
+    r = json.loads((REPO / "benchmarks" / "results" / "arrival.json").read_text())
+    block = generate.quality_block()
+    for c in r["claims"]:
+        assert f"{c['claim']}: {c['figures'].split(';')[0]}, {c['status']}" in block
+    assert f"{len(r['settings']['seeds'])} seeds, k = {r['settings']['k']} arrivals" in block
+    assert generate.arrival_sentence(tmp_path) == ""  # no arrival.json: no sentence
+
+
 def test_readme_cost_line_gives_every_throughput_goal():
     generate = _generator()
     block = generate.cost_block()
