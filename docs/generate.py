@@ -187,7 +187,7 @@ and where the student loop's gap to a plain Trainer goes ([Throughput](#throughp
 .venv/bin/python benchmarks/arrival.py            # ≈ 110 min here: 3 seeds, k = 4 arrivals of ≈ 800 rows
 .venv/bin/python benchmarks/extension.py          # ≈ 85 min here: 5 seeds, a k = 2 run extended 4 ways
 .venv/bin/python benchmarks/throughput.py         # 43 min here
-.venv/bin/python benchmarks/student_gap.py        # about 9 min: the student loop with one piece added at a time
+.venv/bin/python benchmarks/student_gap.py        # about 22 min: the student loop with one piece added at a time
 .venv/bin/python benchmarks/quality.py --levers   # optional: issue #13's levers against incremental, seeds 0-2
 .venv/bin/python benchmarks/quality.py --knobs    # optional: p, τ, α, init, min_steps, seeds 0-2
 .venv/bin/python benchmarks/quality.py --gpu      # the whole corpus, sized for a GPU machine
@@ -461,19 +461,27 @@ The end-to-end accuracies are only a sanity column: one pass at batch 32 is 6-22
 - **The rest of the in-loop gap:** a plain Trainer fed by Ray Data's `iter_torch_batches` ran 0.92×
   of the plain one, so Ray Data's iteration is about a quarter of the gap to 0.69×. The rest is
   the Ray Train worker process and DeepSpeed's engine around the same model.
-- **Taken apart** (`benchmarks/student_gap.py`, 2026-12-01, 9.1 min alone): the same loop with one
-  piece added at a time, 640 rows, two interleaved rounds, each ratio against the same round's
-  plain fit:
+- **Taken apart** (`benchmarks/student_gap.py`, 2026-12-01, 21.9 min alone): the same loop with
+  one piece added at a time, 640 rows, four interleaved rounds, the second and fourth in reverse
+  order, each ratio against the same round's plain fit:
 
 {{student_gap}}
 
-  No piece alone costs more than this machine's noise: DeepSpeed's ZeRO-0 engine 0.96×
-  (0.89–1.02), a Ray worker process faster, not slower, Ray Data's iteration 1.09× (0.84–1.33,
-  the widest). Together, in `fit_student`, the loop ran 0.81× (0.77–0.84), against 0.69× in
-  `throughput.py` three hours earlier (the loop's code unchanged since): the goal of 0.9× sits inside the spread
-  of these measurements, and what the combination costs beyond its pieces (a gloo process group,
-  Ray Data's streaming split to a Ray Train worker) is not resolved by two rounds. Each path runs
-  in the same place of every round, so an order effect is not ruled out either.
+  **The order matters, so the rounds alternate it.** In the two reversed rounds, where the plain fit
+  ran last, each piece's ratio was lower than in both forward rounds: DeepSpeed's engine 0.73× and 0.76×, against 1.01× and
+  1.09× in the forward rounds, where the plain fit ran first. An earlier run of two rounds, both in
+  the forward order, therefore flattered every path (it had `fit_student` at 0.81× and DeepSpeed at
+  0.96×). Averaged over both orders:
+  - `fit_student`, the pipeline's whole loop, ran 0.75× (0.60–0.85), the lowest ratio in 3 of 4
+    rounds: the 0.9× goal is missed;
+  - DeepSpeed's ZeRO-0 engine is the largest single piece on the means, 0.89× (0.73–1.09) alone and
+    0.89× (0.69–1.05) inside a Ray worker: about 40% of the gap, but each range reaches past 1;
+  - a Ray worker process (1.05×) and Ray Data's iteration (1.09×) show no cost.
+
+  The rest, a further 0.84× (0.75 ÷ 0.89), comes only with the combination: a gloo process group,
+  Ray Data's streaming split to a Ray Train worker, the soft-target loss. Rounds on this machine
+  vary by more than that (the plain fit ranged 16.7–22.1 samples/s), so which of them it is stays
+  unresolved here.
 
 Where a generation's 62 s outside the loop go, and why 12 s is out of reach with one
 `TorchTrainer.fit` per generation on this machine:
