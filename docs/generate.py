@@ -388,6 +388,8 @@ one pass, and every method learns: generation 0 reaches 0.70 holdout accuracy an
 The run before this one, at 1,100 rows per seed, had fits of 27 steps that hardly learned
 (generation 0 predicted the majority class on every seed), so this size became the default.
 
+### Extension
+
 Does `incr-ray extend` with a few hundred new rows cost accuracy, and why?
 `benchmarks/extension.py`: per seed, a k = 2 run with the demo's settings (lr 2e-4, 10% warmup,
 batch 8, one pass, `min_steps` at its default of 100; MiniLM, max_length 32) on two blocks of
