@@ -39,7 +39,7 @@ Paired over seeds (same holdout and blocks per seed): at each arrival the mean a
 (a) − (b) and (a) − (c), and of (a)'s cumulative cost over (b)'s. The claims: at the last arrival
 (a) is within 1 point of (b)'s accuracy at no more than half its cumulative cost, and (a) beats (c).
 
-**Default size and time.** 4,000 rows per seed (20% holdout ≈ 830, 4 arrivals of ≈ 800),
+**Default size and time.** 4,000 rows per seed (20% holdout ≈ 820, 4 arrivals of ≈ 800),
 max_length 32, 3 seeds: a fit over one arrival is 100 optimizer steps in one pass, enough to learn
 from (at the earlier default of 1,100 rows a fit was 27 steps and generation 0 predicted the
 majority class on every seed). Measured alone on the 2-core machine: about 37 min a seed, so the

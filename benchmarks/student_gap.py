@@ -1,7 +1,7 @@
 """Where the student loop's gap to a plain HF Trainer goes: the same loop with one piece of the
 pipeline added at a time.
 
-    python benchmarks/student_gap.py                            # about 18 min on 2 cores (4 rounds)
+    python benchmarks/student_gap.py                            # about 22 min on 2 cores (4 rounds)
     python benchmarks/student_gap.py --rows 96 --repeats 1 --out /tmp/gap   # the script end to end
 
 ``throughput.py`` measures the students' loop at about 0.7× a plain ``transformers.Trainer`` and a
@@ -21,7 +21,8 @@ the same lr, 2 threads) and is timed inside ``trainer.train()``:
 The paths run ``--repeats`` times, interleaved (all paths, then all again), so that drift on the
 machine touches each alike, and every other round runs them in reverse order, so that no path
 always runs first or last (:func:`round_order`); each ratio is taken against the ``plain`` fit of
-the same round, and the mean and range over rounds are reported. Results go to ``benchmarks/results/student_gap.{json,md}``.
+the same round, and the mean and range over rounds are reported. Results go to
+``benchmarks/results/student_gap.{json,md}``.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def render(r: dict[str, Any]) -> str:
              f"{r['paths'][name]['ratio']:.2f}× ({r['paths'][name]['ratio_min']:.2f}–{r['paths'][name]['ratio_max']:.2f})"]
             for name, label in PATHS]
     return (f"# Where the student loop's gap goes\n\n{s['rows']} rows, {s['steps']} steps at batch {BATCH}, "
-            f"{THREADS} threads, {s['repeats']} interleaved round(s), every other one in reverse order; samples/s inside `trainer.train()`.\n\n"
+            f"{THREADS} threads, {s['repeats']} interleaved round(s), every other one in reverse order; "
+            "samples/s inside `trainer.train()`.\n\n"
             + markdown_table(["path", "samples/s per round", "÷ plain (range)"], rows))
 
 
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {i + 1} of {a.repeats}: {', '.join(round_order(i))}", flush=True)
         rounds.append({name: fits[name](i) for name in round_order(i)})
     r = {"machine": machine(), "settings": {"rows": a.rows, "steps": steps, "repeats": a.repeats},
-         "rounds": rounds, "orders": [round_order(i) for i in range(a.repeats)], "paths": with_ratios(rounds), "wall_seconds": time.perf_counter() - started}
+         "rounds": rounds, "orders": [round_order(i) for i in range(a.repeats)], "paths": with_ratios(rounds),
+         "wall_seconds": time.perf_counter() - started}
     text = render(r) + f"\n\nTotal wall time {r['wall_seconds'] / 60:.1f} min."
     print(text)
     write_results("student_gap", r, text, None, a.out)

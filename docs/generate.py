@@ -367,9 +367,9 @@ one pass, and every method learns: generation 0 reaches 0.70 holdout accuracy an
 0.76–0.78. Of the issue's claim only the rows-trained half is shown:
 
 - **Accuracy at the last arrival:** incremental is 1.8 points behind retraining on everything,
-  [−5.7, +2.1] (per seed −1.2, −3.6, −0.6 points). That is inside the seed noise, but the mean lies outside
-  the 1-point goal, on the wrong side. At arrival 2 incremental was ahead, +1.1 [+0.2, +1.9], the only
-  accuracy interval clear of 0; with the fourth block it slipped back (0.768 → 0.761) while
+  [−5.7, +2.1] (per seed −1.2, −3.6, −0.6 points). That is inside the seed noise, but the mean
+  lies outside the 1-point goal, on the wrong side. At arrival 2 incremental was ahead, +1.1
+  [+0.2, +1.9], the only accuracy interval clear of 0; with the fourth block it slipped back (0.768 → 0.761) while
   retraining went on rising to the ceiling of one full fine-tune.
 - **NLL at the last arrival:** +0.061 [−0.003, +0.124] against retraining, nearly clear of 0 on the
   wrong side. ECE is inside the noise at the end; at arrival 1 incremental's ECE was higher by
@@ -470,9 +470,9 @@ The end-to-end accuracies are only a sanity column: one pass at batch 32 is 6-22
 {{student_gap}}
 
   **The order matters, so the rounds alternate it.** In the two reversed rounds, where the plain fit
-  ran last, each piece's ratio was lower than in both forward rounds: DeepSpeed's engine 0.73× and 0.76×, against 1.01× and
-  1.09× in the forward rounds, where the plain fit ran first. An earlier run of two rounds, both in
-  the forward order, therefore flattered every path (it had `fit_student` at 0.81× and DeepSpeed at
+  ran last, each piece's ratio was lower than in both forward rounds, where it ran first:
+  DeepSpeed's engine 0.73× and 0.76×, against 1.01× and 1.09×. An earlier run of two rounds, both
+  in the forward order, therefore flattered every path (it had `fit_student` at 0.81× and DeepSpeed at
   0.96×). Averaged over both orders:
   - `fit_student`, the pipeline's whole loop, ran 0.75× (0.60–0.85), the lowest ratio in 3 of 4
     rounds: the 0.9× goal is missed;
