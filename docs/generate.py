@@ -369,8 +369,8 @@ one pass, and every method learns: generation 0 reaches 0.70 holdout accuracy an
 - **Accuracy at the last arrival:** incremental is 1.8 points behind retraining on everything,
   [−5.7, +2.1] (per seed −1.2, −3.6, −0.6 points). That is inside the seed noise, but the mean
   lies outside the 1-point goal, on the wrong side. At arrival 2 incremental was ahead, +1.1
-  [+0.2, +1.9], the only accuracy interval clear of 0; with the fourth block it slipped back (0.768 → 0.761) while
-  retraining went on rising to the ceiling of one full fine-tune.
+  [+0.2, +1.9], the only accuracy interval clear of 0; with the fourth block it slipped back
+  (0.768 → 0.761) while retraining went on rising to the ceiling of one full fine-tune.
 - **NLL at the last arrival:** +0.061 [−0.003, +0.124] against retraining, nearly clear of 0 on the
   wrong side. ECE is inside the noise at the end; at arrival 1 incremental's ECE was higher by
   0.033 [0.022, 0.044].
@@ -472,8 +472,8 @@ The end-to-end accuracies are only a sanity column: one pass at batch 32 is 6-22
   **The order matters, so the rounds alternate it.** In the two reversed rounds, where the plain fit
   ran last, each piece's ratio was lower than in both forward rounds, where it ran first:
   DeepSpeed's engine 0.73× and 0.76×, against 1.01× and 1.09×. An earlier run of two rounds, both
-  in the forward order, therefore flattered every path (it had `fit_student` at 0.81× and DeepSpeed at
-  0.96×). Averaged over both orders:
+  in the forward order, therefore flattered every path (it had `fit_student` at 0.81× and
+  DeepSpeed at 0.96×). Averaged over both orders:
   - `fit_student`, the pipeline's whole loop, ran 0.75× (0.60–0.85), the lowest ratio in 3 of 4
     rounds: the 0.9× goal is missed;
   - DeepSpeed's ZeRO-0 engine is the largest single piece on the means, 0.89× (0.73–1.09) alone and
@@ -685,10 +685,11 @@ def arrival_sentence(results: Path = RESULTS) -> str:
         return ""
     r = json.loads(path.read_text(encoding="utf-8"))
     s = r["settings"]
+    labels = _benchmark_script("arrival").LABELS  # the names the arrival tables use
+    methods = ", ".join(labels[m] for m in ("incremental", "retrain", "fine-tune"))
     claims = "; ".join(f"{c['claim']}: {c['figures'].split(';')[0]}, {c['status']}" for c in r["claims"])
     return (f"When data keeps arriving (`benchmarks/arrival.py`: {len(s['seeds'])} seeds, k = {s['k']} arrivals of "
-            f"≈ {s['block_rows']} rows; (a) `extend` with each new block, (b) retraining on everything seen, (c) "
-            f"fine-tuning the last model on the new block with hard labels), at the last arrival: {claims}. ")
+            f"≈ {s['block_rows']} rows; {methods}), at the last arrival: {claims}. ")
 
 
 def quality_block(results: Path = RESULTS) -> str:
