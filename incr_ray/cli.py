@@ -47,8 +47,6 @@ def init_ray(address: str | None) -> None:
 
     import ray
 
-    from . import faults
-
     if ray.is_initialized():  # started by the caller (tests, a notebook)
         _ray_data_logs_to_file_only()
         return
@@ -58,8 +56,7 @@ def init_ray(address: str | None) -> None:
         # autoscale GPU nodes in later); incr_ray.run.folder reads this.
         os.environ["RAY_ADDRESS"] = address
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-                        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
-                        **faults.runtime_env_vars()}}
+                        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}}
     # Workers' output stays in the session's log files; the driver's "ray" logger says only warnings.
     quiet = {"runtime_env": env, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:

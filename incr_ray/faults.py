@@ -1,13 +1,16 @@
 """Test-only fault injection: the one seam through which tests make a run fail on purpose.
 
-Nothing here is a user setting. A test puts a JSON object in the ``INCR_RAY_FAULTS`` environment
-variable before Ray starts; :func:`incr_ray.cli.init_ray` forwards it to every Ray worker through
-the job's runtime env. Keys (all optional)::
+Nothing here is a user setting. A test chooses faults in the driver process
+(``with faults.injected(worker_exit_at=[0, 3], once_dir=...)``, which sets the ``INCR_RAY_FAULTS``
+environment variable of this process only); the driver hands :func:`current` to its workers with
+each call — ``fit_student`` in the training loop's config, ``score_block`` in the scoring actors'
+constructor arguments — and they :func:`install` it. So the faults travel with the call, not with
+``ray.init``: one Ray serves tests with and without faults. Keys (all optional)::
 
     {"stop_after_generation": 0,   # the driver raises StopRequested after that generation
-     "worker_exit_at_step": 3,     # training rank 1 dies at that optimizer step
+     "worker_exit_at": [0, 3],     # training rank 1 dies in generation 0 at optimizer step 3
+     "worker_raise_at": [1, 1],    # training rank 0 prints a line to stderr and raises (every try)
      "teacher_exit_at_batch": 3,   # a teacher actor dies before scoring that batch (1-based)
-     "worker_raise_at_step": 1,    # training rank 0 prints a line to stderr and raises
      "once_dir": "/tmp/x"}         # where the killing faults remember that they fired
 
 A fault that kills a process fires once per ``once_dir`` (a marker file), so the retried work
@@ -20,27 +23,47 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 ENV = "INCR_RAY_FAULTS"
+_installed: dict[str, Any] | None = None  # set in a worker or actor by install()
 
 
 class StopRequested(RuntimeError):
     """The run stopped where a test asked it to (``stop_after_generation``)."""
 
 
-def _faults() -> dict:
+def current() -> dict[str, Any]:
+    """The faults of this process: those installed (a worker, an actor) or the driver's."""
+    if _installed is not None:
+        return _installed
     return json.loads(os.environ.get(ENV) or "{}")
 
 
-def runtime_env_vars() -> dict[str, str]:
-    """What Ray workers need to see the faults of this process."""
-    value = os.environ.get(ENV)
-    return {ENV: value} if value else {}
+def install(chosen: dict[str, Any] | None) -> None:
+    """In a worker or actor: the faults its driver passed with the call (``current()`` there)."""
+    global _installed
+    _installed = dict(chosen or {})
+
+
+@contextmanager
+def injected(**chosen: Any) -> Iterator[None]:
+    """Driver side, for tests: the calls made inside the block carry these faults."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = json.dumps(chosen)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def _first_time(name: str) -> bool:
     """True once per ``once_dir``: the marker file is created atomically."""
-    once_dir = _faults().get("once_dir")
+    once_dir = current().get("once_dir")
     if not once_dir:
         return True
     try:
@@ -50,31 +73,30 @@ def _first_time(name: str) -> bool:
     return True
 
 
-def fired(name: str) -> bool:
-    """Whether the killing fault ``name`` ("worker" or "teacher") has fired (tests assert it did)."""
-    once_dir = _faults().get("once_dir")
-    return bool(once_dir) and os.path.exists(os.path.join(once_dir, name))
+def fired(name: str, once_dir: str) -> bool:
+    """Whether the killing fault ``name`` ("worker" or "teacher") fired for ``once_dir``."""
+    return os.path.exists(os.path.join(once_dir, name))
 
 
 def stop_after_generation(g: int, k: int) -> None:
-    if _faults().get("stop_after_generation") == g and g < k - 1:
+    if current().get("stop_after_generation") == g and g < k - 1:
         raise StopRequested(f"stopped after generation {g} ({ENV})")
 
 
 def kill_teacher_before_batch(batch_number: int) -> None:
-    if _faults().get("teacher_exit_at_batch") == batch_number and _first_time("teacher"):
+    if current().get("teacher_exit_at_batch") == batch_number and _first_time("teacher"):
         os._exit(1)
 
 
-def kill_worker_at_step(step: int, rank: int) -> None:
-    if _faults().get("worker_exit_at_step") == step and rank == 1 and _first_time("worker"):
+def kill_worker_at_step(generation: int, step: int, rank: int) -> None:
+    if current().get("worker_exit_at") == [generation, step] and rank == 1 and _first_time("worker"):
         # Ray Train's controller registers a reported checkpoint on its next poll; a crash within
         # milliseconds of a save would race that. Real crashes come later.
         time.sleep(3)
         os._exit(1)
 
 
-def raise_in_worker_at_step(step: int, rank: int) -> None:
-    if _faults().get("worker_raise_at_step") == step and rank == 0:
+def raise_in_worker_at_step(generation: int, step: int, rank: int) -> None:
+    if current().get("worker_raise_at") == [generation, step] and rank == 0:
         print(f"fault injected: rank {rank} fails at step {step}", file=sys.stderr, flush=True)
         raise RuntimeError(f"injected failure at step {step} ({ENV})")

@@ -98,12 +98,14 @@ class _ReportCheckpoint(TrainerCallback):
 
 
 class _FaultCallback(TrainerCallback):
-    """The test seam's worker fault (see :mod:`incr_ray.faults`); a no-op in real runs."""
+    """The test seam's worker faults (see :mod:`incr_ray.faults`); a no-op in real runs."""
+
+    def __init__(self, generation: int, rank: int):
+        self.generation, self.rank = generation, rank
 
     def on_step_end(self, args, state, control, **kwargs):
-        rank = ray.train.get_context().get_world_rank()
-        faults.kill_worker_at_step(state.global_step, rank)
-        faults.raise_in_worker_at_step(state.global_step, rank)
+        faults.kill_worker_at_step(self.generation, state.global_step, self.rank)
+        faults.raise_in_worker_at_step(self.generation, state.global_step, self.rank)
 
 
 def _set_up(on_gpu: bool, cfg: Config) -> None:
@@ -159,6 +161,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     request = StudentRequest(**loop_config["request"])
     on_gpu, max_steps, g = loop_config["on_gpu"], loop_config["max_steps"], request.generation
+    faults.install(loop_config["faults"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = tempfile.mkdtemp(prefix=f"incr-ray-g{g}-r{rank}-")
@@ -211,7 +214,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.tracking.backend == "mlflow" and request.tracking_run_id:
             trainer.add_callback(MlflowStepLogger(request.tracking_uri, request.tracking_run_id, g,
                                                   queue_say(loop_config["progress"])))
-        trainer.add_callback(_FaultCallback())
+        trainer.add_callback(_FaultCallback(g, rank))
         if cfg.student.checkpoint_every_steps:
             trainer.add_callback(_ReportCheckpoint(work))
         trainer = prepare_trainer(trainer)
@@ -382,7 +385,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
             train_per_worker,
             train_loop_config={"config": cfg.to_dict(), "request": asdict(request), "max_steps": max_steps,
                                "on_gpu": on_gpu, "evaluate": [n for n in datasets if n != "train"],
-                               "progress": relay.queue},
+                               "progress": relay.queue, "faults": faults.current()},
             scaling_config=ScalingConfig(
                 num_workers=cfg.cluster.workers,
                 use_gpu=on_gpu,

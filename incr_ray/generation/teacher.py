@@ -23,7 +23,8 @@ from .resources import with_cpus
 class TargetScorer:
     """``map_batches`` class: adds ``teacher_probs`` and ``target`` to every row of a batch."""
 
-    def __init__(self, model_path: str, cfg: Config, on_gpu: bool, progress=None):
+    def __init__(self, model_path: str, cfg: Config, on_gpu: bool, progress=None, fault_plan=None):
+        faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
         self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
         self.max_length = cfg.model.max_length
         self.method = cfg.method
@@ -77,7 +78,8 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     return ds.map_batches(
         TargetScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu, "progress": progress},
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu, "progress": progress,
+                               "fault_plan": faults.current()},
         batch_size=cfg.teacher.batch_size,
         **resources,
     )
