@@ -13,9 +13,51 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
-RAY_FIXTURES = {"ray_local", "ray_with_faults"}
+RAY_FIXTURES = {"ray_local", "reference_run", "crash_run", "two_node_cluster", "faults_run", "extended_copy"}
+# Where each end-to-end run spent its time, per generation, from its run.json: printed at the end
+# of the session (``timings``), so a slow suite says which run and which phase.
+RUN_TIMINGS: list[str] = []
+PHASES = ("fit_startup_seconds", "setup_seconds", "train_seconds", "save_seconds", "eval_seconds",
+          "fit_shutdown_seconds", "fit_seconds")
+
+
+def timings(label: str, manifest: dict) -> None:
+    """Keep one line per generation of ``manifest`` (run.json as a dict) for the session's summary."""
+    for g in manifest.get("generations", []):
+        t = g.get("train") or {}
+        phases = "  ".join(f"{p.removesuffix('_seconds')} {t[p]:6.1f}" for p in PHASES if t.get(p) is not None)
+        scoring = g.get("scoring_seconds")
+        RUN_TIMINGS.append(f"{label:<14} gen {g['index']}  " + (f"scoring {scoring:5.1f}  " if scoring else "")
+                           + phases + f"  | generation {g.get('seconds') or 0:6.1f} s")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if RUN_TIMINGS:
+        terminalreporter.section("end-to-end runs: seconds per generation (run.json)")
+        for line in RUN_TIMINGS:
+            terminalreporter.write_line(line)
+
+
+# A test with none of these marks is a fast one (make test-fast runs it): over this budget it fails.
+BUDGET_S = 5.0
+SLOW_MARKS = ("e2e", "ray", "slow")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.when == "call" and report.passed and call.duration > BUDGET_S
+            and not any(next(item.iter_markers(name=m), None) for m in SLOW_MARKS)):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {call.duration:.1f} s, over the {BUDGET_S:g} s budget of a fast "
+                           "test: make it cheaper, or mark it slow (subprocesses, process groups)")
 
 
 def pytest_collection_modifyitems(items):
@@ -25,41 +67,108 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
 
 
-@pytest.fixture
-def ray_local():
-    """A local Ray on 127.0.0.1, shared by the tests that follow (starting Ray costs seconds).
-
-    Function-scoped so that a test which needs its own cluster (multi-node) can shut this one
-    down; the next test that asks for it starts a new one.
-    """
+def start_local_ray():
+    """The session's local Ray on 127.0.0.1 (2 CPUs), started on first use; a test that needs its
+    own cluster (multi-node) shuts it down, and the next user starts it again."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    return ray
 
 
 @pytest.fixture
-def ray_with_faults(tmp_path_factory, monkeypatch):
-    """Start a local Ray whose workers see the given test-only faults (``incr_ray.faults``):
-    ``ray_with_faults(teacher_exit_at_batch=3)``. Ray is shut down afterwards, so the next test
-    gets one without faults."""
+def ray_local():
+    """The session's local Ray (faults travel with each call, see incr_ray.faults: no test needs a Ray of its own)."""
+    yield start_local_ray()
+
+
+def worker_folders() -> set[str]:
+    """The training workers' scratch folders (each holds a copy of its generation's model)."""
+    import glob
+    import tempfile
+
+    return set(glob.glob(f"{tempfile.gettempdir()}/incr-ray-g*-r*-*"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_bert_base):
+    """R1 (see scenarios.py): the reference run, in-process, then one ``evaluate`` of every
+    generation on a labelled file that holds the holdout rows."""
+    import pyarrow.parquet as pq
+
+    from incr_ray.run.loop import evaluate_run, run_generations
+    from scenarios import reference_config, saved_dataset
+
+    start_local_ray()
+    work = tmp_path_factory.mktemp("reference")
+    data = saved_dataset(work / "weather")
+    cfg = reference_config(work / "runs", data, tiny_bert_base)
+    before = worker_folders()
+    said: list[str] = []
+    started = time.perf_counter()
+    manifest = run_generations(cfg, say=said.append)
+    seconds = time.perf_counter() - started
+    timings("R1 reference", manifest)
+    left = worker_folders() - before
+    root = Path(cfg.run_dir)
+    split = pq.read_table(root / "split").to_pandas()
+    holdout = split[split.block == -1]
+    labelled = work / "holdout.csv"
+    names = manifest["label_names"]
+    holdout.assign(weather=[names[i] for i in holdout.label]).rename(columns={"text": "sentence"})[
+        ["sentence", "weather"]].to_csv(labelled, index=False)
+    evaluated = evaluate_run(str(root), str(labelled), all_generations=True)
+    return SimpleNamespace(cfg=cfg, manifest=manifest, said=said, root=root, work=work, data=data, base=tiny_bert_base,
+                           split=split, evaluated=evaluated, scratch_left=left, seconds=seconds)
+
+
+@pytest.fixture(scope="session")
+def crash_run(reference_run):
+    """R2 (see scenarios.py): R1's config as a YAML file under the name ``crash``, trained by the
+    CLI; while generation 1 runs a second ``train`` is refused; then the whole process group is
+    SIGKILLed, a resume with a changed setting is refused, and the same command finishes the run."""
     import json
+    import os
+    import signal
 
-    import ray
+    import yaml
 
-    from incr_ray import faults
+    from scenarios import cli, cli_run, read_until, reference_settings
 
-    def start(**chosen):
-        value = json.dumps({"once_dir": str(tmp_path_factory.mktemp("faults")), **chosen})
-        monkeypatch.setenv(faults.ENV, value)
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": faults.runtime_env_vars()})
+    ref = reference_run
+    settings = reference_settings(ref.work / "runs", ref.data, ref.base, "crash")
+    cfg_file = ref.work / "crash.yaml"
+    cfg_file.write_text(yaml.safe_dump(settings))
+    root = ref.work / "runs" / "crash"
+    out = SimpleNamespace(root=root, cfg_file=cfg_file, status_running=None)
 
-    yield start
-    ray.shutdown()
+    def status_once_progress_shows() -> bool:
+        if not list(root.glob("gen_*/progress.json")):
+            return False
+        out.status_running = cli_run("status", "--run", str(root), timeout=120)
+        return True
+
+    first = cli("train", "--config", str(cfg_file))
+    out.first_lines = read_until(first, "gen 0/1", 600, while_waiting=status_once_progress_shows)
+    out.stopped = json.loads((root / "run.json").read_text())
+    started = time.perf_counter()
+    out.second = cli_run("train", "--config", str(cfg_file), timeout=300)
+    out.second_seconds = time.perf_counter() - started
+    out.first_alive_after_second = first.poll() is None
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    model0 = root / "gen_000" / "model" / "model.safetensors"
+    out.model0_mtime = model0.stat().st_mtime_ns
+    out.manifest_bytes_killed = (root / "run.json").read_bytes()
+    out.changed = cli_run("train", "--config", str(cfg_file), "--set", "method.threshold=0.8", timeout=300)
+    out.manifest_bytes_refused = (root / "run.json").read_bytes()
+    out.resumed = cli_run("train", "--config", str(cfg_file), timeout=900)
+    out.manifest = json.loads((root / "run.json").read_text())
+    out.model0_mtime_after = model0.stat().st_mtime_ns
+    out.status_finished = cli_run("status", "--run", str(root), timeout=120)
+    timings("R2 crash", out.manifest)
+    return out
 
 
 def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None, head: bool = True):

@@ -17,8 +17,8 @@ Isolation from other Ray instances on the machine (a developer's `ray start`, ot
   dashboard, ...) stay in that group, Ray workers are children of our raylet. Stopping the head
   signals exactly those processes: the group's members and their descendants.
 
-Each Ray Train fit costs ~30 s here (more when other tests share the CPUs), so the module runs
-three fits (train k=2, then extend by one generation) on one head.
+Each Ray Train fit costs ~30 s here, so the module runs one: an extension job on a copy of R2's
+finished run (tests/scenarios.py), submitted to one head.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -213,31 +214,47 @@ def head():
         head.stop()
 
 
+def copy_run(src_root: Path, storage: Path) -> Path:
+    """A copy of a finished run folder (and its MLflow store) under ``storage``: the extension
+    below must not change R2's run, which other tests read."""
+    from incr_ray.run.manifest import load
+    from incr_ray.storage import write_json_atomic
+
+    dest = storage / src_root.name
+    shutil.copytree(src_root, dest)
+    shutil.copyfile(src_root.parent / "mlflow.db", storage / "mlflow.db")
+    manifest = load(str(dest / "run.json"))
+    manifest.run_dir = str(dest)
+    manifest.config["storage"]["path"] = str(storage)  # its MLflow store is the copy's
+    write_json_atomic(str(dest / "run.json"), manifest.to_json())
+    return dest
+
+
 @pytest.fixture(scope="module")
-def trained_run(head, tiny_bert, tmp_path_factory):
-    """A k=2 run trained by `ray job submit -- python jobs/train.py` (shared by the tests below)."""
+def extended_copy(head, crash_run, tmp_path_factory):
+    """R5: `ray job submit -- python jobs/extend.py` on a copy of R2's finished run, with new data,
+    its own holdout and one changed training setting."""
+    from incr_ray.data import SYNTHETIC_LABELS, synthetic_rows
+    from scenarios import CLASSES
+
     work = tmp_path_factory.mktemp("job_submit")
-    config = work / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": {"name": "from-yaml", "seed": 1},
-        "storage": {"path": str(work / "runs")},  # absolute: the job runs on this machine
-        "data": {"source": "synthetic", "synthetic_rows": 600, "synthetic_classes": 3, "eval_fraction": 0.2},
-        "model": {"base": tiny_bert, "max_length": 32},
-        # The generation gate guards the extension below; 15 steps a generation draws the warning.
-        "method": {"k": 2, "threshold": 0.9, "validation_fraction": 0.2, "keep_best": True},
-        "student": {"epochs": 1, "min_steps": 0, "learning_rate": 1e-2, "batch_size": 16},
-        "deepspeed": {"stage": 2},
-        # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
-        "cluster": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
-        "teacher": {"batch_size": 128},
-    }))
+    run_dir = copy_run(crash_run.root, work / "runs")
+    before = json.loads((run_dir / "run.json").read_text())
+    # New data with the run's labels: synthetic rows the run has never seen (other ids).
+    texts, classes = synthetic_rows(np.arange(100_000, 100_240), seed=7, classes=3)
+    new_data = work / "new_block.csv"
+    pd.DataFrame({"sentence": texts, "weather": np.array(CLASSES)[classes]}).to_csv(new_data, index=False)
     started = time.perf_counter()
-    # `--set` is forwarded by jobs/train.py like any other argument of `incr-ray train`.
-    job_id, output = head.submit("python", "jobs/train.py", "--config", str(config), "--set", "run.name=job-run")
-    return {
-        "job_id": job_id, "output": output, "work": work, "run_dir": work / "runs" / "job-run",
-        "seconds": time.perf_counter() - started,
-    }
+    # The extension trains at half the run's peak learning rate: extend may change how its own
+    # generation trains (a run on the run-long schedule extends at its floor, 10% of the peak).
+    job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
+                                 "--holdout-fraction", "0.25", "--set", "student.learning_rate=0.005")
+    after = json.loads((run_dir / "run.json").read_text())
+    from conftest import timings
+
+    timings("R5 job extend", {"generations": after["generations"][2:]})
+    return SimpleNamespace(job_id=job_id, output=output, run_dir=run_dir, before=before, after=after,
+                           new_data=new_data, seconds=time.perf_counter() - started)
 
 
 def test_cluster_refuses_clients_without_the_token(head):
@@ -252,86 +269,84 @@ def test_cluster_refuses_clients_without_the_token(head):
     assert no_token.returncode != 0, "a client without any token must be refused"
 
 
-def test_train_job_runs_on_the_cluster_and_writes_the_run(head, trained_run):
-    details = head.job_details(trained_run["job_id"])
+def test_the_extend_job_ran_on_this_cluster(head, extended_copy):
+    details = head.job_details(extended_copy.job_id)
     assert details["status"] == "SUCCEEDED", details
-    # The driver registered with *this* cluster's GCS: jobs/train.py attached through the
+    # The driver registered with *this* cluster's GCS: jobs/extend.py attached through the
     # RAY_ADDRESS that Ray sets for a submitted job instead of starting a Ray of its own.
     assert details["driver_info"] and details["driver_info"]["node_ip_address"] == "127.0.0.1", details
-
-    manifest = json.loads((trained_run["run_dir"] / "run.json").read_text())
-    assert manifest["name"] == "job-run" and manifest["status"] == "finished"
-    assert [g["status"] for g in manifest["generations"]] == ["finished", "finished"]
-    assert manifest["final_model"] == "gen_001/model"
-    assert "final model:" in trained_run["output"]  # the job's stdout reached `ray job submit`
-    assert "optimizer steps can hardly move a pretrained model; raise student.min_steps" in trained_run["output"]
-
-    from transformers import pipeline
-
-    clf = pipeline("text-classification", model=str(trained_run["run_dir"] / "gen_001" / "model"), device="cpu")
-    assert {o["label"] for o in clf(["some words", "other words here"])} <= set(manifest["label_names"])
+    assert "final model:" in extended_copy.output  # the job's stdout reached `ray job submit`
+    assert "optimizer steps can hardly move a pretrained model; raise student.min_steps" in extended_copy.output
 
 
-def test_extend_job_adds_one_generation(head, trained_run):
-    from incr_ray.data import SYNTHETIC_LABELS, synthetic_rows
-
-    run_dir = trained_run["run_dir"]
-    before = json.loads((run_dir / "run.json").read_text())
-    # New data with the run's labels: synthetic rows the run has never seen (other ids, other seed).
-    texts, classes = synthetic_rows(np.arange(100_000, 100_240), seed=7, classes=3)
-    new_data = trained_run["work"] / "new_block.csv"
-    pd.DataFrame({"text": texts, "label": np.array(SYNTHETIC_LABELS)[classes]}).to_csv(new_data, index=False)
-    assert set(np.array(SYNTHETIC_LABELS)[classes]) == set(before["label_names"])
-
-    # The extension trains at the run schedule's floor (10% of the peak) although the run used the
-    # default per-generation schedule: extend may change how its own generation trains.
-    job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
-                                 "--holdout-fraction", "0.25", "--set", "student.schedule=run")
-    assert head.job_details(job_id)["status"] == "SUCCEEDED"
-
-    after = json.loads((run_dir / "run.json").read_text())
+def test_the_extension_adds_one_generation_and_keeps_the_earlier_ones(extended_copy):
+    before, after = extended_copy.before, extended_copy.after
     assert after["status"] == "finished"
     gens = after["generations"]
-    assert [g["index"] for g in gens] == [0, 1, 2]
-    assert all(g["status"] == "finished" for g in gens)
+    assert [g["index"] for g in gens] == [0, 1, 2] and all(g["status"] == "finished" for g in gens)
     assert gens[2].get("extended") is True and not gens[0].get("extended") and not gens[1].get("extended")
-    assert gens[2]["source"] == str(new_data)
-    assert gens[2]["settings"] == {"student.schedule": "run"} and "settings" not in gens[1]
-    assert after["config"]["student"]["schedule"] == "generation"  # the run's own, for its next extension
-    assert "generation 2 trains with student.schedule=run (the run's: student.schedule=generation)" in output
-    assert gens[1]["train"]["max_learning_rate"] > 0.5e-2  # warmed up to the 1e-2 peak
-    assert gens[2]["train"]["max_learning_rate"] == pytest.approx(1e-3)  # the floor, from the first step
-    assert "extension (trained with `student.schedule=run`)" in (run_dir / "report.md").read_text()
-    # A quarter of the new rows (a seeded hash) held out as the extension's own holdout, scored
-    # by the generation trained on the rest.
-    held_out = pq.read_table(run_dir / "gen_002" / "own_holdout").to_pandas()
-    from incr_ray.method.hashing import extension_holdout_mask, row_ids
-
-    frame = pd.read_csv(new_data)
-    ids = row_ids(frame.text.tolist(), frame.label.tolist())
-    mask = extension_holdout_mask(ids, 1, 0.25)  # the run's seed
-    assert sorted(held_out.row_id) == sorted(ids[mask]) and gens[2]["own_holdout_rows"] == mask.sum()
-    assert gens[2]["block_rows"] == 240 - mask.sum()
-    assert gens[2]["drift"]["2"]["rows"] == mask.sum() and 0 <= gens[2]["drift"]["2"]["accuracy"] <= 1
-    assert "## Drift: accuracy on each data set's own holdout" in (run_dir / "report.md").read_text()
-    assert after["data"]["block_sizes"][:2] == before["data"]["block_sizes"]
-    assert after["data"]["block_sizes"][2] == 240 - mask.sum()
-    # The gate decided on the new block's validation slice, and the console said what the
-    # extension did to the holdout accuracy.
-    promoted = gens[2]["promoted"]
-    assert after["final_model"] == ("gen_002/model" if promoted else "gen_001/model")
-    assert after["final_generation"] == (2 if promoted else 1)
-    a, b = gens[1]["metrics"]["accuracy"], gens[2]["metrics"]["accuracy"]
-    assert f"extension: holdout accuracy {a:.4f} (gen 1) → {b:.4f} (gen 2)" in output
-    if not promoted:
-        assert "the final model stays generation 1" in output
-    elif b < a:
-        assert "warning: generation 2 is" in output
-    # The earlier generations are untouched.
+    assert gens[2]["source"] == str(extended_copy.new_data)
     assert gens[:2] == before["generations"]
-    assert (run_dir / "gen_002" / "targets").is_dir()
+    assert after["data"]["block_sizes"][:2] == before["data"]["block_sizes"]
+    assert (extended_copy.run_dir / "gen_002" / "targets").is_dir()
 
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "gen_002" / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(extended_copy.run_dir / "gen_002" / "model")
     assert [model.config.id2label[i] for i in range(3)] == after["label_names"]
+
+
+def test_the_changed_setting_is_the_extensions_own(extended_copy):
+    gens, after = extended_copy.after["generations"], extended_copy.after
+    assert gens[2]["settings"] == {"student.learning_rate": 0.005} and "settings" not in gens[1]
+    assert after["config"]["student"]["learning_rate"] == 0.01  # the run's own, for its next extension
+    assert ("generation 2 trains with student.learning_rate=0.005 (the run's: student.learning_rate=0.01)"
+            in extended_copy.output)
+    # The run-long schedule is spent: the extension trains at its floor, 10% of its own peak.
+    assert gens[2]["train"]["max_learning_rate"] == pytest.approx(5e-4)
+    assert "extension (trained with `student.learning_rate=0.005`)" in (extended_copy.run_dir / "report.md").read_text()
+
+
+def test_the_extension_holds_out_its_own_rows(extended_copy):
+    """A quarter of the new rows (a seeded hash) held out as the extension's own holdout, scored
+    by the generation trained on the rest."""
+    from incr_ray.method.hashing import extension_holdout_mask, row_ids
+
+    run_dir, gens = extended_copy.run_dir, extended_copy.after["generations"]
+    held_out = pq.read_table(run_dir / "gen_002" / "own_holdout").to_pandas()
+    frame = pd.read_csv(extended_copy.new_data)
+    ids = row_ids(frame.sentence.tolist(), frame.weather.tolist())
+    mask = extension_holdout_mask(ids, 3, 0.25)  # the run's seed
+    assert sorted(held_out.row_id) == sorted(ids[mask]) and gens[2]["own_holdout_rows"] == mask.sum()
+    assert gens[2]["block_rows"] == 240 - mask.sum()
+    assert extended_copy.after["data"]["block_sizes"][2] == 240 - mask.sum()
+    assert gens[2]["drift"]["2"]["rows"] == mask.sum() and 0 <= gens[2]["drift"]["2"]["accuracy"] <= 1
+    assert "## Drift: accuracy on each data set's own holdout" in (run_dir / "report.md").read_text()
+
+
+def test_the_gate_and_the_console_say_what_the_extension_did(extended_copy):
+    after, output = extended_copy.after, extended_copy.output
+    gens = after["generations"]
+    teacher = gens[1] if gens[1]["promoted"] else gens[0]
+    promoted = gens[2]["promoted"]
+    assert after["final_generation"] == (2 if promoted else teacher["index"])
+    assert after["final_model"] == f"gen_{after['final_generation']:03d}/model"
+    a, b = teacher["metrics"]["accuracy"], gens[2]["metrics"]["accuracy"]
+    assert f"extension: holdout accuracy {a:.4f} (gen {teacher['index']}) → {b:.4f} (gen 2)" in output
+    if not promoted:
+        assert f"the final model stays generation {teacher['index']}" in output
+    elif b < a:
+        assert "warning: generation 2 is" in output
+
+
+def test_the_extension_logs_into_the_runs_mlflow_parent(extended_copy):
+    from mlflow.tracking import MlflowClient
+
+    after = extended_copy.after
+    client = MlflowClient(tracking_uri=f"sqlite:///{extended_copy.run_dir.parent / 'mlflow.db'}")
+    parent = client.get_run(after["tracking_run_id"])
+    assert after["tracking_run_id"] == extended_copy.before["tracking_run_id"] and parent.info.status == "FINISHED"
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_gen = {int(r.data.tags["generation"]): r for r in nested}
+    assert sorted(by_gen) == [0, 1, 2]
+    assert by_gen[2].data.tags["extension.student.learning_rate"] == "0.005"

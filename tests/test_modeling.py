@@ -66,3 +66,28 @@ def test_folding_needs_a_classification_head(tmp_path):
     base = build_tiny_model(tmp_path / "base", "bert", head=False)
     with pytest.raises(ModelError, match="no classification head"):
         fold_temperature(base, 2.0)
+
+
+def test_run_seed_alone_decides_a_new_heads_weights(tiny_bert_base):
+    """A base model without a head gets a new one at load, seeded by the generation's seed (the
+    worker calls set_seed(args.seed) before loading): the same run.seed gives the same head,
+    another seed another one. (A killed-and-resumed run then ends with the reference's weights:
+    tests/run/test_crash_resume.py.)"""
+    import torch
+    from transformers import set_seed
+
+    from incr_ray.config import config_from_dict
+    from incr_ray.generation.trainer import training_arguments
+    from incr_ray.modeling import load_classifier
+
+    def head(seed: int, generation: int = 0) -> torch.Tensor:
+        cfg = config_from_dict({"run": {"seed": seed}, "model": {"base": tiny_bert_base}, "deepspeed": {"stage": 0}})
+        args = training_arguments(cfg, generation, 10, "/tmp/unused", on_gpu=False, precision="fp32")
+        set_seed(args.seed)
+        torch.manual_seed(12345)  # anything the process drew before must not matter
+        set_seed(args.seed)
+        return load_classifier(tiny_bert_base, ["a", "b", "c"], dtype=torch.float32).classifier.weight.detach().clone()
+
+    assert torch.equal(head(1), head(1))
+    assert not torch.equal(head(1), head(2))
+    assert not torch.equal(head(1, generation=0), head(1, generation=1))

@@ -1,20 +1,22 @@
-"""Runs that survive: a dying training worker, a dying teacher actor, a killed driver."""
+"""R3, the faults: one k=2 run on 2 ZeRO-3 workers in bf16 that survives what a cluster throws at
+it, on the session's Ray (the faults travel with each call, see incr_ray.faults).
+
+Generation 0: training rank 1 dies at step 3 and the group resumes from its step-2 checkpoint.
+Generation 1: a teacher actor dies mid-block (every row is still scored once), then rank 0 raises
+at step 1 on every try, so the run fails and says what the worker printed. The same call without
+faults then finishes the run without rescoring the block.
+"""
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from incr_ray import faults
 from small_run import small_config
@@ -22,123 +24,105 @@ from small_run import small_config
 pytestmark = pytest.mark.e2e
 
 
-def test_worker_death_resumes_from_in_generation_checkpoint(ray_with_faults, tmp_path, tiny_bert):
-    from incr_ray.faults import StopRequested
-    from incr_ray.run.loop import run_generations
+@pytest.fixture(scope="module")
+def faults_run(tmp_path_factory, tiny_bert):
+    from conftest import start_local_ray, timings, worker_folders
+    from incr_ray.run.loop import evaluate_run, run_generations
 
-    ray_with_faults(worker_exit_at_step=3, stop_after_generation=0)
-    cfg = small_config(
-        tmp_path, tiny_bert, "worker-death",
-        data={"synthetic_rows": 600},
-        method={"k": 2},
-        cluster={"workers": 2},
-        student={"checkpoint_every_steps": 2, "max_failures": 1, "epochs": 1},
-    )
-    with pytest.raises(StopRequested):
-        run_generations(cfg, say=lambda s: None)
-    state = json.loads((Path(cfg.run_dir) / "run.json").read_text())
-    gens = state["generations"]
-    assert len(gens) == 1 and gens[0]["status"] == "finished"  # one generation, not two
-    train = gens[0]["train"]
+    start_local_ray()
+    tmp = tmp_path_factory.mktemp("faults")
+    once = tmp / "once"
+    once.mkdir()
+    cfg = small_config(tmp, tiny_bert, "faults", data={"synthetic_rows": 600}, method={"k": 2},
+                       cluster={"workers": 2}, deepspeed={"stage": 3, "precision": "bf16"},
+                       student={"checkpoint_every_steps": 2, "max_failures": 1, "epochs": 1},
+                       teacher={"batch_size": 25})
+    out = SimpleNamespace(cfg=cfg, root=Path(cfg.run_dir), once=str(once), said=[], resumed_said=[])
+    before = worker_folders()
+    with faults.injected(worker_exit_at=[0, 3], teacher_exit_at_batch=3, worker_raise_at=[1, 1], once_dir=str(once)):
+        with pytest.raises(Exception) as caught:
+            run_generations(cfg, say=out.said.append)
+    out.error = caught.value
+    out.failed = json.loads((out.root / "run.json").read_text())
+    out.manifest = run_generations(cfg, say=out.resumed_said.append)
+    out.scratch_left = worker_folders() - before
+    timings("R3 faults", out.manifest)
+    out.evaluated = evaluate_run(str(out.root), all_generations=True)
+    return out
+
+
+def test_a_dead_rank_resumes_from_the_in_generation_checkpoint(faults_run):
+    assert faults.fired("worker", faults_run.once)
+    train = faults_run.manifest["generations"][0]["train"]
     # Rank 1 died after step 3; the restarted group continued from the step-2 checkpoint.
     assert train["resumed_from_step"] == 2, train
     assert train["steps"] == train["max_steps"]
-    assert faults.fired("worker")
 
 
-def test_teacher_actor_death_scores_each_row_once(ray_with_faults, tmp_path, tiny_bert):
-    import ray
-
-    from incr_ray.generation.teacher import score_block
-
-    ray_with_faults(teacher_exit_at_batch=3)
-    cfg = small_config(tmp_path, tiny_bert, "teacher-death", teacher={"batch_size": 50})
-    rows = [{"row_id": i, "text": f"word {i} apple", "label": i % 3, "block": 1} for i in range(400)]
-    out = score_block(ray.data.from_items(rows), tiny_bert, cfg, on_gpu=False)
-    out.write_parquet(str(tmp_path / "targets"))
-    assert faults.fired("teacher"), "the fault should have killed one actor"
-    import pyarrow.parquet as pq
-
-    got = pq.read_table(tmp_path / "targets").to_pandas()
-    assert collections.Counter(got.row_id) == collections.Counter(range(400))
-    assert np.allclose(np.stack(got.target.to_numpy()).sum(axis=1), 1.0)
+def test_a_dead_teacher_actor_still_scores_each_row_once(faults_run):
+    assert faults.fired("teacher", faults_run.once)
+    split = pq.read_table(faults_run.root / "split").to_pandas()
+    targets = pq.read_table(faults_run.root / "gen_001" / "targets").to_pandas()
+    assert collections.Counter(targets.row_id) == collections.Counter(split.row_id[split.block == 1])
+    assert np.allclose(np.stack(targets.target.to_numpy()).sum(axis=1), 1.0)
 
 
-def _cli(config_path: str, **kw):
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "incr_ray.cli", "train", "--config", config_path],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True, **kw,
-    )
+def test_a_failing_worker_shows_its_last_lines(faults_run):
+    """Worker output goes to Ray's log files, not the job's console: a worker that fails adds the
+    last lines it printed to its exception, and the driver prints them in full."""
+    assert "injected failure at step 1" in str(faults_run.error.worker_failures[0])
+    shown = "\n".join(faults_run.said)
+    assert "last lines worker rank 0 printed:" in shown and "fault injected: rank 0 fails at step 1" in shown
 
 
-def _weights(run_dir: Path, g: int) -> str:
-    return hashlib.sha256((run_dir / f"gen_{g:03d}" / "model" / "model.safetensors").read_bytes()).hexdigest()
+def test_the_failed_run_kept_generation_0_and_the_scored_block(faults_run):
+    gens = faults_run.failed["generations"]
+    assert gens[0]["status"] == "finished" and gens[1]["status"] == "running"
+    assert gens[1]["targets"] and not gens[1].get("model")
 
 
-def test_killed_driver_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_bert_base, monkeypatch):
-    """SIGKILL the whole `incr-ray train` process group after generation 0; the same command
-    resumes, keeps generation 0, and ends with the same model as a run that was never stopped.
-    While the first process runs, a second one on the same run folder is refused.
+def test_the_same_call_finishes_without_rescoring(faults_run):
+    m = faults_run.manifest
+    assert m["status"] == "finished" and [g["status"] for g in m["generations"]] == ["finished", "finished"]
+    assert "[gen 0] already finished, skipped" in faults_run.resumed_said
+    assert not [s for s in faults_run.resumed_said if "teacher" in s and " scores " in s], faults_run.resumed_said
+    assert m["generations"][1]["targets"] == faults_run.failed["generations"][1]["targets"]
+    assert not faults_run.scratch_left
 
-    The base model has no classification head, so every run initialises a new one: the
-    uninterrupted run and the killed-then-resumed one train each generation afresh in different
-    processes, and run.seed alone must make their weights byte-identical; another seed must not."""
-    from incr_ray.run.loop import run_generations
 
-    cfg = small_config(tmp_path, tiny_bert_base, "driver-kill", data={"synthetic_rows": 900},
-                       method={"k": 2}, student={"epochs": 1})
-    reference = run_generations(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "reference"})}),
-                                say=lambda s: None)
+def test_zero3_saves_consolidated_trained_weights(faults_run, tiny_bert):
+    from safetensors.numpy import load_file
 
-    cfg_file = tmp_path / "kill.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    manifest = Path(cfg.run_dir) / "run.json"
-    proc = _cli(str(cfg_file))
-    # The driver prints one summary line per finished generation ("gen 0/1 ..."): wait for it,
-    # and give up (the kill ends the output) after 300 s.
-    watchdog = threading.Timer(300, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    watchdog.start()
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("gen 0/1"):
-            break
-    else:
-        pytest.fail("generation 0 did not finish: " + "".join(seen)[-3000:])
-    watchdog.cancel()
-    gens = json.loads(manifest.read_text())["generations"]
-    assert gens[0]["status"] == "finished"
-    # While the first run holds the folder, a second one on it is refused (exit 2, one line).
-    second = _cli(str(cfg_file))
-    out2, _ = second.communicate(timeout=120)
-    assert second.returncode == 2, out2[-2000:]
-    assert "is in use by process" in out2 and "Traceback" not in out2
-    assert proc.poll() is None, "the first run must be unaffected"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    model0 = Path(cfg.run_dir) / "gen_000" / "model" / "model.safetensors"
-    mtime0 = model0.stat().st_mtime_ns
-
-    resumed = _cli(str(cfg_file))
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out[-3000:]
-    assert "[gen 0] already finished, skipped" in out
-    final = json.loads(manifest.read_text())
-    assert final["status"] == "finished"
-    assert model0.stat().st_mtime_ns == mtime0
+    initial = load_file(str(Path(tiny_bert) / "model.safetensors"))
     for g in (0, 1):
-        assert final["generations"][g]["metrics"] == reference["generations"][g]["metrics"], g
-        assert _weights(Path(cfg.run_dir), g) == _weights(Path(reference["run_dir"]), g), g
+        trained = load_file(str(faults_run.root / f"gen_{g:03d}" / "model" / "model.safetensors"))
+        emb = "bert.embeddings.word_embeddings.weight"
+        assert trained[emb].shape == initial[emb].shape
+        changed = [k for k in initial if k in trained and trained[k].shape == initial[k].shape
+                   and not np.allclose(trained[k], initial[k])]
+        assert len(changed) > len(initial) // 2, "most weights should have moved during training"
 
-    # Another seed, the same data and settings: other weights from generation 0 on.
-    other = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "other-seed", "seed": 2})})
-    monkeypatch.setenv(faults.ENV, json.dumps({"stop_after_generation": 0}))
-    with pytest.raises(faults.StopRequested):
-        run_generations(other, say=lambda s: None)
-    assert _weights(Path(other.run_dir), 0) != _weights(Path(reference["run_dir"]), 0)
+
+def test_the_partitioned_evaluation_matches_the_saved_model(faults_run):
+    """The workers evaluated their partitioned (ZeRO-3) model in memory; the saved, consolidated
+    weights scored by the actor pool (`incr-ray evaluate`) give the same figures."""
+    for g, metrics in faults_run.evaluated:
+        assert metrics == pytest.approx(faults_run.manifest["generations"][g]["metrics"], rel=1e-5), g
+
+
+def test_bf16_trains_with_fp32_targets_masters_and_accumulation(faults_run):
+    from transformers import pipeline
+
+    m = faults_run.manifest
+    for g in m["generations"]:
+        assert g["train"]["precision"] == {
+            "requested": "bf16", "model_weights": "bf16", "master_weights": "fp32", "grad_accum": "fp32",
+            "loss_targets": "fp32", "loss_logits": "bf16",
+        }, g["train"]["precision"]
+        assert all(np.isfinite(v) for v in g["metrics"].values())
+        assert g["train"]["workers"] == 2 and g["train"]["zero_stage"] == 3
+    out = pipeline("text-classification", model=str(faults_run.root / m["final_model"]), device="cpu")(["red words"])
+    assert out[0]["label"] in m["label_names"]
 
 
 def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_path, tiny_bert):
@@ -158,26 +142,10 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
         model.classifier.bias.fill_(float("nan"))
     model.save_pretrained(broken)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(broken)
-    cfg = small_config(tmp_path, str(broken), "nan")
+    cfg = small_config(tmp_path, str(broken), "nan", teacher={"pool_size": 1, "cpus_per_actor": 1})
     rows = [{"row_id": i, "text": f"word {i}", "label": i % 3, "block": 1} for i in range(20)]
     with pytest.raises(NonFiniteError) as caught:
         with _worker_failures_reported(print):
             score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
     assert type(caught.value) is NonFiniteError
     assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)
-
-
-def test_a_failing_worker_shows_its_last_lines(ray_with_faults, tmp_path, tiny_bert):
-    """Worker output goes to Ray's log files, not the job's console: a worker that fails adds the
-    last lines it printed to its exception, and the driver prints them in full."""
-    from incr_ray.run.loop import run_generations
-
-    ray_with_faults(worker_raise_at_step=1)
-    cfg = small_config(tmp_path, tiny_bert, "worker-raises", data={"synthetic_rows": 600}, method={"k": 2},
-                       student={"epochs": 1})
-    said = []
-    with pytest.raises(Exception) as caught:
-        run_generations(cfg, say=said.append)
-    assert "injected failure at step 1" in str(caught.value.worker_failures[0])
-    shown = "\n".join(said)
-    assert "last lines worker rank 0 printed:" in shown and "fault injected: rank 0 fails at step 1" in shown
