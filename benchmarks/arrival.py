@@ -33,7 +33,7 @@ Every method trains with the same student settings and passes over each row once
 i.e. samples) and seconds (each fit's generation time — teacher scoring and training — without the
 holdout evaluation every method pays alike), summed over arrivals; also the wall time of each
 call, run-folder overhead included. The model ready after an arrival is a run's final generation
-(``final_generation`` when run.json names one, :func:`harness.final_entry`).
+(``final_generation`` when run.json names one, ``incr_ray.run.report.final_entry``).
 
 Paired over seeds (same holdout and blocks per seed): at each arrival the mean and 95% CI of
 (a) − (b) and (a) − (c), and of (a)'s cumulative cost over (b)'s. The claims: at the last arrival
@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import harness  # environment before ray
-from harness import (final_entry, fmt_difference, machine, markdown_table, mean_ci, mean_std,
-                     paired_difference, verdict)
+from harness import fmt_difference, machine, markdown_table, mean_ci, mean_std, paired_difference, verdict
+from incr_ray.run.report import final_entry
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "nll": "NLL", "ece": "ECE"}
@@ -92,16 +92,14 @@ def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any], source:
         # k only decides how a run's first file is dealt into blocks, which the generation-0 fit
         # over every row of it ignores (harness.run_full_fine_tune); 2 is the least the config takes.
         "method": {"k": 2, "threshold": 0.9},
+        # min_steps 0: one pass per fit for every method, so costs compare rows.
         "student": {"init": "previous", "epochs": a.epochs, "learning_rate": a.lr, "warmup_ratio": 0.1,
-                    "batch_size": a.batch_size},
+                    "batch_size": a.batch_size, "min_steps": 0},
         "deepspeed": {"stage": 2},
         "cluster": {"workers": 1, "cpus_per_worker": 2, "use_gpu": False},
         "teacher": {"batch_size": 128, "pool_size": 1, "cpus_per_actor": 2},
+        "eval": {"retention_rows": 0},
     }
-    if harness.has_setting("student.min_steps"):
-        raw["student"]["min_steps"] = 0  # one pass per fit for every method: costs compare rows
-    if harness.has_setting("eval.retention_rows"):
-        raw.setdefault("eval", {})["retention_rows"] = 0
     return raw
 
 
@@ -155,6 +153,7 @@ def _timed(fn, *args, **kwargs):
 
 
 def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from incr_ray.run.folder import fork_run
     from incr_ray.run.loop import extend_run
 
     say = harness._say
@@ -171,7 +170,7 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     first = step_record(manifest, 0, seconds, a.batch_size)
     steps["incremental"].append(first)
     steps["retrain"].append(first)
-    harness.fork_after_generation_0(dir_a, cfg_c)
+    fork_run(str(dir_a), cfg_c, generations=1)
     manifest, seconds = _timed(harness.run_full_fine_tune, cfg_c, finish=True)  # closes the fork: nothing trains
     steps["fine-tune"].append(dict(first, call_seconds=first["call_seconds"] + seconds))
 

@@ -12,9 +12,9 @@ Per seed, Rotten Tomatoes rows are split by the project's own split into a holdo
 blocks of ≈ 300 rows (``harness.write_block_files``). A run is trained on blocks 0 and 1 with the
 demo's settings (``jobs/demo.yaml``: lr 2e-4, 10% warmup, batch 8, one pass, p = 0.9, ``init:
 previous``, ``min_steps`` at its default of 100) except ``max_length`` 32, and finished. That run
-is copied once per variant (:func:`harness.fork_finished`, the variant's settings written into the
-copy) and each copy is extended with block 2 through :func:`incr_ray.run.loop.extend_run`, the
-function behind ``incr-ray extend``:
+is copied once per variant (``incr_ray.run.folder.fork_run``, under the variant's settings) and
+each copy is extended with block 2 through :func:`incr_ray.run.loop.extend_run`, the function
+behind ``incr-ray extend``:
 
 - ``default``: as a user gets it. 300 rows at batch 8 are 38 steps, so ``min_steps`` 100 passes
   over them 2.6 times, with warmup and a decay from the 2e-4 peak.
@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import harness  # environment before ray
-from harness import final_entry, fmt_difference, machine, markdown_table, mean_ci, paired_difference
+from harness import fmt_difference, machine, markdown_table, mean_ci, paired_difference
+from incr_ray.run.report import final_entry
 
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("default", {}),
@@ -98,7 +99,9 @@ def extension_record(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     from incr_ray.config import config_from_dict
+    from incr_ray.run.folder import fork_run
     from incr_ray.run.loop import extend_run
+    from incr_ray.storage import remove_tree
 
     files = harness.write_block_files(seed, a.rows, a.eval_fraction, 3, a.workdir / f"s{seed}" / "data")
     raw = base_config(a, seed, files)
@@ -109,7 +112,8 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     for label, changes in VARIANTS:
         cfg = config_from_dict(raw, [f"run.name={label.replace(' ', '-')}"] +
                                [f"{k}={json.dumps(v)}" for k, v in changes.items()])
-        harness.fork_finished(Path(base.run_dir), cfg)
+        remove_tree(cfg.run_dir)  # a copy an earlier attempt extended (or half extended)
+        fork_run(base.run_dir, cfg)
         print(f"[seed {seed}] extend ({label}) with block 2 ({files['block_rows'][2]} rows)", flush=True)
         started = time.perf_counter()
         manifest = extend_run(cfg.run_dir, files["blocks"][2], say=harness._say)

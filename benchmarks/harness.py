@@ -7,7 +7,8 @@ DeepSpeed on its CPU accelerator.
 
 It also holds the statistics the scripts share: the mean and 95% confidence interval of paired
 per-seed differences (:func:`paired_difference`, Student t over seeds) and the verdict a goal gets
-from it (:func:`verdict`), and :func:`final_entry`, the generation a run's result is.
+from it (:func:`verdict`). What a run is — its result (``incr_ray.run.report.final_entry``), a copy
+of its first generations (``incr_ray.run.folder.fork_run``) — the scripts take from the package.
 """
 
 from __future__ import annotations
@@ -47,51 +48,6 @@ def start_local_ray() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Runs through the project's pipeline
-
-
-def fork_after_generation_0(source_dir: Path, cfg) -> None:
-    """Start ``cfg``'s run folder from a finished run's split and generation 0.
-
-    The manifest is the source's with this run's name and config, so the pipeline's own resume
-    (and its settings check) takes over from generation 1. Where it came from goes into a
-    ``forked_from`` file next to it: run.json is typed and takes no key of the benchmark's own.
-    """
-    from incr_ray.storage import write_json_atomic
-
-    dest = Path(cfg.run_dir)
-    if (dest / "run.json").exists():
-        return  # already forked (a rerun of this benchmark with --resume)
-    manifest = json.loads((source_dir / "run.json").read_text())
-    gen0 = manifest["generations"][0]
-    if gen0.get("status") != "finished":
-        raise RuntimeError(f"{source_dir}: generation 0 is not finished")
-    dest.mkdir(parents=True)
-    shutil.copytree(source_dir / "split", dest / "split")
-    shutil.copytree(source_dir / "gen_000", dest / "gen_000")
-    manifest.update(name=cfg.run.name, run_dir=str(dest), status="running", config=cfg.to_dict(),
-                    generations=[gen0])
-    for key in ("final_model", "final_generation"):  # the source's result, not this run's yet
-        manifest.pop(key, None)
-    (dest / "forked_from").write_text(str(source_dir) + "\n")
-    write_json_atomic(str(dest / "run.json"), manifest)
-
-
-def fork_finished(source_dir: Path, cfg) -> None:
-    """Copy a finished run whole into ``cfg``'s run folder, with this run's name and config: what
-    the copy trains next (an extension) uses ``cfg``'s settings, the generations it holds stay as
-    they were trained. A benchmark's way to extend one run in several ways."""
-    from incr_ray.storage import write_json_atomic
-
-    dest = Path(cfg.run_dir)
-    if dest.exists():
-        shutil.rmtree(dest)
-    manifest = json.loads((source_dir / "run.json").read_text())
-    if manifest.get("status") != "finished":
-        raise RuntimeError(f"{source_dir}: the run is not finished")
-    shutil.copytree(source_dir, dest, ignore=shutil.ignore_patterns("_ray_train", "forked_from"))
-    manifest.update(name=cfg.run.name, run_dir=str(dest), config=cfg.to_dict())
-    (dest / "forked_from").write_text(str(source_dir) + "\n")
-    write_json_atomic(str(dest / "run.json"), manifest)
 
 
 def write_block_files(seed: int, rows: int, eval_fraction: float, k: int, data_dir: Path) -> dict[str, Any]:
@@ -188,40 +144,16 @@ def run_full_fine_tune(cfg, finish: bool = False) -> dict[str, Any]:
     """
     from ray.data.expressions import col
 
-    from incr_ray.run.folder import open_run
+    from incr_ray.run.folder import finish_run, open_run
     from incr_ray.run.loop import run_generation
 
     with open_run(cfg, say=_say) as run:
         training_rows = run.split_dataset().filter(expr=col("block") >= 0)
         entry = run_generation(run, 0, training_rows, None)
         if finish and run.manifest.status != "finished":
-            from incr_ray.run.loop import _finish  # what run_generations does after its last generation
-
             run.manifest.data.block_sizes = [int(entry.rows)]
-            _finish(run)
+            finish_run(run)  # what run_generations does after its last generation
         return run.manifest.to_json()
-
-
-def has_setting(dotted: str) -> bool:
-    """Whether this incr-ray's config has ``section.key`` (benchmarks pin keys newer versions add)."""
-    from incr_ray.config import Config
-
-    section, key = dotted.split(".")
-    field = Config.model_fields.get(section)
-    return field is not None and key in field.annotation.model_fields
-
-
-def final_entry(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The generation that is a run's result: the one whose index is ``final_generation`` when the
-    manifest names one (a generation gate may keep an earlier model), else the last generation."""
-    gens = manifest["generations"]
-    chosen = manifest.get("final_generation")
-    if chosen is not None:
-        for g in gens:
-            if g["index"] == chosen:
-                return g
-        raise ValueError(f"final_generation {chosen} is not among the generations {[g['index'] for g in gens]}")
-    return gens[-1]
 
 
 def machine() -> dict[str, Any]:

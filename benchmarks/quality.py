@@ -32,7 +32,7 @@ otherwise.
 
 **The final model** of a run is the generation ``final_generation`` of its run.json when present
 (the ``method.keep_best`` gate may keep an older generation), else the last one
-(:func:`harness.final_entry`).
+(``incr_ray.run.report.final_entry``, what ``incr-ray train`` reports).
 
 **Levers** (``--levers``, issue #13 item 7): each is a config change against ``incremental`` on
 the same seeds, paired: ``student.schedule=run`` (one learning-rate schedule across the
@@ -69,9 +69,9 @@ from pathlib import Path
 from typing import Any
 
 import harness  # noqa: F401  (environment before ray)
-from harness import (ROOT, figure_png, final_entry, fmt_difference, fork_after_generation_0, has_setting, machine,
-                     markdown_table, mean_std, paired_difference, run_full_fine_tune, run_k_blocks, start_local_ray,
-                     verdict, write_results)
+from harness import (ROOT, figure_png, fmt_difference, machine, markdown_table, mean_std, paired_difference,
+                     run_full_fine_tune, run_k_blocks, start_local_ray, verdict, write_results)
+from incr_ray.run.report import final_entry
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "nll": "NLL", "ece": "ECE"}
@@ -143,14 +143,11 @@ def base_config(a: argparse.Namespace, seed: int) -> dict[str, Any]:
         "deepspeed": {"stage": "auto" if a.use_gpu else 2},
         "cluster": {"workers": a.workers, "cpus_per_worker": a.cpus_per_worker, "use_gpu": a.use_gpu},
         "teacher": {"batch_size": a.teacher_batch, "pool_size": 1, "cpus_per_actor": a.cpus_per_worker},
-        "eval": {"batch_size": a.eval_batch},
+        # Every method passes over its rows equally often (min_steps), and no time goes to a
+        # retention sample this benchmark does not report.
+        "eval": {"batch_size": a.eval_batch, "retention_rows": 0},
     }
-    # Settings newer incr-rays have: pinned so every method passes over its rows equally often
-    # (min_steps) and no time goes to a retention sample this benchmark does not report.
-    if has_setting("student.min_steps"):
-        raw["student"]["min_steps"] = a.min_steps
-    if has_setting("eval.retention_rows"):
-        raw["eval"]["retention_rows"] = 0
+    raw["student"]["min_steps"] = a.min_steps
     return raw
 
 
@@ -189,6 +186,15 @@ def generation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def fork_generation_0(source, cfg) -> None:
+    """``cfg``'s run starts from ``source``'s split and generation 0 (``incr_ray.run.folder.fork_run``);
+    a fork an earlier attempt made (``--resume``) goes on by the pipeline's own resume."""
+    from incr_ray.run.folder import fork_run
+
+    if not (Path(cfg.run_dir) / "run.json").exists():
+        fork_run(source.run_dir, cfg, generations=1)
+
+
 def method_result(manifest: dict[str, Any]) -> dict[str, Any]:
     """A finished run as the benchmark keeps it: its final generation, every generation, seconds."""
     gens = generation_rows(manifest)
@@ -212,7 +218,7 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
         cfg = configs[method]
         print(f"[seed {seed}] {method}", flush=True)
         if method != "incremental":
-            fork_after_generation_0(Path(configs["incremental"].run_dir), cfg)
+            fork_generation_0(configs["incremental"], cfg)
         out[method] = method_result(run_k_blocks(cfg))
     if "block 0 only" in a.methods:
         gen0 = out["incremental"]["generations"][0]
@@ -238,7 +244,7 @@ def run_variants(a: argparse.Namespace, seed: int, variants) -> dict[str, Any]:
     for label, changes, shares_gen0 in variants:
         print(f"[seed {seed}] {label}: {', '.join(_override(k, v) for k, v in changes.items())}", flush=True)
         if shares_gen0:
-            fork_after_generation_0(Path(cfgs[BASELINE].run_dir), cfgs[label])
+            fork_generation_0(cfgs[BASELINE], cfgs[label])
         out[label] = {**method_result(run_k_blocks(cfgs[label])), "changes": changes, "shares_gen0": shares_gen0}
     return out
 

@@ -123,6 +123,7 @@ def bench_teacher(workdir: Path, ds) -> dict[str, Any]:
     marginal rate, Δrows/Δseconds between the two sizes, is the steady state with start-up
     cancelled out."""
     from incr_ray.generation.teacher import score_block
+    from incr_ray.resolve import probe_cluster, resolve
 
     model_dir = str(workdir / "minilm-classifier")
     rows = ds.count()
@@ -140,6 +141,7 @@ def bench_teacher(workdir: Path, ds) -> dict[str, Any]:
                 seconds[size] = plain_scoring(model_dir, texts[:n], labels[:n])
                 continue
             cfg = config(workdir, "teacher", rows, **{"teacher.pool_size": pool, "teacher.cpus_per_actor": cpus})
+            cfg = resolve(cfg, probe_cluster())  # what open_run does for a run
             started = time.perf_counter()
             scored = score_block(halves[size], model_dir, cfg, on_gpu=False).materialize()
             seconds[size] = time.perf_counter() - started
@@ -239,12 +241,12 @@ def ray_training(workdir: Path, ds, model_dir: str, label_names: list[str], labe
                  cpus: int | str, stage: int | str) -> dict[str, Any]:
     """One ``fit_student`` (Ray Train + DeepSpeed, fed by Ray Data) on ``ds``, one pass, as a generation 0."""
     from incr_ray.generation.student import StudentRequest, fit_student
-    from incr_ray.run.folder import with_stage
+    from incr_ray.resolve import probe_cluster, resolve
 
     rows = ds.count()
     cfg = config(workdir, "student", rows, **{"cluster.workers": workers, "cluster.cpus_per_worker": cpus,
                                                "deepspeed.stage": stage})
-    cfg = with_stage(cfg, on_gpu=False, say=lambda line: None)  # what open_run does for a run
+    cfg = resolve(cfg, probe_cluster())  # what open_run does for a run
     started = time.perf_counter()
     request = StudentRequest(generation=0, init_model=model_dir, label_names=label_names, rows=rows,
                              model_dest=str(workdir / f"student-{label}"), ray_storage=str(workdir / "_ray_train"))

@@ -53,7 +53,7 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # Attached to a cluster: `cluster.use_gpu: auto` then refuses to fall back to CPU (it may
-        # autoscale GPU nodes in later); incr_ray.run.folder reads this.
+        # autoscale GPU nodes in later); incr_ray.resolve.probe_cluster reads this.
         os.environ["RAY_ADDRESS"] = address
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}}
@@ -101,13 +101,18 @@ def _config(args) -> Any:
 
 def cmd_train(args) -> int:
     cfg = _config(args)  # before the heavy imports below: a config error is reported at once
-    from .run.folder import check_model_and_storage
-    from .run.loop import run_generations
+    from .run.folder import claim_run
+    from .run.preflight import check_model_and_storage
 
     check_model_and_storage(cfg)  # before Ray starts
+    # An existing run is locked, and its run.json checked against cfg, before Ray starts too (and
+    # before the training stack is imported): a second train on a run in use, or with changed
+    # settings, is refused at once.
+    with claim_run(cfg) as lock:
+        from .run.loop import run_generations
 
-    init_ray(args.address)
-    manifest = run_generations(cfg)
+        init_ray(args.address)
+        manifest = run_generations(cfg, lock=lock)
     _print_final(manifest)
     return 0
 
@@ -134,13 +139,17 @@ def _check_run_and_data(run_dir: str, data_path: str | None) -> None:
 
 
 def cmd_extend(args) -> int:
-    from .run.loop import extend_run
+    from .run.folder import claim_finished
 
     if not 0.0 <= args.holdout_fraction < 1.0:
         raise UsageError(f"--holdout-fraction {args.holdout_fraction} is not a share in [0, 1); e.g. 0.2")
     _check_run_and_data(args.run, args.data)
-    init_ray(args.address)
-    manifest = extend_run(args.run, args.data, args.set or [], holdout_fraction=args.holdout_fraction)
+    with claim_finished(args.run, args.set or []) as lock:  # locked and checked before Ray starts
+        from .run.loop import extend_run
+
+        init_ray(args.address)
+        manifest = extend_run(args.run, args.data, args.set or [], holdout_fraction=args.holdout_fraction,
+                              lock=lock)
     _print_final(manifest)
     return 0
 

@@ -118,14 +118,6 @@ def test_fmt_difference_says_when_zero_is_inside():
 # The final generation
 
 
-def test_final_entry_follows_final_generation_when_present():
-    gens = [{"index": 0}, {"index": 1}, {"index": 2, "promoted": False}]
-    assert harness.final_entry({"generations": gens})["index"] == 2
-    assert harness.final_entry({"generations": gens, "final_generation": 1})["index"] == 1
-    with pytest.raises(ValueError):
-        harness.final_entry({"generations": gens, "final_generation": 7})
-
-
 def _manifest(accs, final_generation=None, calibration=None):
     gens = []
     for i, acc in enumerate(accs):
@@ -317,24 +309,41 @@ def test_forked_run_json_is_a_valid_manifest_without_the_sources_result(tmp_path
     for folder in ("split", "gen_000/model", "gen_001/model"):
         (source / folder).mkdir(parents=True)
     (source / "split" / "part.parquet").write_bytes(b"x")
+    (source / "report.md").write_text("the source's result")
     cfg_src = config_from_dict({"run": {"name": "s0-incremental"}, "storage": {"path": str(tmp_path)}})
     gens = [GenerationEntry(index=g, status="finished", rows=10, model=f"gen_00{g}/model", seconds=1.0,
                             metrics={"accuracy": 0.5}) for g in (0, 1)]
     manifest = Manifest(name="s0-incremental", run_dir=str(source), status="finished", created="now",
                         config=cfg_src.to_dict(), label_names=["a", "b"],
                         data=DataInfo(fingerprint="f", block_sizes=[10, 10], holdout_size=5), generations=gens,
-                        final_model="gen_001/model")
-    if "final_generation" in Manifest.model_fields:
-        manifest.final_generation = 1
+                        final_model="gen_001/model", final_generation=1)
     (source / "run.json").write_text(manifest.model_dump_json())
 
     cfg = config_from_dict({"run": {"name": "s0-hard"}, "storage": {"path": str(tmp_path)},
                             "method": {"threshold": 1.0}})
-    harness.fork_after_generation_0(source, cfg)
-    forked = load(str(tmp_path / "s0-hard" / "run.json"))  # typed: no key the manifest does not know
-    assert forked.name == "s0-hard" and forked.status == "running"
+    quality.fork_generation_0(cfg_src, cfg)
+    fork = tmp_path / "s0-hard"
+    forked = load(str(fork / "run.json"))  # typed: no key the manifest does not know
+    assert forked.name == "s0-hard" and forked.status == "running" and forked.run_dir == str(fork)
     assert [g.index for g in forked.generations] == [0] and forked.final_model is None
     assert forked.config["method"]["threshold"] == 1.0
-    assert (tmp_path / "s0-hard" / "gen_000" / "model").is_dir() and not (tmp_path / "s0-hard" / "gen_001").exists()
-    assert (tmp_path / "s0-hard" / "forked_from").read_text().strip() == str(source)
-    harness.fork_after_generation_0(source, cfg)  # a second call leaves the fork alone
+    assert (fork / "gen_000" / "model").is_dir() and (fork / "split" / "part.parquet").exists()
+    assert not (fork / "gen_001").exists() and not (fork / "report.md").exists()
+    assert (fork / "forked_from").read_text().strip() == str(source)
+    quality.fork_generation_0(cfg_src, cfg)  # a second call leaves the fork alone (--resume)
+
+
+def test_a_whole_copy_keeps_the_result_and_refuses_an_existing_folder(tmp_path):
+    from incr_ray.config import config_from_dict
+    from incr_ray.run.folder import fork_run
+    from incr_ray.run.manifest import RunError, load
+
+    test_forked_run_json_is_a_valid_manifest_without_the_sources_result(tmp_path)
+    source = str(tmp_path / "s0-incremental")
+    copy = config_from_dict({"run": {"name": "copy"}, "storage": {"path": str(tmp_path)}})
+    fork_run(source, copy)
+    whole = load(str(tmp_path / "copy" / "run.json"))
+    assert (whole.status, whole.final_generation, len(whole.generations)) == ("finished", 1, 2)
+    assert (tmp_path / "copy" / "gen_001" / "model").is_dir() and (tmp_path / "copy" / "report.md").exists()
+    with pytest.raises(RunError, match="exists already"):
+        fork_run(source, copy)

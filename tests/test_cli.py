@@ -8,7 +8,9 @@ output of bad data that reaches Ray.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -159,11 +161,41 @@ def test_evaluate_and_extend_refuse_before_ray(tmp_path, run_cli, no_ray):
     assert sorted(p.name for p in Path(run).iterdir()) == ["run.json"]
 
 
+def hold_lock(folder: Path) -> str:
+    """A .lock in ``folder`` as a live process on this host holds it (this test's own process)."""
+    text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": 0.0})
+    (folder / ".lock").write_text(text)
+    return text
+
+
+def test_a_run_in_use_is_refused_before_ray(tmp_path, tiny_bert, run_cli, no_ray):
+    run = Path(fake_run(tmp_path / "runs" / "incr-run"))
+    held = hold_lock(run)
+    train = run_cli("train", "--set", f"storage.path={tmp_path}/runs", "--set", f"model.base={tiny_bert}")
+    assert_usage_error(train, "is in use by process", str(os.getpid()))
+    data = write(tmp_path / "new.csv", "text,label\nx,a\n")
+    assert_usage_error(run_cli("extend", "--run", str(run), "--data", data), "is in use by process")
+    assert (run / ".lock").read_text() == held  # the holder's lock is left alone
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "run.json"]
+
+
+def test_a_changed_setting_is_refused_before_ray(tmp_path, tiny_bert, run_cli, no_ray):
+    run = Path(fake_run(tmp_path / "runs" / "incr-run"))  # run.json: every setting at its default
+    sets = ["--set", f"storage.path={tmp_path}/runs", "--set", f"model.base={tiny_bert}"]
+    assert_usage_error(run_cli("train", *sets, "--set", "method.threshold=0.8"),
+                       "was started with other settings", "method.threshold: 0.9 -> 0.8", "restore them to resume")
+    data = write(tmp_path / "new.csv", "text,label\nx,a\n")
+    assert_usage_error(run_cli("extend", "--run", str(run), "--data", data, "--set", "method.threshold=0.8"),
+                       "was trained with other settings", "an extension may change")
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]  # and the lock was let go
+
+
 def test_predict_refuses_non_model(run_cli):
     assert_usage_error(run_cli("predict", "--model", "/nonexistent", "x"), "not a model folder")
     assert_usage_error(run_cli("predict", "--model", "/nonexistent"), "at least one text")
 
 
+@pytest.mark.slow  # two interpreters importing the package
 def test_entry_point_exit_codes(tmp_path, tiny_bert):
     """The installed script: 0 and one line per text on success, 2 and one line on a config error."""
     proc = incr_ray("predict", "--model", tiny_bert, "a nice film", "a bad film")

@@ -17,7 +17,7 @@ from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_st
                               target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import parquet_batches
-from .resources import with_cpus
+from .resources import require_resolved
 
 
 class TargetScorer:
@@ -72,9 +72,9 @@ def scoring_pool(cfg: Config, on_gpu: bool) -> tuple[dict, bool]:
 def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
     ``progress``: a queue actor each scoring actor tells how many rows it scored."""
+    require_resolved(cfg, "score_block")  # a run's config is, since open_run (incr_ray.resolve)
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
-    cfg = with_cpus(cfg, on_gpu)  # a no-op for a run's config, resolved (and said) when the run opened
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     return ds.map_batches(
         TargetScorer,

@@ -1,35 +1,37 @@
 """A run folder opened for work: its layout, its lock, and the :class:`Run` the loop works on.
 
 :func:`open_run` (train) and :func:`open_finished` (extend) are context managers that hold the
-run's lock for as long as the caller works on it; bad input fails before the folder is created.
+run's lock for as long as the caller works on it; bad input fails before the folder is created
+(the checks live in :mod:`.preflight`). The CLI takes the lock earlier, before Ray starts, with
+:func:`claim_run` / :func:`claim_finished`, and hands it down. :func:`fork_run` starts a run folder
+from another run's finished generations.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import ray
 import ray.data
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.data.expressions import col
 
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, config_from_dict
 from ..data import HOLDOUT, SplitData, split_data
-from ..generation.deepspeed_config import precision_problem, resolve_precision
-from ..generation.resources import with_cpus
-from ..lora import check_lora
-from ..modeling import ModelError, check_classifier, head_mismatch, resolve_model_path
-from ..plan import auto_stage, resolve_shape
-from ..storage import (StorageError, absolute, check_writable, exists, is_remote, remove_tree, rename_tree,
-                       write_json_atomic)
+from ..resolve import probe_cluster, resolve
+from ..storage import (StorageError, absolute, drop_staged, exists, is_remote, remove_tree, rename_tree,
+                       write_bytes_atomic, write_json_atomic)
 from .manifest import EXTENSION_SETTINGS, DataInfo, Manifest, RunError, check_compatible, load, now
+from .model_card import write_model_card
+from .preflight import check_head, check_precision, check_shared_paths, on_every_node, preflight
+from .preflight import unreachable_on_nodes  # noqa: F401 - its home before preflight.py; callers import it here
+from .report import plot_png, render_report
 from .tracking import Tracker, check_tracking
 
 
@@ -135,34 +137,8 @@ class RunLock:
         self.release()
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The run
-
-
-def decide_gpu(use_gpu, cluster_gpus: float, attached: bool) -> bool:
-    """``cluster.use_gpu`` against what the cluster has now.
-
-    ``auto`` means GPUs when the cluster has any. On a cluster this driver attached to (a job, or
-    ``--address``) no GPU may only mean none has been started yet — an autoscaling cluster adds GPU
-    nodes when asked for them — so there ``auto`` is refused rather than silently training on CPU.
-    """
-    if use_gpu != "auto":
-        return bool(use_gpu)
-    if cluster_gpus > 0:
-        return True
-    if attached:
-        raise ConfigError(
-            "cluster.use_gpu is auto but this Ray cluster has no GPU yet (an autoscaling cluster starts "
-            "GPU nodes only when asked); set cluster.use_gpu: true to train on GPUs, or false for CPUs"
-        )
-    return False
-
-
-def cluster_has_gpu(cfg: Config) -> bool:
-    # RAY_ADDRESS: set by `ray job submit` for the job's driver, and by `incr-ray --address`.
-    return decide_gpu(cfg.cluster.use_gpu, ray.cluster_resources().get("GPU", 0),
-                      attached=bool(os.environ.get("RAY_ADDRESS")))
 
 
 @dataclass
@@ -206,114 +182,6 @@ class Run:
         return self._holdout
 
 
-def with_stage(cfg: Config, on_gpu: bool, say=print) -> Config:
-    """``cfg`` with ``deepspeed.stage: auto`` resolved to a number (and the choice said)."""
-    if cfg.deepspeed.stage != "auto":
-        return cfg
-    # The driver may have no GPU to ask; the workers check bf16 support again on theirs.
-    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
-    shape = None
-    if on_gpu and cfg.cluster.workers > 1:  # the plan decides: it needs the model's shape
-        try:
-            shape = resolve_shape(cfg)
-        except ModelError:
-            raise ConfigError(
-                f"deepspeed.stage auto cannot read the shape of model.base {cfg.model.base!r} to choose a stage "
-                "for several GPUs; set deepspeed.stage (incr-ray plan --params N shows which fits)"
-            ) from None
-    stage, why = auto_stage(cfg, on_gpu, precision, shape)
-    say(f"deepspeed.stage auto -> ZeRO-{stage}: {why}")
-    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
-
-
-def resolve_auto(cfg: Config, on_gpu: bool, say=print) -> Config:
-    """``cfg`` with every ``auto`` that depends on the cluster resolved (ZeRO stage, CPUs per worker
-    and per scoring actor), each choice said: what a run (or an extension) trains with."""
-    return with_cpus(with_stage(cfg, on_gpu, say), on_gpu, say=say)
-
-
-def check_model_and_storage(cfg: Config) -> str:
-    """Checks that need no Ray and would otherwise fail late: the base model is a classifier, the
-    storage folder takes files, the tracking backend can work. Returns the base model's path (or hub name)."""
-    check_tracking(cfg)
-    base = resolve_model_path(cfg.model.base)
-    if not is_remote(base):
-        check_classifier(base, cfg.model.trust_remote_code)
-        if cfg.student.lora.r:  # the adapters' targets exist in this architecture
-            check_lora(cfg.student.lora, base, cfg.model.trust_remote_code)
-    check_writable(absolute(cfg.storage.path))
-    return base
-
-
-def _check_precision(cfg: Config, on_gpu: bool) -> None:
-    """``cfg`` has its ZeRO stage resolved; the workers check bf16 support again on their GPUs."""
-    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
-    problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_supported=True)
-    if problem:
-        raise ConfigError(problem)
-
-
-def on_every_node(fn, *args) -> list[tuple[str, Any]]:
-    """(node address, ``fn(*args)``) from a task on every alive node of the cluster."""
-    task = ray.remote(num_cpus=0)(fn)  # 0 CPUs: a head that advertises none still runs it
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    results = ray.get([
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
-        for n in nodes
-    ])
-    return [(n["NodeManagerAddress"], r) for n, r in zip(nodes, results)]
-
-
-def _missing_here(paths: list[str]) -> list[str]:
-    return [p for p in paths if not os.path.exists(p)]
-
-
-def unreachable_on_nodes(paths: list[str]) -> list[tuple[str, str]]:
-    """(node address, path) for every local path an alive node of the cluster cannot see."""
-    return [(node, p) for node, missing in on_every_node(_missing_here, paths) for p in missing]
-
-
-def _check_shared_paths(cfg: Config, base_model: str, storage: str) -> None:
-    """On a cluster of several nodes, local paths must be visible on all of them: a path only the
-    driver's node sees would fail deep inside a generation, on another node."""
-    if len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        return
-    probe = None
-    local = []
-    if not is_remote(storage):
-        # A file written here, not just the folder: each node may have its own folder of that name.
-        probe = os.path.join(storage, f".incr-ray-probe-{os.getpid()}-{time.time_ns()}")
-        Path(probe).touch()
-        local.append(probe)
-    if not is_remote(base_model) and os.path.exists(base_model):
-        local.append(os.path.join(base_model, "config.json"))
-    try:
-        missing = unreachable_on_nodes(local)
-    finally:
-        if probe:
-            os.unlink(probe)
-    if missing:
-        node, path = missing[0]
-        what = "storage.path" if path == probe else "model.base"
-        shown = cfg.storage.path if path == probe else cfg.model.base
-        raise ConfigError(
-            f"{what} {shown!r} is not visible on node {node} ({len(missing)} node/path pair(s) in all); "
-            "on a multi-node cluster put it on storage every node reaches (an NFS mount on all nodes, or s3://)"
-        )
-
-
-def _check_head(cfg: Config, base_model: str, num_labels: int) -> None:
-    if cfg.deepspeed.stage != 3 or is_remote(base_model):
-        return
-    head = head_mismatch(base_model, num_labels, cfg.model.trust_remote_code)
-    if head is not None:
-        raise ConfigError(
-            f"model.base {cfg.model.base!r} has a classification head for {head} labels but the data has "
-            f"{num_labels}; ZeRO-3 cannot resize a partitioned head: use deepspeed.stage 2 for this run, "
-            "or a base model without a classification head"
-        )
-
-
 def _write_split(split: SplitData, paths: RunPaths) -> None:
     """Persist the split (temp folder, then rename) so resumes never recompute it."""
     tmp = paths.split + ".tmp"
@@ -335,22 +203,44 @@ def _new_manifest(cfg: Config, paths: RunPaths, base_model: str, split: SplitDat
     )
 
 
+def _given(lock: RunLock | None, paths: RunPaths) -> RunLock | None:
+    """``lock``, checked to be the lock of ``paths``' folder."""
+    if lock is not None and lock.path != RunLock(paths.root).path:
+        raise ValueError(f"the lock {lock.path} is not the lock of run folder {paths.root}")
+    return lock
+
+
 @contextmanager
-def open_run(cfg: Config, say=print) -> Iterator[Run]:
+def claim_run(cfg: Config) -> Iterator[RunLock | None]:
+    """Before Ray starts: lock ``cfg``'s run folder if it exists, and refuse a config its run.json was
+    not started with. Yields the lock for :func:`open_run` to work under; None for a new run, whose
+    folder is made (and locked) only once its data has passed the checks."""
+    paths = RunPaths(absolute(cfg.run_dir))
+    if not exists(paths.root):
+        yield None
+        return
+    with RunLock(paths.root) as lock:
+        if exists(paths.manifest):
+            check_compatible(load(paths.manifest), cfg)
+        yield lock
+
+
+@contextmanager
+def open_run(cfg: Config, say=print, lock: RunLock | None = None) -> Iterator[Run]:
     """Open (or create) the run folder for ``cfg`` and hold its lock while the caller works.
 
     Bad input fails before the run folder is created; an existing folder is locked before it is
-    read, so a second process on the same run is refused instead of racing the first.
+    read, so a second process on the same run is refused instead of racing the first. ``lock``: the
+    folder's lock as :func:`claim_run` took it (this process's, held by the caller until it is done).
     """
-    on_gpu = cluster_has_gpu(cfg)
+    facts = probe_cluster()
     settings = cfg  # as the user wrote it (stage auto stays auto in run.json)
     resolved: list[str] = []  # said once the data has passed: bad data stays a short error
-    cfg = resolve_auto(cfg, on_gpu, resolved.append)
-    _check_precision(cfg, on_gpu)
-    base_model = check_model_and_storage(cfg)
-    _check_shared_paths(cfg, base_model, absolute(cfg.storage.path))
+    cfg, base_model = preflight(cfg, facts, resolved.append)
+    check_shared_paths(cfg, base_model, facts)
     paths = RunPaths(absolute(cfg.run_dir))
-    lock = RunLock(paths.root).acquire() if exists(paths.root) else None
+    lock = _given(lock, paths)
+    own = RunLock(paths.root).acquire() if lock is None and exists(paths.root) else None
     try:
         manifest = load(paths.manifest) if exists(paths.manifest) else None
         if manifest is not None:
@@ -365,35 +255,38 @@ def open_run(cfg: Config, say=print) -> Iterator[Run]:
                     "no holdout: data.eval_fraction is 0 and data.eval_path is unset, but every generation "
                     "is evaluated on a holdout; set data.eval_fraction (e.g. 0.1) or data.eval_path"
                 )
-            _check_head(cfg, base_model, len(split.label_names))
-            if lock is None:
+            check_head(cfg, base_model, len(split.label_names))
+            if lock is None and own is None:
                 if not is_remote(paths.root):
                     os.makedirs(paths.root, exist_ok=True)
-                lock = RunLock(paths.root).acquire()
+                own = RunLock(paths.root).acquire()
             _write_split(split, paths)
             manifest = _new_manifest(settings, paths, base_model, split)
         for line in resolved:
             say(line)
-        run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
+        run = Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cfg.cluster.use_gpu, say=say)
         run.save()
         yield run
     finally:
-        if lock is not None:
-            lock.release()
+        if own is not None:
+            own.release()
 
 
 def read_manifest(run_dir: str) -> tuple[RunPaths, Manifest]:
     """The paths and manifest of an existing run folder; a folder that is not a run is a RunError."""
-    paths = RunPaths(absolute(run_dir))
-    if not exists(paths.manifest):
-        raise RunError(f"{run_dir!r} is not an incr-ray run folder (no run.json); pass --run STORAGE/RUN_NAME")
+    paths = _run_folder(run_dir)
     return paths, load(paths.manifest)
 
 
-@contextmanager
-def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run]:
-    """Open a finished run (or one whose extension was interrupted) to extend it."""
-    paths, manifest = read_manifest(run_dir)
+def _run_folder(run_dir: str) -> RunPaths:
+    paths = RunPaths(absolute(run_dir))
+    if not exists(paths.manifest):
+        raise RunError(f"{run_dir!r} is not an incr-ray run folder (no run.json); pass --run STORAGE/RUN_NAME")
+    return paths
+
+
+def _extension_config(manifest: Manifest, overrides: list[str]) -> Config:
+    """The config an extension of ``manifest``'s run trains with, checked (no Ray)."""
     if manifest.status not in ("finished", "extending"):
         raise RunError(
             f"run {manifest.name!r} is not finished; finish it first with the same `incr-ray train` command"
@@ -402,6 +295,78 @@ def open_finished(run_dir: str, overrides: list[str], say=print) -> Iterator[Run
     # Resource settings may change, and how the new generation trains (EXTENSION_SETTINGS).
     check_compatible(manifest, cfg, may_change=EXTENSION_SETTINGS)
     check_tracking(cfg)
-    on_gpu = cluster_has_gpu(cfg)
-    with RunLock(paths.root):
-        yield Run(cfg=resolve_auto(cfg, on_gpu, say), paths=paths, manifest=manifest, on_gpu=on_gpu, say=say)
+    return cfg
+
+
+@contextmanager
+def claim_finished(run_dir: str, overrides: list[str]) -> Iterator[RunLock]:
+    """Before Ray starts: lock a finished run's folder and refuse an extension its settings forbid.
+    Yields the lock for :func:`open_finished` to work under."""
+    paths = _run_folder(run_dir)  # a folder that is no run gets no .lock
+    with RunLock(paths.root) as lock:
+        _extension_config(load(paths.manifest), overrides)
+        yield lock
+
+
+@contextmanager
+def open_finished(run_dir: str, overrides: list[str], say=print, lock: RunLock | None = None) -> Iterator[Run]:
+    """Open a finished run (or one whose extension was interrupted) to extend it; ``lock`` as
+    :func:`claim_finished` took it, or None to take it here."""
+    paths = _run_folder(run_dir)
+    with nullcontext() if _given(lock, paths) else RunLock(paths.root):  # a given lock stays its holder's
+        manifest = load(paths.manifest)
+        cfg = resolve(_extension_config(manifest, overrides), probe_cluster(), say)
+        check_precision(cfg)
+        yield Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cfg.cluster.use_gpu, say=say)
+
+
+def fork_run(source_dir: str, cfg: Config, generations: int | None = None) -> Manifest:
+    """A new run folder for ``cfg``, a copy of the run at ``source_dir`` under ``cfg``'s name and
+    settings: the whole run as it stands (``generations`` None: a finished run to extend in another
+    way), or its split and first ``generations`` generations, running again (``incr-ray train``
+    trains the rest of its k). What the copy trains next follows ``cfg``; the generations it holds
+    stay as they were trained, and ``forked_from`` names where they came from. Local folders only;
+    the folder must not exist yet."""
+    source, dest = RunPaths(absolute(source_dir)), RunPaths(absolute(cfg.run_dir))
+    remote = next((p for p in (source.root, dest.root) if is_remote(p)), None)
+    if remote:
+        raise RunError(f"fork_run copies local run folders only, not {remote}")
+    if exists(dest.root):
+        raise RunError(f"{dest.root} exists already; fork into a new run.name, or delete it first")
+    manifest = load(source.manifest).forked(cfg.run.name, dest.root, cfg.to_dict(), generations)
+    kept = {f"gen_{e.index:03d}" for e in manifest.generations}
+
+    def left_out(folder: str, names: list[str]) -> set[str]:
+        if folder != source.root:
+            return set()
+        gens = {n for n in names if n.startswith("gen_") and n not in kept}
+        reports = {"report.md", "report.json", "generations.png"} if generations is not None else set()
+        return gens | reports | {"run.json", ".lock", "_ray_train", "forked_from"}
+
+    shutil.copytree(source.root, dest.root, ignore=left_out)
+    Path(dest.join("forked_from")).write_text(source.root + "\n")
+    write_json_atomic(dest.manifest, manifest.to_json())
+    return manifest
+
+
+def finish_run(run: Run) -> None:
+    """Close a run whose generations are trained: status finished, the final model named, every
+    model card and the report (re)written, the tracker told."""
+    if is_remote(run.paths.root):  # models staged from s3:// (teachers, student inits) on any node
+        models = [run.paths.join(e.model) for e in run.manifest.generations if e.model]
+        on_every_node(drop_staged, models)
+    m = run.manifest
+    final = m.teacher_of(len(m.generations))  # the last promoted generation
+    m.status = "finished"
+    m.final_model, m.final_generation = final.model, final.index
+    run.save()
+    # Every card again: the final one now says so, one that was final before an extension no
+    # longer does, and a run folder from before model cards gets them.
+    for e in m.finished_generations():
+        if e.model and e.metrics:
+            write_model_card(run.paths.model(e.index), m, e.index)
+    md, js = render_report(run.manifest.to_json())
+    files = {"report.md": md.encode(), "report.json": js.encode(), "generations.png": plot_png(run.manifest.to_json())}
+    for name, data in files.items():
+        write_bytes_atomic(run.paths.join(name), data)
+    run.tracker.run_finished(run.manifest.to_json(), files)

@@ -28,15 +28,16 @@ from ..generation.progress import ScoringProgress
 from ..generation.student import StudentRequest, fit_student
 from ..generation.trainer import generation_steps, planned_steps, run_lr_window
 from ..generation.teacher import score_block, teacher_block_stats
-from ..method.calibration import MIN_ROWS as MIN_CALIBRATION_ROWS
 from ..method.metrics import flip_rates, probs_metrics
 from ..method.targets import softmax
 from ..modeling import NonFiniteError
-from ..storage import drop_staged, is_remote, remove_tree, rename_tree, write_bytes_atomic
-from .folder import Run, cluster_has_gpu, on_every_node, open_finished, open_run, read_manifest
+from ..resolve import probe_cluster, resolve
+from ..storage import remove_tree, rename_tree
+from .folder import Run, RunLock, finish_run, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, as_sets, extension_settings, now, result_settings
 from .model_card import write_model_card
-from .report import plot_png, render_report, summary_line
+from .record import continual_record, record_fit
+from .report import summary_line
 from .tracking import tracked
 
 
@@ -188,29 +189,14 @@ def _gate(run: Run, g: int, entry: GenerationEntry, teacher: GenerationEntry | N
     return better
 
 
-def _continual(run: Run, g: int, entry: GenerationEntry, teacher: GenerationEntry | None,
-               retention: dict[str, Any] | None) -> dict[str, float] | None:
-    """Flip and fix rates against the teacher on the holdout, and retention on earlier blocks."""
-    out: dict[str, float] = {}
-    if teacher is not None and teacher.predictions and entry.predictions:
-        holdout = run.holdout().select_columns(["row_id", "label"]).to_pandas()
-        rates = flip_rates(read_predictions(run.paths.join(teacher.predictions)),
-                           read_predictions(run.paths.join(entry.predictions)),
-                           (holdout["row_id"].to_numpy(), holdout["label"].to_numpy()))
-        out.update(flip_rate=rates["flip_rate"], fix_rate=rates["fix_rate"])
-    if retention:
-        out.update(retention_accuracy=retention["accuracy"], retention_nll=retention["nll"],
-                   retention_rows=retention["rows"])
-    if not out:
+def _flip_rates(run: Run, entry: GenerationEntry, teacher: GenerationEntry | None) -> dict[str, float] | None:
+    """Flip and fix rates of ``entry`` against its teacher on the holdout, from both predictions files."""
+    if teacher is None or not teacher.predictions or not entry.predictions:
         return None
-    parts = []
-    if "flip_rate" in out:
-        parts.append(f"against its teacher (gen {teacher.index}) {100 * out['flip_rate']:.1f}% of holdout rows "
-                     f"went right → wrong, {100 * out['fix_rate']:.1f}% wrong → right")
-    if "retention_accuracy" in out:
-        parts.append(f"accuracy {out['retention_accuracy']:.4f} on {int(out['retention_rows'])} rows of earlier blocks")
-    run.say(f"[gen {g}] " + "; ".join(parts))
-    return out
+    holdout = run.holdout().select_columns(["row_id", "label"]).to_pandas()
+    return flip_rates(read_predictions(run.paths.join(teacher.predictions)),
+                      read_predictions(run.paths.join(entry.predictions)),
+                      (holdout["row_id"].to_numpy(), holdout["label"].to_numpy()))
 
 
 def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, extended: bool = False) -> GenerationEntry:
@@ -267,28 +253,13 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
             train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say,
                                 validation_ds=validation_ds, retention_ds=retention_ds,
                                 extension_holdouts=extension_holdouts)
-        entry.metrics, entry.eval_seconds = train.pop("holdout"), train.pop("eval_seconds")
         entry.predictions = run.rel(run.paths.predictions(g))
-        student_validation, entry.calibration = train.pop("validation", None), train.pop("calibration", None)
-        retention = train.pop("retention", None)
-        entry.drift = train.pop("drift", None)
-        if entry.drift:
-            run.say(f"[gen {g}] on the extensions' own holdouts: " + ", ".join(
-                f"gen {j}'s data acc {d['accuracy']:.4f}" for j, d in entry.drift.items()))
-        if student_validation is not None:
-            entry.validation = {**student_validation,
-                                **(_teacher_on_validation(run, entry) if teacher and entry.targets else {})}
-        if entry.calibration:
-            c, rows = entry.calibration, int((student_validation or {}).get("rows", 0))
-            if rows < MIN_CALIBRATION_ROWS:
-                run.say(f"[gen {g}] no temperature fitted: the validation slice has {rows} rows, fewer than "
-                        f"{MIN_CALIBRATION_ROWS}; raise method.validation_fraction")
-            else:
-                run.say(f"[gen {g}] temperature {c['temperature']:.3f} fitted on {rows} validation rows: holdout "
-                        f"ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} → {c['nll_after']:.4f}")
-        entry.continual = _continual(run, g, entry, teacher, retention)
+        on_validation = (_teacher_on_validation(run, entry)
+                         if teacher and entry.targets and train.get("validation") is not None else None)
+        for line in record_fit(entry, train, teacher, on_validation, _flip_rates(run, entry, teacher)):
+            run.say(line)
         entry.promoted = _gate(run, g, entry, teacher)
-        entry.model, entry.train = run.rel(model_dest), train
+        entry.model = run.rel(model_dest)
         entry.adapter = run.rel(request.adapter_dest) if request.adapter_dest else None
         run.save()
     if not entry.metrics:  # trained by an earlier attempt that stopped before evaluating
@@ -297,7 +268,9 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         entry.metrics, predictions = evaluate_model(run.holdout(), model_dest, cfg, run.on_gpu, predictions=True)
         write_predictions(run.paths.predictions(g), *predictions)
         entry.predictions = run.rel(run.paths.predictions(g))
-        entry.continual = _continual(run, g, entry, teacher, None)
+        entry.continual, said = continual_record(g, teacher, _flip_rates(run, entry, teacher), None)
+        for line in said:
+            run.say(line)
         entry.eval_seconds = time.perf_counter() - evaluating
     # The folder is complete (temperature folded in, gate decided): its card goes in before the
     # generation counts as finished, so a resumed run never skips a generation without one.
@@ -310,31 +283,11 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
     return entry
 
 
-def _finish(run: Run) -> None:
-    if is_remote(run.paths.root):  # models staged from s3:// (teachers, student inits) on any node
-        models = [run.paths.join(e.model) for e in run.manifest.generations if e.model]
-        on_every_node(drop_staged, models)
-    m = run.manifest
-    final = m.teacher_of(len(m.generations))  # the last promoted generation
-    m.status = "finished"
-    m.final_model, m.final_generation = final.model, final.index
-    run.save()
-    # Every card again: the final one now says so, one that was final before an extension no
-    # longer does, and a run folder from before model cards gets them.
-    for e in m.finished_generations():
-        if e.model and e.metrics:
-            write_model_card(run.paths.model(e.index), m, e.index)
-    md, js = render_report(run.manifest.to_json())
-    files = {"report.md": md.encode(), "report.json": js.encode(), "generations.png": plot_png(run.manifest.to_json())}
-    for name, data in files.items():
-        write_bytes_atomic(run.paths.join(name), data)
-    run.tracker.run_finished(run.manifest.to_json(), files)
-
-
-def run_generations(cfg: Config, say=print) -> dict[str, Any]:
-    """Train (or resume) every generation of ``cfg``; returns the finished manifest as in run.json."""
+def run_generations(cfg: Config, say=print, lock: RunLock | None = None) -> dict[str, Any]:
+    """Train (or resume) every generation of ``cfg``; returns the finished manifest as in run.json.
+    ``lock``: the run folder's lock when the caller took it already (``folder.claim_run``)."""
     k = cfg.method.k
-    with open_run(cfg, say) as run, tracked(run):
+    with open_run(cfg, say, lock=lock) as run, tracked(run):
         for g in range(k):
             if run.manifest.entry(g).status == "finished":
                 say(f"[gen {g}] already finished, skipped")
@@ -342,7 +295,7 @@ def run_generations(cfg: Config, say=print) -> dict[str, Any]:
             entry = run_generation(run, g, run.block(g), run.manifest.teacher_of(g))
             say(summary_line(entry.model_dump(exclude_none=True), k))
             faults.stop_after_generation(g, k)
-        _finish(run)
+        finish_run(run)
         return run.manifest.to_json()
 
 
@@ -370,10 +323,11 @@ def _carve_own_holdout(run: Run, g: int, new_block):
 
 
 def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None, say=print,
-               holdout_fraction: float = 0.0) -> dict[str, Any]:
+               holdout_fraction: float = 0.0, lock: RunLock | None = None) -> dict[str, Any]:
     """Train generation k on a new block of data with the run's last model as the teacher; with
-    ``holdout_fraction``, part of the new data is held out as its own holdout first."""
-    with open_finished(run_dir, overrides or [], say) as run, tracked(run):
+    ``holdout_fraction``, part of the new data is held out as its own holdout first. ``lock``: the
+    run folder's lock when the caller took it already (``folder.claim_finished``)."""
+    with open_finished(run_dir, overrides or [], say, lock=lock) as run, tracked(run):
         m = run.manifest
         # The new data is checked (labels the model knows, no empty text) before anything changes.
         new_block = read_labelled_file(data_path, run.cfg.data, run.label_names).materialize()
@@ -396,7 +350,7 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
         m.data.block_sizes.append(int(entry.block_rows or entry.rows))
         say(summary_line(entry.model_dump(exclude_none=True), g + 1))
         _say_extension(say, teacher, entry)
-        _finish(run)
+        finish_run(run)
         return m.to_json()
 
 
@@ -418,7 +372,7 @@ def _say_extension(say, before: GenerationEntry, after: GenerationEntry) -> None
 def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bool = False):
     """[(generation, metrics)] for the final (or every) model on the holdout or ``data_path``."""
     paths, manifest = read_manifest(run_dir)
-    cfg = config_from_dict(manifest.config)
+    cfg = resolve(config_from_dict(manifest.config), probe_cluster())
     gens = manifest.finished_generations()
     if not gens:
         raise RunError(f"run {manifest.name!r} has no finished generation yet")
@@ -427,6 +381,5 @@ def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bo
     else:
         ds = ray.data.read_parquet(paths.split).filter(expr=col("block") == HOLDOUT)
     ds = ds.materialize()
-    on_gpu = cluster_has_gpu(cfg)
     chosen = gens if all_generations else gens[-1:]
-    return [(e.index, evaluate_model(ds, paths.join(e.model), cfg, on_gpu)) for e in chosen]
+    return [(e.index, evaluate_model(ds, paths.join(e.model), cfg, cfg.cluster.use_gpu)) for e in chosen]

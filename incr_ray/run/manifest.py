@@ -143,6 +143,22 @@ class Manifest(_Record):
             out.setdefault(section, {})[name] = value
         return out
 
+    def forked(self, name: str, run_dir: str, config: dict[str, Any], generations: int | None = None) -> "Manifest":
+        """The manifest of a copy of this run named ``name`` at ``run_dir`` with settings ``config``:
+        the whole run as it stands (``generations`` None), or its first ``generations`` generations,
+        running again with no final model yet. What it keeps must be finished; no copy logs into
+        this run's tracking."""
+        kept = self.generations if generations is None else self.generations[:generations]
+        unfinished = [e.index for e in kept if e.status != "finished"]
+        if unfinished:
+            raise RunError(f"run {self.name!r} has generation {unfinished[0]} unfinished; finish it first, "
+                           "or fork fewer generations")
+        update: dict[str, Any] = {"name": name, "run_dir": run_dir, "config": config, "tracking_run_id": None,
+                                  "generations": [e.model_copy(deep=True) for e in kept]}
+        if generations is not None:
+            update.update(status="running", final_model=None, final_generation=None)
+        return self.model_copy(update=update, deep=True)
+
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 

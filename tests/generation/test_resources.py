@@ -1,11 +1,15 @@
-"""`auto` CPUs for training workers and scoring actors, without Ray (the nodes are given)."""
+"""`auto` CPUs for training workers and scoring actors, without Ray (the nodes are given), and the
+check that a config reaching Ray has none left."""
 
 from __future__ import annotations
 
 import pytest
 
 from incr_ray.config import ConfigError, config_from_dict
-from incr_ray.generation.resources import cpus_per_bundle, with_cpus
+from incr_ray.generation.resources import cpus_per_bundle, require_resolved
+from incr_ray.resolve import ClusterFacts, resolve
+
+STAGE_2 = {"deepspeed": {"stage": 2}}
 
 
 @pytest.mark.parametrize("nodes, bundles, cpus", [
@@ -27,21 +31,32 @@ def test_cpus_per_bundle_is_the_most_that_places_every_bundle(nodes, bundles, cp
 
 def test_auto_is_resolved_and_said_explicit_values_are_kept():
     said = []
-    cfg = with_cpus(config_from_dict({"teacher": {"pool_size": 2}}), on_gpu=False, node_cpus=[8.0], say=said.append)
+    eight = ClusterFacts(node_cpus=(8.0,))
+    cfg = resolve(config_from_dict({**STAGE_2, "teacher": {"pool_size": 2}}), eight, say=said.append)
     assert (cfg.cluster.cpus_per_worker, cfg.teacher.cpus_per_actor) == (8, 4.0)
     assert said == ["cluster.cpus_per_worker auto -> 8 for 1 worker(s) (8 CPUs on 1 node(s))",
                     "teacher.cpus_per_actor auto -> 4 for 2 actor(s) (8 CPUs on 1 node(s))"]
-    assert with_cpus(cfg, on_gpu=False, node_cpus=[1.0]) is cfg  # resolved already: a no-op
+    assert resolve(cfg, ClusterFacts(node_cpus=(1.0,))) is cfg  # resolved already: unchanged
 
-    explicit = config_from_dict({"cluster": {"cpus_per_worker": 3}, "teacher": {"cpus_per_actor": 0.5}})
-    assert with_cpus(explicit, on_gpu=False, node_cpus=[8.0]) is explicit
-    half = with_cpus(config_from_dict({"cluster": {"cpus_per_worker": 3}}), on_gpu=False, node_cpus=[8.0])
+    explicit = config_from_dict({**STAGE_2, "cluster": {"cpus_per_worker": 3, "use_gpu": False},
+                                 "teacher": {"cpus_per_actor": 0.5}})
+    assert resolve(explicit, eight) is explicit
+    half = resolve(config_from_dict({**STAGE_2, "cluster": {"cpus_per_worker": 3}}), eight)
     assert (half.cluster.cpus_per_worker, half.teacher.cpus_per_actor) == (3, 8.0)
 
 
 def test_gpu_clusters_keep_one_cpu_each():
-    cfg = with_cpus(config_from_dict({"cluster": {"workers": 4}}), on_gpu=True, node_cpus=[96.0])
-    assert (cfg.cluster.cpus_per_worker, cfg.teacher.cpus_per_actor) == (1, 1.0)
+    cfg = resolve(config_from_dict({**STAGE_2, "cluster": {"workers": 4}}), ClusterFacts((96.0,), gpus=4))
+    assert (cfg.cluster.use_gpu, cfg.cluster.cpus_per_worker, cfg.teacher.cpus_per_actor) == (True, 1, 1.0)
+
+
+def test_what_reaches_ray_must_be_resolved():
+    cfg = config_from_dict({"cluster": {"cpus_per_worker": 2}})
+    with pytest.raises(ValueError, match=r"^fit_student needs a resolved config \(deepspeed.stage, "
+                                         r"teacher.cpus_per_actor: auto\); pass it through incr_ray.resolve.resolve"):
+        require_resolved(cfg, "fit_student")
+    done = resolve(cfg, ClusterFacts((2.0,)))
+    assert require_resolved(done, "score_block") is done
 
 
 @pytest.mark.parametrize("key, value, message", [

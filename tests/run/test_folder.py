@@ -1,4 +1,5 @@
-"""The run folder without Ray: its lock, and the typed manifest with its version check."""
+"""The run folder without Ray: its lock, the checks before a run (given hand-made cluster facts),
+and the typed manifest with its version check."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import sys
 import pytest
 
 from incr_ray.config import Config, ConfigError, config_from_dict
-from incr_ray.run.folder import RunLock, decide_gpu
+from incr_ray.resolve import ClusterFacts, decide_gpu, resolve
+from incr_ray.run.folder import RunLock, claim_run
 from incr_ray.run.manifest import (EXTENSION_SETTINGS, GenerationEntry, Manifest, RunError, check_compatible,
                                    extension_settings, load)
+from incr_ray.run.preflight import check_head, preflight, shared_paths
 from incr_ray.storage import StorageError
+
+LAPTOP = ClusterFacts(node_cpus=(2.0,))
 
 
 def test_lock_refuses_a_second_holder_and_releases(tmp_path):
@@ -52,18 +57,73 @@ def test_auto_never_falls_back_to_cpu_on_an_attached_cluster():
     assert decide_gpu(True, cluster_gpus=0, attached=True) is True
 
 
-def test_stage_auto_is_resolved_once_and_said():
-    from incr_ray.config import config_from_dict
-    from incr_ray.run.folder import with_stage
-
+def test_auto_is_resolved_once_and_said():
     said = []
-    one = with_stage(config_from_dict({}), on_gpu=False, say=said.append)
-    assert one.deepspeed.stage == 0 and said == ["deepspeed.stage auto -> ZeRO-0: one worker: nothing to partition"]
-    explicit = config_from_dict({"deepspeed": {"stage": 2}})
-    assert with_stage(explicit, on_gpu=True, say=said.append) is explicit and len(said) == 1
+    one = resolve(config_from_dict({}), LAPTOP, say=said.append)
+    assert (one.cluster.use_gpu, one.deepspeed.stage, one.cluster.cpus_per_worker, one.teacher.cpus_per_actor) == \
+        (False, 0, 2, 2.0)
+    assert said == ["deepspeed.stage auto -> ZeRO-0: one worker: nothing to partition",
+                    "cluster.cpus_per_worker auto -> 2 for 1 worker(s) (2 CPUs on 1 node(s))",
+                    "teacher.cpus_per_actor auto -> 2 for 1 actor(s) (2 CPUs on 1 node(s))"]
+    assert resolve(one, LAPTOP, say=said.append) is one and len(said) == 3  # resolved already: unchanged
+    explicit = config_from_dict({"deepspeed": {"stage": 2}, "cluster": {"cpus_per_worker": 1},
+                                 "teacher": {"cpus_per_actor": 1}})
+    assert resolve(explicit, ClusterFacts((8.0,), gpus=1), say=said.append).deepspeed.stage == 2 and len(said) == 3
     unreadable = config_from_dict({"model": {"base": "s3://bucket/model"}, "cluster": {"workers": 4}})
     with pytest.raises(ConfigError, match="cannot read the shape.*set deepspeed.stage"):
-        with_stage(unreadable, on_gpu=True, say=said.append)
+        resolve(unreadable, ClusterFacts((8.0,), gpus=4), say=said.append)
+    with pytest.raises(ConfigError, match="no GPU yet"):
+        resolve(config_from_dict({}), ClusterFacts((8.0,), attached=True))
+
+
+def test_preflight_checks_the_resolved_precision_and_the_model(tmp_path, tiny_bert):
+    storage = {"storage": {"path": str(tmp_path)}, "model": {"base": tiny_bert}}
+    cfg, base = preflight(config_from_dict(storage), LAPTOP)
+    assert base == tiny_bert and cfg.deepspeed.stage == 0
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        preflight(config_from_dict({**storage, "deepspeed": {"precision": "fp16", "stage": 2}}), LAPTOP)
+    gpu, _ = preflight(config_from_dict({**storage, "deepspeed": {"precision": "fp16", "stage": 2}}),
+                       ClusterFacts((8.0,), gpus=1))
+    assert gpu.cluster.use_gpu is True and (gpu.cluster.cpus_per_worker, gpu.teacher.cpus_per_actor) == (1, 1.0)
+
+
+def test_zero_3_refuses_a_head_for_another_number_of_labels(tiny_bert, tiny_bert_base):
+    zero3 = config_from_dict({"deepspeed": {"stage": 3}, "model": {"base": tiny_bert}})
+    with pytest.raises(ConfigError, match="head for 3 labels but the data has 2; ZeRO-3 cannot resize"):
+        check_head(zero3, tiny_bert, 2)
+    check_head(zero3, tiny_bert, 3)  # the same labels: nothing to resize
+    check_head(zero3, tiny_bert_base, 2)  # no head: a new one is made
+    check_head(config_from_dict({"deepspeed": {"stage": 2}}), tiny_bert, 2)  # stage 2 resizes it
+    check_head(zero3, "s3://bucket/model", 2)  # read by the workers, not here
+
+
+def test_only_a_multi_node_cluster_needs_paths_every_node_sees(tmp_path, tiny_bert):
+    cfg = config_from_dict({"storage": {"path": str(tmp_path)}})
+    two_nodes = ClusterFacts((2.0, 2.0))
+    assert shared_paths(cfg, tiny_bert, LAPTOP) == {}
+    assert shared_paths(cfg, tiny_bert, two_nodes) == {"storage.path": str(tmp_path), "model.base": tiny_bert}
+    assert shared_paths(cfg, "org/hub-model", two_nodes) == {"storage.path": str(tmp_path)}  # fetched per node
+    remote = config_from_dict({"storage": {"path": "s3://bucket/runs"}})
+    assert shared_paths(remote, "s3://bucket/model", two_nodes) == {}
+
+
+def test_claim_locks_an_existing_run_and_refuses_changed_settings(tmp_path):
+    cfg = config_from_dict({"storage": {"path": str(tmp_path)}})
+    with claim_run(cfg) as lock:
+        assert lock is None and not (tmp_path / "incr-run").exists()  # a new run: nothing made yet
+    folder = tmp_path / "incr-run"
+    folder.mkdir()
+    (folder / "run.json").write_text(_manifest(Config().to_dict()).model_dump_json())
+    with claim_run(cfg) as lock:
+        assert lock.held and json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(StorageError, match="in use by process"):
+            with claim_run(cfg):
+                pass
+    assert not (folder / ".lock").exists()
+    with pytest.raises(RunError, match=r"method.threshold: 0.9 -> 0.8\); restore them to resume"):
+        with claim_run(config_from_dict({"storage": {"path": str(tmp_path)}, "method": {"threshold": 0.8}})):
+            pass
+    assert not (folder / ".lock").exists()  # released on the refusal too
 
 
 def _manifest(config: dict, promoted=(None, None, None)) -> Manifest:
@@ -112,6 +172,24 @@ def test_each_generation_reads_back_the_config_it_trained_with():
     assert config_from_dict(m.config_of(2)).student.learning_rate == 1e-5
     assert config_from_dict(m.config_of(1)).student.schedule == "generation"  # the run's own
     assert m.config["student"]["schedule"] == "generation"  # the run's settings stay as they were
+
+
+def test_a_fork_keeps_finished_generations_under_its_own_name_and_settings():
+    m = _manifest(Config().to_dict(), promoted=(None, None, None))
+    m.status, m.final_model, m.final_generation, m.tracking_run_id = "finished", "gen_002/model", 2, "mlflow-run"
+    hard = config_from_dict({"run": {"name": "hard"}, "method": {"threshold": 1.0}}).to_dict()
+    first = m.forked("hard", "/runs/hard", hard, generations=1)
+    assert (first.name, first.run_dir, first.status, first.final_model, first.final_generation) == \
+        ("hard", "/runs/hard", "running", None, None)
+    assert [e.index for e in first.generations] == [0] and first.config["method"]["threshold"] == 1.0
+    assert first.tracking_run_id is None and m.tracking_run_id == "mlflow-run"  # the source is untouched
+    first.generations[0].rows = 5
+    assert m.generations[0].rows is None
+    whole = m.forked("copy", "/runs/copy", m.config)
+    assert (whole.status, whole.final_generation, len(whole.generations)) == ("finished", 2, 3)
+    m.generations[2].status = "running"
+    with pytest.raises(RunError, match="generation 2 unfinished"):
+        m.forked("copy", "/runs/copy", m.config)
 
 
 def test_an_interrupted_extension_is_finished_only_with_its_data_and_settings():

@@ -1,0 +1,123 @@
+"""Every ``auto`` that depends on the cluster, resolved in one place.
+
+A config as the user writes it may leave ``cluster.use_gpu``, ``deepspeed.stage``,
+``cluster.cpus_per_worker`` and ``teacher.cpus_per_actor`` at ``auto``. :func:`resolve` turns them
+into values from a :class:`ClusterFacts` record and says each choice; what comes after it
+(``fit_student``, ``score_block``, ``evaluate_model``) takes the resolved config and refuses
+``auto``. The rules are pure (:func:`decide_gpu` here, ``incr_ray.plan.auto_stage`` for the stage,
+``incr_ray.generation.resources.cpus_per_bundle`` for the CPUs); :func:`probe_cluster` is the one
+place that asks Ray for the facts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import Config, ConfigError
+from .generation.deepspeed_config import resolve_precision
+from .generation.resources import AUTO, cpus_per_bundle
+from .modeling import ModelError
+from .plan import auto_stage, resolve_shape
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What the cluster-dependent settings and checks of a run depend on: the CPUs of each alive
+    node, the GPUs of the whole cluster, and whether this driver attached to a cluster that was
+    already running (``ray job submit``, ``--address``) rather than starting its own."""
+
+    node_cpus: tuple[float, ...]
+    gpus: float = 0.0
+    attached: bool = False
+
+    @property
+    def nodes(self) -> int:
+        return len(self.node_cpus)
+
+
+def probe_cluster() -> ClusterFacts:
+    """The facts of the Ray cluster this process is connected to."""
+    import ray  # here: the rules above import where Ray is absent
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return ClusterFacts(
+        node_cpus=tuple(float(n.get("Resources", {}).get("CPU", 0.0)) for n in alive),
+        gpus=float(ray.cluster_resources().get("GPU", 0.0)),
+        # RAY_ADDRESS: set by `ray job submit` for the job's driver, and by `incr-ray --address`.
+        attached=bool(os.environ.get("RAY_ADDRESS")),
+    )
+
+
+def decide_gpu(use_gpu, cluster_gpus: float, attached: bool) -> bool:
+    """``cluster.use_gpu`` against what the cluster has now.
+
+    ``auto`` means GPUs when the cluster has any. On a cluster this driver attached to (a job, or
+    ``--address``) no GPU may only mean none has been started yet — an autoscaling cluster adds GPU
+    nodes when asked for them — so there ``auto`` is refused rather than silently training on CPU.
+    """
+    if use_gpu != AUTO:
+        return bool(use_gpu)
+    if cluster_gpus > 0:
+        return True
+    if attached:
+        raise ConfigError(
+            "cluster.use_gpu is auto but this Ray cluster has no GPU yet (an autoscaling cluster starts "
+            "GPU nodes only when asked); set cluster.use_gpu: true to train on GPUs, or false for CPUs"
+        )
+    return False
+
+
+def _stage(cfg: Config, on_gpu: bool, say: Callable[[str], None]) -> Config:
+    if cfg.deepspeed.stage != AUTO:
+        return cfg
+    # The driver may have no GPU to ask; the workers check bf16 support again on theirs.
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_supported=True)
+    shape = None
+    if on_gpu and cfg.cluster.workers > 1:  # the plan decides: it needs the model's shape
+        try:
+            shape = resolve_shape(cfg)
+        except ModelError:
+            raise ConfigError(
+                f"deepspeed.stage auto cannot read the shape of model.base {cfg.model.base!r} to choose a stage "
+                "for several GPUs; set deepspeed.stage (incr-ray plan --params N shows which fits)"
+            ) from None
+    stage, why = auto_stage(cfg, on_gpu, precision, shape)
+    say(f"deepspeed.stage auto -> ZeRO-{stage}: {why}")
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
+
+
+def _cpus(cfg: Config, on_gpu: bool, node_cpus: tuple[float, ...], say: Callable[[str], None]) -> Config:
+    """On CPU each of the n workers (or actors) gets the most whole CPUs with which all n place at
+    once; training and scoring never run together, so each may take the whole cluster. On GPU
+    clusters the CPUs only feed the GPUs: 1."""
+    worker_auto, actor_auto = cfg.cluster.cpus_per_worker == AUTO, cfg.teacher.cpus_per_actor == AUTO
+    if not (worker_auto or actor_auto):
+        return cfg
+    if on_gpu:
+        worker, actor, why = 1, 1.0, "GPU cluster: the CPUs feed the GPUs"
+    else:
+        worker = cpus_per_bundle(list(node_cpus), cfg.cluster.workers)
+        actor = float(cpus_per_bundle(list(node_cpus), cfg.teacher.pool_size))
+        why = f"{sum(node_cpus):g} CPUs on {len(node_cpus)} node(s)"
+    update = {}
+    if worker_auto:
+        update["cluster"] = cfg.cluster.model_copy(update={"cpus_per_worker": worker})
+        say(f"cluster.cpus_per_worker auto -> {worker} for {cfg.cluster.workers} worker(s) ({why})")
+    if actor_auto:
+        update["teacher"] = cfg.teacher.model_copy(update={"cpus_per_actor": actor})
+        say(f"teacher.cpus_per_actor auto -> {actor:g} for {cfg.teacher.pool_size} actor(s) ({why})")
+    return cfg.model_copy(update=update)
+
+
+def resolve(cfg: Config, facts: ClusterFacts, say: Callable[[str], None] | None = None) -> Config:
+    """``cfg`` with ``cluster.use_gpu`` a bool, ``deepspeed.stage`` a ZeRO stage and
+    ``cluster.cpus_per_worker`` / ``teacher.cpus_per_actor`` numbers, chosen for ``facts``;
+    ``say`` hears each choice it made (use_gpu's aside). A resolved config comes back unchanged.
+    """
+    say = say or (lambda line: None)
+    on_gpu = decide_gpu(cfg.cluster.use_gpu, facts.gpus, facts.attached)
+    if cfg.cluster.use_gpu != on_gpu:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"use_gpu": on_gpu})})
+    return _cpus(_stage(cfg, on_gpu, say), on_gpu, facts.node_cpus, say)
