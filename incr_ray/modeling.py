@@ -224,3 +224,41 @@ def fold_temperature(model_dir: str, temperature: float) -> list[str]:
     if not changed:
         raise ModelError(f"{model_dir}: found no classification head ({'/'.join(HEAD_PREFIXES)}) to calibrate")
     return changed
+
+
+# Two layers of width 32: a model that loads, trains and saves in well under a second on a CPU.
+TINY_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=128)
+
+
+def save_random_classifier(dest, family: str = "bert", labels: list[str] | tuple[str, ...] = ("c0", "c1", "c2"),
+                           head: bool = True, shape: dict | None = None, dtype: torch.dtype | None = None,
+                           device: str = "cpu") -> str:
+    """Save a random-weight (seed 0) ``family`` model ("bert" or "llama") of ``shape`` (default
+    :data:`TINY_SHAPE`) with the MiniLM tokenizer in ``dest``, and return its path: the tests' and
+    the GPU check's models, no hub needed.
+
+    ``head``: a sequence classifier for ``labels``; without, a base model as pretrained checkpoints
+    ship (a new head is drawn when it loads). ``dtype`` and ``device``: where the weights are drawn
+    (a 1B-parameter init takes most of a minute on a CPU, seconds on a GPU).
+    """
+    from transformers import AutoModel, BertConfig, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    shape = dict(shape or TINY_SHAPE)
+    if family == "bert":
+        hf = BertConfig(vocab_size=tokenizer.vocab_size, **shape)
+    elif family == "llama":
+        shape.setdefault("num_key_value_heads", shape["num_attention_heads"])
+        hf = LlamaConfig(vocab_size=tokenizer.vocab_size, **shape)
+    else:
+        raise ValueError(f"family {family!r}: 'bert' or 'llama'")
+    hf.num_labels = len(labels)
+    hf.id2label = dict(enumerate(labels))
+    hf.label2id = {name: i for i, name in enumerate(labels)}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = (AutoModelForSequenceClassification if head else AutoModel).from_config(hf, dtype=dtype)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return str(dest)

