@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "incr_ray"
 
 # Higher layers may import lower ones, never the reverse (a layer may import itself).
 LAYERS = {
-    "cli": 5,
-    "run": 4,
+    "cli": 6,
+    "run": 5,
+    "resolve": 4,  # every cluster-dependent `auto`, from the rules in generation and plan
     "generation": 3,
     "predict": 3,
     "plan": 3,

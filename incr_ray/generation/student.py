@@ -36,7 +36,7 @@ from ..storage import remove_tree, upload_dir
 from .evaluation import EXTENSION_HOLDOUT
 from .progress import ProgressRelay
 from .recipe import ADAPTER, MODEL, StudentRequest, run_student
-from .resources import with_cpus
+from .resources import require_resolved
 from .trainer import generation_steps
 
 __all__ = ["StudentRequest", "fit_student", "shuffled_for_training", "train_per_worker"]
@@ -222,10 +222,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     ``method.calibrate``), on ``retention_ds`` (``retention``) and on each extension's own
     holdout in ``extension_holdouts`` (``drift``) — see
     :func:`incr_ray.generation.evaluation.evaluate_student`."""
-    cfg = with_cpus(cfg, on_gpu)  # a no-op for a run's config, resolved (and said) when the run opened
-    if cfg.deepspeed.stage == "auto":  # the plan decides it, a layer above: incr_ray.run.folder.with_stage
-        raise ValueError("fit_student needs deepspeed.stage resolved; pass the config through "
-                         "incr_ray.run.folder.with_stage first")
+    require_resolved(cfg, "fit_student")  # a run's config is, since open_run (incr_ray.resolve)
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
     # idle for up to 2 s before shutdown. Read by TorchTrainer.fit(); a user's own setting wins.
