@@ -738,7 +738,7 @@ def check_ray_train(ctx: Ctx, out: dict[str, Any]) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     if args.cpu:
-        # Before DeepSpeed is imported: it picks its accelerator then (as _set_up on a CPU worker).
+        # Before DeepSpeed is imported: it picks its accelerator then (as the recipe's set_up on a CPU worker).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # One thread: the smoke test shares its cores with the rest of the suite, and OpenMP threads
         # spinning on a busy machine make tiny models many times slower.
