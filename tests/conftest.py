@@ -49,6 +49,12 @@ BUDGET_S = 5.0
 SLOW_MARKS = ("e2e", "ray", "slow")
 
 
+def pytest_sessionstart(session):
+    """Import the heavy libraries once, up front: the budget below then measures each test's own
+    work, not whichever test happens to import transformers or Ray first."""
+    import incr_ray.run.loop  # noqa: F401  (Ray, Ray Data and Train, torch, transformers, peft)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -172,44 +178,10 @@ def crash_run(reference_run):
 
 
 def build_tiny_model(path, family: str = "bert", num_labels: int = 3, labels=None, head: bool = True):
-    """Save a tiny random-weight sequence classifier with the bundled MiniLM tokenizer."""
-    from transformers import AutoTokenizer, AutoModelForSequenceClassification
+    """Save a tiny random-weight sequence classifier (2 layers, hidden 32) with the bundled MiniLM tokenizer."""
+    from incr_ray.modeling import save_random_classifier
 
-    from incr_ray.modeling import minilm_dir
-
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    labels = labels or [f"c{i}" for i in range(num_labels)]
-    if family == "bert":
-        from transformers import BertConfig
-
-        cfg = BertConfig(
-            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128,
-        )
-    elif family == "llama":
-        from transformers import LlamaConfig
-
-        cfg = LlamaConfig(
-            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-        )
-    else:
-        raise ValueError(family)
-    cfg.num_labels = len(labels)
-    cfg.id2label = dict(enumerate(labels))
-    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
-    import torch
-
-    torch.manual_seed(0)
-    if head:
-        model = AutoModelForSequenceClassification.from_config(cfg)
-    else:  # a base model, as pretrained checkpoints ship: the classifier is created at load
-        from transformers import AutoModel
-
-        model = AutoModel.from_config(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_random_classifier(path, family, labels or [f"c{i}" for i in range(num_labels)], head=head)
 
 
 @pytest.fixture(scope="session")

@@ -57,10 +57,13 @@ DATA_NEEDLES = {
     "non_utf8_jsonl": ["latin1.jsonl", "not valid UTF-8"],
     "single_class": ["single class 'a'"],
     "folder_mixing_csv_and_jsonl": ["mixes csv, jsonl", "data.format"],
+    # Read and split fine, but a trained 3-label head cannot be resized under ZeRO-3 (refused
+    # after the data is read, before the run folder is written).
+    "zero3_head_of_another_size": ["head for 3 labels but the data has 2", "deepspeed.stage 2"],
 }
 
 
-def _data_cases(d: Path) -> dict[str, tuple[str, list[str]]]:
+def _data_cases(d: Path, three_label_model: str = "minilm") -> dict[str, tuple[str, list[str]]]:
     """Write the bad data files: name -> (data.source, more --set overrides)."""
     mixed = d / "mixed"
     mixed.mkdir()
@@ -76,11 +79,13 @@ def _data_cases(d: Path) -> dict[str, tuple[str, list[str]]]:
                                   encoding="latin-1"), []),
         "single_class": (_csv(d / "one.csv", "text,label", [(t, "a") for t, _ in _rows()]), []),
         "folder_mixing_csv_and_jsonl": (str(mixed), []),
+        "zero3_head_of_another_size": (_csv(d / "two.csv", "text,label", _rows()),
+                                       [f"model.base={three_label_model}", "deepspeed.stage=3"]),
     }
 
 
 def _train_args(source: str, more: list[str], runs: Path) -> list[str]:
-    sets = [f"data.source={source}", *more, f"storage.path={runs}", "model.base=minilm"]
+    sets = ["model.base=minilm", f"data.source={source}", *more, f"storage.path={runs}"]
     return ["train", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -125,7 +130,7 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory):
+def console(tmp_path_factory, tiny_bert):
     """Run every case in one subprocess; name -> (exit code, whole console output, Ray started by then)."""
     d = tmp_path_factory.mktemp("console")
     runs = d / "runs"
@@ -135,7 +140,7 @@ def console(tmp_path_factory):
                                 "--data", str(d / "missing.jsonl")],
     }
     cases = [{"name": n, "argv": argv} for n, argv in before_ray.items()]
-    cases += [{"name": n, "argv": _train_args(src, more, runs)} for n, (src, more) in _data_cases(d).items()]
+    cases += [{"name": n, "argv": _train_args(src, more, runs)} for n, (src, more) in _data_cases(d, tiny_bert).items()]
     (d / "cases.json").write_text(json.dumps(cases))
     (d / "driver.py").write_text(DRIVER)
     out_dir = d / "out"

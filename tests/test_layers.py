@@ -73,6 +73,7 @@ def test_imports_point_down_the_layers():
     assert not upward, upward
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_method_imports_without_ray_deepspeed_or_transformers():
     code = (
         "import sys\n"

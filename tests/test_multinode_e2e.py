@@ -1,7 +1,7 @@
 """R4, two nodes: a two-node Ray cluster (head + one more node, both on 127.0.0.1), started once
 for the module, and one run on it that spans both: a Llama-style decoder whose config has no pad
-token (HF pools the last non-pad token), one worker per node, ZeRO-3, LoRA students. Then the
-multi-node path check on the same cluster."""
+token (HF pools the last non-pad token), one worker per node, ZeRO-3 in bf16 (DeepSpeed's CPU
+accelerator trains in bf16), LoRA students. Then the multi-node path check on the same cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,7 +44,7 @@ def decoder_run(two_node_cluster, tmp_path_factory):
     llama = build_tiny_model(tmp / "tiny_llama", "llama")
     # Two workers of 2 CPUs on nodes of 2 CPUs: one worker per node.
     cfg = small_config(tmp, llama, "multinode", method={"k": 2}, data={"synthetic_rows": 600},
-                       cluster={"workers": 2, "cpus_per_worker": 2}, deepspeed={"stage": 3},
+                       cluster={"workers": 2, "cpus_per_worker": 2}, deepspeed={"stage": 3, "precision": "bf16"},
                        student={"epochs": 1, "lora": {"r": 4, "alpha": 8}}, eval={"retention_rows": 0})
     manifest = run_generations(cfg, say=lambda s: None)
     timings("R4 two nodes", manifest)
@@ -111,6 +112,18 @@ def test_lora_saves_the_adapter_beside_a_merged_model(decoder_run):
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
     for name, weight in after.items():
         torch.testing.assert_close(weight, merged[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_trains_with_fp32_targets_masters_and_accumulation(decoder_run):
+    """The targets reach the loss in fp32 (the Trainer would cast them to bf16), gradients
+    accumulate in fp32 beside fp32 master weights, and run.json says so for every generation."""
+    for g in decoder_run.manifest["generations"]:
+        assert g["train"]["precision"] == {
+            "requested": "bf16", "model_weights": "bf16", "master_weights": "fp32", "grad_accum": "fp32",
+            "loss_targets": "fp32", "loss_logits": "bf16",
+        }, g["train"]["precision"]
+        assert all(np.isfinite(v) for v in g["metrics"].values())
+        assert g["train"]["zero_stage"] == 3
 
 
 def test_a_path_some_node_cannot_see_is_found(two_node_cluster, tmp_path):

@@ -87,6 +87,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # two processes in a gloo group
 def test_two_ranks_give_the_metrics_of_one(tiny_bert, tmp_path):
     """Two gloo ranks each score their slices of uneven batches; the summed statistics give the
     figures of one process scoring every row."""

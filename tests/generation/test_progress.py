@@ -62,7 +62,10 @@ def test_rank0_callback_sends_rated_lines_and_writes_progress_json(tmp_path):
 def test_scoring_reports_every_tenth_of_the_rows(ray_local, tiny_bert):
     import ray.data
 
-    cfg = config_from_dict({"model": {"max_length": 16}, "teacher": {"batch_size": 7, "pool_size": 1}})
+    from incr_ray.resolve import ClusterFacts, resolve
+
+    cfg = resolve(config_from_dict({"model": {"max_length": 16}, "teacher": {"batch_size": 7, "pool_size": 1}}),
+                  ClusterFacts(node_cpus=(2.0,)))
     rows = [{"row_id": i, "text": f"word {i} apple", "label": i % 3, "block": 1} for i in range(60)]
     said: list[str] = []
     with ScoringProgress(said.append, 60, "[gen 1] teacher scored") as progress:

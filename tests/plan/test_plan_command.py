@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import build_tiny_model
 
 
@@ -16,6 +18,7 @@ def run_cli(*args):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_cli_with_params_override(tmp_path):
     config = tmp_path / "big.yaml"
     config.write_text("model:\n  base: some-org/llm-7b\ncluster:\n  workers: 8\n  gpu_memory_gb: 80\n")
@@ -57,6 +60,7 @@ def test_cli_unknown_model_asks_for_params(capsys):
     assert len(err) == 1 and "pass --params" in err[0]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_plan_module_does_not_import_ray():
     code = ("import sys; from incr_ray.config import Config; from incr_ray.plan import plan_text; "
             "plan_text(Config(), params_override=7_000_000_000); print('ray' in sys.modules)")
@@ -65,6 +69,7 @@ def test_plan_module_does_not_import_ray():
     assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_shipped_gpu_config_plans_as_shipped_without_a_hub():
     """jobs/gpu_cluster.yaml names a hub model; offline, its built-in shape stands in. `stage: auto`
     picks ZeRO-1 for 1.5B parameters on 8 × 24 GiB (ZeRO-3's gathers would cross the nodes)."""
