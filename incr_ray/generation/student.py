@@ -111,6 +111,20 @@ def _own_output_tail(lines: int = 30) -> str:
     return "\n".join(t for t in tails if t)
 
 
+def _model_to_storage(work: str, request: StudentRequest) -> ray.train.Checkpoint:
+    """Rank 0: the recipe's model (and adapter) straight to ``gen_<g>/`` (local, NFS or s3://), not
+    through the driver, and the checkpoint to report with the metrics, which Ray Train keeps only
+    with one: a one-line file naming the model."""
+    if request.adapter_dest:  # before the model: a recorded model always has its adapter
+        upload_dir(os.path.join(work, ADAPTER), request.adapter_dest)
+    upload_dir(os.path.join(work, MODEL), request.model_dest)
+    marker = os.path.join(work, "reported-model")
+    os.makedirs(marker)
+    with open(os.path.join(marker, "model.json"), "w") as f:
+        json.dump({"model": request.model_dest}, f)
+    return ray.train.Checkpoint.from_directory(marker)
+
+
 def train_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: the recipe on this worker's shard, then rank 0 puts the model
     in storage, and every rank reports the metrics to Ray Train."""
@@ -144,18 +158,8 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         metrics["nodes"] = len(set(nodes))
-        # Rank 0 writes the model straight to gen_<g>/model (local, NFS or s3://), not through the
-        # driver. Ray Train keeps reported metrics only with a checkpoint: a one-line one.
-        uploading, checkpoint = time.perf_counter(), None
-        if rank == 0:
-            if request.adapter_dest:  # before the model: a recorded model always has its adapter
-                upload_dir(os.path.join(work, ADAPTER), request.adapter_dest)
-            upload_dir(os.path.join(work, MODEL), request.model_dest)
-            marker = os.path.join(work, "reported-model")
-            os.makedirs(marker)
-            with open(os.path.join(marker, "model.json"), "w") as f:
-                json.dump({"model": request.model_dest}, f)
-            checkpoint = ray.train.Checkpoint.from_directory(marker)
+        uploading = time.perf_counter()
+        checkpoint = _model_to_storage(work, request) if rank == 0 else None
         metrics["save_seconds"] += time.perf_counter() - uploading  # the local save + the upload
         # Wall clock (this node's) when the function began and when it reports its last: the
         # driver's fit time outside the two is Ray Train's start-up and shutdown.
