@@ -88,7 +88,12 @@ def lora_config(section: LoraSection, model_type: str, save: list[str]) -> LoraC
 def with_lora(model, section: LoraSection, new_keys: Iterable[str] = ()):
     """``model`` wrapped by peft: only the adapters and :func:`modules_to_save` are trainable."""
     save = modules_to_save((n for n, _ in model.named_children()), new_keys)
-    return get_peft_model(model, lora_config(section, model.config.model_type, save))
+    # The adapters take their base layer's dtype. peft's default upcasts 16-bit adapters to fp32,
+    # which under ZeRO-3 in bf16 (weights partitioned in bf16 as they load) left fp32 adapters
+    # beside bf16 weights, and DeepSpeed's stage-3 optimizer refuses trainable weights of two
+    # dtypes. DeepSpeed keeps fp32 master copies of whatever trains; other stages load in fp32
+    # and cast the whole module later, so there this changes nothing.
+    return get_peft_model(model, lora_config(section, model.config.model_type, save), autocast_adapter_dtype=False)
 
 
 def _numel(p: torch.nn.Parameter) -> int:

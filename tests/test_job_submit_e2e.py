@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from incr_ray.generation.local_group import free_port
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,12 +51,6 @@ BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 600
 # Workers bind in this range: outside Ray's default (10002-19999) and the kernel's ephemeral range.
 WORKER_PORTS = (20100, 20399)
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _process_group_and_descendants(pgid: int):
@@ -102,7 +97,7 @@ class TokenHead:
         self.token_path = self.temp_dir / "auth_token"
         self.token_path.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         self.gcs_port, self.dashboard_port, self.client_port, self.agent_port = (
-            _free_port() for _ in range(4)
+            free_port() for _ in range(4)
         )
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.pgid: int | None = None
