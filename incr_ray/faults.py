@@ -42,9 +42,11 @@ def current() -> dict[str, Any]:
 
 
 def install(chosen: dict[str, Any] | None) -> None:
-    """In a worker or actor: the faults its driver passed with the call (``current()`` there)."""
+    """In a worker or actor: the faults its driver passed with the call (``current()`` there).
+    None (a scorer built in-process, outside Ray) leaves this process's own faults as they are."""
     global _installed
-    _installed = dict(chosen or {})
+    if chosen is not None:
+        _installed = dict(chosen)
 
 
 @contextmanager

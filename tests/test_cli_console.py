@@ -80,7 +80,8 @@ def _data_cases(d: Path, three_label_model: str = "minilm") -> dict[str, tuple[s
         "single_class": (_csv(d / "one.csv", "text,label", [(t, "a") for t, _ in _rows()]), []),
         "folder_mixing_csv_and_jsonl": (str(mixed), []),
         "zero3_head_of_another_size": (_csv(d / "two.csv", "text,label", _rows()),
-                                       [f"model.base={three_label_model}", "deepspeed.stage=3"]),
+                                       [f"model.base={three_label_model}", "deepspeed.stage=3", "method.k=2",
+                                        "student.batch_size=4"]),
     }
 
 

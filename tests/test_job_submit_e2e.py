@@ -243,7 +243,9 @@ def extended_copy(head, crash_run, tmp_path_factory):
     # The extension trains at half the run's peak learning rate: extend may change how its own
     # generation trains (a run on the run-long schedule extends at its floor, 10% of the peak).
     job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
-                                 "--holdout-fraction", "0.25", "--set", "student.learning_rate=0.005")
+                                 "--holdout-fraction", "0.25", "--set", "student.learning_rate=0.005",
+                                 # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
+                                 "--set", "cluster.use_gpu=false")
     after = json.loads((run_dir / "run.json").read_text())
     from conftest import timings
 

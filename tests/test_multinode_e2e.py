@@ -85,6 +85,8 @@ def test_lora_trains_adapters_and_the_head_only(decoder_run):
         assert (g["train"]["trainable_params"], g["train"]["total_params"]) == (2 * 2 * 4 * 64 + 3 * 32, plain)
         assert g["adapter"] == f"gen_{g['index']:03d}/adapter"
     assert decoder_run.manifest["generations"][1]["metrics"]["accuracy"] > 0.4
+    for g in (0, 1):  # the model card says how it was trained
+        assert "LoRA" in (decoder_run.root / f"gen_{g:03d}" / "model" / "README.md").read_text()
 
 
 def test_lora_saves_the_adapter_beside_a_merged_model(decoder_run):

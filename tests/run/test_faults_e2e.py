@@ -133,3 +133,9 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
             score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
     assert type(caught.value) is NonFiniteError
     assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)
+
+
+def test_the_run_says_what_auto_became(faults_run):
+    """small_config leaves the CPUs at auto: 2 workers on the session's 2-CPU Ray get 1 each."""
+    assert "cluster.cpus_per_worker auto -> 1 for 2 worker(s) (2 CPUs on 1 node(s))" in faults_run.said, faults_run.said
+    assert all(g["train"]["cpus_per_worker"] == 1 for g in faults_run.manifest["generations"])
