@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ import harness  # environment before ray
 from harness import ROOT, machine, markdown_table, write_results
 from throughput import BATCH, THREADS, begin, classifier_folder, plain_training, ray_training, training_rows
 
+from incr_ray.generation.local_group import free_port
+
 HERE = Path(__file__).resolve().parent
 PATHS: tuple[tuple[str, str], ...] = (
     ("plain", "plain HF Trainer, fresh process"),
@@ -49,12 +50,6 @@ PATHS: tuple[tuple[str, str], ...] = (
     ("ray_data", "plain HF Trainer fed by Ray Data (driver)"),
     ("fit_student", "the students' fit_student (Ray Train + DeepSpeed + Ray Data)"),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_once(job: dict[str, Any]) -> dict[str, float]:
