@@ -343,6 +343,15 @@ class ClusterSection(_Section):
         80.0, gt=0.0,
         description="Per-GPU memory in GiB, used by `incr-ray plan` only.",
     )
+    interconnect: Literal["auto", "fast", "tcp"] = Field(
+        "auto",
+        description="The network between GPU nodes, for `deepspeed.stage: auto` and `incr-ray plan`: `fast` "
+        "(EFA or InfiniBand with NCCL's network plugin, as cluster.yaml sets up) or `tcp`. When the workers "
+        "span several nodes without a fast network, `auto` stages take the layout that fits and sends the "
+        "least between nodes: ZeRO-2 with optimizer offload before ZeRO-3. `auto`: `fast` when every alive GPU "
+        "node carries the Ray node label `incr-ray/interconnect=efa` (cluster.yaml's workers set it when they "
+        "find EFA and the plugin), else `tcp`, also while no GPU node is up yet.",
+    )
 
 
 class TeacherSection(_Section):

@@ -6,11 +6,11 @@ DeepSpeed estimates, :mod:`.recommend` picks a layout, :mod:`.render` prints the
 """
 
 from .formulas import Layout, training_precision, zero_model_states
-from .recommend import auto_stage
+from .recommend import auto_layout, auto_stage
 from .render import plan_text
 from .shapes import KNOWN_SHAPES, count_parameters, parse_count, resolve_shape
 
 __all__ = [
-    "KNOWN_SHAPES", "Layout", "auto_stage", "count_parameters", "parse_count", "plan_text", "resolve_shape",
-    "training_precision", "zero_model_states",
+    "KNOWN_SHAPES", "Layout", "auto_layout", "auto_stage", "count_parameters", "parse_count", "plan_text",
+    "resolve_shape", "training_precision", "zero_model_states",
 ]

@@ -1,5 +1,5 @@
-"""The plan: every ZeRO layout's memory per GPU for a config and model, the layout to use, the
-teacher's GPUs, and what to change when nothing fits."""
+"""The plan: every ZeRO layout's memory per GPU and traffic per step for a config and model, the
+layout to use, the teacher's GPUs, and what to change when nothing fits."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .formulas import (
     deepspeed_estimate,
     gib,
     gpus_needed,
+    network_bytes,
     stage3_gather_bytes,
     teacher_activation_bytes,
     training_precision,
@@ -43,6 +44,7 @@ class StudentRow:
     total: int  # per GPU: (states + gathered + activations) × (1 + OVERHEAD)
     cpu_per_node: int
     fits: bool | None  # None: no GPU budget to check against (CPU training)
+    network: int = 0  # bytes each GPU sends per optimizer step (formulas.network_bytes)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class Plan:
     recommended: StudentRow | None
     teacher: TeacherPlan
     stage_reason: str = ""  # why the configured layout: "deepspeed.stage", or what `auto` decided
+    interconnect: str = "fast"  # between the nodes: "fast" or "tcp" (cluster.interconnect, resolved)
+    slow_network: str = ""  # set when the workers span nodes without a fast interconnect: says so
     hints: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -80,9 +84,10 @@ class Plan:
 def student_row(
     shape: ModelShape, layout: Layout, precision: Precision, n_gpus: int, gpus_per_node: int, nodes: int,
     seq_len: int, micro_batch: int, checkpointing: bool, gpu_budget: int | None, cpu_budget: int | None,
-    with_deepspeed: bool = True,
+    with_deepspeed: bool = True, grad_accum: int = 1,
 ) -> StudentRow:
     states = zero_model_states(shape.params, n_gpus, layout, precision, shape.trainable_params)
+    network = network_bytes(shape.params, n_gpus, layout, precision, grad_accum, shape.trainable_params)
     gathered = stage3_gather_bytes(shape.largest_layer_params, layout, precision)
     acts = None
     if shape.hidden_size and shape.layers:
@@ -100,16 +105,23 @@ def student_row(
     fits = None
     if gpu_budget is not None:
         fits = total <= gpu_budget and (cpu_budget is None or cpu_per_node <= cpu_budget)
-    return StudentRow(layout, states, ds, gathered, acts, total, cpu_per_node, fits)
+    return StudentRow(layout, states, ds, gathered, acts, total, cpu_per_node, fits, network)
 
 
-def configured_layout(cfg: Config, on_gpu: bool, precision: str, rows: list[StudentRow] | None) -> tuple[Layout, str]:
+def configured_layout(cfg: Config, on_gpu: bool, precision: str, rows: list[StudentRow] | None,
+                      slow_network: str = "") -> tuple[Layout, str]:
     """The layout the deepspeed section trains with, and why; ``deepspeed.stage: auto`` decided here.
 
     One worker partitions nothing, so ZeRO only costs time there: stage 0, or stage 1 in 16-bit
     precision (DeepSpeed keeps fp32 master weights only with ZeRO). Several GPU workers take the
     first stage whose plan (``rows``) fits ``cluster.gpu_memory_gb`` with the configured offload
     switches, ZeRO-3 when none does; several CPU workers stage 2.
+
+    ``slow_network`` (set when the workers span nodes without a fast interconnect; it says so)
+    orders the candidates by what each GPU sends per step instead (``StudentRow.network``, ties
+    keeping the order above) and, with no offload configured, adds ZeRO-2 with optimizer offload:
+    it sends what ZeRO-2 sends, (A + 1)·p·Ψ per step, where ZeRO-3 sends 3·A·p·Ψ, at the price of
+    CPU Adam steps. Over a fast interconnect ZeRO-3 is the better trade, and it stays before offload.
     """
     ds = cfg.deepspeed
     flags = (ds.offload_optimizer, ds.offload_params)
@@ -126,33 +138,59 @@ def configured_layout(cfg: Config, on_gpu: bool, precision: str, rows: list[Stud
     if not on_gpu:
         return Layout(2), f"{cfg.cluster.workers} CPU workers"
     mine = [r for r in rows if (r.layout.offload_optimizer, r.layout.offload_params) == flags]
+    if slow_network:
+        if flags == (False, False):
+            mine += [r for r in rows if r.layout == Layout(2, offload_optimizer=True)]
+        mine.sort(key=lambda r: r.network)  # stable: equal traffic keeps fewest moving parts first
     fitting = next((r for r in mine if r.fits), None)
+    budget = f"{cfg.cluster.gpu_memory_gb:g} GiB per GPU"
     if fitting is None:
-        return Layout(3, *flags), (f"nothing fits {cfg.cluster.gpu_memory_gb:g} GiB per GPU by the plan: ZeRO-3, "
-                                   "the smallest (incr-ray plan shows what to change)")
+        return Layout(3, *flags), (f"nothing fits {budget} by the plan: ZeRO-3, the smallest (incr-ray plan shows "
+                                   "what to change)" + (f"; {slow_network}" if slow_network else ""))
     layout = Layout(1) if fitting.layout == Layout(0) and precision != "fp32" else fitting.layout
-    return layout, (f"the first stage whose plan fits {cfg.cluster.gpu_memory_gb:g} GiB per GPU "
-                    f"({gib(fitting.total)} GiB)")
+    if not slow_network:
+        return layout, f"the first stage whose plan fits {budget} ({gib(fitting.total)} GiB)"
+    why = (f"{slow_network}: of the layouts that fit {budget} it sends the least between nodes, "
+           f"{gib(fitting.network)} GiB per GPU per step")
+    if layout.offload_optimizer and not flags[0]:
+        stage3 = next(r for r in rows if r.layout == Layout(3))
+        why += (f" (ZeRO-3: {gib(stage3.network)}); the offloaded optimizer takes {gib(fitting.states.cpu_bytes)} GiB "
+                "of host memory per worker")
+    return layout, why
 
 
-def auto_stage(cfg: Config, on_gpu: bool, precision: str, shape: ModelShape | None) -> tuple[int, str]:
-    """The ZeRO stage ``deepspeed.stage: auto`` trains with, and why (printed and recorded).
-    ``shape`` is needed only for several GPU workers."""
+def auto_layout(cfg: Config, on_gpu: bool, precision: str, shape: ModelShape | None,
+                gpus_per_node: int | None = None, interconnect: str | None = None) -> tuple[Layout, str]:
+    """The ZeRO layout ``deepspeed.stage: auto`` trains with, and why (printed and recorded): the
+    stage, and optimizer offload where the workers span nodes without a fast interconnect and
+    offload is what lets ZeRO-2 fit (:func:`configured_layout`). ``shape`` is needed only for
+    several GPU workers; ``gpus_per_node`` (None: all on one node) and ``interconnect`` ("fast" or
+    "tcp"; None: ``cluster.interconnect``, with ``auto`` taken as tcp) are what the cluster has."""
     if on_gpu and cfg.cluster.workers > 1:
         if shape is None:
             raise ModelError("deepspeed.stage auto needs the model's shape to choose a stage for several GPUs; "
                              "set deepspeed.stage (incr-ray plan --params N shows which fits)")
-        plan = make_plan(cfg, shape, with_deepspeed=False)
-        return plan.configured.layout.stage, plan.stage_reason
-    layout, why = configured_layout(cfg, on_gpu, precision, None)
+        plan = make_plan(cfg, shape, gpus_per_node, with_deepspeed=False, interconnect=interconnect)
+        return plan.configured.layout, plan.stage_reason
+    return configured_layout(cfg, on_gpu, precision, None)
+
+
+def auto_stage(cfg: Config, on_gpu: bool, precision: str, shape: ModelShape | None,
+               gpus_per_node: int | None = None, interconnect: str | None = None) -> tuple[int, str]:
+    """The stage of :func:`auto_layout`, and why."""
+    layout, why = auto_layout(cfg, on_gpu, precision, shape, gpus_per_node, interconnect)
     return layout.stage, why
 
 
 def make_plan(
     cfg: Config, shape: ModelShape, gpus_per_node: int | None = None, cpu_memory_gb: float | None = None,
-    with_deepspeed: bool = True,
+    with_deepspeed: bool = True, interconnect: str | None = None,
 ) -> Plan:
-    """Work out every row, the recommendation, the warnings and the hints for ``cfg`` and ``shape``."""
+    """Work out every row, the recommendation, the warnings and the hints for ``cfg`` and ``shape``.
+
+    ``gpus_per_node`` None puts every worker on one node. ``interconnect`` is the network between
+    nodes, "fast" or "tcp"; None takes ``cluster.interconnect``, where ``auto`` (no cluster to ask)
+    counts as tcp."""
     n = cfg.cluster.workers
     gpn = min(gpus_per_node or n, n)
     nodes = math.ceil(n / gpn)
@@ -171,17 +209,29 @@ def make_plan(
 
     def row(layout: Layout, micro_batch: int = b, checkpointing: bool = ckpt, workers: int = n, ds: bool = True):
         return student_row(shape, layout, precision, workers, min(gpn, workers), math.ceil(workers / gpn),
-                           s, micro_batch, checkpointing, gpu_budget, cpu_budget, ds and with_deepspeed)
+                           s, micro_batch, checkpointing, gpu_budget, cpu_budget, ds and with_deepspeed,
+                           cfg.student.grad_accum)
+
+    setting = cfg.cluster.interconnect
+    fabric = interconnect or ("tcp" if setting == "auto" else setting)
+    slow_network = ""
+    if on_gpu and nodes > 1 and fabric != "fast":
+        said = setting if setting == fabric else f"{setting} -> {fabric}"
+        slow_network = f"{n} workers on {nodes} nodes without a fast interconnect (cluster.interconnect: {said})"
 
     rows = [row(layout) for layout in TABLE_LAYOUTS]
     by_layout = {r.layout: r for r in rows}
-    recommended = next((by_layout[lay] for lay in RECOMMENDATION_ORDER if by_layout[lay].fits), None)
-    layout, stage_reason = configured_layout(cfg, on_gpu, prec_name, rows)
-    configured = by_layout[layout]
+    order = RECOMMENDATION_ORDER
+    if slow_network:  # what sends the least between nodes first; ZeRO-2 with offload sends what ZeRO-2 does
+        order = sorted(order + (Layout(2, offload_optimizer=True),), key=lambda lay: by_layout[lay].network)
+    recommended = next((by_layout[lay] for lay in order if by_layout[lay].fits), None)
+    layout, stage_reason = configured_layout(cfg, on_gpu, prec_name, rows, slow_network)
+    configured = by_layout.get(layout) or row(layout)  # e.g. parameter offload alone: not a table row
     teacher = plan_teacher(cfg, shape, on_gpu)
 
     plan = Plan(shape, precision, why, n, gpn, nodes, on_gpu, gpu_budget, cpu_budget, s, b, ckpt, rows,
-                configured, recommended, teacher, stage_reason=stage_reason)
+                configured, recommended, teacher, stage_reason=stage_reason, interconnect=fabric,
+                slow_network=slow_network)
     if not on_gpu:
         return plan
 
@@ -201,20 +251,30 @@ def make_plan(
             f"{teacher.gpus_needed} and teacher.device_map_auto: true")
     elif teacher.gpus_needed and teacher.gpus_needed > 1 and not cfg.teacher.device_map_auto:
         plan.warnings.append("the teacher spans several GPUs; set teacher.device_map_auto: true")
+    if (slow_network and configured.fits and recommended and configured.layout.stage == 3
+            and recommended.network < configured.network):
+        plan.warnings.append(
+            f"the configured {configured.layout.description} sends {gib(configured.network)} GiB per GPU per step "
+            f"between nodes ({slow_network}); {recommended.layout.settings} fits and sends "
+            f"{gib(recommended.network)} GiB (or give the nodes EFA: cluster.yaml)")
 
     if recommended is None or recommended.layout.offload_optimizer:
-        plan.hints.extend(_hints(shape, cfg, row, recommended))
+        plan.hints.extend(_hints(shape, cfg, row, recommended, bool(slow_network)))
     return plan
 
 
-def _hints(shape: ModelShape, cfg: Config, row, recommended: StudentRow | None) -> list[str]:
+def _hints(shape: ModelShape, cfg: Config, row, recommended: StudentRow | None,
+           slow_network: bool = False) -> list[str]:
     """What to change when nothing fits, or when only offload does.
 
     ``row(layout, micro_batch=, checkpointing=, workers=, ds=)`` evaluates one variation of the config.
+    With ``slow_network`` (workers on several nodes over TCP) offload is there to avoid ZeRO-3, so
+    its alternatives stop at stage 2.
     """
     hints = []
     b, accum, n = cfg.student.batch_size, cfg.student.grad_accum, cfg.cluster.workers
-    candidates = RECOMMENDATION_ORDER if recommended is None else RECOMMENDATION_ORDER[:4]
+    without_offload = RECOMMENDATION_ORDER[:3] if slow_network else RECOMMENDATION_ORDER[:4]
+    candidates = RECOMMENDATION_ORDER if recommended is None else without_offload
     goal = "fits" if recommended is None else "fits without offload"
 
     def first_fit(**change) -> Layout | None:
@@ -232,7 +292,7 @@ def _hints(shape: ModelShape, cfg: Config, row, recommended: StudentRow | None) 
                 hints.append(f"student.batch_size: {mb} with student.grad_accum: {b * accum // mb} "
                              f"(same batch of {b * accum} per worker) → {fit.settings} {goal}")
                 break
-    workers = _workers_for_stage3(cfg, row)
+    workers = None if slow_network and recommended is not None else _workers_for_stage3(cfg, row)
     if workers is not None and workers > n:
         hints.append(f"cluster.workers: {workers} → deepspeed.stage: 3 without offload fits")
     if recommended is None and not hints:

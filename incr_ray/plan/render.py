@@ -34,7 +34,9 @@ def render_plan(plan: Plan, cfg: Config) -> str:
             "gradients and optimizer states over Ψ_t, weights over Ψ")
     if plan.on_gpu:
         add(f"cluster      {plan.n_gpus} GPU workers × {cfg.cluster.gpu_memory_gb:g} GiB (cluster.workers, "
-            f"cluster.gpu_memory_gb); {plan.gpus_per_node} per node, {plan.nodes} node(s)")
+            f"cluster.gpu_memory_gb); {plan.gpus_per_node} per node, {plan.nodes} node(s)"
+            + (f", interconnect {plan.interconnect} (cluster.interconnect: {cfg.cluster.interconnect})"
+               if plan.nodes > 1 else ""))
     else:
         add(f"cluster      {plan.n_gpus} CPU workers (cluster.use_gpu: false): figures are host memory per worker")
     add(f"precision    {plan.precision_note}")
@@ -49,7 +51,7 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     add(f"Student per {per}, N={plan.n_gpus} (GiB; 'total' = (states + gathered layer + activations) × "
         f"{1 + OVERHEAD:.2f})")
     header = (f"{'stage':>5}  {'offload':<16} {'states':>8} {'DS est.':>8} {'gathered':>8} {'activ.':>8} "
-              f"{'total':>8}   {'CPU/node':>8} {'DS CPU':>8}  fits")
+              f"{'total':>8}   {'CPU/node':>8} {'DS CPU':>8} {'net/step':>8}  fits")
     add(header)
     add("-" * len(header))
     for r in plan.rows:
@@ -60,9 +62,12 @@ def render_plan(plan: Plan, cfg: Config) -> str:
             "  <- recommended" if r is plan.recommended else "")
         add(f"{r.layout.stage:>5}  {r.layout.label:<16} {gib(r.states.gpu_bytes):>8} {ds_gpu:>8} "
             f"{gib(r.gathered) if r.layout.stage == 3 else '-':>8} {gib(r.activations):>8} {gib(r.total):>8}   "
-            f"{gib(r.cpu_per_node):>8} {ds_cpu:>8}  {fits}{marks}")
+            f"{gib(r.cpu_per_node):>8} {ds_cpu:>8} {gib(r.network):>8}  {fits}{marks}")
     add("")
     add("states: model states per GPU by the ZeRO paper; CPU/node: the offloaded states of one node's ranks.")
+    add(f"net/step: what each GPU sends per optimizer step in ZeRO's collectives (student.grad_accum: "
+        f"{cfg.student.grad_accum}); " + (f"between nodes over TCP here: {plan.slow_network}." if plan.slow_network
+                                           else "it crosses the network only between nodes (--gpus-per-node)."))
     add("DS est. / DS CPU: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs, per GPU (it adds an fp32 gradient")
     add("copy: 18Ψ/N) and per node (host memory incl. model-loading buffers, × 1.5; ZeRO-3 with zero.Init).")
     if sh.trainable_params is not None:
@@ -95,7 +100,9 @@ def render_plan(plan: Plan, cfg: Config) -> str:
         add(f"  pool                {pool:>9g}      GPUs (teacher.pool_size: {cfg.teacher.pool_size}){note}")
     add("")
     if cfg.deepspeed.stage == "auto":
-        add(f"deepspeed.stage auto -> ZeRO-{plan.configured.layout.stage}: {plan.stage_reason}")
+        offload = plan.configured.layout.offload_optimizer and not cfg.deepspeed.offload_optimizer
+        add(f"deepspeed.stage auto -> ZeRO-{plan.configured.layout.stage}"
+            f"{' with optimizer offload' if offload else ''}: {plan.stage_reason}")
         add("")
     for w in plan.warnings:
         add(f"WARNING: {w}")

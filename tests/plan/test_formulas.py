@@ -12,6 +12,7 @@ from incr_ray.plan.formulas import (
     Layout,
     activation_bytes,
     deepspeed_estimate,
+    network_bytes,
     stage3_gather_bytes,
     teacher_activation_bytes,
     training_precision,
@@ -127,3 +128,27 @@ def test_lora_shrinks_gradients_and_optimizer_states_not_weights():
     # Every parameter trainable is full fine-tuning.
     for layout in (Layout(0), Layout(1), Layout(2), Layout(3), Layout(3, True)):
         assert zero_model_states(PSI, 8, layout, MIXED, trainable=PSI) == zero_model_states(PSI, 8, layout, MIXED)
+
+
+def test_network_bytes_per_step_by_stage():
+    """What each GPU sends per optimizer step: 2·p·Ψ below stage 2, (A + 1)·p·Ψ at stage 2,
+    A·3·p·Ψ at stage 3, each × (N − 1)/N; offload sends the same; one GPU sends nothing."""
+    a, share = 4, 7 / 8  # student.grad_accum 4, N = 8
+
+    def sent(layout, precision=MIXED, n=8, trainable=None):
+        return network_bytes(PSI, n, layout, precision, a, trainable) / GB
+
+    assert sent(Layout(0)) == sent(Layout(1)) == pytest.approx(2 * 2 * 7 * share)  # 24.5 GB
+    assert sent(Layout(2)) == pytest.approx(5 * 2 * 7 * share)  # 61.25 GB
+    assert sent(Layout(2, offload_optimizer=True)) == sent(Layout(2))  # offload moves states over PCIe
+    assert sent(Layout(3)) == pytest.approx(4 * 3 * 2 * 7 * share)  # 147 GB
+    assert sent(Layout(3, True, True)) == sent(Layout(3))
+    assert sent(Layout(1), precision=FP32) == 2 * sent(Layout(1))  # 4 bytes per value
+    assert sent(Layout(3), n=1) == 0
+    # LoRA (Ψ_t trained): stage 3 still gathers every weight, only the gradients shrink.
+    t = 7_000_000
+    assert sent(Layout(1), trainable=t) == pytest.approx(2 * 2 * 0.007 * share)
+    assert sent(Layout(3), trainable=t) == pytest.approx(4 * (2 * 2 * 7 + 2 * 0.007) * share)
+    with pytest.raises(ValueError, match="at least 1"):
+        network_bytes(PSI, 8, Layout(1), MIXED, 0)
+

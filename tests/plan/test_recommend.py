@@ -120,3 +120,72 @@ def test_stage_auto():
     assert stage == 3 and "nothing fits" in why
     with pytest.raises(ModelError, match="needs the model's shape"):
         auto_stage(cfg(cluster={"workers": 8}), True, "bf16", None)
+
+
+def test_stage_auto_without_a_fast_interconnect_prefers_what_moves_least_between_nodes():
+    """7e9 parameters, 8 workers on 24 GiB GPUs, 4 micro-batches per step (hand-made, no
+    activations): ZeRO-2 needs 3.75Ψ = 26.25 GB × 1.1 = 28.9 GB > 24 GiB (25.8 GB), while ZeRO-3
+    and ZeRO-2 with optimizer offload both need 2Ψ = 14 GB × 1.1 = 15.4 GB. Over a fast network (or
+    on one node) auto keeps ZeRO-3; across nodes over TCP ZeRO-3 would send A·3·p·Ψ·7/8 = 147 GB
+    per GPU per step, ZeRO-2 with offload (A + 1)·p·Ψ·7/8 = 61.25 GB, so auto offloads instead."""
+    from incr_ray.plan.recommend import auto_layout, auto_stage
+
+    shape = ModelShape(PSI, "test")
+    sections = dict(cluster={"workers": 8, "gpu_memory_gb": 24}, student={"grad_accum": 4})
+    config = cfg(**sections)
+    offload = Layout(2, offload_optimizer=True)
+
+    layout, why = auto_layout(config, True, "bf16", shape, gpus_per_node=4, interconnect="fast")
+    assert layout == Layout(3) and "the first stage whose plan fits 24 GiB" in why
+    layout, why = auto_layout(config, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")
+    assert layout == offload
+    assert "8 workers on 2 nodes without a fast interconnect (cluster.interconnect: auto -> tcp)" in why
+    assert "sends the least between nodes, 57.04 GiB per GPU per step (ZeRO-3: 136.90)" in why  # 61.25, 147 GB
+    assert "12.25" not in why and "11.41 GiB of host memory per worker" in why  # 14Ψ/8 = 12.25 GB
+    assert auto_stage(config, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")[0] == 2
+    # One node: the network between nodes carries nothing, whatever it is.
+    assert auto_layout(config, True, "bf16", shape, gpus_per_node=8, interconnect="tcp")[0] == Layout(3)
+    assert auto_layout(config, True, "bf16", shape, interconnect="tcp")[0] == Layout(3)  # no gpus_per_node: one node
+    # The setting itself, when the caller has no cluster to ask: auto counts as tcp.
+    tcp = cfg(**{**sections, "cluster": {**sections["cluster"], "interconnect": "tcp"}})
+    fast = cfg(**{**sections, "cluster": {**sections["cluster"], "interconnect": "fast"}})
+    assert auto_layout(tcp, True, "bf16", shape, gpus_per_node=4)[0] == offload
+    assert auto_layout(fast, True, "bf16", shape, gpus_per_node=4)[0] == Layout(3)
+    assert auto_layout(config, True, "bf16", shape, gpus_per_node=4)[0] == offload
+    # When a stage below 3 fits, it also sends the least: the same choice either way.
+    roomy = cfg(cluster={"workers": 8, "gpu_memory_gb": 80}, student={"grad_accum": 4})
+    for fabric in ("fast", "tcp"):
+        assert auto_layout(roomy, True, "bf16", shape, gpus_per_node=4, interconnect=fabric)[0] == Layout(1)
+    # Parameter offload asked for pins ZeRO-3; optimizer offload asked for keeps its order (2 first).
+    pinned = cfg(**{**sections, "deepspeed": {"offload_params": True}})
+    assert auto_layout(pinned, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")[0] == Layout(3, False, True)
+    asked = cfg(**{**sections, "deepspeed": {"offload_optimizer": True}})
+    assert auto_layout(asked, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")[0] == offload
+    # Nothing fits even with offload: ZeRO-3, and the reason names the slow network.
+    tiny = cfg(cluster={"workers": 8, "gpu_memory_gb": 10}, student={"grad_accum": 4})
+    layout, why = auto_layout(tiny, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")
+    assert layout == Layout(3) and "nothing fits" in why and "without a fast interconnect" in why
+
+
+def test_plan_shows_the_traffic_and_warns_of_zero_3_over_tcp():
+    shape = ModelShape(PSI, "test")
+    sections = dict(cluster={"workers": 8, "gpu_memory_gb": 24, "interconnect": "tcp"}, student={"grad_accum": 4},
+                    deepspeed={"stage": 3})
+    plan = make_plan(cfg(**sections), shape, gpus_per_node=4, with_deepspeed=False)
+    assert plan.recommended.layout == Layout(2, offload_optimizer=True)
+    assert plan.slow_network and plan.interconnect == "tcp"
+    assert any("configured ZeRO stage 3 with no offload sends 136.90 GiB per GPU per step between nodes" in w
+               for w in plan.warnings)
+    text = render_plan(plan, cfg(**sections))
+    assert "net/step" in text and "2 node(s), interconnect tcp (cluster.interconnect: tcp)" in text
+    row = next(line for line in text.splitlines() if line.startswith("    3  -  "))
+    assert row.split()[9:11] == ["136.90", "yes"]  # net/step, fits
+    # Over a fast interconnect the same plan recommends ZeRO-3 and warns of nothing.
+    fast = dict(sections, cluster={**sections["cluster"], "interconnect": "fast"})
+    plan = make_plan(cfg(**fast), shape, gpus_per_node=4, with_deepspeed=False)
+    assert plan.recommended.layout == Layout(3) and not plan.slow_network and not plan.warnings
+    # auto: the chosen offload is printed with the stage.
+    auto = dict(sections, deepspeed={"stage": "auto"})
+    text = render_plan(make_plan(cfg(**auto), shape, gpus_per_node=4, with_deepspeed=False), cfg(**auto))
+    assert "deepspeed.stage auto -> ZeRO-2 with optimizer offload: 8 workers on 2 nodes" in text
+
