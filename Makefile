@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo clean-runs
+.PHONY: setup test test-fast demo demo-record clean-runs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/incr-ray train --config jobs/demo.yaml
+
+# `make demo` once more, timed, into benchmarks/results/demo.json (it refuses an existing runs/demo),
+# then the README's demo table from it. NOTE="..." adds a word on the machine (e.g. that it was shared).
+demo-record: setup
+	$(BIN)/python benchmarks/demo.py $(if $(NOTE),--note "$(NOTE)")
+	$(BIN)/python docs/generate.py
 
 clean-runs:
 	rm -rf runs

@@ -190,6 +190,20 @@ def test_a_changed_setting_is_refused_before_ray(tmp_path, tiny_bert, run_cli, n
     assert sorted(p.name for p in run.iterdir()) == ["run.json"]  # and the lock was let go
 
 
+def test_an_mlflow_folder_store_is_refused_before_ray(tmp_path, tiny_bert, run_cli, no_ray, monkeypatch):
+    # MLflow's own habit, `./mlruns`: MLflow 3 would refuse it only once the run had started, and
+    # the run would then train untracked.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    config = write(tmp_path / "tracked.yaml", "tracking:\n  backend: mlflow\n  uri: ./mlruns\n")
+    proc = run_cli("train", "--config", config, "--set", f"storage.path={tmp_path}/runs",
+                   "--set", f"model.base={tiny_bert}")
+    assert_usage_error(proc, "tracking.uri './mlruns' is a folder", f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                       "a server (http://", "leave it unset")
+    assert proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tracked.yaml"]  # no run folder, no mlruns
+
+
 def test_predict_refuses_non_model(run_cli):
     assert_usage_error(run_cli("predict", "--model", "/nonexistent", "x"), "not a model folder")
     assert_usage_error(run_cli("predict", "--model", "/nonexistent"), "at least one text")

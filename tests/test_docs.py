@@ -68,6 +68,42 @@ def test_readme_cost_line_gives_every_throughput_goal():
     assert block in (REPO / "README.md").read_text(encoding="utf-8")
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_readme_demo_table_is_the_recorded_demo_of_the_current_config():
+    # README's demo table is rendered from benchmarks/results/demo.json (test_generated_page_is_current
+    # checks that); here the record must be a run of jobs/demo.yaml as it is now, so a changed demo
+    # config cannot leave an old table behind: re-record it with `make demo-record`.
+    from incr_ray.config import config_from_dict, load_config
+
+    generate = _generator()
+    r = json.loads((REPO / "benchmarks" / "results" / "demo.json").read_text())
+    ran = _flat(config_from_dict(r["config"]).to_dict())  # keys added to the schema since: their defaults
+    now = _flat(load_config(REPO / "jobs" / "demo.yaml").to_dict())
+    changed = {k: (ran[k], v) for k, v in now.items() if v != "auto" and ran[k] != v}
+    assert not changed, f"jobs/demo.yaml differs from the recorded demo {changed}: run `make demo-record`"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = generate.demo_block()
+    assert block.startswith(generate.DEMO_BEGIN) and block.endswith(generate.DEMO_END) and block in readme
+    gens = [e for e in r["generations"] if e["status"] == "finished"]
+    assert len(gens) == now["method.k"] == len(r["block_sizes"])
+    for e in gens:  # each generation's figures, as the console prints them
+        m = e["metrics"]
+        assert (f"| {e['index']} | {'one-hot' if e['index'] == 0 else 'soft targets'} | {e['rows']} | "
+                f"{m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} |") in block
+    assert f"{r['wall_seconds'] / 60:.0f} min for the whole command" in block
+    assert f"{r['machine']['cpus']}-CPU machine ({r['date']}" in block
+    assert r["final_model"] in readme  # the Quick start names the final model the demo gives
+
+
 def test_every_config_key_is_documented():
     from incr_ray.config import Config
 

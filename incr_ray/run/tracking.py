@@ -9,8 +9,9 @@ training worker adds the per-step loss and learning rate
 (:class:`incr_ray.generation.progress.MlflowStepLogger`). Every call names its run through an
 explicit ``MlflowClient``, never MLflow's process-wide active run.
 
-A tracking failure never stops training: the first one is said once, and tracking is off for the
-rest of the command.
+Settings that cannot work (a missing package, a folder as MLflow store) are refused before any
+compute (:func:`check_tracking`). A tracking failure during the run never stops training: the first
+one is said once, and tracking is off for the rest of the command.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
 
 from ..config import Config, ConfigError
 from ..storage import absolute, is_remote
@@ -72,13 +74,36 @@ def tensorboard_dir(cfg: Config, run_dir: str) -> str:
     return run_dir.rstrip("/") + "/" + TENSORBOARD_FOLDER
 
 
+# Tracking URIs MLflow takes without a scheme (a Databricks workspace, a Unity Catalog).
+MLFLOW_NAMED_STORES = ("databricks", "databricks-uc", "uc")
+
+
+def mlflow_folder(uri: str) -> str | None:
+    """The local folder a tracking URI names as a plain file store (``./mlruns``, ``/data/mlruns``,
+    ``file:///data/mlruns``), as an absolute path; None for a database, a server or a named store.
+    MLflow's rule: no scheme (or a Windows drive letter) or ``file:``."""
+    if uri in MLFLOW_NAMED_STORES:
+        return None
+    parsed = urlparse(uri)
+    scheme = "" if len(parsed.scheme) == 1 else parsed.scheme.lower()
+    if scheme not in ("", "file"):
+        return None
+    return absolute(parsed.path if scheme == "file" else uri)
+
+
+def _file_store_allowed() -> bool:
+    """MLflow's own opt-out of the file store's refusal, read as MLflow reads it."""
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
+
+
 def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def check_tracking(cfg: Config) -> None:
-    """The tracking settings can work: the backend's package is here, and the default store or
-    log folder is local. One line naming the fix otherwise."""
+    """The tracking settings can work: the backend's package is here, an MLflow store is not a plain
+    folder (MLflow 3 refuses those unless ``MLFLOW_ALLOW_FILE_STORE`` is set), and the default store
+    or log folder is local. One line naming the fix otherwise."""
     t = cfg.tracking
     if t.backend == "none":
         return
@@ -92,6 +117,12 @@ def check_tracking(cfg: Config) -> None:
         missing = [m for m in needs if not _installed(m)]
         raise ConfigError(f"tracking.backend {t.backend} needs {', '.join(missing)}: {INSTALL[t.backend]}, "
                           "or set tracking.backend: none")
+    folder = mlflow_folder(t.uri) if t.backend == "mlflow" and t.uri else None
+    if folder is not None and not _file_store_allowed():
+        # MLflow 3 opens a folder store only behind a flag; found here, not minutes into training.
+        raise ConfigError(f"tracking.uri {t.uri!r} is a folder, and MLflow 3 no longer opens folder stores; "
+                          f"set tracking.uri: {default_uri(folder)}, a server (http://host:5000), "
+                          "or leave it unset for <storage.path>/mlflow.db")
     if t.backend in ("mlflow", "tensorboard") and not t.uri and is_remote(cfg.storage.path):
         what = ("a local SQLite file" if t.backend == "mlflow" else "a local folder")
         example = ("sqlite:////mnt/nfs/mlflow.db or http://mlflow-server:5000" if t.backend == "mlflow"

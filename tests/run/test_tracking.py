@@ -13,7 +13,7 @@ from incr_ray.config import ConfigError, config_from_dict
 from incr_ray.run.folder import Run, RunPaths
 from incr_ray.run.manifest import DataInfo, Manifest, load
 from incr_ray.run.tracking import (Tracker, artifact_location, check_tracking, default_uri, flat_params,
-                                   generation_metrics, open_tracker, tracked)
+                                   generation_metrics, mlflow_folder, open_tracker, tracked)
 
 ENTRY = {  # a generation's entry as run.json holds it
     "index": 1, "status": "finished", "rows": 300, "block_rows": 280, "replay_rows": 20, "scoring_seconds": 4.5,
@@ -112,6 +112,36 @@ def test_tracking_settings_that_cannot_work_are_one_line_errors(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ConfigError, match=r"needs mlflow: pip install 'incr-ray\[tracking\]'"):
         check_tracking(config_from_dict({"tracking": {"backend": "mlflow"}}))
+
+
+@pytest.mark.parametrize("uri, folder", [("./mlruns", "mlruns"), ("mlruns", "mlruns"), ("file:./mlruns", "mlruns"),
+                                         ("{tmp}/store", "store"), ("file://{tmp}/store", "store")])
+def test_an_mlflow_folder_store_is_refused_naming_its_sqlite_file(tmp_path, monkeypatch, uri, folder):
+    # MLflow 3 refuses plain file stores: a folder as tracking.uri would train for minutes untracked.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = uri.format(tmp=tmp_path)
+    cfg = config_from_dict({"tracking": {"backend": "mlflow", "uri": uri}})
+    with pytest.raises(ConfigError) as err:
+        check_tracking(cfg)
+    message = str(err.value)
+    assert "\n" not in message and f"tracking.uri {uri!r} is a folder" in message
+    assert f"set tracking.uri: sqlite:///{tmp_path}/{folder}/mlflow.db, a server (http://" in message
+    assert "or leave it unset for <storage.path>/mlflow.db" in message
+    assert mlflow_folder(uri) == f"{tmp_path}/{folder}"
+    # MLflow's own opt-out opens the folder store again, so it is not refused then.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_tracking(cfg)
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///runs/mlflow.db", "http://mlflow:5000", "https://mlflow.example.com",
+                                 "postgresql://user@db/mlflow", "databricks", "databricks://profile"])
+def test_mlflow_stores_that_are_not_folders_pass(uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert mlflow_folder(uri) is None
+    check_tracking(config_from_dict({"tracking": {"backend": "mlflow", "uri": uri}}))
+    # A TensorBoard log folder is a folder by design.
+    check_tracking(config_from_dict({"tracking": {"backend": "tensorboard", "uri": "./tb-logs"}}))
 
 
 def test_a_run_resumed_and_extended_logs_into_one_parent_run(tmp_path, mlflow_db):
