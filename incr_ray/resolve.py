@@ -5,8 +5,8 @@ A config as the user writes it may leave ``cluster.use_gpu``, ``deepspeed.stage`
 into values from a :class:`ClusterFacts` record and says each choice; what comes after it
 (``fit_student``, ``score_block``, ``evaluate_model``) takes the resolved config and refuses
 ``auto``. The rules are pure (:func:`decide_gpu` here, ``incr_ray.plan.auto_stage`` for the stage,
-``incr_ray.generation.resources.cpus_per_bundle`` for the CPUs); :func:`probe_cluster` is the one
-place that asks Ray for the facts.
+``incr_ray.generation.resources.cpus_per_bundle`` and ``cpus_per_gpu`` for the CPUs);
+:func:`probe_cluster` is the one place that asks Ray for the facts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 
 from .config import Config, ConfigError
 from .generation.deepspeed_config import resolve_precision
-from .generation.resources import AUTO, cpus_per_bundle
+from .generation.resources import AUTO, cpus_per_bundle, cpus_per_gpu
 from .modeling import ModelError
 from .plan import auto_stage, resolve_shape
 
@@ -25,12 +25,14 @@ from .plan import auto_stage, resolve_shape
 @dataclass(frozen=True)
 class ClusterFacts:
     """What the cluster-dependent settings and checks of a run depend on: the CPUs of each alive
-    node, the GPUs of the whole cluster, and whether this driver attached to a cluster that was
-    already running (``ray job submit``, ``--address``) rather than starting its own."""
+    node, the GPUs of the whole cluster and of each node (``node_gpus``, in ``node_cpus``'s order;
+    empty: not known), and whether this driver attached to a cluster that was already running
+    (``ray job submit``, ``--address``) rather than starting its own."""
 
     node_cpus: tuple[float, ...]
     gpus: float = 0.0
     attached: bool = False
+    node_gpus: tuple[float, ...] = ()
 
     @property
     def nodes(self) -> int:
@@ -47,6 +49,7 @@ def probe_cluster() -> ClusterFacts:
         gpus=float(ray.cluster_resources().get("GPU", 0.0)),
         # RAY_ADDRESS: set by `ray job submit` for the job's driver, and by `incr-ray --address`.
         attached=bool(os.environ.get("RAY_ADDRESS")),
+        node_gpus=tuple(float(n.get("Resources", {}).get("GPU", 0.0)) for n in alive),
     )
 
 
@@ -88,26 +91,34 @@ def _stage(cfg: Config, on_gpu: bool, say: Callable[[str], None]) -> Config:
     return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": stage})})
 
 
-def _cpus(cfg: Config, on_gpu: bool, node_cpus: tuple[float, ...], say: Callable[[str], None]) -> Config:
+def _cpus(cfg: Config, on_gpu: bool, facts: ClusterFacts, say: Callable[[str], None]) -> Config:
     """On CPU each of the n workers (or actors) gets the most whole CPUs with which all n place at
     once; training and scoring never run together, so each may take the whole cluster. On GPU
-    clusters the CPUs only feed the GPUs: 1."""
+    clusters a training worker (one per GPU) gets its node's CPUs per GPU, the smallest share of any
+    GPU node (CPU Adam under ``offload_optimizer`` runs on them), and a scoring actor 1."""
     worker_auto, actor_auto = cfg.cluster.cpus_per_worker == AUTO, cfg.teacher.cpus_per_actor == AUTO
     if not (worker_auto or actor_auto):
         return cfg
+    node_cpus = list(facts.node_cpus)
     if on_gpu:
-        worker, actor, why = 1, 1.0, "GPU cluster: the CPUs feed the GPUs"
+        worker = cpus_per_gpu(node_cpus, list(facts.node_gpus))
+        if worker is None:
+            worker, worker_why = 1, "no GPU node is up yet to count its CPUs per GPU: set it to theirs"
+        else:
+            gpu_nodes = [(c, g) for c, g in zip(node_cpus, facts.node_gpus) if g > 0]
+            worker_why = "CPUs per GPU on the GPU nodes: " + ", ".join(sorted({f"{c:g}/{g:g}" for c, g in gpu_nodes}))
+        actor, actor_why = 1.0, "GPU cluster: the CPUs feed the GPUs"
     else:
-        worker = cpus_per_bundle(list(node_cpus), cfg.cluster.workers)
-        actor = float(cpus_per_bundle(list(node_cpus), cfg.teacher.pool_size))
-        why = f"{sum(node_cpus):g} CPUs on {len(node_cpus)} node(s)"
+        worker = cpus_per_bundle(node_cpus, cfg.cluster.workers)
+        actor = float(cpus_per_bundle(node_cpus, cfg.teacher.pool_size))
+        worker_why = actor_why = f"{sum(node_cpus):g} CPUs on {len(node_cpus)} node(s)"
     update = {}
     if worker_auto:
         update["cluster"] = cfg.cluster.model_copy(update={"cpus_per_worker": worker})
-        say(f"cluster.cpus_per_worker auto -> {worker} for {cfg.cluster.workers} worker(s) ({why})")
+        say(f"cluster.cpus_per_worker auto -> {worker} for {cfg.cluster.workers} worker(s) ({worker_why})")
     if actor_auto:
         update["teacher"] = cfg.teacher.model_copy(update={"cpus_per_actor": actor})
-        say(f"teacher.cpus_per_actor auto -> {actor:g} for {cfg.teacher.pool_size} actor(s) ({why})")
+        say(f"teacher.cpus_per_actor auto -> {actor:g} for {cfg.teacher.pool_size} actor(s) ({actor_why})")
     return cfg.model_copy(update=update)
 
 
@@ -120,4 +131,4 @@ def resolve(cfg: Config, facts: ClusterFacts, say: Callable[[str], None] | None 
     on_gpu = decide_gpu(cfg.cluster.use_gpu, facts.gpus, facts.attached)
     if cfg.cluster.use_gpu != on_gpu:
         cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"use_gpu": on_gpu})})
-    return _cpus(_stage(cfg, on_gpu, say), on_gpu, facts.node_cpus, say)
+    return _cpus(_stage(cfg, on_gpu, say), on_gpu, facts, say)

@@ -8,13 +8,15 @@ once it is complete).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -142,6 +144,95 @@ def upload_dir(local_dir: str, dest: str) -> None:
     pafs.copy_files(local_dir, p, destination_filesystem=fs)
 
 
+def list_files(path: str) -> list[str]:
+    """The names of the files directly in the folder ``path``, local or remote (none when it is missing)."""
+    if not is_remote(path):
+        return sorted(e.name for e in os.scandir(path) if e.is_file()) if os.path.isdir(path) else []
+    fs, p = _fs_and_path(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+# ---------------------------------------------------------------------------------------------
+# One copy per node
+
+
+@contextmanager
+def node_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock every process on this node agrees on: ``flock`` on the file ``path``
+    (made when missing), released when its holder exits, however it exits (a killed process
+    leaves no stale lock). Yields whether it holds the lock: always with ``wait``, else only when
+    no other process held it.
+
+    The holder may delete ``path``: a process that got the lock on a file since unlinked tries again
+    on the new one, so two processes never both hold "the" lock.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was replaced or deleted while we waited
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file beside a node-local copy ``folder`` (see :func:`fetch_once`)."""
+    return folder.with_name(folder.name + ".lock")
+
+
+def fetch_once(dest: Path, fetch: Callable[[str], None], claim: Callable[[Path], None] | None = None) -> Path:
+    """``dest``, filled by ``fetch(folder)`` once per node, however many processes ask at once.
+
+    The first to take the lock beside ``dest`` downloads; the others wait for it and then read the
+    same folder (8 teacher actors or 8 training ranks on a node: one download, not 8). The download
+    lands in ``<dest>.partial``, is marked complete (``_DONE``) and renamed into place, so ``dest``
+    is only ever whole; a download cut short (the process killed) is redone by the next process.
+    ``claim(dest)``, when given, runs under the lock once ``dest`` is there (to record a reader
+    before anyone may remove it).
+    """
+    if claim is None and (dest / DONE_MARKER).exists():
+        return dest
+    with node_lock(lock_path(dest)):
+        if not (dest / DONE_MARKER).exists():
+            partial = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            partial.mkdir(parents=True)
+            try:
+                fetch(str(partial))
+                (partial / DONE_MARKER).write_text("ok")
+                os.rename(partial, dest)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        if claim is not None:
+            claim(dest)
+    return dest
+
+
+def drop_copy(dest: Path) -> None:
+    """Remove a node-local copy made by :func:`fetch_once`, its lock file included, under its lock."""
+    lock = lock_path(dest)
+    if not lock.exists() and not dest.exists():
+        return
+    with node_lock(lock):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(dest.with_name(dest.name + ".partial"), ignore_errors=True)
+        lock.unlink(missing_ok=True)
+
+
 def staged_path(uri: str) -> Path:
     """Where :func:`stage_local` keeps its copy of ``uri`` on this node."""
     return Path(tempfile.gettempdir()) / "incr_ray_models" / hashlib.sha256(uri.encode()).hexdigest()[:32]
@@ -150,35 +241,25 @@ def staged_path(uri: str) -> Path:
 def drop_staged(uris: list[str]) -> None:
     """Remove this node's staged copies of ``uris`` (a run's models, once the run is done with them)."""
     for uri in uris:
-        shutil.rmtree(staged_path(uri), ignore_errors=True)
+        drop_copy(staged_path(uri))
+
+
+def download_tree(path: str, dest: str) -> None:
+    """Copy the remote folder ``path`` into the local folder ``dest``."""
+    fs, p = _fs_and_path(path)
+    pafs.copy_files(p, dest, source_filesystem=fs)
 
 
 def stage_local(path: str) -> str:
     """A local folder with the contents of ``path``: ``path`` itself when local, else a copy in a
     per-node cache keyed by a stable hash of the URI, shared by every process on the node.
 
-    The copy lands in a private temporary folder and is renamed into place, so concurrent
-    processes never see half a model; the first rename wins and the others drop their copy.
+    One process per node downloads (:func:`fetch_once`, a lock per URI); the others wait for it
+    and read the same copy, which stays complete-or-absent.
     """
     if not is_remote(path):
         return path
-    cache = staged_path(path)
-    cache_root = cache.parent
-    if (cache / DONE_MARKER).exists():
-        return str(cache)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
-    try:
-        fs, p = _fs_and_path(path)
-        pafs.copy_files(p, str(tmp), source_filesystem=fs)
-        (tmp / DONE_MARKER).write_text("ok")
-        try:
-            os.rename(tmp, cache)
-        except OSError:  # another process on this node finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(cache)
+    return str(fetch_once(staged_path(path), lambda into: download_tree(path, into)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,104 @@ def test_staged_copies_are_keyed_stably_and_dropped(tmp_path, monkeypatch):
     (here / "model.safetensors").write_bytes(b"x")
     drop_staged([uri])
     assert not here.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One copy per node (remote paths on the in-memory s3:// of fake_remote)
+
+from fake_remote import fake_remote  # noqa: E402,F401  (the fixture)
+
+
+def _model_folder(root):
+    folder = root / "model"
+    (folder / "sub").mkdir(parents=True)
+    for name, data in (("config.json", b"{}"), ("model.safetensors", b"w" * 1000), ("sub/vocab.txt", b"a\nb")):
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def node_tmp(tmp_path, monkeypatch):
+    """This node's temporary folder, where staged copies go, private to the test."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node"))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    (tmp_path / "node").mkdir()
+    return tmp_path / "node"
+
+
+def test_processes_staging_one_model_download_it_once(tmp_path, node_tmp, fake_remote):
+    """8 teacher actors on a node stage the same model at once: one downloads, the others wait
+    for it and read the same copy."""
+    import threading
+
+    from incr_ray.storage import DONE_MARKER, stage_local, staged_path
+
+    uri = fake_remote.upload(_model_folder(tmp_path), "s3://bucket/runs/r/gen_000/model")
+    fake_remote.read_delay = 0.1  # each file read is slow: the callers overlap
+    got, errors = [], []
+
+    def stage():
+        try:
+            got.append(stage_local(uri))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=stage) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == [str(staged_path(uri))] * 6
+    assert sorted(fake_remote.reads.values()) == [1, 1, 1], fake_remote.reads  # each file once
+    copy = staged_path(uri)
+    assert (copy / "sub" / "vocab.txt").read_bytes() == b"a\nb" and (copy / DONE_MARKER).exists()
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name, copy.name + ".lock"]  # no partial left
+    assert stage_local(uri) == str(copy) and sum(fake_remote.reads.values()) == 3  # staged: not read again
+
+
+def test_a_download_cut_short_is_redone_and_dropped_copies_leave_nothing(tmp_path, node_tmp, fake_remote):
+    from incr_ray.storage import drop_staged, stage_local, staged_path
+
+    uri = fake_remote.upload(_model_folder(tmp_path), "s3://bucket/m")
+    partial = staged_path(uri).with_name(staged_path(uri).name + ".partial")
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"half")  # a process killed mid-download
+    copy = stage_local(uri)
+    assert (Path(copy) / "model.safetensors").read_bytes() == b"w" * 1000 and not partial.exists()
+    drop_staged([uri])
+    assert list(staged_path(uri).parent.iterdir()) == []
+
+
+@pytest.mark.slow  # starts an interpreter
+def test_the_node_lock_dies_with_its_holder(tmp_path):
+    """A process killed while it holds the lock (OOM, preemption) does not leave it held."""
+    import signal
+    import subprocess
+    import sys
+
+    from incr_ray.storage import node_lock
+
+    lock = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with node_lock(lock, wait=False) as held:
+            assert not held
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with node_lock(lock, wait=False) as held:
+        assert held
+
+
+def test_remote_files_are_listed(tmp_path, fake_remote):
+    from incr_ray.storage import list_files
+
+    uri = fake_remote.upload(_model_folder(tmp_path), "s3://bucket/m")
+    assert list_files(uri) == ["config.json", "model.safetensors"]  # files only, not sub/
+    assert list_files("s3://bucket/none") == [] and list_files(str(tmp_path / "none")) == []
+    assert list_files(str(tmp_path / "model")) == ["config.json", "model.safetensors"]

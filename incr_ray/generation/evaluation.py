@@ -10,7 +10,7 @@ generation whose workers stopped before evaluating).
 from __future__ import annotations
 
 import io
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,7 @@ from ..method.targets import softmax
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import read_bytes, write_bytes_atomic
 from .resources import with_cpus
-from .teacher import scoring_pool
+from .teacher import absorb_restart_warning, as_config, scoring_pool
 
 
 def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None, keep: int | None = None,
@@ -174,9 +174,9 @@ class HoldoutStatsScorer:
     """``map_batches`` class: one row of additive statistics per batch, with the batch's row ids
     and predicted classes."""
 
-    def __init__(self, model_path: str, cfg: Config, on_gpu: bool):
-        self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
-        self.cfg = cfg
+    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool):
+        self.cfg = as_config(cfg)
+        self.model, self.tokenizer = load_for_inference(model_path, self.cfg, on_gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (stats,), pred = _stats(self.model, self.tokenizer, batch, self.cfg)
@@ -192,11 +192,12 @@ def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool,
     """Holdout metrics of the saved model at ``model_path`` on ``ds``; with ``predictions`` also the
     ``(row_ids, predicted classes)`` of its rows."""
     ds = ds.materialize()  # see score_block
+    absorb_restart_warning()
     cfg = with_cpus(cfg, on_gpu)
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     stats_ds = ds.map_batches(
         HoldoutStatsScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu},
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu},  # plain values
         batch_size=cfg.eval.batch_size,
         **resources,
     )

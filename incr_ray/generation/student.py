@@ -5,10 +5,17 @@ shard, the in-generation checkpoint, then :func:`incr_ray.generation.recipe.run_
 trainer, train, save, evaluate), then the upload and the report — and :func:`fit_student` is the
 driver side (builds the ``TorchTrainer`` for a :class:`StudentRequest`, runs it, puts the model in
 ``gen_<g>/model``).
+
+A worker's scratch on its node is a folder of its own (``incr-ray-g<g>-r<rank>-*`` in the temporary
+folder, with its pid), plus, when a restarted group resumes from a checkpoint on remote storage,
+one copy of that checkpoint per node (:func:`checkpoint_on_node`). A worker killed by the OOM
+killer, a preemption or Ray never runs its ``finally``: each worker sweeps what dead ones left
+(:func:`sweep_stale_scratch`) when it starts and when it ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,10 +23,12 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch.distributed as dist
@@ -32,14 +41,15 @@ from transformers.trainer_utils import get_last_checkpoint
 from .. import faults
 from ..config import Config
 from ..method.hashing import generation_seed, shuffle_keys
-from ..storage import remove_tree, upload_dir
+from ..storage import drop_copy, fetch_once, node_lock, remove_tree, upload_dir
 from .evaluation import EXTENSION_HOLDOUT
 from .progress import ProgressRelay
 from .recipe import ADAPTER, MODEL, StudentRequest, run_student
 from .resources import require_resolved
 from .trainer import generation_steps
 
-__all__ = ["StudentRequest", "fit_student", "shuffled_for_training", "train_per_worker"]
+__all__ = ["StudentRequest", "checkpoint_on_node", "fit_student", "shuffled_for_training", "sweep_stale_scratch",
+           "train_per_worker"]
 
 SHUFFLE_KEY = "_shuffle_key"
 # Training blocks up to this many rows are put in order on the driver (see shuffled_for_training).
@@ -85,14 +95,102 @@ class _FaultCallback(TrainerCallback):
         faults.raise_in_worker_at_step(self.generation, state.global_step, self.rank)
 
 
-def _in_generation_checkpoint(work: str) -> str | None:
-    """The Hugging Face checkpoint folder to continue from when this worker group restarts after a
-    failure; None on a first start."""
+# ---------------------------------------------------------------------------------------------
+# A worker's scratch on its node
+
+WORKER_FOLDER = "incr-ray-g{generation}-r{rank}-"  # + mkdtemp's suffix, in the temporary folder
+RESUME_COPY = "incr-ray-resume-"  # + a hash of the checkpoint's path: one per node
+OWNER = "pid"  # in each of both: "<pid> <start time>" of the process that owns it
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has exited
+
+
+def _record_owner(folder: Path) -> None:
+    (folder / OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid()) or ''}".strip())
+
+
+def owner_alive(folder: Path) -> bool | None:
+    """Whether the process recorded in ``folder`` still runs; None when none is recorded."""
+    try:
+        pid, *start = (folder / OWNER).read_text().split()
+    except (OSError, ValueError):
+        return None
+    if os.path.isdir("/proc"):
+        now = _start_time(int(pid))
+        return now is not None and (not start or now == start[0])
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _worker_folder(generation: int, rank: int) -> str:
+    work = tempfile.mkdtemp(prefix=WORKER_FOLDER.format(generation=generation, rank=rank))
+    _record_owner(Path(work))
+    return work
+
+
+def sweep_stale_scratch(root: str | None = None) -> list[str]:
+    """Remove what dead training workers left in this node's temporary folder ``root``: their
+    folders (each holds a copy of its generation's model), and checkpoint copies whose last reader
+    is gone or whose download was cut short. Folders of live processes, and folders with no owner
+    recorded (being made, or older), stay. Returns the removed paths."""
+    root_dir = Path(root or tempfile.gettempdir())
+    removed = []
+    for folder in root_dir.glob(WORKER_FOLDER.format(generation="*", rank="*") + "*"):
+        if folder.is_dir() and owner_alive(folder) is False:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    for lock in root_dir.glob(f"{RESUME_COPY}*.lock"):
+        copy = lock.with_name(lock.name.removesuffix(".lock"))
+        try:
+            with node_lock(lock, wait=False) as held:  # held elsewhere: a download or a claim under way
+                if held and not owner_alive(copy):
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.rmtree(copy.with_name(copy.name + ".partial"), ignore_errors=True)
+                    lock.unlink(missing_ok=True)
+                    removed.append(str(copy))
+        except OSError:
+            continue
+    return removed
+
+
+def checkpoint_on_node(path: str, filesystem: pafs.FileSystem, root: str | None = None) -> tuple[str, Path | None]:
+    """(a local folder with the checkpoint at ``path`` on ``filesystem``, the node's copy or None).
+
+    On a local filesystem (or NFS) the checkpoint is read where it is: no copy. From remote
+    storage one process per node downloads it and the node's other ranks read the same copy: at 7B
+    under ZeRO-3 a checkpoint is ~100 GB, and a copy per rank filled the disk. Each rank records
+    itself as the copy's owner as it takes it; the group fails and restarts as a whole, so the
+    copy is stale once that owner is gone (:func:`sweep_stale_scratch`).
+    """
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return path, None
+    copy = Path(root or tempfile.gettempdir()) / (RESUME_COPY + hashlib.sha256(path.encode()).hexdigest()[:16])
+    fetch_once(copy, lambda into: pafs.copy_files(path, into, source_filesystem=filesystem), claim=_record_owner)
+    return str(copy), copy
+
+
+def _in_generation_checkpoint() -> tuple[str | None, Path | None]:
+    """(the Hugging Face checkpoint folder to continue from when this worker group restarts after a
+    failure, or None on a first start; the node's copy it lies in, or None)."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None
-    hf = os.path.join(ckpt.to_directory(os.path.join(work, "resume")), RayTrainReportCallback.CHECKPOINT_NAME)
-    return hf if os.path.isfile(os.path.join(hf, "trainer_state.json")) else None
+        return None, None
+    folder, copy = checkpoint_on_node(ckpt.path, ckpt.filesystem)
+    hf = os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME)
+    return (hf if os.path.isfile(os.path.join(hf, "trainer_state.json")) else None), copy
 
 
 def _own_output_tail(lines: int = 30) -> str:
@@ -125,16 +223,27 @@ def _model_to_storage(work: str, request: StudentRequest) -> ray.train.Checkpoin
     return ray.train.Checkpoint.from_directory(marker)
 
 
+def _tell_driver(progress, rank: int, marker: tuple[str, str]) -> None:
+    """Rank 0 puts ``marker`` on the progress queue: the driver notes when it arrives (_FitClock)."""
+    if rank == 0 and progress is not None:
+        try:
+            progress.put_nowait(marker)
+        except Exception:  # noqa: BLE001 - timings must never fail training
+            pass
+
+
 def train_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: the recipe on this worker's shard, then rank 0 puts the model
     in storage, and every rank reports the metrics to Ray Train."""
-    entered, entered_at = time.perf_counter(), time.time()
+    entered = time.perf_counter()
     cfg = Config.model_validate(loop_config["config"])
     request = StudentRequest(**loop_config["request"])
     faults.install(loop_config["faults"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    work = tempfile.mkdtemp(prefix=f"incr-ray-g{request.generation}-r{rank}-")
+    _tell_driver(loop_config["progress"], rank, _FitClock.ENTERED)
+    sweep_stale_scratch()
+    work = _worker_folder(request.generation, rank)
     try:
         for name in ("ray.train", "ray.data"):  # their INFO chatter would bury rank 0's progress lines
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -145,7 +254,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         callbacks = [_FaultCallback(request.generation, rank)]
         if cfg.student.checkpoint_every_steps:
             callbacks.append(_ReportCheckpoint(work))
-        resume_from = _in_generation_checkpoint(work)
+        resume_from, resume_copy = _in_generation_checkpoint()
         before_recipe = time.perf_counter() - entered
         metrics = run_student(
             cfg, request, lambda collate: shard.iter_torch_batches(batch_size=cfg.student.batch_size,
@@ -158,12 +267,12 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         metrics["nodes"] = len(set(nodes))
+        if resume_copy is not None and ctx.get_local_rank() == 0:  # every rank is past its resume by now
+            drop_copy(resume_copy)
         uploading = time.perf_counter()
         checkpoint = _model_to_storage(work, request) if rank == 0 else None
         metrics["save_seconds"] += time.perf_counter() - uploading  # the local save + the upload
-        # Wall clock (this node's) when the function began and when it reports its last: the
-        # driver's fit time outside the two is Ray Train's start-up and shutdown.
-        metrics.update(entered_at=entered_at, reported_at=time.time())
+        _tell_driver(loop_config["progress"], rank, _FitClock.REPORTING)
         ray.train.report(metrics, checkpoint=checkpoint)
     except Exception as err:
         # Ray Train shows the driver this exception's traceback, notes included.
@@ -173,10 +282,33 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the reported model has been persisted by now
+        sweep_stale_scratch()  # e.g. the ranks Ray killed when an earlier try of this group failed
 
 
 # ---------------------------------------------------------------------------------------------
 # On the driver
+
+
+class _FitClock(ProgressRelay):
+    """The progress relay that also notes, on the driver's clock, when rank 0's worker function
+    began and when it reported its last, from markers rank 0 puts on the queue: Ray Train's
+    start-up and shutdown are the fit's time outside the two. (A worker's own clock is another
+    node's: subtracting the driver's time from it measured the clocks' offset too.)"""
+
+    ENTERED, REPORTING = ("incr-ray fit", "entered"), ("incr-ray fit", "reporting")  # not lines: never said
+
+    def __init__(self, say):
+        super().__init__(say)
+        self.entered: float | None = None  # perf_counter on the driver; after a restart, the last try's
+        self.reporting: float | None = None
+
+    def handle(self, item) -> None:
+        if item == self.ENTERED:
+            self.entered, self.reporting = time.perf_counter(), None
+        elif item == self.REPORTING:
+            self.reporting = time.perf_counter()
+        else:
+            super().handle(item)
 
 
 def shuffled_for_training(train_ds, seed: int, rows: int | None = None, local_rows: int = LOCAL_ORDER_ROWS):
@@ -245,8 +377,8 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
                     datasets[name] = ds
     max_steps = generation_steps(cfg, request.rows)
     name = f"gen_{request.generation:03d}-{int(time.time())}"
-    started, started_at = time.perf_counter(), time.time()
-    with ProgressRelay(say) as relay:
+    started = time.perf_counter()
+    with _FitClock(say) as relay:
         trainer = TorchTrainer(
             train_per_worker,
             train_loop_config={"config": cfg.to_dict(), "request": asdict(request), "max_steps": max_steps,
@@ -267,16 +399,19 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
             dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads each whole slice
         )
         result = trainer.fit()
-    fit_seconds, ended_at = time.perf_counter() - started, time.time()
+        ended = time.perf_counter()
     if result.checkpoint is None:
         raise RuntimeError(f"generation {request.generation}: training finished without reporting its model")
     remove_tree(f"{request.ray_storage}/{name}")  # in-generation checkpoints; the model is in gen_<g>/model
     metrics = dict(result.metrics or {})
     metrics["rows"] = request.rows
     metrics["max_steps"] = max_steps
-    metrics["fit_seconds"] = fit_seconds  # driver wall time of TorchTrainer.fit, start-up included
+    metrics["fit_seconds"] = ended - started  # driver wall time of TorchTrainer.fit, start-up included
     # From fit() to the worker function's first line (controller, placement, worker processes and
-    # their imports, the process group), and from its last report to fit()'s return.
-    metrics["fit_startup_seconds"] = metrics.pop("entered_at") - started_at
-    metrics["fit_shutdown_seconds"] = ended_at - metrics.pop("reported_at")
+    # their imports), and from its last report to fit()'s return; both ends on the driver's clock
+    # (the relay has handled every marker once its block has exited).
+    if relay.entered is not None:
+        metrics["fit_startup_seconds"] = relay.entered - started
+    if relay.reporting is not None:  # a marker handled a moment after fit() returned: 0, not negative
+        metrics["fit_shutdown_seconds"] = max(0.0, ended - relay.reporting)
     return metrics

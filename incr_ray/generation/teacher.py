@@ -8,6 +8,10 @@ size — are set at the ``map_batches`` call in :func:`score_block`, never insid
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
@@ -23,8 +27,9 @@ from .resources import require_resolved
 class TargetScorer:
     """``map_batches`` class: adds ``teacher_probs`` and ``target`` to every row of a batch."""
 
-    def __init__(self, model_path: str, cfg: Config, on_gpu: bool, progress=None, fault_plan=None):
+    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, progress=None, fault_plan=None):
         faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
+        cfg = as_config(cfg)
         self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
         self.max_length = cfg.model.max_length
         self.method = cfg.method
@@ -54,6 +59,57 @@ def _with_list_columns(batch: dict[str, np.ndarray], **matrices: np.ndarray) -> 
     return pa.table(cols)
 
 
+def as_config(cfg: Config | dict[str, Any]) -> Config:
+    """A scorer's config: the pool passes the plain dict (``Config.to_dict``), a caller in-process
+    may pass the Config itself."""
+    return cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+
+
+_restart_warning_absorbed = False
+
+
+def absorb_restart_warning() -> None:
+    """Keep Ray's false alarm about restarting scoring actors off the console (call it on the
+    driver, with Ray started, before a pool's actors are made).
+
+    Ray logs one ERROR line per process (``core_worker.cc: Actor with class name
+    'MapWorker(MapBatches(TargetScorer))' ... has constructor arguments in the object store and
+    max_restarts > 0``, ray-project/ray#53727) when it creates an actor that may restart and whose
+    constructor takes an object from the object store: if that object were gone, the restart would
+    fail. Every actor of a Ray Data pool does, whatever the class's own arguments: Ray Data
+    ``ray.put``s the pool's map function and its DataContext and passes their refs (Ray 2.60,
+    ``actor_pool_map_operator.py`` ``_start_actor``). It also holds both refs for the operator's
+    life (``map_operator.py``, cached properties), so a restarted scoring actor does start (the R3
+    scenario kills one mid-block and every row is still scored once).
+
+    So the line is spent here, once per process: an actor that trips the same check is created
+    with this process's stderr pointed at /dev/null for that call (the line stays in the driver's
+    log file), and killed before it is placed (it asks for a resource no node has).
+    """
+    global _restart_warning_absorbed
+    if _restart_warning_absorbed:
+        return
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1, resources={"incr_ray_never_placed": 1})
+    class _RestartWarning:
+        def __init__(self, arg):
+            pass
+
+    arg = ray.put(None)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        actor = _RestartWarning.remote(arg)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    ray.kill(actor)
+    _restart_warning_absorbed = True
+
+
 def scoring_pool(cfg: Config, on_gpu: bool) -> tuple[dict, bool]:
     """``map_batches`` resources for a scoring pool (teacher and holdout evaluation alike), and
     whether its actors use a GPU: only when they are given one, since Ray no longer hides the
@@ -75,11 +131,13 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
     require_resolved(cfg, "score_block")  # a run's config is, since open_run (incr_ray.resolve)
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
+    absorb_restart_warning()
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     return ds.map_batches(
         TargetScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg, "on_gpu": actor_gpu, "progress": progress,
-                               "fault_plan": faults.current()},
+        # Plain values (a path, dicts): what a restarted actor is built from again.
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu,
+                               "progress": progress, "fault_plan": faults.current()},
         batch_size=cfg.teacher.batch_size,
         **resources,
     )

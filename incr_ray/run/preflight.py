@@ -10,6 +10,7 @@ task on every node of a multi-node cluster to look for those paths.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from ..generation.deepspeed_config import precision_problem, resolve_precision
 from ..lora import check_lora
 from ..modeling import check_classifier, head_mismatch, resolve_model_path
 from ..resolve import ClusterFacts, resolve
-from ..storage import absolute, check_writable, is_remote
+from ..storage import absolute, check_writable, is_remote, list_files, read_bytes
 from .tracking import check_tracking
 
 
@@ -56,11 +57,35 @@ def preflight(cfg: Config, facts: ClusterFacts, say: Callable[[str], None] | Non
     return cfg, check_model_and_storage(cfg)
 
 
+def _remote_config(base_model: str, into: str, trust_remote_code: bool) -> str:
+    """``into`` with the ``config.json`` of the remote model folder ``base_model`` (and, with
+    ``trust_remote_code``, the folder's own ``.py`` files, which its config may name): enough for
+    ``AutoConfig``, without the weights."""
+    names = ["config.json"]
+    if trust_remote_code:
+        names += [n for n in list_files(base_model) if n.endswith(".py")]
+    for name in names:
+        try:
+            data = read_bytes(base_model.rstrip("/") + "/" + name)
+        except OSError as err:  # missing, no permission, unreachable
+            raise ConfigError(f"model.base {base_model!r}: cannot read its {name} ({err}); check the URI and "
+                              "that this machine can read it") from None
+        Path(into, name).write_bytes(data)
+    return into
+
+
 def check_head(cfg: Config, base_model: str, num_labels: int) -> None:
-    """ZeRO-3 partitions the classification head, so a head for another number of labels cannot be resized."""
-    if cfg.deepspeed.stage != 3 or is_remote(base_model):
+    """ZeRO-3 partitions the classification head, so a head for another number of labels cannot be
+    resized: refused here, not hung in the workers' collectives. A remote base (s3://) is judged by
+    its ``config.json``, read from storage."""
+    if cfg.deepspeed.stage != 3:
         return
-    head = head_mismatch(base_model, num_labels, cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
+    if is_remote(base_model):
+        with tempfile.TemporaryDirectory(prefix="incr-ray-head-") as folder:
+            head = head_mismatch(_remote_config(base_model, folder, trust), num_labels, trust)
+    else:
+        head = head_mismatch(base_model, num_labels, trust)
     if head is not None:
         raise ConfigError(
             f"model.base {cfg.model.base!r} has a classification head for {head} labels but the data has "

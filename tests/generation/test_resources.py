@@ -45,9 +45,26 @@ def test_auto_is_resolved_and_said_explicit_values_are_kept():
     assert (half.cluster.cpus_per_worker, half.teacher.cpus_per_actor) == (3, 8.0)
 
 
-def test_gpu_clusters_keep_one_cpu_each():
-    cfg = resolve(config_from_dict({**STAGE_2, "cluster": {"workers": 4}}), ClusterFacts((96.0,), gpus=4))
-    assert (cfg.cluster.use_gpu, cfg.cluster.cpus_per_worker, cfg.teacher.cpus_per_actor) == (True, 1, 1.0)
+@pytest.mark.parametrize("node_cpus, node_gpus, cpus", [
+    ((96.0,), (4.0,), 24),
+    ((8.0, 96.0, 96.0), (0.0, 8.0, 8.0), 12),  # a CPU-only head does not count
+    ((0.0, 48.0, 96.0), (0.0, 4.0, 4.0), 12),  # nodes of two sizes: what every worker can have
+    ((4.0,), (8.0,), 1),  # fewer CPUs than GPUs: still 1 each
+    ((0.0,), (0.0,), 1),  # an autoscaling cluster before its GPU nodes start: 1, said
+])
+def test_gpu_workers_get_their_nodes_cpus_per_gpu(node_cpus, node_gpus, cpus):
+    """CPU Adam (deepspeed.offload_optimizer) runs on a GPU worker's CPUs: Ray sets its OpenMP
+    threads to them, and a fixed 1 left it single-threaded. Scoring actors keep 1."""
+    said = []
+    facts = ClusterFacts(node_cpus, gpus=sum(node_gpus), node_gpus=node_gpus)
+    cfg = resolve(config_from_dict({**STAGE_2, "cluster": {"workers": 4, "use_gpu": True}}), facts, say=said.append)
+    assert (cfg.cluster.use_gpu, cfg.cluster.cpus_per_worker, cfg.teacher.cpus_per_actor) == (True, cpus, 1.0)
+    assert said[0].startswith(f"cluster.cpus_per_worker auto -> {cpus} for 4 worker(s) (")
+    if sum(node_gpus):
+        assert "CPUs per GPU on the GPU nodes: " in said[0]
+    else:
+        assert "no GPU node is up yet" in said[0]
+    assert said[1] == "teacher.cpus_per_actor auto -> 1 for 1 actor(s) (GPU cluster: the CPUs feed the GPUs)"
 
 
 def test_what_reaches_ray_must_be_resolved():

@@ -1,4 +1,5 @@
-"""The driver side of student training: the seeded training order."""
+"""Student training around the recipe: the seeded training order, and a worker's scratch on its
+node (one checkpoint copy per node, the sweep of what dead workers left)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,114 @@ def test_fit_student_refuses_an_unresolved_stage():
                              ray_storage="r")
     with pytest.raises(ValueError, match=r"fit_student needs a resolved config \(deepspeed.stage: auto\).*incr_ray.resolve"):
         fit_student(cfg, request, None, on_gpu=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker's scratch on its node, below Ray
+
+from fake_remote import fake_remote  # noqa: E402,F401  (the fixture)
+
+
+def _hf_checkpoint(root):
+    """A Ray Train checkpoint folder as _ReportCheckpoint leaves it: HF's folder under checkpoint/."""
+    hf = root / "checkpoint_000001" / "checkpoint"
+    (hf / "global_step2").mkdir(parents=True)
+    (hf / "trainer_state.json").write_text('{"global_step": 2}')
+    for rank in (0, 1):
+        (hf / "global_step2" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 100)
+    return root / "checkpoint_000001"
+
+
+def test_ranks_resuming_from_remote_storage_share_one_download(tmp_path, fake_remote):
+    """The 8 ranks of a node resume at once: one downloads the checkpoint, the others wait for it
+    and read the same copy; the node's copy goes once every rank is past its resume."""
+    import threading
+
+    from incr_ray.generation.student import checkpoint_on_node, owner_alive
+    from incr_ray.storage import drop_copy
+
+    uri = fake_remote.upload(_hf_checkpoint(tmp_path / "storage"), "s3://bucket/ray/gen_000-1/checkpoint_000001")
+    fs, path = fake_remote.fs_and_path(uri)
+    node = tmp_path / "node"
+    node.mkdir()
+    fake_remote.read_delay = 0.1  # the ranks overlap
+    got, errors = [], []
+
+    def resume():
+        try:
+            got.append(checkpoint_on_node(path, fs, root=str(node)))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=resume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(got)) == 1
+    folder, copy = got[0]
+    assert sorted(fake_remote.reads.values()) == [1, 1, 1], fake_remote.reads  # each file once, not once per rank
+    assert (copy / "checkpoint" / "trainer_state.json").is_file() and owner_alive(copy)
+    assert sorted(p.name for p in node.iterdir()) == [copy.name, copy.name + ".lock"]
+    drop_copy(copy)
+    assert list(node.iterdir()) == []
+
+
+def test_a_checkpoint_on_local_storage_is_read_in_place(tmp_path):
+    import pyarrow.fs as pafs
+
+    from incr_ray.generation.student import checkpoint_on_node
+
+    ckpt = _hf_checkpoint(tmp_path)
+    assert checkpoint_on_node(str(ckpt), pafs.LocalFileSystem(), root=str(tmp_path / "node")) == (str(ckpt), None)
+    assert not (tmp_path / "node").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.slow  # starts an interpreter (a process that is gone)
+def test_the_sweep_removes_what_dead_workers_left_and_keeps_the_living(tmp_path):
+    """Workers killed by the OOM killer or a preemption never run their finally: the next worker
+    on the node removes their folders and the checkpoint copies nobody alive reads."""
+    import os
+
+    from incr_ray.generation.student import OWNER, _record_owner, sweep_stale_scratch
+    from incr_ray.storage import node_lock
+
+    dead = _dead_pid()
+
+    def folder(name, owner):
+        path = tmp_path / name
+        (path / "model").mkdir(parents=True)
+        if owner == "me":
+            _record_owner(path)
+        elif owner is not None:
+            (path / OWNER).write_text(owner)
+        return path
+
+    gone = folder("incr-ray-g0-r1-abc", f"{dead}")
+    reused = folder("incr-ray-g1-r0-def", f"{os.getpid()} 1")  # our pid, another process's start time
+    mine = folder("incr-ray-g0-r0-ghi", "me")
+    unowned = folder("incr-ray-g2-r0-jkl", None)  # being made, or left by an older incr-ray
+    other = folder("unrelated-g0-r1-x", f"{dead}")
+    stale_copy = folder("incr-ray-resume-0123", f"{dead}")
+    (tmp_path / "incr-ray-resume-0123.lock").touch()
+    cut_short = tmp_path / "incr-ray-resume-4567.partial"  # its download was killed: no copy, no owner
+    cut_short.mkdir()
+    (tmp_path / "incr-ray-resume-4567.lock").touch()
+    live_copy = folder("incr-ray-resume-89ab", "me")
+    (tmp_path / "incr-ray-resume-89ab.lock").touch()
+    busy = folder("incr-ray-resume-cdef", f"{dead}")  # a live process holds its lock: a download under way
+    with node_lock(tmp_path / "incr-ray-resume-cdef.lock"):
+        removed = sweep_stale_scratch(str(tmp_path))
+    assert sorted(removed) == sorted(map(str, (gone, reused, stale_copy, tmp_path / "incr-ray-resume-4567")))
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {mine.name, unowned.name, other.name, live_copy.name, busy.name,
+                    "incr-ray-resume-89ab.lock", "incr-ray-resume-cdef.lock"}

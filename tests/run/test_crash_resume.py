@@ -52,6 +52,9 @@ def test_the_resume_skips_generation_0_and_finishes(crash_run):
     assert crash_run.manifest["status"] == "finished"
     assert crash_run.model0_mtime_after == crash_run.model0_mtime, "generation 0 must not be retrained"
     assert "final model:" in out
+    # Ray's line about restarting scoring actors (ray-project/ray#53727) is a false alarm for Ray
+    # Data's pools, spent off the console (incr_ray.generation.teacher._absorb_restart_warning).
+    assert "has constructor arguments in the object store" not in out
 
 
 def test_the_resumed_run_has_the_reference_weights_and_figures(crash_run, reference_run):

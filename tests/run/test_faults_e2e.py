@@ -57,6 +57,39 @@ def test_a_dead_rank_resumes_from_the_in_generation_checkpoint(faults_run):
     assert train["steps"] == train["max_steps"]
 
 
+def test_no_worker_folder_of_a_dead_process_is_left(faults_run):
+    """Rank 1 died by os._exit, and Ray killed the other ranks of each failed try: none of them ran
+    its finally. The workers that came after removed their folders (each holds a model copy)."""
+    import os
+
+    from conftest import worker_folders
+
+    def owner(folder):
+        try:
+            return int((Path(folder) / "pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def mtime(folder):
+        try:
+            return os.path.getmtime(folder)
+        except OSError:  # gone meanwhile (another run on this machine)
+            return 0.0
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    # Folders since this run began (written before its first worker started) that name their
+    # process; one without a pid is being made right now (another run on this machine).
+    since = (faults_run.root / "split").stat().st_mtime
+    ours = [f for f in worker_folders() if mtime(f) >= since and owner(f) is not None]
+    assert not [f for f in ours if not alive(owner(f))], ours
+
+
 def test_a_dead_teacher_actor_still_scores_each_row_once(faults_run):
     assert faults.fired("teacher", faults_run.once)
     split = pq.read_table(faults_run.root / "split").to_pandas()

@@ -17,6 +17,7 @@ from incr_ray.run.manifest import (EXTENSION_SETTINGS, GenerationEntry, Manifest
                                    extension_settings, load)
 from incr_ray.run.preflight import check_head, preflight, shared_paths
 from incr_ray.storage import StorageError
+from fake_remote import fake_remote  # noqa: F401  (the fixture)
 
 LAPTOP = ClusterFacts(node_cpus=(2.0,))
 
@@ -94,7 +95,20 @@ def test_zero_3_refuses_a_head_for_another_number_of_labels(tiny_bert, tiny_bert
     check_head(zero3, tiny_bert, 3)  # the same labels: nothing to resize
     check_head(zero3, tiny_bert_base, 2)  # no head: a new one is made
     check_head(config_from_dict({"deepspeed": {"stage": 2}}), tiny_bert, 2)  # stage 2 resizes it
-    check_head(zero3, "s3://bucket/model", 2)  # read by the workers, not here
+
+
+def test_zero_3_reads_a_remote_base_head_from_storage(tiny_bert, tiny_bert_base, fake_remote):
+    """An s3:// base is judged by its config.json, read from storage (not the weights): a head
+    for another number of labels would otherwise hang the workers under ZeRO-3."""
+    zero3 = config_from_dict({"deepspeed": {"stage": 3}, "model": {"base": "s3://bucket/model"}})
+    remote = fake_remote.upload(tiny_bert, "s3://bucket/model")
+    with pytest.raises(ConfigError, match="head for 3 labels but the data has 2; ZeRO-3 cannot resize"):
+        check_head(zero3, remote, 2)
+    check_head(zero3, remote, 3)
+    assert set(fake_remote.reads) == {"/bucket/model/config.json"}  # not the weights
+    check_head(zero3, fake_remote.upload(tiny_bert_base, "s3://bucket/base"), 2)  # no head: a new one
+    with pytest.raises(ConfigError, match=r"^model.base 's3://bucket/none': cannot read its config.json"):
+        check_head(zero3, "s3://bucket/none", 2)
 
 
 def test_only_a_multi_node_cluster_needs_paths_every_node_sees(tmp_path, tiny_bert):
