@@ -150,9 +150,10 @@ def test_the_documented_p4d_interfaces_follow_the_same_rules():
 def test_gpu_workers_find_the_nccl_plugin_and_say_so_in_a_label(cluster):
     """Worker setup exports FI_PROVIDER=efa and the aws-ofi-nccl plugin's folder on LD_LIBRARY_PATH
     where the node has both (else NCCL uses TCP), and `ray start` labels the node with what it
-    found, in the form Ray parses; `cluster.interconnect: auto` reads that label
-    (``incr_ray.resolve.INTERCONNECT_LABEL``, pinned to the same name in tests/test_resolve.py)."""
+    found, in the form Ray parses; `cluster.interconnect: auto` reads that label."""
     from ray._private.label_utils import parse_node_labels_string
+
+    from incr_ray.resolve import INTERCONNECT_LABEL
 
     setup = "\n".join(cluster["worker_setup_commands"])
     assert "fi_info -p efa" in setup and "libnccl-net.so" in setup and "/opt/amazon/ofi-nccl" in setup
@@ -163,7 +164,7 @@ def test_gpu_workers_find_the_nccl_plugin_and_say_so_in_a_label(cluster):
     labels = re.search(r"--labels=(\S+)", start).group(1)
     for found in ("efa", "tcp"):
         assert parse_node_labels_string(labels.replace("${INCR_RAY_INTERCONNECT:-tcp}", found)) == \
-            {"incr-ray/interconnect": found}
+            {INTERCONNECT_LABEL: found}
     import ray.scripts.scripts as ray_cli
 
     assert "labels" in {p.name for p in ray_cli.start.params}, "this Ray's `ray start` lost --labels"
