@@ -303,7 +303,8 @@ class DeepSpeedSection(_Section):
         description="ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned "
         "over the workers. `auto`: one worker trains without ZeRO (stage 1 in 16-bit precision, for its fp32 "
         "master weights); several GPU workers take the stage `incr-ray plan` recommends for the model and "
-        "cluster.gpu_memory_gb; several CPU workers stage 2. The choice is printed and recorded in run.json.",
+        "cluster.gpu_memory_gb (across nodes without a fast network it may turn on offload_optimizer, see "
+        "cluster.interconnect); several CPU workers stage 2. The choice is printed and recorded in run.json.",
     )
     offload_optimizer: bool = Field(
         False,
@@ -337,11 +338,12 @@ class ClusterSection(_Section):
         "auto",
         description="CPUs reserved per training worker; also its torch threads. `auto`: on CPU the most "
         "whole CPUs each worker can hold with all of them placed (a 2-core laptop's one worker gets 2); "
-        "on GPU clusters 1. The choice is printed.",
+        "on GPU clusters each GPU node's CPUs per GPU (the smallest share; 1 while no GPU node is up). "
+        "The choice is printed.",
     )
     gpu_memory_gb: float = Field(
         80.0, gt=0.0,
-        description="Per-GPU memory in GiB, used by `incr-ray plan` only.",
+        description="Per-GPU memory in GiB, for `incr-ray plan` and `deepspeed.stage: auto`.",
     )
     interconnect: Literal["auto", "fast", "tcp"] = Field(
         "auto",
@@ -404,7 +406,8 @@ class TrackingSection(_Section):
         "artifacts in `<storage.path>/mlartifacts` (no server; any `sqlite:///` store keeps its artifacts in "
         "`mlartifacts` beside its file). tensorboard: a log folder for many runs (`<uri>/<run.name>/gen_NNN`); "
         "unset: `<run folder>/tensorboard/gen_NNN`. wandb: not used (set `WANDB_*` variables). With a remote "
-        "storage.path, mlflow and tensorboard need it set.",
+        "storage.path, mlflow and tensorboard need it set. A folder (`./mlruns`) is refused for mlflow: "
+        "MLflow 3 no longer opens folder stores; use `sqlite:///<folder>/mlflow.db`.",
     )
     experiment: str = Field("incr-ray", description="mlflow experiment (wandb project) the runs are logged under.")
 

@@ -4,8 +4,8 @@ The head is a real `ray start --head` on 127.0.0.1 (one node: `ray start` refuse
 under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps Ray on loopback). The jobs are the project's own entry
 scripts, uploaded with `--working-dir .` and started with `jobs/runtime_env.yaml`, as
 docs/cluster.md submits them; only the config is a tiny one (synthetic
-data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine) and the
-runtime env leaves out its ``pip`` section (see ``TokenHead.runtime_env_file``).
+data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine); the
+runtime env is jobs/runtime_env.yaml as shipped.
 
 Isolation from other Ray instances on the machine (a developer's `ray start`, other test runs):
 - ports: the GCS, dashboard, client-server and dashboard-agent ports are free ports chosen at
@@ -159,25 +159,12 @@ class TokenHead:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 
-    def runtime_env_file(self) -> Path:
-        """jobs/runtime_env.yaml without its ``pip`` section.
-
-        With ``pip``, Ray builds the job a virtualenv; inside a virtualenv (our .venv) it does so by
-        copying the whole venv (2+ GB, ~30 s or more here). The section's shape is checked in
-        test_cluster_config.py; everything else (env_vars, excludes) is used as shipped.
-        """
-        env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-        env.pop("pip")
-        path = self.temp_dir / "runtime_env.yaml"
-        path.write_text(yaml.safe_dump(env))
-        return path
-
     def submit(self, *entrypoint: str) -> tuple[str, str]:
         """`ray job submit` as the README writes it; blocks until the job ends. Returns (id, output)."""
         job_id = f"incr-ray-test-{uuid.uuid4().hex[:8]}"
         done = self.ray(
             "job", "submit", "--address", self.address, "--submission-id", job_id,
-            "--working-dir", ".", "--runtime-env", str(self.runtime_env_file()),
+            "--working-dir", ".", "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
             "--", *entrypoint,
             timeout=JOB_TIMEOUT_S,
         )

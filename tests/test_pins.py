@@ -97,10 +97,11 @@ def _resolve(python: str, requirements: list[str], tmp_path: Path, *options: str
     return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installed}
 
 
-@pytest.mark.slow  # the package index, about a minute per Python
-@pytest.mark.parametrize("which", ["cluster", "requires-python"])
-def test_the_pins_resolve_for(which, tmp_path):
-    python = cluster_python() if which == "cluster" else requires_python_floor()
+@pytest.mark.slow  # the package index, about a minute
+def test_the_pins_resolve_for_the_cluster_python(tmp_path):
+    # requires-python's floor needs no check of its own: this machine runs it, and `make setup`
+    # installs the pins for it on every CI run.
+    python = cluster_python()
     project = PYPROJECT["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["tracking"]
     # DeepSpeed is an sdist only, which pip cannot judge for another Python: its own requirements
