@@ -17,7 +17,6 @@ one is said once, and tracking is off for the rest of the command.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ from urllib.parse import urlparse
 
 from ..config import Config, ConfigError
 from ..storage import absolute, is_remote
+from .tracking_figures import final_metrics, flat_params, generation_metrics, generation_tags, short_error
 
 SQLITE_FILE = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
@@ -36,13 +36,8 @@ INSTALL = {
     "tensorboard": "pip install tensorboardX (or tensorboard)",
     "wandb": "pip install wandb",
 }
-# MLflow's limits: params per log_batch call, and characters per param value.
+# MLflow's limit: params per log_batch call.
 PARAMS_PER_BATCH = 100
-MAX_PARAM_CHARS = 6000
-# Groups of a generation's entry in run.json that become its metrics, as "<group>/<name>".
-ENTRY_GROUPS = {"metrics": "holdout", "teacher_on_block": "teacher_on_block", "continual": "continual",
-                "validation": "validation", "calibration": "calibration", "train": "train"}
-ENTRY_FIGURES = ("rows", "block_rows", "replay_rows", "scoring_seconds", "eval_seconds", "seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,80 +127,6 @@ def check_tracking(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# What gets logged (pure)
-
-
-def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"student": {"lora": {"r": 8}}}`` -> ``{"student.lora.r": "8"}``; strings as they are,
-    everything else as JSON (``null``, ``true``, lists)."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flat_params(value, name + "."))
-        else:
-            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-            out[name] = text[:MAX_PARAM_CHARS]
-    return out
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
-
-
-def generation_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """A generation's figures from its run.json entry: ``holdout/accuracy``, ``teacher_on_block/kept``,
-    ``continual/flip_rate``, ``train/train_seconds``, ``drift/gen_2/accuracy``, ``generation/rows``..."""
-    out: dict[str, float] = {}
-    for field, group in ENTRY_GROUPS.items():
-        for key, value in (entry.get(field) or {}).items():
-            number = _number(value)
-            if number is not None:
-                out[f"{group}/{key}"] = number
-    for j, figures in (entry.get("drift") or {}).items():
-        for key, value in figures.items():
-            if _number(value) is not None:
-                out[f"drift/gen_{j}/{key}"] = _number(value)
-    for key in ENTRY_FIGURES:
-        if _number(entry.get(key)) is not None:
-            out[f"generation/{key}"] = _number(entry[key])
-    if entry.get("promoted") is not None:
-        out["generation/promoted"] = float(entry["promoted"])
-    return out
-
-
-def final_metrics(manifest: dict[str, Any]) -> dict[str, float]:
-    """The final model's holdout metrics as ``final/<name>``, and ``final/generation``."""
-    from .report import final_entry
-
-    final = final_entry(manifest)
-    if final is None:
-        return {}
-    out = {f"final/{k}": float(v) for k, v in (final.get("metrics") or {}).items() if _number(v) is not None}
-    out["final/generation"] = float(final["index"])
-    return out
-
-
-def _generation_tags(entry: dict[str, Any], teacher: int | None, parent_id: str) -> dict[str, str]:
-    tags = {"mlflow.parentRunId": parent_id, "generation": str(entry["index"]),
-            "teacher": "none" if teacher is None else str(teacher)}
-    if entry.get("extended"):
-        tags.update(extended="true", source=str(entry.get("source")))
-        # extend --set: how this generation trained differently from the run's params
-        tags.update({f"extension.{k}": str(v) for k, v in (entry.get("settings") or {}).items()})
-    return tags
-
-
-def _short(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"{type(err).__name__}: {text[:200]}"
-
-
-# ---------------------------------------------------------------------------------------------
 # The trackers the generation loop calls
 
 
@@ -255,7 +176,7 @@ class MlflowTracker(Tracker):
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - tracking must never fail training
             self.client = None
-            self.say(f"warning: MLflow tracking stopped while {what} ({_short(err)}); training goes on "
+            self.say(f"warning: MLflow tracking stopped while {what} ({short_error(err)}); training goes on "
                      "without it")
             return None
 
@@ -284,7 +205,7 @@ class MlflowTracker(Tracker):
             if run_id:  # an earlier attempt's nested run: continue it
                 self._set_running(run_id)
             else:
-                tags = _generation_tags(entry.model_dump(mode="json"), teacher.index if teacher else None,
+                tags = generation_tags(entry.model_dump(mode="json"), teacher.index if teacher else None,
                                         self.parent_id)
                 run_id = self.client.create_run(self.experiment_id, run_name=f"gen_{entry.index:03d}",
                                                 tags=tags).info.run_id
@@ -382,7 +303,7 @@ def open_mlflow(cfg: Config, manifest, say: Callable[[str], None]) -> Tracker:
         for i in range(0, len(params), PARAMS_PER_BATCH):
             client.log_batch(tracker.parent_id, params=params[i:i + PARAMS_PER_BATCH])
     except Exception as err:  # noqa: BLE001 - tracking must never fail training
-        say(f"warning: MLflow tracking is off for this run: could not open {uri} ({_short(err)}); "
+        say(f"warning: MLflow tracking is off for this run: could not open {uri} ({short_error(err)}); "
             "training goes on without it")
         return Tracker()
     say(f"tracking: MLflow run {tracker.parent_id} in {uri} (experiment {cfg.tracking.experiment!r})")

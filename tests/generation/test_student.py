@@ -74,7 +74,7 @@ def test_ranks_resuming_from_remote_storage_share_one_download(tmp_path, fake_re
     and read the same copy; the node's copy goes once every rank is past its resume."""
     import threading
 
-    from incr_ray.generation.student import checkpoint_on_node, owner_alive
+    from incr_ray.generation.scratch import checkpoint_on_node, owner_alive
     from incr_ray.storage import drop_copy
 
     uri = fake_remote.upload(_hf_checkpoint(tmp_path / "storage"), "s3://bucket/ray/gen_000-1/checkpoint_000001")
@@ -107,7 +107,7 @@ def test_ranks_resuming_from_remote_storage_share_one_download(tmp_path, fake_re
 def test_a_checkpoint_on_local_storage_is_read_in_place(tmp_path):
     import pyarrow.fs as pafs
 
-    from incr_ray.generation.student import checkpoint_on_node
+    from incr_ray.generation.scratch import checkpoint_on_node
 
     ckpt = _hf_checkpoint(tmp_path)
     assert checkpoint_on_node(str(ckpt), pafs.LocalFileSystem(), root=str(tmp_path / "node")) == (str(ckpt), None)
@@ -129,7 +129,7 @@ def test_the_sweep_removes_what_dead_workers_left_and_keeps_the_living(tmp_path)
     on the node removes their folders and the checkpoint copies nobody alive reads."""
     import os
 
-    from incr_ray.generation.student import OWNER, _record_owner, sweep_stale_scratch
+    from incr_ray.generation.scratch import OWNER, record_owner, sweep_stale_scratch
     from incr_ray.storage import node_lock
 
     dead = _dead_pid()
@@ -138,7 +138,7 @@ def test_the_sweep_removes_what_dead_workers_left_and_keeps_the_living(tmp_path)
         path = tmp_path / name
         (path / "model").mkdir(parents=True)
         if owner == "me":
-            _record_owner(path)
+            record_owner(path)
         elif owner is not None:
             (path / OWNER).write_text(owner)
         return path
