@@ -34,6 +34,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def record_owner(folder: Path) -> None:
+    """Write this process as ``folder``'s owner: its pid and start time."""
     (folder / OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid()) or ''}".strip())
 
 
@@ -56,6 +57,7 @@ def owner_alive(folder: Path) -> bool | None:
 
 
 def worker_folder(generation: int, rank: int) -> str:
+    """A new scratch folder for this worker, owned by this process."""
     work = tempfile.mkdtemp(prefix=WORKER_FOLDER.format(generation=generation, rank=rank))
     record_owner(Path(work))
     return work
