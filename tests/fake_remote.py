@@ -72,3 +72,23 @@ def fake_remote(monkeypatch):
     monkeypatch.setattr(incr_ray.storage, "_fs_and_path", remote.fs_and_path)
     yield remote
     remote.close()
+
+
+def race(call, callers: int) -> list:
+    """``call()`` from ``callers`` threads at once (processes on one node sharing a download);
+    their results. Any caller's error fails the test."""
+    got, errors = [], []
+
+    def one():
+        try:
+            got.append(call())
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return got

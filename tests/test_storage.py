@@ -74,7 +74,7 @@ def test_staged_copies_are_keyed_stably_and_dropped(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # One copy per node (remote paths on the in-memory s3:// of fake_remote)
 
-from fake_remote import fake_remote  # noqa: E402,F401  (the fixture)
+from fake_remote import fake_remote, race  # noqa: E402,F401  (the fixture)
 
 
 def _model_folder(root):
@@ -97,26 +97,12 @@ def node_tmp(tmp_path, monkeypatch):
 def test_processes_staging_one_model_download_it_once(tmp_path, node_tmp, fake_remote):
     """8 teacher actors on a node stage the same model at once: one downloads, the others wait
     for it and read the same copy."""
-    import threading
-
     from incr_ray.storage import DONE_MARKER, stage_local, staged_path
 
     uri = fake_remote.upload(_model_folder(tmp_path), "s3://bucket/runs/r/gen_000/model")
     fake_remote.read_delay = 0.1  # each file read is slow: the callers overlap
-    got, errors = [], []
-
-    def stage():
-        try:
-            got.append(stage_local(uri))
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=stage) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and got == [str(staged_path(uri))] * 6
+    got = race(lambda: stage_local(uri), 6)
+    assert got == [str(staged_path(uri))] * 6
     assert sorted(fake_remote.reads.values()) == [1, 1, 1], fake_remote.reads  # each file once
     copy = staged_path(uri)
     assert (copy / "sub" / "vocab.txt").read_bytes() == b"a\nb" and (copy / DONE_MARKER).exists()

@@ -56,7 +56,7 @@ def test_fit_student_refuses_an_unresolved_stage():
 # ---------------------------------------------------------------------------------------------
 # A worker's scratch on its node, below Ray
 
-from fake_remote import fake_remote  # noqa: E402,F401  (the fixture)
+from fake_remote import fake_remote, race  # noqa: E402,F401  (the fixture)
 
 
 def _hf_checkpoint(root):
@@ -72,8 +72,6 @@ def _hf_checkpoint(root):
 def test_ranks_resuming_from_remote_storage_share_one_download(tmp_path, fake_remote):
     """The 8 ranks of a node resume at once: one downloads the checkpoint, the others wait for it
     and read the same copy; the node's copy goes once every rank is past its resume."""
-    import threading
-
     from incr_ray.generation.scratch import checkpoint_on_node, owner_alive
     from incr_ray.storage import drop_copy
 
@@ -82,20 +80,8 @@ def test_ranks_resuming_from_remote_storage_share_one_download(tmp_path, fake_re
     node = tmp_path / "node"
     node.mkdir()
     fake_remote.read_delay = 0.1  # the ranks overlap
-    got, errors = [], []
-
-    def resume():
-        try:
-            got.append(checkpoint_on_node(path, fs, root=str(node)))
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=resume) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(got)) == 1
+    got = race(lambda: checkpoint_on_node(path, fs, root=str(node)), 4)
+    assert len(set(got)) == 1
     folder, copy = got[0]
     assert sorted(fake_remote.reads.values()) == [1, 1, 1], fake_remote.reads  # each file once, not once per rank
     assert (copy / "checkpoint" / "trainer_state.json").is_file() and owner_alive(copy)
