@@ -25,7 +25,7 @@ from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats, prob
 from ..method.targets import softmax
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import read_bytes, write_bytes_atomic
-from .resources import with_cpus
+from .resources import require_resolved
 from .teacher import absorb_restart_warning, as_config, scoring_pool
 
 
@@ -193,7 +193,7 @@ def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool,
     ``(row_ids, predicted classes)`` of its rows."""
     ds = ds.materialize()  # see score_block
     absorb_restart_warning()
-    cfg = with_cpus(cfg, on_gpu)
+    cfg = require_resolved(cfg, "evaluate_model")
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     stats_ds = ds.map_batches(
         HoldoutStatsScorer,

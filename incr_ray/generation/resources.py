@@ -53,8 +53,3 @@ def require_resolved(cfg: Config, caller: str) -> Config:
         raise ValueError(f"{caller} needs a resolved config ({', '.join(left)}: auto); pass it through "
                          "incr_ray.resolve.resolve(cfg, incr_ray.resolve.probe_cluster()) first")
     return cfg
-
-
-def with_cpus(cfg: Config, on_gpu: bool) -> Config:
-    """``evaluate_model``'s check, under the name it imports (it resolves nothing now)."""
-    return require_resolved(cfg, "evaluate_model")
