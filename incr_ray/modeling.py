@@ -145,12 +145,19 @@ def head_in_fp32(model) -> None:
         lambda _, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
 
 
-def load_for_inference(path: str, cfg: Config, on_gpu: bool):
+def load_for_inference(path: str, cfg: Config, on_gpu: bool, device=None, threads: int | None = None):
     """``(model, tokenizer)`` ready to score: staged locally, in eval mode, on the GPU when given one
-    (bf16 where supported, else fp16, with the head in fp32), on ``cfg.teacher.cpus_per_actor``
-    threads otherwise (torch's own default while it is still ``auto``: outside a Ray pool)."""
-    if not on_gpu and cfg.teacher.cpus_per_actor != "auto":
-        torch.set_num_threads(max(1, int(cfg.teacher.cpus_per_actor)))
+    (bf16 where supported, else fp16, with the head in fp32), on ``threads`` CPU threads otherwise
+    (by default ``cfg.teacher.cpus_per_actor``, or torch's own while that is still ``auto``: outside
+    a Ray pool). ``device``: which GPU (a training worker's own); by default the current one.
+
+    Every scorer of a saved model loads it here — the teacher, ``incr-ray evaluate`` and the
+    training workers' evaluation of the model they just saved — so one model has one set of figures.
+    """
+    if threads is None and cfg.teacher.cpus_per_actor != "auto":
+        threads = int(cfg.teacher.cpus_per_actor)
+    if not on_gpu and threads is not None:
+        torch.set_num_threads(max(1, threads))
     local = stage_local(path)
     tokenizer = load_tokenizer(local, cfg.model.trust_remote_code)
     kwargs = {}
@@ -160,7 +167,7 @@ def load_for_inference(path: str, cfg: Config, on_gpu: bool):
         kwargs["device_map"] = "auto"  # spread a teacher larger than one GPU over this actor's GPUs
     model = load_classifier(local, trust_remote_code=cfg.model.trust_remote_code, tokenizer=tokenizer, **kwargs)
     if "device_map" not in kwargs:
-        model.to("cuda" if on_gpu else "cpu")
+        model.to(device if device is not None else "cuda" if on_gpu else "cpu")
     if on_gpu:
         head_in_fp32(model)
     return model.eval(), tokenizer
@@ -224,6 +231,25 @@ def fold_temperature(model_dir: str, temperature: float) -> list[str]:
     if not changed:
         raise ModelError(f"{model_dir}: found no classification head ({'/'.join(HEAD_PREFIXES)}) to calibrate")
     return changed
+
+
+def load_saved_tensors(model, model_dir: str, names: list[str]) -> None:
+    """Copy the tensors ``names`` of a saved folder into ``model``'s parameters of those names (in
+    their dtype): after :func:`fold_temperature`, a model in memory that scores exactly as the
+    folder now does, without loading it again."""
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.exists()
+             else dict.fromkeys(names, "model.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            with safe_open(str(root / where[name]), framework="pt") as f:
+                params[name].copy_(f.get_tensor(name).to(params[name].dtype))
 
 
 # Two layers of width 32: a model that loads, trains and saves in well under a second on a CPU.

@@ -22,7 +22,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from ..storage import write_json_atomic
-from .rates import PROGRESS_RATES, WINDOW, WRITE_EVERY_S, step_line, step_rates, utc_now
+from .rates import PROGRESS_RATES, WINDOW, WRITE_EVERY_S, steady_rate, step_line, step_rates, utc_now
 
 
 class TokenCount:
@@ -147,3 +147,21 @@ class MlflowStepLogger(TrainerCallback):
             first = (str(err).strip().splitlines() or [""])[0][:200]
             self.say(f"[gen {self.generation}] warning: MLflow stopped taking the per-step figures "
                      f"({type(err).__name__}: {first}); training goes on")
+
+
+class StepClock(TrainerCallback):
+    """When ``train()`` began and each of its optimizer steps ended (this rank's monotonic clock),
+    for the steady-state rate (:func:`incr_ray.generation.rates.steady_rate`)."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.ends: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.ends = time.monotonic(), []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.monotonic())
+
+    def rates(self, rows_per_step: int) -> dict[str, float | None]:
+        return steady_rate(self.ends, self.started or 0.0, rows_per_step)

@@ -1,8 +1,8 @@
 """Holdout evaluation: accuracy, macro-F1, NLL and ECE from additive per-batch statistics.
 
 Two ways in, one computation (:mod:`incr_ray.method.metrics`): :func:`evaluate_slice` runs a
-model already in memory over batches (the training workers, right after training: the holdout,
-the validation slice, the retention sample), and
+model already in memory over batches (the training workers, right after saving: the saved model
+loaded as every scorer loads it, on the holdout, the validation slice, the retention sample), and
 :func:`evaluate_model` loads a saved model into a Ray Data actor pool (``incr-ray evaluate``, and a
 generation whose workers stopped before evaluating).
 """
@@ -10,7 +10,9 @@ generation whose workers stopped before evaluating).
 from __future__ import annotations
 
 import io
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,25 +28,70 @@ from ..method.targets import softmax
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import read_bytes, write_bytes_atomic
 from .resources import require_resolved
+from .visibility import require_visible
 from .teacher import absorb_restart_warning, as_config, scoring_pool
 
 
-def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None, keep: int | None = None,
+def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None,
            temperatures: tuple[float, ...] = (1.0,)):
-    """Statistics of the first ``keep`` rows of ``batch`` (all by default), one per temperature, and
-    those rows' predicted classes; every row is scored."""
-    logits = classifier_logits(model, tokenizer, [str(t) for t in batch["text"]], cfg.model.max_length, device)[:keep]
-    labels = np.asarray(batch["label"], dtype=np.int64)[:keep]
+    """Statistics of ``batch``, one per temperature, and its rows' predicted classes."""
+    logits = classifier_logits(model, tokenizer, [str(t) for t in batch["text"]], cfg.model.max_length, device)
+    labels = np.asarray(batch["label"], dtype=np.int64)
     stats = [batch_stats(softmax(logits, t), labels, num_bins=cfg.eval.ece_bins) for t in temperatures]
     return stats, logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
 
 
-def rank_slice(n: int, rank: int, world: int) -> tuple[np.ndarray, int]:
-    """Rows of an ``n``-row batch that ``rank`` scores — every ``world``-th, padded with row 0 to
-    ``ceil(n / world)`` so all ranks run the same forwards — and how many of them are real."""
-    mine = np.arange(rank, n, world)
-    padded = np.concatenate([mine, np.zeros(-(-n // world) - len(mine), dtype=np.int64)])
-    return padded, len(mine)
+@dataclass(frozen=True)
+class Share:
+    """Who scores what when every rank of a torch.distributed group sees the same batches:
+    ``scorers`` (ranks that hold a model and score; the others only join the collectives),
+    this ``rank`` and the group's ``world``. ``Share()`` is one process scoring everything."""
+
+    rank: int = 0
+    world: int = 1
+    scorers: tuple[int, ...] | None = None  # None: every rank
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(range(self.world)) if self.scorers is None else self.scorers
+
+    @property
+    def scores(self) -> bool:
+        return self.rank in self.ranks
+
+
+def regroup(batches: Iterable[dict[str, np.ndarray]], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The same rows, in order, in batches of exactly ``rows`` (the last one shorter)."""
+    pending: list[dict[str, np.ndarray]] = []
+    held = 0
+    for batch in batches:
+        n = len(batch["label"])
+        if not n:
+            continue
+        pending.append({k: np.asarray(v) for k, v in batch.items()})
+        held += n
+        while held >= rows:
+            whole = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:rows] for k, v in whole.items()}
+            rest = {k: v[rows:] for k, v in whole.items()}
+            held -= rows
+            pending = [rest] if held else []
+    if held:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+
+
+def my_rows(batches: Iterable[dict[str, np.ndarray]], share: Share, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """This rank's rows of every step: the batches are regrouped into ``batch_size`` rows per
+    scorer and step, and scorer ``i`` takes the ``i``-th run of ``batch_size`` rows, so each
+    forward carries ``eval.batch_size`` rows however many ranks score. A rank that does not score
+    reads nothing."""
+    if not share.scores:
+        return
+    i, parts = share.ranks.index(share.rank), len(share.ranks)
+    for batch in regroup(batches, batch_size * parts):
+        mine = {k: v[i * batch_size:(i + 1) * batch_size] for k, v in batch.items()}
+        if len(mine["label"]):
+            yield mine
 
 
 def sum_over_ranks(stats: dict[str, np.ndarray], device) -> dict[str, np.ndarray]:
@@ -60,9 +107,10 @@ def sum_over_ranks(stats: dict[str, np.ndarray], device) -> dict[str, np.ndarray
     return out
 
 
-def _gathered(parts: list[np.ndarray], world: int) -> np.ndarray:
-    """This rank's arrays concatenated, then those of every rank (rank order) on every rank."""
-    mine = np.concatenate(parts) if parts else np.zeros(0)
+def _gathered(parts: list[np.ndarray], world: int, empty: np.ndarray | None = None) -> np.ndarray:
+    """This rank's arrays concatenated, then those of every rank (rank order) on every rank.
+    ``empty``: what a rank without parts contributes (by default a 1-d array of none)."""
+    mine = np.concatenate(parts) if parts else (np.zeros(0) if empty is None else empty)
     if world == 1:
         return mine
     every = [None] * world
@@ -70,101 +118,117 @@ def _gathered(parts: list[np.ndarray], world: int) -> np.ndarray:
     return np.concatenate(every)
 
 
-def _rows_of_each_rank(batches, rank: int, world: int):
-    """Each batch's rows that ``rank`` scores (:func:`rank_slice`) and how many of them are real."""
-    for batch in batches:
-        rows, real = rank_slice(len(batch["label"]), rank, world)
-        yield {k: np.asarray(v)[rows] for k, v in batch.items()}, real
+def _no_rows(num_classes: int, cfg: Config) -> dict[str, np.ndarray]:
+    return batch_stats(np.zeros((0, num_classes)), np.zeros(0, dtype=np.int64), num_bins=cfg.eval.ece_bins)
 
 
 def evaluate_slice(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
-                   rank: int = 0, world: int = 1, temperatures: tuple[float, ...] = (1.0,),
-                   predictions: bool = False) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray] | None]:
+                   share: Share = Share(), temperatures: tuple[float, ...] = (1.0,), predictions: bool = False,
+                   num_classes: int | None = None) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray] | None]:
     """Metrics of an in-memory model over numpy batches with ``text`` and ``label`` (and ``row_id``
     when ``predictions``): one metrics dict per temperature, and with ``predictions`` the
     ``(row_ids, predicted classes)`` of every row, gathered on every rank.
 
-    With ``world > 1`` (a torch.distributed group whose ranks all see the same batches) each rank
-    scores its :func:`rank_slice` of every batch and the statistics are summed over the group: the
-    slice is evaluated once, not once per rank, and under ZeRO-3 every rank still runs the same
-    number of forwards, as the parameter gathers require.
+    With ``share.world > 1`` (a torch.distributed group whose ranks all see the same batches) each
+    scoring rank scores its :func:`my_rows` and the statistics are summed over the group: the
+    slice is evaluated once, not once per rank. A rank that does not score passes ``model=None``
+    and ``num_classes``; it takes part in the collectives only.
     """
-    model.eval()
-    per_t: list[list[dict]] = [[] for _ in temperatures]
+    if model is not None:
+        model.eval()
+        num_classes = model.config.num_labels
+    per_t: list[list[dict]] = [[_no_rows(num_classes, cfg)] for _ in temperatures]
     ids, preds = [], []
-    for batch, real in _rows_of_each_rank(batches, rank, world):
-        stats, pred = _stats(model, tokenizer, batch, cfg, device, keep=real, temperatures=temperatures)
+    for batch in my_rows(batches, share, cfg.eval.batch_size):
+        stats, pred = _stats(model, tokenizer, batch, cfg, device, temperatures=temperatures)
         for acc, st in zip(per_t, stats):
             acc.append(st)
         if predictions:
-            ids.append(np.asarray(batch["row_id"], dtype=np.int64)[:real])
+            ids.append(np.asarray(batch["row_id"], dtype=np.int64))
             preds.append(pred)
     metrics = []
     for acc in per_t:
         merged = merge_stats(acc)
-        metrics.append(finalize(sum_over_ranks(merged, device) if world > 1 else merged))
-    found = (_gathered(ids, world).astype(np.int64), _gathered(preds, world).astype(np.int64)) if predictions else None
+        metrics.append(finalize(sum_over_ranks(merged, device) if share.world > 1 else merged))
+    found = ((_gathered(ids, share.world).astype(np.int64), _gathered(preds, share.world).astype(np.int64))
+             if predictions else None)
     return metrics, found
 
 
 def slice_logits(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
-                 rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                 share: Share = Share(), num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(labels, logits)`` of every row of a (small) slice, gathered on every rank in one order."""
-    model.eval()
+    if model is not None:
+        model.eval()
+        num_classes = model.config.num_labels
     labels, logits = [], []
-    for batch, real in _rows_of_each_rank(batches, rank, world):
+    for batch in my_rows(batches, share, cfg.eval.batch_size):
         texts = [str(t) for t in batch["text"]]
-        logits.append(classifier_logits(model, tokenizer, texts, cfg.model.max_length, device)[:real])
-        labels.append(np.asarray(batch["label"], dtype=np.int64)[:real])
-    num_classes = model.config.num_labels
-    return (_gathered(labels, world).astype(np.int64),
-            _gathered(logits, world).reshape(-1, num_classes) if logits else np.zeros((0, num_classes)))
+        logits.append(classifier_logits(model, tokenizer, texts, cfg.model.max_length, device))
+        labels.append(np.asarray(batch["label"], dtype=np.int64))
+    return (_gathered(labels, share.world).astype(np.int64),
+            _gathered(logits, share.world, np.zeros((0, num_classes), dtype=np.float32)))
 
 
 def holdout_metrics(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
-                    rank: int = 0, world: int = 1) -> dict[str, float]:
+                    share: Share = Share()) -> dict[str, float]:
     """:func:`evaluate_slice` at temperature 1: the metrics alone."""
-    return evaluate_slice(model, tokenizer, batches, cfg, device, rank, world)[0][0]
+    return evaluate_slice(model, tokenizer, batches, cfg, device, share)[0][0]
 
 
 EXTENSION_HOLDOUT = "holdout_gen_"  # slice name prefix of an extension's own holdout: + its generation
 
 
 def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.ndarray]]], cfg: Config,
-                     device=None, rank: int = 0, world: int = 1) -> dict:
+                     device=None, share: Share = Share(), num_classes: int | None = None,
+                     fold: Callable[[float], None] | None = None) -> dict:
     """Everything a training worker measures on the student it just trained.
 
     A slice of fewer than ``calibration.MIN_ROWS`` rows fits no temperature (T stays 1).
 
     ``slices`` maps ``holdout`` (required), ``validation``, ``retention`` and
-    ``holdout_gen_<j>`` (an extension's own holdout; optional) to their batches. With a validation slice and ``method.calibrate``, a temperature is fitted on it first;
-    the holdout is then scored once at temperature 1 and at that temperature. Returns ``holdout``
-    (metrics of the model as it will be saved, i.e. calibrated when calibrating), ``predictions``
-    (holdout row ids and classes), and when measured ``validation``, ``calibration`` and
-    ``retention``, and ``drift`` (``{j: metrics}`` on the extensions' own holdouts).
+    ``holdout_gen_<j>`` (an extension's own holdout; optional) to their batches. With a validation
+    slice and ``method.calibrate``, a temperature is fitted on it first. ``fold(T)``, when given,
+    then divides the model's head by T, on disk and in this ``model`` alike (the recipe's
+    :func:`incr_ray.modeling.fold_temperature`): the holdout is scored once, on the folded model,
+    so ``holdout`` is exactly the saved folder's figures, and the ``calibration`` record's
+    ``*_before`` figures are those logits times T (the unfolded model's, up to the head's
+    rounding). Without ``fold`` the holdout is scored at temperatures 1 and T.
+
+    Returns ``holdout`` (metrics of the model as it will be saved, i.e. calibrated when
+    calibrating), ``predictions`` (holdout row ids and classes), and when measured
+    ``validation``, ``calibration`` and ``retention``, and ``drift`` (``{j: metrics}`` on the
+    extensions' own holdouts).
     """
     out: dict = {}
     temperature = 1.0
     if "validation" in slices:
-        labels, logits = slice_logits(model, tokenizer, slices["validation"], cfg, device, rank, world)
+        labels, logits = slice_logits(model, tokenizer, slices["validation"], cfg, device, share, num_classes)
         if len(labels):
             if cfg.method.calibrate and len(labels) >= calibration.MIN_ROWS:
                 temperature = fit_temperature(logits, labels)
             out["validation"] = {"rows": len(labels), **probs_metrics(softmax(logits, temperature), labels,
                                                                        cfg.eval.ece_bins)}
-    temperatures = (1.0, temperature) if temperature != 1.0 else (1.0,)
-    metrics, out["predictions"] = evaluate_slice(model, tokenizer, slices["holdout"], cfg, device, rank, world,
-                                                 temperatures, predictions=True)
+    folded = fold is not None and temperature != 1.0
+    if folded:
+        fold(temperature)
+    # (before, after) calibration; one temperature when there is none to apply.
+    temperatures = (1 / temperature, 1.0) if folded else (1.0, temperature) if temperature != 1.0 else (1.0,)
+    after = 1.0 if folded else temperature  # what the saved model's probabilities are
+    metrics, out["predictions"] = evaluate_slice(model, tokenizer, slices["holdout"], cfg, device, share,
+                                                 temperatures, predictions=True, num_classes=num_classes)
     out["holdout"] = metrics[-1]
     if cfg.method.calibrate:
         out["calibration"] = {"temperature": temperature, "nll_before": metrics[0]["nll"],
                               "ece_before": metrics[0]["ece"], "nll_after": metrics[-1]["nll"],
                               "ece_after": metrics[-1]["ece"]}
     if "retention" in slices:
-        retained = evaluate_slice(model, tokenizer, slices["retention"], cfg, device, rank, world, (temperature,))[0][0]
+        retained = evaluate_slice(model, tokenizer, slices["retention"], cfg, device, share, (after,),
+                                  num_classes=num_classes)[0][0]
         out["retention"] = {"accuracy": retained["accuracy"], "nll": retained["nll"], "rows": retained["n"]}
     for name in sorted(n for n in slices if n.startswith(EXTENSION_HOLDOUT)):
-        m = evaluate_slice(model, tokenizer, slices[name], cfg, device, rank, world, (temperature,))[0][0]
+        m = evaluate_slice(model, tokenizer, slices[name], cfg, device, share, (after,),
+                           num_classes=num_classes)[0][0]
         out.setdefault("drift", {})[str(int(name[len(EXTENSION_HOLDOUT):]))] = {
             "accuracy": m["accuracy"], "nll": m["nll"], "rows": m["n"]}
     return out
@@ -175,6 +239,7 @@ class HoldoutStatsScorer:
     and predicted classes."""
 
     def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool):
+        require_visible({"storage.path (the model)": model_path}, "an evaluation actor")
         self.cfg = as_config(cfg)
         self.model, self.tokenizer = load_for_inference(model_path, self.cfg, on_gpu)
 

@@ -70,3 +70,23 @@ def tenths_reached(before: int, after: int, total: int) -> list[int]:
     if total <= 0:
         return []
     return [t for t in range(1, 11) if before * 10 < t * total <= after * 10]
+
+
+WARMUP_SHARE = 0.1  # of a generation's steps, at least one: the steps a steady rate leaves out
+
+
+def steady_rate(step_ends: list[float], started: float, rows_per_step: int,
+                warmup_share: float = WARMUP_SHARE) -> dict[str, float | None]:
+    """The training rate once warm, beside the whole one: ``step_ends`` are the times (one
+    clock) at which each optimizer step of this run of ``train()`` ended, ``started`` when it
+    began. The first ``max(1, warmup_share × steps)`` steps — the first step's allocations and
+    kernel choices, a resume's checkpoint load — are left out of ``steady_samples_per_second``;
+    ``warmup_seconds`` is the time to the end of the last of them. None with fewer than 3 steps.
+    """
+    n = len(step_ends)
+    if n < 3:
+        return {"steady_samples_per_second": None, "warmup_seconds": None}
+    skip = min(max(1, int(warmup_share * n)), n - 2)
+    span = step_ends[-1] - step_ends[skip - 1]
+    rate = (n - skip) * rows_per_step / span if span > 0 else None
+    return {"steady_samples_per_second": rate, "warmup_seconds": step_ends[skip - 1] - started}

@@ -14,8 +14,10 @@ checkpoint, the upload, the report); without Ray the GPU check and the multi-ran
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,16 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import PrinterCallback, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ..config import Config, ConfigError
 from ..lora import parameter_counts, with_lora
-from ..modeling import fold_temperature, load_classifier, load_tokenizer
+from ..modeling import fold_temperature, load_classifier, load_for_inference, load_saved_tensors, load_tokenizer
 from ..storage import stage_local
-from .callbacks import MlflowStepLogger, ProgressCallback, TokenCount, queue_say
+from .callbacks import MlflowStepLogger, ProgressCallback, StepClock, TokenCount, queue_say
 from .deepspeed_config import precision_problem, resolve_precision
-from .evaluation import evaluate_student, write_predictions
+from .evaluation import Share, evaluate_student, write_predictions
 from .trainer import (BatchStream, SoftTargetTrainer, loss_settings, make_collate, precision_record,
                       reporting_env, save_lora_student, save_student, training_arguments)
 
@@ -179,30 +182,67 @@ def save(trainer: SoftTargetTrainer, student: Student, cfg: Config, request: Stu
     return out_dir
 
 
-def evaluate(trainer: SoftTargetTrainer, student: Student, cfg: Config, request: StudentRequest,
-             slices: dict[str, Iterable[Batch]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
-    """The model still in memory on each slice (holdout, validation, retention, extensions'
-    holdouts), saving the actor pool a separate evaluation would cost: every rank reads each whole
-    slice and scores its share of each batch (:func:`incr_ray.generation.evaluation.evaluate_student`).
+def evaluation_share(out_dir: str, rank: int, world: int) -> tuple[Share, str]:
+    """Who evaluates, and rank 0's saved model folder they read: the ranks on rank 0's host that
+    see that folder (on one node, every rank; on a cluster, rank 0's node, the others wait in the
+    collectives). Called after :func:`save`, on every rank: rank 0's folder is complete by then."""
+    if world == 1:
+        return Share(), out_dir
+    here = (socket.gethostname(), out_dir)
+    every: list = [None] * world
+    dist.all_gather_object(every, here)
+    host, source = every[0]
+    sees = host == here[0] and os.path.isfile(os.path.join(source, "config.json"))
+    flags: list = [None] * world
+    dist.all_gather_object(flags, sees)
+    return Share(rank, world, tuple(r for r, f in enumerate(flags) if f)), source
+
+
+def evaluate(student: Student, cfg: Config, request: StudentRequest, slices: dict[str, Iterable[Batch]],
+             rank: int, world: int, out_dir: str, on_gpu: bool) -> dict[str, Any]:
+    """The saved model on each slice (holdout, validation, retention, extensions' holdouts),
+    loaded as every other reader of it loads it (:func:`incr_ray.modeling.load_for_inference`: on
+    a GPU bf16 with an fp32 head), so ``run.json``'s figures are those ``incr-ray evaluate`` and
+    the next teacher get (not those of DeepSpeed's training module, whose head is 16-bit too). It
+    saves the actor pool a separate evaluation would cost, and gathers no ZeRO-3 partitions:
+    each evaluating rank holds the whole model and scores ``eval.batch_size`` rows per forward
+    (:func:`evaluation_share`, :func:`incr_ray.generation.evaluation.evaluate_student`). Call it
+    after :func:`release`: the training state is gone from the device.
 
     Rank 0 writes the holdout predictions to ``request.predictions_dest`` and, when calibrating,
-    folds the fitted temperature into the saved model."""
+    folds the fitted temperature into the saved model (and the evaluators into theirs)."""
     if not slices:
         return {}
-    evaluation = evaluate_student(trainer.model, student.tokenizer, slices, cfg, student.args.device, rank, world)
+    share, source = evaluation_share(out_dir, rank, world)
+    model = tokenizer = None
+    device = student.args.device
+    if share.scores:
+        model, tokenizer = load_for_inference(source, cfg, on_gpu, device=device, threads=cfg.cluster.cpus_per_worker)
+
+    def fold(temperature: float) -> None:
+        changed = fold_temperature(source, temperature) if rank == 0 else None
+        if world > 1:
+            names = [changed]
+            dist.broadcast_object_list(names, src=0)  # also: rank 0 has rewritten the folder
+            changed = names[0]
+        if model is not None:
+            load_saved_tensors(model, source, changed)
+
+    evaluation = evaluate_student(model, tokenizer, slices, cfg, device, share, len(request.label_names), fold)
     predictions = evaluation.pop("predictions")
-    if rank == 0:
-        if request.predictions_dest:
-            write_predictions(request.predictions_dest, *predictions)
-        if "calibration" in evaluation:  # the saved folder gives the calibrated probabilities
-            fold_temperature(out_dir, evaluation["calibration"]["temperature"])
+    if rank == 0 and request.predictions_dest:
+        write_predictions(request.predictions_dest, *predictions)
     return evaluation
 
 
 def release(trainer: SoftTargetTrainer) -> None:
     """Drop the engine, optimizer and master weights, and DeepSpeed's hold on later model loads
-    (the process may train or load again: the GPU check, the tests)."""
+    (the process evaluates, and may train or load again: the GPU check, the tests)."""
     trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     unset_hf_deepspeed_config()
 
 
@@ -233,17 +273,24 @@ def run_student(cfg: Config, request: StudentRequest,
     """
     entered = time.perf_counter()
     student = set_up(cfg, request, work, on_gpu, max_steps)
-    trainer = make_trainer(cfg, request, student, train_batches, rank, world, max_steps, progress, callbacks,
-                           trainer_class)
+    trainer = make_trainer(cfg, request, student, train_batches, rank, world, max_steps, progress,
+                           [*callbacks, clock := StepClock()], trainer_class)
+    released = False
     try:
         started = time.perf_counter()
         output, resumed_step = train(trainer, resume_from)
         saving = time.perf_counter()
         out_dir = save(trainer, student, cfg, request, work, rank)
+        facts = {"precision": precision_record(trainer, student.precision, student.args.hf_deepspeed_config.config),
+                 "max_learning_rate": max((h["learning_rate"] for h in trainer.state.log_history
+                                           if "learning_rate" in h), default=None)}
+        release(trainer)
+        student.model, released = None, True  # the training module's last reference: its memory goes
         evaluating = time.perf_counter()
-        evaluation = evaluate(trainer, student, cfg, request, slices, rank, world, out_dir)
+        evaluation = evaluate(student, cfg, request, slices, rank, world, out_dir, on_gpu)
         evaluated = time.perf_counter()
         s = cfg.student
+        rows_per_step = s.batch_size * s.grad_accum * world
         return {
             "train_loss": float(output.training_loss),
             "resumed_from_step": resumed_step,
@@ -254,17 +301,20 @@ def run_student(cfg: Config, request: StudentRequest,
             "setup_seconds": started - entered,
             "steps": int(output.global_step),
             # The highest rate a logged step trained at: the peak, or the floor of `schedule: run` after its plan.
-            "max_learning_rate": max((h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h),
-                                     default=None),
-            "samples_per_second": max_steps * s.batch_size * s.grad_accum * world / (saving - started),
+            "max_learning_rate": facts["max_learning_rate"],
+            # Rows over the whole of train(): its own start (the engine's first step, a resume's
+            # checkpoint load) included; the steady rate leaves the warm-up steps out (rates.steady_rate).
+            "samples_per_second": (int(output.global_step) - resumed_step) * rows_per_step / (saving - started),
+            **clock.rates(rows_per_step),
             "zero_stage": cfg.deepspeed.stage,
             "cpus_per_worker": cfg.cluster.cpus_per_worker,  # the number `auto` became
             "trainable_params": student.trainable_params,
             "total_params": student.total_params,
-            "precision": precision_record(trainer, student.precision, student.args.hf_deepspeed_config.config),
+            "precision": facts["precision"],
             **evaluation,  # holdout, and validation / calibration / retention / drift when measured
             "eval_seconds": evaluated - evaluating,
             "save_seconds": evaluating - saving,  # the local save; the caller adds its upload
         }
     finally:
-        release(trainer)
+        if not released:
+            release(trainer)

@@ -22,6 +22,7 @@ from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_st
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import parquet_batches
 from .resources import require_resolved
+from .visibility import require_visible
 
 
 class TargetScorer:
@@ -29,6 +30,7 @@ class TargetScorer:
 
     def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, progress=None, fault_plan=None):
         faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
+        require_visible({"storage.path (the teacher's model)": model_path}, "a scoring actor")
         cfg = as_config(cfg)
         self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
         self.max_length = cfg.model.max_length

@@ -71,8 +71,9 @@ def summary_line(entry: dict[str, Any], k: int) -> str:
         f"gen {entry['index']}/{k - 1}  rows {entry.get('rows', 0):>6}  "
         f"acc {m.get('accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}  "
         f"NLL {m.get('nll', float('nan')):.4f}  ECE {m.get('ece', float('nan')):.4f}  "
-        f"train {train.get('samples_per_second', float('nan')):.1f} rows/s  "
-        f"{entry.get('seconds', float('nan')):.0f} s"
+        f"train {train.get('samples_per_second', float('nan')):.1f} rows/s"
+        + (f" (steady {train['steady_samples_per_second']:.1f})" if train.get("steady_samples_per_second") else "")
+        + f"  {entry.get('seconds', float('nan')):.0f} s"
     )
 
 
@@ -93,8 +94,8 @@ def table_markdown(generations: list[dict[str, Any]]) -> str:
     for k in continual:
         head += f" {CONTINUAL[k][0]} |"
         rule += "---:|"
-    head += " train rows/s | seconds |\n"
-    rule += "---:|---:|\n"
+    head += " train rows/s | steady rows/s | seconds |\n"
+    rule += "---:|---:|---:|\n"
     lines = []
     for e in generations:
         m = e.get("metrics") or {}
@@ -103,7 +104,8 @@ def table_markdown(generations: list[dict[str, Any]]) -> str:
                  _num(m.get("macro_f1"), ".4f"), _num(m.get("nll"), ".4f"), _num(m.get("ece"), ".4f")]
         c = e.get("continual") or {}
         cells += [CONTINUAL[k][1](c.get(k)) for k in continual]
-        cells += [_num(t.get("samples_per_second"), ".1f"), _num(e.get("seconds"), ".0f")]
+        cells += [_num(t.get("samples_per_second"), ".1f"), _num(t.get("steady_samples_per_second"), ".1f"),
+                  _num(e.get("seconds"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return head + rule + "\n".join(lines) + "\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from incr_ray.generation.evaluation import HoldoutStatsScorer, holdout_metrics, rank_slice
+from incr_ray.generation.evaluation import HoldoutStatsScorer, Share, holdout_metrics, my_rows, regroup
 from incr_ray.generation.teacher import TargetScorer
 from incr_ray.method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats
 from incr_ray.modeling import load_for_inference
@@ -36,12 +36,31 @@ def test_stats_are_additive(tiny_bert):
         assert in_memory[k] == pytest.approx(whole[k], abs=1e-9)
 
 
-def test_rank_slices_cover_each_row_once_with_equal_forwards():
-    for n, world in [(10, 3), (2, 4), (7, 1), (0, 2)]:
-        slices = [rank_slice(n, r, world) for r in range(world)]
-        assert len({len(rows) for rows, _ in slices}) == 1  # the same forwards on every rank
-        real = np.concatenate([rows[:k] for rows, k in slices])
-        assert sorted(real.tolist()) == list(range(n))
+def _batches(*sizes: int) -> list[dict[str, np.ndarray]]:
+    out, at = [], 0
+    for n in sizes:
+        out.append({"label": np.arange(at, at + n), "row_id": np.arange(at, at + n) + 100})
+        at += n
+    return out
+
+
+def test_regroup_keeps_the_rows_in_order_in_batches_of_the_size_asked():
+    got = list(regroup(_batches(7, 5, 0, 1), 4))
+    assert [b["label"].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
+    assert [b["row_id"].tolist() for b in got][-1] == [112]
+    assert list(regroup(_batches(0), 4)) == []
+
+
+@pytest.mark.parametrize("sizes, world, scorers, batch", [((7, 5, 1), 3, None, 2), ((2,), 4, None, 3),
+                                                          ((10, 3), 2, (0,), 4), ((13,), 4, (0, 2, 3), 1)])
+def test_the_scoring_ranks_read_each_row_once_batch_rows_per_forward(sizes, world, scorers, batch):
+    shares = [Share(r, world, scorers) for r in range(world)]
+    got = {s.rank: [b["label"].tolist() for b in my_rows(_batches(*sizes), s, batch)] for s in shares}
+    rows = [row for parts in got.values() for part in parts for row in part]
+    assert sorted(rows) == list(range(sum(sizes)))
+    assert all(len(part) <= batch for parts in got.values() for part in parts)
+    for r in range(world):  # a rank that does not score reads nothing
+        assert (got[r] == []) == (scorers is not None and r not in scorers) or sum(sizes) < batch * world
 
 
 _TWO_RANKS = r"""
@@ -55,30 +74,33 @@ def work(rank, path, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from incr_ray.config import config_from_dict
-    from incr_ray.generation.evaluation import evaluate_student, holdout_metrics
+    from incr_ray.generation.evaluation import Share, evaluate_student, holdout_metrics
     from incr_ray.modeling import load_for_inference
 
-    cfg = config_from_dict({"model": {"max_length": 16}})
+    cfg = config_from_dict({"model": {"max_length": 16}, "eval": {"batch_size": 3}})
     model, tok = load_for_inference(path, cfg, on_gpu=False)
     batches = [{"text": np.array([f"word {i} apple" for i in range(s, s + n)], dtype=object),
                 "label": np.arange(s, s + n) % 3} for s, n in ((0, 7), (7, 5), (12, 1))]
-    split = holdout_metrics(model, tok, batches, cfg, rank=rank, world=2)
+    split = holdout_metrics(model, tok, batches, cfg, share=Share(rank, 2))
     # Everything a worker measures: validation slice, a fitted temperature, holdout predictions.
     from incr_ray.method import calibration
 
     calibration.MIN_ROWS = 10  # a 12-row slice may fit a temperature here
-    calibrating = config_from_dict({"model": {"max_length": 16},
+    calibrating = config_from_dict({"model": {"max_length": 16}, "eval": {"batch_size": 3},
                                     "method": {"validation_fraction": 0.2, "calibrate": True}})
     for b in batches:
         b["row_id"] = np.arange(len(b["label"])) + 100 * int(b["label"][0])
     slices = lambda: {"holdout": batches, "validation": batches[:2], "retention": batches[2:]}
-    student = evaluate_student(model, tok, slices(), calibrating, rank=rank, world=2)
+    student = evaluate_student(model, tok, slices(), calibrating, share=Share(rank, 2))
+    # Rank 1 holds no model: rank 0 scores every row, rank 1 only joins the collectives.
+    alone = evaluate_student(model if rank == 0 else None, tok, slices(), calibrating, share=Share(rank, 2, (0,)),
+                             num_classes=3)
     if rank == 0:
         whole = evaluate_student(model, tok, slices(), calibrating)
-        for r in (student, whole):
+        for r in (student, whole, alone):
             r["predictions"] = [sorted(zip(*(a.tolist() for a in r["predictions"])))]
         json.dump({"split": split, "whole": holdout_metrics(model, tok, batches, cfg),
-                   "student_split": student, "student_whole": whole}, open(out, "w"))
+                   "student_split": student, "student_whole": whole, "student_alone": alone}, open(out, "w"))
     dist.destroy_process_group()
 
 
@@ -109,7 +131,10 @@ def test_two_ranks_give_the_metrics_of_one(tiny_bert, tmp_path):
     for k in ("accuracy", "macro_f1", "nll", "ece"):
         assert got["split"][k] == pytest.approx(got["whole"][k], abs=1e-9), k
     split, whole = got["student_split"], got["student_whole"]
-    assert split["predictions"] == whole["predictions"] and len(whole["predictions"][0]) == 13
+    assert split["predictions"] == whole["predictions"] == got["student_alone"]["predictions"]
+    assert len(whole["predictions"][0]) == 13
+    for k in ("accuracy", "nll", "ece"):
+        assert got["student_alone"]["holdout"][k] == pytest.approx(whole["holdout"][k], abs=1e-9), k
     assert split["validation"]["rows"] == whole["validation"]["rows"] == 12
     assert split["retention"]["rows"] == 1
     c = whole["calibration"]

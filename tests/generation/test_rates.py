@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from incr_ray.generation.rates import duration, step_line, step_rates, tenths_reached
+from incr_ray.generation.rates import duration, steady_rate, step_line, step_rates, tenths_reached
 
 
 def test_rates_and_etas_from_recent_steps():
@@ -44,3 +44,16 @@ def test_scoring_tenths():
         seen += tenths_reached(done, done + batch, 956)
         done += batch
     assert seen == list(range(1, 11))
+
+
+def test_the_steady_rate_leaves_the_warm_up_out():
+    # A 20 s first step (allocations, a resume's load), then 1 s per step: 30 steps of 64 rows.
+    ends = [20.0 + i for i in range(30)]
+    r = steady_rate(ends, started=0.0, rows_per_step=64)
+    assert r["steady_samples_per_second"] == pytest.approx(64.0)  # steps 4..30 over their 26 s
+    assert r["warmup_seconds"] == pytest.approx(22.0)  # 10% of 30 steps: the first three
+    whole = 30 * 64 / ends[-1]
+    assert whole < 0.7 * r["steady_samples_per_second"]  # what samples_per_second says of the same fit
+    # One warm-up step at least; too few steps for a rate: none, not a guess.
+    assert steady_rate([5.0, 6.0, 7.0], 0.0, 10)["steady_samples_per_second"] == pytest.approx(10.0)
+    assert steady_rate([5.0, 6.0], 0.0, 10) == {"steady_samples_per_second": None, "warmup_seconds": None}

@@ -1,6 +1,6 @@
 """The student recipe without Ray: two gloo ranks (``torch.multiprocessing``) train a tiny BERT under
-DeepSpeed ZeRO-3 on the CPU, once in full and once with LoRA; the checks then read what they saved,
-afresh, in this process."""
+DeepSpeed ZeRO-3 on the CPU, in full, with LoRA, then in full again; the checks then read what they
+saved, afresh, in this process."""
 
 from __future__ import annotations
 
@@ -44,17 +44,19 @@ def config(model: str, lora_r: int = 0):
 
 
 TRAIN_ROWS, HOLDOUT = 96, rows(30, seed=1)
-RUNS = {"full": 0, "lora": 4}  # student.lora.r
+RUNS = {"full": 0, "lora": 4, "again": 0}  # student.lora.r; "again" repeats "full"
 
 
 def _rank(rank: int, model: str, port: int, out: str) -> None:
-    """One rank of the group: both recipes, one after the other, as a Ray Train worker runs one."""
+    """One rank of the group: the runs, one after the other, as a Ray Train worker runs one."""
     from incr_ray.generation.local_group import start_local_group
     from incr_ray.generation.recipe import StudentRequest, run_student
+    from incr_ray.generation.shards import RankStream, rank_rows
     from incr_ray.generation.trainer import Collated, generation_steps
 
     start_local_group(rank, 2, port)
-    mine = batches({k: v[rank::2] for k, v in rows(TRAIN_ROWS, seed=0).items()}, 8)  # this rank's shard
+    run = rank_rows(TRAIN_ROWS, 2)[rank]  # this rank's rows, as Ray Train's workers get them (shards.RankShards)
+    mine = batches({k: v[run.start:run.stop] for k, v in rows(TRAIN_ROWS, seed=0).items()}, 8)
     report = {}
     for name, r in RUNS.items():
         cfg = config(model, r)
@@ -63,9 +65,11 @@ def _rank(rank: int, model: str, port: int, out: str) -> None:
                                  predictions_dest=os.path.join(out, f"{name}-predictions.parquet"))
         work = os.path.join(out, f"{name}-rank{rank}")
         os.makedirs(work)
-        report[name] = run_student(cfg, request, lambda collate: Collated(mine, collate),
+        steps = generation_steps(cfg, TRAIN_ROWS)
+        stream = lambda collate: RankStream(lambda: Collated(mine, collate), steps * cfg.student.grad_accum)  # noqa: E731
+        report[name] = run_student(cfg, request, stream,
                                    {"holdout": batches(HOLDOUT, cfg.eval.batch_size)}, rank=rank, world=2,
-                                   work=work, on_gpu=False, max_steps=generation_steps(cfg, TRAIN_ROWS))
+                                   work=work, on_gpu=False, max_steps=steps)
     if rank == 0:
         Path(out, "metrics.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
@@ -117,7 +121,7 @@ def test_zero3_saves_one_consolidated_trained_model(trained, tiny_bert):
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_in_memory_evaluation_matches_the_saved_model(trained, tiny_bert, run):
-    """Two ranks scoring their shares of each holdout batch of the partitioned model give the figures
+    """Two ranks scoring their shares of each holdout batch of the model they saved give the figures
     (and the predictions) of the saved folder loaded afresh and scored by one process."""
     from incr_ray.generation.evaluation import evaluate_student, read_predictions
     from incr_ray.modeling import load_for_inference
@@ -132,6 +136,18 @@ def test_in_memory_evaluation_matches_the_saved_model(trained, tiny_bert, run):
         assert in_memory[k] == pytest.approx(fresh["holdout"][k], rel=1e-5), k
     ids, classes = read_predictions(str(out / f"{run}-predictions.parquet"))
     assert sorted(zip(ids.tolist(), classes.tolist())) == sorted(zip(*(a.tolist() for a in fresh["predictions"])))
+
+
+def test_the_same_seed_gives_the_same_weights_on_two_ranks(trained):
+    """Each rank's batches depend on the rows, the seed and the world only (shards.rank_rows, the
+    RankStream Ray Train's workers also read), and the recipe seeds the rest from run.seed: the full
+    run again, after the LoRA run in the same processes, saves the same weights bit for bit. (That
+    Ray Train gives each rank the same batches every time: tests/generation/test_shards.py.)"""
+    out, metrics = trained
+    first, again = _weights(out / "full-rank0" / "model"), _weights(out / "again-rank0" / "model")
+    assert first.keys() == again.keys()
+    assert [k for k in first if not torch.equal(first[k], again[k])] == []
+    assert metrics["again"]["train_loss"] == metrics["full"]["train_loss"]
 
 
 def test_lora_under_zero3_saves_its_adapter_merged_into_the_initial_model(trained, tiny_bert):

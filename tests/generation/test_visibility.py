@@ -1,0 +1,34 @@
+"""Each worker and actor checks the local paths it reads on its own node (#24 item 5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from incr_ray.config import ConfigError
+from incr_ray.generation.visibility import require_visible
+
+
+def test_a_path_this_node_cannot_see_is_one_line_naming_setting_node_and_fix(tmp_path):
+    seen = tmp_path / "run.json"
+    seen.write_text("{}")
+    require_visible({"storage.path": str(seen), "model.base": "s3://bucket/model"}, "training worker rank 0")
+    with pytest.raises(ConfigError) as caught:
+        require_visible({"storage.path": str(seen), "model.base": str(tmp_path / "nowhere")}, "training worker rank 3")
+    text = str(caught.value)
+    assert "\n" not in text
+    assert text.startswith(f"model.base {str(tmp_path / 'nowhere')!r} is not visible on node ")
+    assert "where training worker rank 3 runs" in text and "NFS mount on all nodes, or s3://" in text
+
+
+def test_scoring_actors_check_their_model_before_loading_it(tmp_path):
+    """The teacher's and the evaluation pool's actors: the one line, not a model-loading traceback."""
+    from incr_ray.config import config_from_dict
+    from incr_ray.generation.evaluation import HoldoutStatsScorer
+    from incr_ray.generation.teacher import TargetScorer
+
+    cfg = config_from_dict({"teacher": {"cpus_per_actor": 1}}).to_dict()
+    gone = str(tmp_path / "gen_000" / "model")
+    with pytest.raises(ConfigError, match=r"^storage.path \(the teacher's model\) .* where a scoring actor runs"):
+        TargetScorer(gone, cfg, on_gpu=False)
+    with pytest.raises(ConfigError, match=r"^storage.path \(the model\) .* where an evaluation actor runs"):
+        HoldoutStatsScorer(gone, cfg, on_gpu=False)
