@@ -65,6 +65,7 @@ class StudentRequest:
     tracking_uri: str | None = None
     tracking_run_id: str | None = None
     adapter_dest: str | None = None  # gen_<g>/adapter on storage (student.lora.r > 0)
+    run_manifest: str | None = None  # the run's run.json: on a local storage.path, every worker must see it
 
 
 @dataclass

@@ -246,7 +246,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
                                  later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes)[g + 1:]),
                                  progress_dest=run.paths.progress(g),
                                  adapter_dest=run.paths.adapter(g) if cfg.student.lora.r else None,
-                                 **run.tracker.worker_fields(g))
+                                 run_manifest=run.paths.manifest, **run.tracker.worker_fields(g))
         extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
                               for e in run.manifest.generations[:g + 1] if e.own_holdout}
         with _worker_failures_reported(run.say):
