@@ -272,15 +272,23 @@ class StudentSection(_Section):
         description="Compile the student with torch.compile (the Trainer's `torch_compile`): fused kernels, "
         "faster steps on GPUs after a compile of a minute or more per generation.",
     )
+    checkpoint_every_minutes: float = Field(
+        30.0, ge=0.0,
+        description="Save an in-generation checkpoint (DeepSpeed's partitioned states, uploaded in the background "
+        "while training goes on) after every N minutes of training, so a restarted worker group (see "
+        "`max_failures`) loses at most N minutes; a generation shorter than N minutes saves none. Timed on rank "
+        "0's clock, which every rank follows. 0 turns it off; `checkpoint_every_steps` replaces it.",
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0,
-        description="Save an in-generation checkpoint every N optimizer steps so a restarted worker group "
-        "resumes from it; 0 means only the final model is saved.",
+        description="Save an in-generation checkpoint every N optimizer steps instead of by time "
+        "(`checkpoint_every_minutes`); 0: by time. No checkpoint is taken at the last step: the final model is "
+        "saved then.",
     )
     max_failures: int = Field(
         0, ge=-1,
-        description="Times Ray Train restarts a failed worker group within one generation (−1: no limit). "
-        "Use with `checkpoint_every_steps`.",
+        description="Times Ray Train restarts a failed worker group within one generation (−1: no limit); the "
+        "group resumes from the last in-generation checkpoint (`checkpoint_every_minutes`, `checkpoint_every_steps`).",
     )
     lora: LoraSection = LoraSection()
 
@@ -315,6 +323,13 @@ class DeepSpeedSection(_Section):
         "auto",
         description="Training precision; `auto`: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
         "CPU. bf16 also runs on CPU when asked for; fp16 needs a GPU.",
+    )
+    grad_reduce_dtype: Literal["fp32", "precision"] = Field(
+        "fp32",
+        description="The dtype gradients are summed in across workers (DeepSpeed's `communication_data_type`): "
+        "`fp32`, as they accumulate, or `precision`, the training dtype (DeepSpeed's own default). With bf16 or "
+        "fp16 training, fp32 sends twice the bytes in the gradients' all-reduce / reduce-scatter; the weights' "
+        "all-gathers stay 16-bit. Recorded in run.json (`train.precision.grad_reduce`).",
     )
 
     @model_validator(mode="after")

@@ -120,11 +120,12 @@ def test_lora_saves_the_adapter_beside_a_merged_model(decoder_run):
 
 def test_bf16_trains_with_fp32_targets_masters_and_accumulation(decoder_run):
     """The targets reach the loss in fp32 (the Trainer would cast them to bf16), gradients
-    accumulate in fp32 beside fp32 master weights, and run.json says so for every generation."""
+    accumulate in fp32 beside fp32 master weights and are summed across the two nodes in fp32 (the
+    engine's communication_data_type), and run.json says so for every generation."""
     for g in decoder_run.manifest["generations"]:
         assert g["train"]["precision"] == {
             "requested": "bf16", "model_weights": "bf16", "master_weights": "fp32", "grad_accum": "fp32",
-            "loss_targets": "fp32", "loss_logits": "bf16",
+            "grad_reduce": "fp32", "loss_targets": "fp32", "loss_logits": "bf16",
         }, g["train"]["precision"]
         assert all(np.isfinite(v) for v in g["metrics"].values())
         assert g["train"]["zero_stage"] == 3

@@ -31,7 +31,8 @@ ZERO_PRESETS: dict[int, dict[str, Any]] = {
         "reduce_bucket_size": "auto",
         "stage3_prefetch_bucket_size": "auto",
         "stage3_param_persistence_threshold": "auto",
-        # Needed so save_model() on every rank writes one consolidated 16-bit model folder.
+        # Needed so the final save_model() on every rank writes one consolidated 16-bit model folder;
+        # in-generation checkpoints skip that gather (trainer.SoftTargetTrainer.save_model).
         "stage3_gather_16bit_weights_on_model_save": True,
     },
 }
@@ -93,7 +94,7 @@ def build_deepspeed_config(ds: DeepSpeedSection, on_gpu: bool, precision: str) -
     if use_torch_adam:
         optimizer_params["torch_adam"] = True
 
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -108,3 +109,10 @@ def build_deepspeed_config(ds: DeepSpeedSection, on_gpu: bool, precision: str) -
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
+    if ds.grad_reduce_dtype == "fp32":
+        # Unset, DeepSpeed sums the ranks' gradients in the training dtype (engine.communication_data_type):
+        # the fp32-accumulated gradients would be rounded to bf16 for the all-reduce / reduce-scatter.
+        # Honoured at every stage: the ZeRO-1/2 and ZeRO-3 optimizers cast each bucket to it before the
+        # collective, and the engine's own all-reduce (stage 0, and BF16_Optimizer at bf16 ZeRO-1) too.
+        config["communication_data_type"] = "fp32"
+    return config

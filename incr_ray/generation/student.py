@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch.distributed as dist
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from ray.train.torch import TorchTrainer
 from transformers import TrainerCallback
@@ -36,6 +36,7 @@ from .. import faults
 from ..config import Config
 from ..method.hashing import generation_seed, shuffle_keys
 from ..storage import drop_copy, remove_tree, upload_dir
+from .checkpoints import CheckpointCadence, checkpointing, folder_figures
 from .evaluation import EXTENSION_HOLDOUT
 from .progress import ProgressRelay
 from .recipe import ADAPTER, MODEL, StudentRequest, run_student
@@ -56,26 +57,52 @@ LOCAL_ORDER_BLOCK = 4096
 
 
 class _ReportCheckpoint(TrainerCallback):
-    """Hands each in-generation checkpoint to Ray Train without copying it.
+    """Hands each in-generation checkpoint to Ray Train without copying it, and trains on while it
+    uploads.
 
     Ray Train's own callback copies the Hugging Face checkpoint folder before reporting it; at 7B
-    that is ~100 GB of disk and minutes per save. Here the folder is moved (a rename) into the
-    layout Ray Train restores (``<report>/checkpoint/``), reported, and deleted.
+    that is ~90 GB of disk and minutes per save. Here the folder is moved (a rename) into the
+    layout Ray Train restores (``<report>/checkpoint/``) and reported with
+    ``checkpoint_upload_mode=ASYNC``: Ray Train uploads it from a thread of this worker and deletes
+    it once uploaded (``delete_local_checkpoint_after_upload``), and reports reach the controller
+    in order, so the generation's last (synchronous) report waits for the upload. Before the next
+    save writes, this rank waits for the previous folder to be gone: one checkpoint on its disk.
     """
+
+    WAIT_S = 3600.0  # Ray Train logs, and does not raise, a failed delete: do not wait for ever
 
     def __init__(self, work: str):
         self.work = work
+        self.pending: str | None = None  # the last reported folder, until Ray Train deletes it
+        self.saves, self.seconds, self.bytes, self.model_file = 0, 0.0, 0, False
+        self.began = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by CheckpointCadence, added before this callback
+            self.began = time.perf_counter()
+            while self.pending and os.path.exists(self.pending) and time.perf_counter() - self.began < self.WAIT_S:
+                time.sleep(0.2)
 
     def on_save(self, args, state, control, **kwargs):
         saved = get_last_checkpoint(args.output_dir)
-        report = os.path.join(self.work, "report", str(state.global_step))
         checkpoint = None
         if saved is not None:  # every rank writes its ZeRO shards; all must report, shards or not
+            self.bytes, self.model_file = folder_figures(saved)
+            report = os.path.join(self.work, "report", str(state.global_step))
             os.makedirs(report)
             os.rename(saved, os.path.join(report, RayTrainReportCallback.CHECKPOINT_NAME))
-            checkpoint = ray.train.Checkpoint.from_directory(report)
-        ray.train.report({"step": state.global_step}, checkpoint=checkpoint)
-        shutil.rmtree(report, ignore_errors=True)  # uploaded by now (a synchronous report)
+            checkpoint, self.pending = ray.train.Checkpoint.from_directory(report), report
+        ray.train.report({"step": state.global_step}, checkpoint=checkpoint,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
+        self.saves += 1
+        self.seconds += time.perf_counter() - self.began
+
+    def figures(self) -> dict[str, Any]:
+        """For run.json (rank 0's): this try's saves, the training time they took (the wait for the
+        previous upload included; the upload itself runs beside training), the last one's bytes on
+        this rank, and whether it held a model weights file (it should not: DeepSpeed's states only)."""
+        return {"checkpoint_saves": self.saves, "checkpoint_seconds": self.seconds,
+                "checkpoint_rank_bytes": self.bytes, "checkpoint_model_file": self.model_file}
 
 
 class _FaultCallback(TrainerCallback):
@@ -159,8 +186,11 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
                                                                       batch_format="numpy")
                   for name in loop_config["evaluate"]}  # every worker reads each whole slice
         callbacks = [_FaultCallback(request.generation, rank)]
-        if cfg.student.checkpoint_every_steps:
-            callbacks.append(_ReportCheckpoint(work))
+        reporter = None
+        if checkpointing(cfg.student.checkpoint_every_steps, cfg.student.checkpoint_every_minutes):
+            reporter = _ReportCheckpoint(work)  # after the cadence: it reads the decision
+            callbacks += [CheckpointCadence(cfg.student.checkpoint_every_steps, cfg.student.checkpoint_every_minutes),
+                          reporter]
         resume_from, resume_copy = _in_generation_checkpoint()
         before_recipe = time.perf_counter() - entered
         metrics = run_student(
@@ -170,6 +200,8 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             max_steps=loop_config["max_steps"], progress=loop_config["progress"], resume_from=resume_from,
             callbacks=callbacks)
         metrics["setup_seconds"] += before_recipe  # the checkpoint's download among it
+        if reporter is not None:
+            metrics.update(reporter.figures())
         # Which nodes the group spanned: placement is visible to users and tests.
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())

@@ -114,6 +114,7 @@ def precision_record(trainer: "SoftTargetTrainer", precision: str, ds_config: di
     """The dtypes one generation actually trained with, for run.json."""
     weights = _dtype_name(next(trainer.model.parameters()).dtype)
     zero = ds_config["zero_optimization"]["stage"]
+    engine = getattr(trainer, "deepspeed", None)
     return {
         "requested": precision,
         "model_weights": weights,  # the module DeepSpeed runs forward/backward on
@@ -121,6 +122,10 @@ def precision_record(trainer: "SoftTargetTrainer", precision: str, ds_config: di
         # ZeRO is on (stage 0 with 16 bits is refused, see deepspeed_config.precision_problem).
         "master_weights": "fp32" if weights == "fp32" or zero >= 1 else weights,
         "grad_accum": ds_config["data_types"]["grad_accum_dtype"],
+        # What the engine sums the ranks' gradients in (its communication_data_type, the training
+        # dtype unless the config sets it), as it read its config.
+        "grad_reduce": (_dtype_name(engine.communication_data_type) if engine is not None
+                        else ds_config.get("communication_data_type", weights)),
         **{f"loss_{k}": v for k, v in trainer.loss_dtypes.items()},
     }
 
@@ -138,6 +143,24 @@ class SoftTargetTrainer(Trainer):
         # Our loss is a per-batch mean; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_dtypes: dict[str, str] = {}  # what reached the loss, recorded in run.json
+        self._checkpointing = False  # inside _save_checkpoint (an in-generation checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        self._checkpointing = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpointing = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # An in-generation checkpoint under DeepSpeed: the engine's own save_checkpoint (the
+        # Trainer's next call) writes what a resume loads — the partitioned fp32 master weights and
+        # optimizer states (and, below ZeRO-3, the 16-bit module) — so the model's weights are not
+        # written a second time; under ZeRO-3 that also skips gathering the 16-bit weights from
+        # every rank onto rank 0. The final save (save_student) still writes the consolidated model.
+        if self._checkpointing and self.is_deepspeed_enabled:
+            return
+        super().save_model(output_dir, _internal_call)
 
     def get_train_dataloader(self):
         # A rank's batches are its own shard, made and collated already: no sampler, no re-batching,
@@ -207,9 +230,10 @@ def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir:
         max_steps=max_steps,
         lr_scheduler_type="linear",
         logging_steps=max(1, max_steps // 10),
-        # In-generation checkpoints let a restarted worker group continue instead of starting over.
-        save_strategy="steps" if s.checkpoint_every_steps else "no",
-        save_steps=s.checkpoint_every_steps or 500,
+        # In-generation checkpoints (a restarted worker group continues instead of starting over)
+        # are saved when checkpoints.CheckpointCadence says, by steps or by time, and never at the
+        # last step, which the Trainer's own "steps" strategy would add.
+        save_strategy="no",
         save_total_limit=1,
         report_to=REPORT_TO.get(cfg.tracking.backend, []),
         run_name=f"{cfg.run.name}-gen_{generation:03d}",

@@ -127,3 +127,21 @@ def test_annealing_turns_the_soft_loss_into_the_hard_one(tiny_bert, tmp_path):
         expected = distillation_loss(logits, inputs["targets"], inputs["labels"], 1.0, alpha)
         with torch.no_grad():
             torch.testing.assert_close(trainer.compute_loss(model, inputs), expected)
+
+
+def test_the_precision_record_says_what_gradients_are_summed_in():
+    """`grad_reduce` is what the DeepSpeed engine uses (its communication_data_type, as it read our
+    config; the engine itself is built in tests/generation/test_deepspeed_config.py), else the config's."""
+    from types import SimpleNamespace
+
+    from incr_ray.config import DeepSpeedSection
+    from incr_ray.generation.deepspeed_config import build_deepspeed_config
+    from incr_ray.generation.trainer import precision_record
+
+    bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    ds = build_deepspeed_config(DeepSpeedSection(stage=3), on_gpu=True, precision="bf16")
+    trained = SimpleNamespace(model=bf16, loss_dtypes={}, deepspeed=SimpleNamespace(communication_data_type=torch.float32))
+    assert precision_record(trained, "bf16", ds) == {"requested": "bf16", "model_weights": "bf16", "master_weights": "fp32",
+                                                     "grad_accum": "fp32", "grad_reduce": "fp32"}
+    own = build_deepspeed_config(DeepSpeedSection(stage=3, grad_reduce_dtype="precision"), on_gpu=True, precision="bf16")
+    assert precision_record(SimpleNamespace(model=bf16, loss_dtypes={}), "bf16", own)["grad_reduce"] == "bf16"

@@ -172,3 +172,22 @@ def test_the_run_says_what_auto_became(faults_run):
     """small_config leaves the CPUs at auto: 2 workers on the session's 2-CPU Ray get 1 each."""
     assert "cluster.cpus_per_worker auto -> 1 for 2 worker(s) (2 CPUs on 1 node(s))" in faults_run.said, faults_run.said
     assert all(g["train"]["cpus_per_worker"] == 1 for g in faults_run.manifest["generations"])
+
+
+def test_in_generation_checkpoints_hold_deepspeeds_states_only(faults_run, tiny_bert):
+    """Each in-generation save (every 2 steps, none at the last step) wrote DeepSpeed's partitioned
+    states and no consolidated model file (no 16-bit gather onto rank 0), was uploaded while training
+    went on (the resume above read the step-2 one), and the final model is still consolidated."""
+    from safetensors.numpy import load_file
+
+    params = sum(v.size for v in load_file(str(Path(tiny_bert) / "model.safetensors")).values())
+    for g in (0, 1):
+        train = faults_run.manifest["generations"][g]["train"]
+        # Generation 0's last try resumed at step 2; generation 1 ran once (the call without faults).
+        after = train["resumed_from_step"]
+        assert train["checkpoint_saves"] == len(range(after + 2, train["max_steps"], 2)) > 0, train
+        assert train["checkpoint_model_file"] is False, train
+        # fp32 ZeRO-3 over 2 ranks: each rank's fp32 weights and Adam moments, 12Ψ/2 bytes, and no
+        # 4Ψ model file on top.
+        assert 6 * params <= train["checkpoint_rank_bytes"] < 8 * params, (train["checkpoint_rank_bytes"], params)
+        assert (faults_run.root / f"gen_{g:03d}" / "model" / "model.safetensors").is_file()
