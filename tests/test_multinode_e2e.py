@@ -48,7 +48,10 @@ def decoder_run(two_node_cluster, tmp_path_factory):
                        student={"epochs": 1, "lora": {"r": 4, "alpha": 8}}, eval={"retention_rows": 0})
     manifest = run_generations(cfg, say=lambda s: None)
     timings("R4 two nodes", manifest)
-    return SimpleNamespace(cfg=cfg, manifest=manifest, root=Path(cfg.run_dir), base=llama)
+    from incr_ray.run.loop import evaluate_run
+
+    evaluated = evaluate_run(cfg.run_dir)  # `incr-ray evaluate`: the final model in an actor pool
+    return SimpleNamespace(cfg=cfg, manifest=manifest, root=Path(cfg.run_dir), base=llama, evaluated=evaluated)
 
 
 def test_the_cluster_has_two_nodes_on_loopback(two_node_cluster):
@@ -65,6 +68,19 @@ def test_the_run_spans_both_nodes(decoder_run):
     # The teacher's actor pool scored generation 1's block.
     assert gens[1]["rows"] == gens[1]["block_rows"] > 0
     assert json.loads((decoder_run.root / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_bf16_model_has_one_set_of_figures(decoder_run):
+    """The workers trained in bf16 and evaluated the model they saved; `incr-ray evaluate` scores the
+    same folder in an actor pool: one model, the same NLL and ECE (#24 item 8: the workers once
+    scored DeepSpeed's bf16 module, head included, and the pool an fp32 head)."""
+    [(g, pool)] = decoder_run.evaluated
+    gen = decoder_run.manifest["generations"][g]
+    assert gen["train"]["precision"]["model_weights"] == "bf16", gen["train"]["precision"]
+    assert gen["metrics"]["n"] == pool["n"] > 0
+    for k in ("nll", "ece"):
+        assert abs(gen["metrics"][k] - pool[k]) <= 1e-4, (k, gen["metrics"][k], pool[k])
+    assert gen["metrics"]["accuracy"] == pool["accuracy"]
 
 
 def test_a_decoder_without_a_pad_token_gets_one_and_loads_in_a_pipeline(decoder_run):
