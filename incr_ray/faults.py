@@ -11,7 +11,8 @@ constructor arguments — and they :func:`install` it. So the faults travel with
      "worker_exit_at": [0, 3],     # training rank 1 dies in generation 0 at optimizer step 3
      "worker_raise_at": [1, 1],    # training rank 0 prints a line to stderr and raises (every try)
      "teacher_exit_at_batch": 3,   # a teacher actor dies before scoring that batch (1-based)
-     "once_dir": "/tmp/x"}         # where the killing faults remember that they fired
+     "once_dir": "/tmp/x",         # where the killing faults remember that they fired
+     "trained_rows_dir": "/tmp/y"} # not a fault: each training rank writes the rows each step trained
 
 A fault that kills a process fires once per ``once_dir`` (a marker file), so the retried work
 succeeds, as it would after a real crash.
@@ -23,8 +24,9 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 ENV = "INCR_RAY_FAULTS"
 _installed: dict[str, Any] | None = None  # set in a worker or actor by install()
@@ -102,3 +104,51 @@ def raise_in_worker_at_step(generation: int, step: int, rank: int) -> None:
     if current().get("worker_raise_at") == [generation, step] and rank == 0:
         print(f"fault injected: rank {rank} fails at step {step}", file=sys.stderr, flush=True)
         raise RuntimeError(f"injected failure at step {step} ({ENV})")
+
+
+class TrainedRows:
+    """The rows each optimizer step of one training rank trained (``trained_rows_dir``): one JSON
+    line per step, ``{"step": 3, "rows": [row ids]}``, in ``<dir>/g<generation>-r<rank>-<pid>.jsonl``
+    (a restarted worker is another process, so each try has its own file).
+
+    The collate adds the batch's row ids under :attr:`KEY`; :meth:`batches` takes them off before
+    the Trainer sees the batch and keeps the last ``per_step`` (gradient accumulation) batches'; at
+    each step's end (:meth:`step_end`) those are the ones that step trained: the Trainer pulls its
+    batches one at a time, and a resume's fast-forward pulls the skipped ones before the first."""
+
+    KEY = "_incr_ray_row_id"
+
+    def __init__(self, folder: str, generation: int, rank: int, per_step: int):
+        self.path = os.path.join(folder, f"g{generation}-r{rank}-{os.getpid()}.jsonl")
+        self.recent: deque[list[int]] = deque(maxlen=per_step)
+
+    def collate(self, collate: Callable[[dict], dict]) -> Callable[[dict], dict]:
+        import torch
+
+        def with_row_ids(batch: dict) -> dict:
+            out = collate(batch)
+            out[self.KEY] = torch.as_tensor(batch["row_id"])
+            return out
+
+        return with_row_ids
+
+    def batches(self, stream: Iterable[dict]) -> Iterable[dict]:
+        seam = self
+
+        class Noted:
+            def __iter__(self) -> Iterator[dict]:
+                for batch in stream:
+                    seam.recent.append(batch.pop(seam.KEY).tolist())
+                    yield batch
+
+        return Noted()
+
+    def step_end(self, step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "rows": [i for rows in self.recent for i in rows]}) + "\n")
+
+
+def trained_rows(generation: int, rank: int, per_step: int) -> TrainedRows | None:
+    """The :class:`TrainedRows` seam of this training rank, or None (every real run)."""
+    folder = current().get("trained_rows_dir")
+    return TrainedRows(folder, generation, rank, per_step) if folder else None

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch.distributed as dist
-from ray.train import CheckpointConfig, CheckpointUploadMode, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from ray.train.torch import TorchTrainer
 from transformers import TrainerCallback
@@ -40,6 +40,7 @@ from .checkpoints import CheckpointCadence, checkpointing, folder_figures
 from .evaluation import EXTENSION_HOLDOUT
 from .progress import ProgressRelay
 from .recipe import ADAPTER, MODEL, StudentRequest, run_student
+from .shards import RankShards, RankStream, cut_for_ranks
 from .scratch import checkpoint_on_node, record_owner, sweep_stale_scratch, worker_folder
 from .resources import require_resolved
 from .trainer import generation_steps
@@ -106,13 +107,15 @@ class _ReportCheckpoint(TrainerCallback):
 
 
 class _FaultCallback(TrainerCallback):
-    """The test seam's worker faults (see :mod:`incr_ray.faults`); a no-op in real runs."""
+    """The test seam's worker faults and trained rows (see :mod:`incr_ray.faults`); a no-op in real runs."""
 
-    def __init__(self, generation: int, rank: int):
-        self.generation, self.rank = generation, rank
+    def __init__(self, generation: int, rank: int, trained_rows: faults.TrainedRows | None = None):
+        self.generation, self.rank, self.trained_rows = generation, rank, trained_rows
 
     def on_step_end(self, args, state, control, **kwargs):
         faults.kill_worker_at_step(self.generation, state.global_step, self.rank)
+        if self.trained_rows is not None:  # before a fault ends this process: the step was trained
+            self.trained_rows.step_end(state.global_step)
         faults.raise_in_worker_at_step(self.generation, state.global_step, self.rank)
 
 
@@ -181,11 +184,19 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         for name in ("ray.train", "ray.data"):  # their INFO chatter would bury rank 0's progress lines
             logging.getLogger(name).setLevel(logging.WARNING)
-        shard = ray.train.get_dataset_shard("train")
+        shard = ray.train.get_dataset_shard("train")  # this rank's run of the rows (shards.RankShards)
+        seam = faults.trained_rows(request.generation, rank, cfg.student.grad_accum)
+
+        def train_batches(collate):  # max_steps × grad_accum batches, pass after pass (shards.RankStream)
+            collate = seam.collate(collate) if seam else collate
+            stream = RankStream(lambda: shard.iter_torch_batches(batch_size=cfg.student.batch_size, collate_fn=collate),
+                                total=loop_config["max_steps"] * cfg.student.grad_accum)
+            return seam.batches(stream) if seam else stream
+
         slices = {name: ray.train.get_dataset_shard(name).iter_batches(batch_size=cfg.eval.batch_size,
                                                                       batch_format="numpy")
                   for name in loop_config["evaluate"]}  # every worker reads each whole slice
-        callbacks = [_FaultCallback(request.generation, rank)]
+        callbacks = [_FaultCallback(request.generation, rank, seam)]
         reporter = None
         if checkpointing(cfg.student.checkpoint_every_steps, cfg.student.checkpoint_every_minutes):
             reporter = _ReportCheckpoint(work)  # after the cadence: it reads the decision
@@ -194,9 +205,7 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
         resume_from, resume_copy = _in_generation_checkpoint()
         before_recipe = time.perf_counter() - entered
         metrics = run_student(
-            cfg, request, lambda collate: shard.iter_torch_batches(batch_size=cfg.student.batch_size,
-                                                                    collate_fn=collate),
-            slices, rank=rank, world=world, work=work, on_gpu=loop_config["on_gpu"],
+            cfg, request, train_batches, slices, rank=rank, world=world, work=work, on_gpu=loop_config["on_gpu"],
             max_steps=loop_config["max_steps"], progress=loop_config["progress"], resume_from=resume_from,
             callbacks=callbacks)
         metrics["setup_seconds"] += before_recipe  # the checkpoint's download among it
@@ -283,7 +292,7 @@ def shuffled_for_training(train_ds, seed: int, rows: int | None = None, local_ro
         return keyed_ds.materialize()
     table = pa.concat_tables(tables, promote_options="default")
     table = table.take(pc.sort_indices(table, sort_keys=[(key, "ascending") for key in order]))
-    # Blocks of a few thousand rows: several workers' streaming_split shares them out evenly.
+    # Blocks of a few thousand rows: cut_for_ranks then splits only the blocks where two ranks' rows meet.
     return ray.data.from_arrow([table.slice(i, LOCAL_ORDER_BLOCK) for i in range(0, table.num_rows, LOCAL_ORDER_BLOCK)])
 
 
@@ -305,7 +314,10 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     # Materialize first: training workers may hold every CPU of the cluster, and a lazy dataset
     # would then wait forever for a CPU to run its read tasks on.
     seed = generation_seed(cfg.run.seed, request.generation)
-    datasets = {"train": shuffled_for_training(train_ds, seed, rows=request.rows)}
+    # Each rank's rows and batches depend on the rows, the seed and the number of workers only
+    # (incr_ray.generation.shards); the last rows % workers rows of the order are left out.
+    train, rows_left_out = cut_for_ranks(shuffled_for_training(train_ds, seed, rows=request.rows), cfg.cluster.workers)
+    datasets = {"train": train}
     if holdout_ds is not None:
         datasets["holdout"] = holdout_ds.materialize()
         extra = [(f"{EXTENSION_HOLDOUT}{j:03d}", ds) for j, ds in sorted((extension_holdouts or {}).items())]
@@ -335,7 +347,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
             datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads each whole slice
+            dataset_config=RankShards("train"),  # every worker reads each whole evaluation slice
         )
         result = trainer.fit()
         ended = time.perf_counter()
@@ -349,6 +361,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     # From fit() to the worker function's first line (controller, placement, worker processes and
     # their imports), and from its last report to fit()'s return; both ends on the driver's clock
     # (the relay has handled every marker once its block has exited).
+    metrics["rows_left_out"] = rows_left_out  # rows % workers: every rank trains as many rows
     if relay.entered is not None:
         metrics["fit_startup_seconds"] = relay.entered - started
     if relay.reporting is not None:  # a marker handled a moment after fit() returned: 0, not negative

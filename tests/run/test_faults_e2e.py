@@ -1,7 +1,8 @@
 """R3, the faults: one k=2 run on 2 ZeRO-3 workers that survives what a cluster throws at
 it, on the session's Ray (the faults travel with each call, see incr_ray.faults).
 
-Generation 0: training rank 1 dies at step 3 and the group resumes from its step-2 checkpoint.
+Generation 0: training rank 1 dies at step 3 and the group resumes from its step-2 checkpoint;
+each rank writes the rows each step trained (faults.TrainedRows).
 Generation 1: a teacher actor dies mid-block (every row is still scored once), then rank 0 raises
 at step 1 on every try, so the run fails and says what the worker printed. The same call without
 faults then finishes the run without rescoring the block.
@@ -33,12 +34,16 @@ def faults_run(tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("faults")
     once = tmp / "once"
     once.mkdir()
+    trained_rows = tmp / "trained-rows"
+    trained_rows.mkdir()
     cfg = small_config(tmp, tiny_bert, "faults", data={"synthetic_rows": 600}, method={"k": 2},
                        cluster={"workers": 2}, deepspeed={"stage": 3},
                        student={"checkpoint_every_steps": 2, "max_failures": 1, "epochs": 1},
                        teacher={"batch_size": 25})
-    out = SimpleNamespace(cfg=cfg, root=Path(cfg.run_dir), once=str(once), said=[], resumed_said=[])
-    with faults.injected(worker_exit_at=[0, 3], teacher_exit_at_batch=3, worker_raise_at=[1, 1], once_dir=str(once)):
+    out = SimpleNamespace(cfg=cfg, root=Path(cfg.run_dir), once=str(once), said=[], resumed_said=[],
+                          trained_rows=trained_rows)
+    with faults.injected(worker_exit_at=[0, 3], teacher_exit_at_batch=3, worker_raise_at=[1, 1], once_dir=str(once),
+                         trained_rows_dir=str(trained_rows)):
         with pytest.raises(Exception) as caught:
             run_generations(cfg, say=out.said.append)
     out.error = caught.value
@@ -55,6 +60,37 @@ def test_a_dead_rank_resumes_from_the_in_generation_checkpoint(faults_run):
     # Rank 1 died after step 3; the restarted group continued from the step-2 checkpoint.
     assert train["resumed_from_step"] == 2, train
     assert train["steps"] == train["max_steps"]
+
+
+def test_a_resumed_generation_trains_each_row_once(faults_run):
+    """Each rank reads its own run of the seeded order in fixed batches (incr_ray.generation.shards),
+    so the restarted group skipped exactly the batches each rank had trained up to the step-2
+    checkpoint: those steps of the first try and the steps after the resume together train each of
+    generation 0's rows once (one pass: student.epochs 1), on one rank, but the last rows % 2 of
+    the order, which run.json records."""
+    from incr_ray.method.hashing import generation_seed, shuffle_keys, validation_mask
+
+    cfg, train = faults_run.cfg, faults_run.manifest["generations"][0]["train"]
+    resumed, steps = train["resumed_from_step"], train["max_steps"]
+    split = pq.read_table(faults_run.root / "split").to_pandas()
+    ids = split.row_id[split.block == 0].to_numpy()
+    ids = ids[~validation_mask(ids, cfg.run.seed, cfg.method.validation_fraction)]
+    keys = shuffle_keys(ids, generation_seed(cfg.run.seed, 0))
+    order = [i for _, i in sorted(zip(keys.tolist(), ids.tolist()))]  # the seeded training order
+    assert train["rows"] == len(order) and train["rows_left_out"] == len(order) % 2
+    trained = {}
+    for rank in (0, 1):
+        tries = [[json.loads(line) for line in f.read_text().splitlines()]
+                 for f in faults_run.trained_rows.glob(f"g0-r{rank}-*.jsonl")]
+        first = next(t for t in tries if t[0]["step"] == 1)
+        after = next(t for t in tries if t[0]["step"] == resumed + 1)  # the restarted group's
+        kept = [s for s in first if s["step"] <= resumed] + after
+        assert [s["step"] for s in kept] == list(range(1, steps + 1)), rank
+        trained[rank] = [i for s in kept for i in s["rows"]]
+    assert not set(trained[0]) & set(trained[1])
+    assert sorted(trained[0] + trained[1]) == sorted(order[:len(order) - train["rows_left_out"]])
+    half = len(order) // 2
+    assert trained[0] == order[:half] and trained[1] == order[half:2 * half]  # each rank its run, in order
 
 
 def test_no_worker_folder_of_a_dead_process_is_left(faults_run):

@@ -1,0 +1,108 @@
+"""Which training rows each rank reads, in which batches (incr_ray.generation.shards): the pure
+assignment below Ray, then the Ray Train data config on the session's Ray. That a resumed 2-worker
+generation trains each row once rides on R3 (tests/run/test_faults_e2e.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from incr_ray.generation.shards import RankStream, rank_rows, stream_batches
+
+
+@given(rows=st.integers(1, 5000), world=st.integers(1, 16))
+@settings(max_examples=200, deadline=None)
+def test_ranks_get_equal_disjoint_runs_and_the_remainder_is_left_out(rows, world):
+    if rows < world:
+        with pytest.raises(ValueError, match=f"{rows} training row.*{world} workers: lower cluster.workers"):
+            rank_rows(rows, world)
+        return
+    runs = rank_rows(rows, world)
+    assert len(runs) == world and len({len(r) for r in runs}) == 1
+    assert [i for run in runs for i in run] == list(range(rows - rows % world))  # in order, once each
+
+
+def test_a_stream_cuts_each_pass_from_its_start_and_stops_at_the_steps():
+    # 10 rows, batches of 4, 7 batches: passes of 4+4+2 rows; the third pass cut short.
+    assert [(b.start, b.stop) for b in stream_batches(10, 4, 7)] == [
+        (0, 4), (4, 8), (8, 10), (0, 4), (4, 8), (8, 10), (0, 4)]
+    assert stream_batches(10, 4, 2) == [range(0, 4), range(4, 8)]  # max_steps below one pass
+    assert stream_batches(0, 4, 3) == []
+
+
+@given(rows=st.integers(0, 60), batch_size=st.integers(1, 9), total=st.integers(0, 40), skip=st.integers(0, 40))
+@settings(max_examples=200, deadline=None)
+def test_rank_stream_yields_the_written_out_batches_and_a_fast_forward_continues_it(rows, batch_size, total, skip):
+    """RankStream over a pass of batches is stream_batches; each iteration starts from the first
+    batch (the Trainer's fast-forward on resume skips into it), and an empty run gives nothing."""
+    passes = []
+
+    def one_pass():
+        passes.append(1)
+        return [range(i, min(i + batch_size, rows)) for i in range(0, rows, batch_size)]
+
+    stream = RankStream(one_pass, total)
+    first = list(stream)
+    assert first == stream_batches(rows, batch_size, total)
+    resumed = list(stream)[skip:]
+    assert first[:skip] + resumed == first  # skip k, train the rest: each batch once
+
+
+# ---------------------------------------------------------------------------------------------
+# On the session's Ray
+
+
+def _ordered(ray, rows, blocks, reverse=False):
+    from incr_ray.generation.student import shuffled_for_training
+
+    items = [{"row_id": i, "text": f"row {i}", "label": i % 3} for i in range(rows)]
+    return shuffled_for_training(ray.data.from_items(items[::-1] if reverse else items, override_num_blocks=blocks),
+                                 seed=7, rows=rows)
+
+
+def _rank_batches(ray, ordered, world, batch_size, total):
+    """Each rank's row ids per batch, as a worker reads them, configured while the workers (here a
+    placement group) hold every CPU of the session's 2-CPU Ray: a task would wait for ever."""
+    import threading
+
+    from incr_ray.generation.shards import RankShards, cut_for_ranks
+
+    cut, left_out = cut_for_ranks(ordered, world)
+    holdout = ordered.limit(5).materialize()
+    pg = ray.util.placement_group([{"CPU": 1}] * 2)
+    ray.get(pg.ready())
+    got = {}
+
+    def read():
+        shards = RankShards().configure({"train": cut, "holdout": holdout}, world, None, ["node"] * world)
+        got["train"] = [[b["row_id"].tolist() for b in RankStream(
+            lambda it=rank["train"]: it.iter_batches(batch_size=batch_size, batch_format="numpy"), total)]
+            for rank in shards]
+        got["holdout"] = [[r["row_id"] for r in rank["holdout"].iter_rows()] for rank in shards]
+
+    try:
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(60)
+        assert not reader.is_alive(), "RankShards waited for a CPU the training workers hold"
+    finally:
+        ray.util.remove_placement_group(pg)
+    return got, left_out
+
+
+def test_each_rank_reads_the_same_rows_in_the_same_batches_every_time(ray_local):
+    """Two calls, the rows arriving in other blocks in another order (as a teacher pool's output
+    does between runs): every rank gets the same rows in the same batches, its own run of the
+    seeded order, cut from its start each pass; the remainder is left out; the evaluation slice
+    goes whole to every rank."""
+    ray = ray_local
+    first = _ordered(ray, 601, 4)
+    order = [r["row_id"] for r in first.take_all()]
+    got, left_out = _rank_batches(ray, first, 2, 16, 25)  # 300 rows a rank: passes of 19 batches, 6 of the next
+    again, _ = _rank_batches(ray, _ordered(ray, 601, 7, reverse=True), 2, 16, 25)
+    assert got == again and left_out == 1
+    for rank, batches in enumerate(got["train"]):
+        run = order[300 * rank:300 * (rank + 1)]
+        assert batches == [[run[i] for i in b] for b in stream_batches(300, 16, 25)], rank
+    assert got["holdout"] == [order[:5]] * 2
