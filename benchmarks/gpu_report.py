@@ -1,74 +1,178 @@
 """The GPU check's results (``benchmarks/gpu_check.py``): one JSON and one markdown table,
-``gpu_check.json`` and ``gpu_check.md``, rewritten after every step, so a run cut short still leaves
-what it measured. Each section runs through :meth:`Report.run`, which keeps its error and goes on.
+``gpu_check.json`` and ``gpu_check.md``, rewritten after every section, so a run cut short still
+leaves what it measured.
+
+Each section runs in its own process with its own time limit (:func:`run_sections`): the section
+rewrites ``sections/<name>.json`` after each step it measures (:class:`SectionFile`), the launcher
+kills its process group when the limit passes, reads back what the file holds, and rewrites the
+results. A hung NCCL call, a Ray that never starts or an OOM in one section costs that section only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, atomically: a kill mid-write leaves the previous complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the check: its time limit on the GPU and in the CPU smoke, and whether it needs Ray."""
+
+    name: str
+    gpu_s: float
+    cpu_s: float
+    ray: bool = False
+    what: str = ""
 
 
 class Report:
-    """The check's sections and their results; past ``guard_s`` seconds the next sections are skipped."""
+    """The launcher's view: every section's results, ``gpu_check.json`` and ``.md`` in ``out``."""
 
-    def __init__(self, out: Path, mode: str, argv: list[str], guard_s: float, **meta: Any):
-        self.out, self.guard_s = out, guard_s
+    def __init__(self, out: Path, mode: str, argv: list[str], budget_s: float, **meta: Any):
+        self.out, self.budget_s = Path(out), budget_s
         self.started = time.monotonic()
         self.data: dict[str, Any] = {
             "meta": {"mode": mode, "argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                     "guard_s": guard_s, **meta},
+                     "budget_s": budget_s, **meta},
             "sections": {},
         }
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def over_budget(self) -> bool:
-        return self.elapsed() > self.guard_s
-
     def section(self, name: str) -> dict[str, Any]:
         return self.data["sections"].setdefault(name, {"status": "pending"})
 
-    def run(self, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
-        """Run one section; its dict is filled in place, so what it measured before an error stays."""
-        out = self.section(name)
-        if self.over_budget():
-            out.update(status=f"skipped: over the {self.guard_s:.0f} s guard at {self.elapsed():.0f} s")
-            self.write()
-            return
-        print(f"\n=== {name} (at {self.elapsed():.0f} s) ===", flush=True)
-        out["status"] = "running"
-        self.write()
-        start = time.monotonic()
-        try:
-            fn(out)
-            if out["status"] == "running":
-                out["status"] = "ok"
-        except BaseException as err:  # noqa: BLE001 - one section's failure must not end the check
-            out["status"] = "error"
-            out["error"] = f"{type(err).__name__}: {err}"[:2000]
-            out["traceback"] = traceback.format_exc()[-6000:]
-            print(out["traceback"], file=sys.stderr, flush=True)
-            if isinstance(err, KeyboardInterrupt):
-                raise
-        finally:
-            out["seconds"] = round(time.monotonic() - start, 2)
-            self.write()
-
     def write(self) -> None:
         self.data["meta"]["elapsed_s"] = round(self.elapsed(), 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name, text in (("gpu_check.json", json.dumps(self.data, indent=2, default=str)),
-                           ("gpu_check.md", render_markdown(self.data))):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(text + "\n")
-            os.replace(tmp, self.out / name)  # a kill mid-write leaves the previous complete file
+        write_json(self.out / "gpu_check.json", self.data)
+        tmp = self.out / "gpu_check.md.tmp"
+        tmp.write_text(render_markdown(self.data))
+        os.replace(tmp, self.out / "gpu_check.md")
+
+
+class SectionFile(dict):
+    """In a section's process: its results, rewritten to ``<out>/sections/<name>.json`` by :meth:`write`."""
+
+    def __init__(self, out: Path, name: str, limit_s: float):
+        super().__init__(status="running")
+        self.path = Path(out) / "sections" / f"{name}.json"
+        self.deadline = time.monotonic() + limit_s
+
+    def left(self) -> float:
+        """Seconds until the launcher kills this section."""
+        return self.deadline - time.monotonic()
+
+    def write(self) -> None:
+        write_json(self.path, dict(self))
+
+    def run(self, fn: Callable[["SectionFile"], None]) -> int:
+        """``fn(self)``, then the status: ok, or error with its traceback (what it measured stays)."""
+        self.write()
+        try:
+            fn(self)
+            if self["status"] == "running":
+                self["status"] = "ok"
+            return 0
+        except BaseException as err:  # noqa: BLE001 - recorded; the launcher goes on to the next section
+            self.update(status="error", error=f"{type(err).__name__}: {err}"[:2000],
+                        traceback=traceback.format_exc()[-6000:])
+            print(self["traceback"], file=sys.stderr, flush=True)
+            return 1
+        finally:
+            self.write()
+
+
+def read_section(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to the section's process group (its Ray, its ``incr-ray train``), SIGKILL after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def run_section(report: Report, name: str, cmd: Sequence[str], limit_s: float, env: dict[str, str] | None = None) -> None:
+    """Run one section's process, at most ``limit_s`` seconds; merge what it wrote into the report."""
+    out = report.section(name)
+    out.update(status="running", limit_s=round(limit_s, 1), started_at_s=round(report.elapsed(), 1))
+    report.write()
+    section_file = report.out / "sections" / f"{name}.json"
+    section_file.unlink(missing_ok=True)
+    log = report.out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\n=== {name} (at {report.elapsed():.0f} s, limit {limit_s:.0f} s; log {log}) ===", flush=True)
+    start = time.monotonic()
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(list(cmd), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        except BaseException:  # Ctrl-C in the launcher: the section's processes go too
+            _kill_group(proc, grace_s=1.0)
+            raise
+        _kill_group(proc, grace_s=1.0)  # what outlived a finished section (a Ray it left, a stray worker)
+    out.update(read_section(section_file))
+    if rc is None:
+        out["status"] = f"timeout: killed at its {limit_s:.0f} s limit (what it wrote before is kept)"
+    elif rc != 0 and out.get("status") in ("running", "pending"):
+        out.update(status="error", error=f"exit code {rc}")
+    if out["status"] not in ("ok",) and not str(out["status"]).startswith("skipped"):
+        out["log_tail"] = _log_tail(log)
+    out["seconds"] = round(time.monotonic() - start, 2)
+    report.write()
+
+
+def run_sections(report: Report, plan: Sequence[tuple[str, Sequence[str], float]], env: dict[str, str] | None = None,
+                 min_s: float = 5.0) -> None:
+    """Each ``(name, command, limit_s)`` in turn, within the report's budget: a section gets its own
+    limit or what is left of the budget, whichever is less; with under ``min_s`` left it is skipped."""
+    for name, _, _ in plan:
+        report.section(name)
+    report.write()
+    for name, cmd, limit_s in plan:
+        left = report.budget_s - report.elapsed()
+        if left < min_s:
+            report.section(name)["status"] = f"skipped: {left:.0f} s left of the {report.budget_s:.0f} s budget"
+            report.write()
+            continue
+        run_section(report, name, cmd, min(limit_s, left), env)
 
 
 def _fmt(v: Any) -> str:
@@ -128,13 +232,17 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("decoder", "params", "parameters N"),
     ("decoder", "stage_reason", "ZeRO stage chosen because"),
     ("decoder", "teacher.rows_per_s", "teacher rows/s"),
+    ("decoder", "teacher.mfu.mfu_measured", "teacher MFU (2·N) / measured peak"),
+    ("decoder", "teacher.mfu.mfu_vendor", "teacher MFU (2·N) / vendor peak"),
     ("ray_train", "reason", "reason"),
 )
 RUN_ROWS: tuple[tuple[str, str], ...] = (
     ("zero_stage", "ZeRO stage"),
     ("precision.requested", "precision"),
     ("steady.tokens_per_s", "tokens/s (non-pad)"),
-    ("mfu", "MFU = 6·N·tokens/s / peak"),
+    ("mfu.mfu_measured", "MFU = 6·N·tokens/s / measured peak"),
+    ("mfu.mfu_vendor", "MFU = 6·N·tokens/s / vendor peak"),
+    ("mfu.goal_met", "≥ 40% of the vendor peak"),
     ("step_s", "s/step"),
     ("peak_allocated_gib", "peak allocated (GiB)"),
     ("peak_reserved_gib", "peak reserved (GiB)"),
@@ -143,7 +251,7 @@ RUN_ROWS: tuple[tuple[str, str], ...] = (
     ("plan.activations_gib", "planned activations (GiB)"),
     ("measured_over_planned", "peak allocated / planned total"),
     ("measured_over_planned_no_overhead", "peak allocated / planned (states + activations)"),
-    ("achieved_tflops", "achieved TFLOP/s (6·N·tokens/s)"),
+    ("mfu.achieved_tflops", "achieved TFLOP/s (6·N·tokens/s)"),
     ("tokens_per_row", "non-pad tokens per row"),
 )
 
@@ -151,14 +259,17 @@ RUN_ROWS: tuple[tuple[str, str], ...] = (
 def render_markdown(data: dict[str, Any]) -> str:
     meta, sections = data["meta"], data["sections"]
     out = [f"# incr-ray GPU check ({meta['mode']})", "",
-           f"Started {meta['started']}; {meta.get('elapsed_s', 0):.0f} s elapsed. "
-           f"MFU denominator: {meta['peak_name']}.", "",
+           f"Started {meta['started']}; {meta.get('elapsed_s', 0):.0f} s elapsed of a {meta.get('budget_s', 0):.0f} s "
+           "budget. MFU: FLOPs per non-pad token (6·N training, 2·N forward) × tokens/s, over the measured "
+           "bf16 matmul peak and over the vendor's dense bf16 figure for the GPU.", "",
            "| section | check | value |", "| --- | --- | --- |"]
     for name, sec in sections.items():
         line = sec.get("status", "?") + (f" ({sec['seconds']:.1f} s)" if "seconds" in sec else "")
         out.append(f"| {name} | status | {_fmt(line)} |")
         if sec.get("error"):
             out.append(f"| {name} | error | {_fmt(sec['error'][:300])} |")
+        for label, value in (sec.get("summary") or {}).items():
+            out.append(f"| {name} | {label} | {_fmt(value)} |")
         for s, path, label in TABLE_ROWS:
             if s == name and _get(sec, path) is not None:
                 out.append(f"| {name} | {label} | {_fmt(_get(sec, path))} |")
