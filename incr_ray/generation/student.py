@@ -113,9 +113,9 @@ class _FaultCallback(TrainerCallback):
         self.generation, self.rank, self.trained_rows = generation, rank, trained_rows
 
     def on_step_end(self, args, state, control, **kwargs):
-        faults.kill_worker_at_step(self.generation, state.global_step, self.rank)
         if self.trained_rows is not None:  # before a fault ends this process: the step was trained
             self.trained_rows.step_end(state.global_step)
+        faults.kill_worker_at_step(self.generation, state.global_step, self.rank)
         faults.raise_in_worker_at_step(self.generation, state.global_step, self.rank)
 
 
@@ -356,12 +356,12 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     remove_tree(f"{request.ray_storage}/{name}")  # in-generation checkpoints; the model is in gen_<g>/model
     metrics = dict(result.metrics or {})
     metrics["rows"] = request.rows
+    metrics["rows_left_out"] = rows_left_out  # rows % workers: every rank trains as many rows
     metrics["max_steps"] = max_steps
     metrics["fit_seconds"] = ended - started  # driver wall time of TorchTrainer.fit, start-up included
     # From fit() to the worker function's first line (controller, placement, worker processes and
     # their imports), and from its last report to fit()'s return; both ends on the driver's clock
     # (the relay has handled every marker once its block has exited).
-    metrics["rows_left_out"] = rows_left_out  # rows % workers: every rank trains as many rows
     if relay.entered is not None:
         metrics["fit_startup_seconds"] = relay.entered - started
     if relay.reporting is not None:  # a marker handled a moment after fit() returned: 0, not negative
