@@ -106,3 +106,55 @@ def test_each_rank_reads_the_same_rows_in_the_same_batches_every_time(ray_local)
         run = order[300 * rank:300 * (rank + 1)]
         assert batches == [[run[i] for i in b] for b in stream_batches(300, 16, 25)], rank
     assert got["holdout"] == [order[:5]] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Trainer's fast-forward over a RankStream
+
+
+def _train(tmp_path, stream, max_steps, resume_from=None, save_at=None):
+    """A SoftTargetTrainer over ``stream`` (no Ray, no DeepSpeed) on a one-layer model that notes
+    the row ids each training forward sees; returns them in order."""
+    import torch
+    from transformers import TrainingArguments
+
+    from incr_ray.generation.trainer import BatchStream, SoftTargetTrainer
+
+    seen = []
+
+    class Rows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 3)
+
+        def forward(self, row_id):
+            seen.append(row_id.tolist())
+            return type("Out", (), {"logits": self.head(row_id.float()[:, None])})()
+
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=1e-3, save_strategy="steps" if save_at else "no", save_steps=save_at or 1,
+                             use_cpu=True, report_to=[], disable_tqdm=True)
+    trainer = SoftTargetTrainer(model=Rows(), args=args, train_dataset=BatchStream(stream))
+    trainer.train(resume_from_checkpoint=resume_from)
+    return seen
+
+
+def test_a_resumed_trainer_skips_exactly_the_trained_batches_in_any_pass(tmp_path):
+    """5 rows in batches of 2 (3 a pass), 7 steps; a checkpoint at step 4 lies in the second pass.
+    The resumed Trainer continues with step 5's batch. (A stream of one pass per Trainer epoch, as
+    before, fast-forwarded 4 batches of a 3-batch pass and started the next pass over.)"""
+    import torch
+
+    rows = torch.arange(100, 105)
+
+    def one_pass():
+        return [{"row_id": rows[i:i + 2], "labels": rows[i:i + 2] % 3,
+                 "targets": torch.nn.functional.one_hot(rows[i:i + 2] % 3, 3).float()} for i in range(0, 5, 2)]
+
+    whole = _train(tmp_path / "whole", RankStream(one_pass, 7), 7)
+    assert whole == [[100 + i for i in b] for b in stream_batches(5, 2, 7)]
+    before = _train(tmp_path / "broken", RankStream(one_pass, 7), 7, save_at=4)
+    after = _train(tmp_path / "resumed", RankStream(one_pass, 7), 7,
+                   resume_from=str(tmp_path / "broken" / "hf" / "checkpoint-4"))
+    assert before[:4] + after == whole
