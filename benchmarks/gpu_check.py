@@ -15,11 +15,11 @@ each section, with what a killed section wrote before its limit; each section's 
 =================  ====  ==============================================================================
 section            limit  what
 =================  ====  ==============================================================================
-environment          35  versions, the GPU, DeepSpeed's ops, the measured bf16 matmul peak
-ray_bundle           30  Ray from the bundle: Ray Data actor pool + Ray Train V2 job on the GPU
+environment          30  versions, the GPU, DeepSpeed's ops, the measured bf16 matmul peak
+ray_bundle           25  Ray from the bundle: Ray Data actor pool + Ray Train V2 job on the GPU
 ray_train           120  ``incr-ray train`` k=2, a worker killed mid-generation 1, the resume, devices,
                          the pool's GPU memory released before training, scoring vs a warm loop
-zero3                90  ZeRO-3 through Ray Train: checkpoint, kill, resume, consolidated save bytes,
+zero3               100  ZeRO-3 through Ray Train: checkpoint, kill, resume, consolidated save bytes,
                          eval s/forward, in-worker vs saved-model NLL
 teacher_profile      45  tokenize/copy/forward/targets per batch, sorted vs not, batch sizes
 decoder             105  a ~1B Llama student: tokens/s, MFU (measured and vendor peak), memory vs plan
@@ -82,10 +82,10 @@ MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12
 # Order: cheap and diagnostic first, then what the issue asks about most (item 18's Ray runs), then
 # the longest (the 1B student) and the one that needs a JIT build.
 SECTIONS: tuple[Section, ...] = (
-    Section("environment", 35, 120),
-    Section("ray_bundle", 30, 240, ray=True),
+    Section("environment", 30, 120),
+    Section("ray_bundle", 25, 240, ray=True),
     Section("ray_train", 120, 600, ray=True),
-    Section("zero3", 90, 600, ray=True),
+    Section("zero3", 100, 600, ray=True),
     Section("teacher_profile", 45, 120),
     Section("decoder", 105, 300),
     Section("offload", 50, 300),

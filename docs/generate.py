@@ -514,11 +514,11 @@ GPU machine
 
 unpacks the site, puts it first on the path, and runs each section in its own process with its own
 time limit, within 8 minutes, rewriting `gpu_check.json` and `.md` after each: the environment and
-a measured bf16 matmul peak (35 s); Ray from the bundle, a Ray Data actor pool and a Ray Train V2
-job on the GPU (30 s); a real `incr-ray train`, k=2, a training worker killed mid-generation and the
+a measured bf16 matmul peak (30 s); Ray from the bundle, a Ray Data actor pool and a Ray Train V2
+job on the GPU (25 s); a real `incr-ray train`, k=2, a training worker killed mid-generation and the
 resume, which processes held GPU memory when, and the run's scoring against a warm plain loop
 (120 s); ZeRO-3 through Ray Train on one GPU with a checkpoint, a kill, the resume, the consolidated
-save and the in-worker against the saved model's NLL (90 s); a teacher profile on texts of spread
+save and the in-worker against the saved model's NLL (100 s); a teacher profile on texts of spread
 length, per phase, sorted and not, three batch sizes (45 s); the 1B student below (105 s); and
 DeepSpeed's CPU Adam at 1 thread and every CPU (50 s). MFU is 6·N (training) or 2·N (forward) FLOPs
 per non-pad token times tokens/s, over both the measured peak and the vendor's dense bf16 figure
