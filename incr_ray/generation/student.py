@@ -44,6 +44,7 @@ from .shards import RankShards, RankStream, cut_for_ranks
 from .scratch import checkpoint_on_node, record_owner, sweep_stale_scratch, worker_folder
 from .resources import require_resolved
 from .trainer import generation_steps
+from .visibility import require_visible
 
 __all__ = ["StudentRequest", "fit_student", "shuffled_for_training", "train_per_worker"]
 
@@ -179,6 +180,10 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _tell_driver(loop_config["progress"], rank, _FitClock.ENTERED)
+    run_dir = os.path.dirname(request.run_manifest or "")
+    init_setting = "storage.path" if run_dir and request.init_model.startswith(run_dir) else "model.base"
+    require_visible({"storage.path": request.run_manifest, init_setting: request.init_model},
+                    f"training worker rank {rank}")
     sweep_stale_scratch()
     work = worker_folder(request.generation, rank)
     try:
