@@ -167,37 +167,42 @@ def stage3_gather_bytes(largest_layer_params: int | None, layout: Layout, precis
 
 
 def network_bytes(params: int, n_gpus: int, layout: Layout, precision: Precision, grad_accum: int,
-                  trainable: int | None = None) -> int:
+                  trainable: int | None = None, reduce_bytes: int | None = None) -> int:
     """Bytes each GPU sends per optimizer step in ZeRO's collectives (ring algorithms).
 
     A reduce-scatter or an all-gather of M bytes sends (N − 1)/N · M from each GPU, an all-reduce
-    twice that. With p bytes per value (the training dtype), A micro-batches per optimizer step
-    (``student.grad_accum``), Ψ parameters and Ψ_t of them trained (Ψ_t = Ψ without LoRA)::
+    twice that. With p bytes per weight value (the training dtype), g bytes per gradient value as
+    the ranks sum them (``reduce_bytes``: 4 with ``deepspeed.grad_reduce_dtype: fp32``, the
+    default, which DeepSpeed calls ``communication_data_type``; p when None), A micro-batches per
+    optimizer step (``student.grad_accum``), Ψ parameters and Ψ_t of them trained (Ψ_t = Ψ
+    without LoRA)::
 
-        stage 0, 1:  2·p·Ψ_t            the gradients reduced once per step (stage 0: all-reduce;
-                                        stage 1: reduce-scatter, then the updated partitions gathered)
-        stage 2:     (A + 1)·p·Ψ_t      gradients reduce-scattered after every micro-batch, the
+        stage 0:     2·g·Ψ_t            the gradients all-reduced once per step
+        stage 1:     (g + p)·Ψ_t        reduce-scattered once per step, the updated partitions gathered
+        stage 2:     (A·g + p)·Ψ_t      gradients reduce-scattered after every micro-batch, the
                                         updated partitions gathered once
-        stage 3:     A·(2·p·Ψ + p·Ψ_t)  every layer gathered for each forward and each backward,
+        stage 3:     A·(2·p·Ψ + g·Ψ_t)  every layer gathered for each forward and each backward,
                                         gradients reduce-scattered after every micro-batch
 
     each × (N − 1)/N. Below stage 2 DeepSpeed 0.19.8 reduces at gradient-accumulation boundaries
     only (``DeepSpeedEngine.allreduce_gradients``). Offload changes none of it: it moves states over
-    PCIe, not the network. Gradients are counted in the training dtype; a reduction in fp32
-    (DeepSpeed's ``communication_data_type``) doubles their share. Between nodes, this is what a
-    slow network carries; within a node it rides NVLink or PCIe.
+    PCIe, not the network. Between nodes, this is what a slow network carries; within a node it
+    rides NVLink or PCIe.
     """
     if n_gpus < 1 or grad_accum < 1:
         raise ValueError("n_gpus and grad_accum must be at least 1")
     p, a, t = precision.param_bytes, grad_accum, params if trainable is None else trainable
+    g = p if reduce_bytes is None else reduce_bytes
     share = (n_gpus - 1) / n_gpus
-    if layout.stage in (0, 1):
-        values = 2 * t
+    if layout.stage == 0:
+        sent = 2 * g * t
+    elif layout.stage == 1:
+        sent = (g + p) * t
     elif layout.stage == 2:
-        values = (a + 1) * t
+        sent = (a * g + p) * t
     else:
-        values = a * (2 * params + t)
-    return int(p * values * share)
+        sent = a * (2 * p * params + g * t)
+    return int(sent * share)
 
 
 @dataclass(frozen=True)

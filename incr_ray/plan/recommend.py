@@ -84,10 +84,11 @@ class Plan:
 def student_row(
     shape: ModelShape, layout: Layout, precision: Precision, n_gpus: int, gpus_per_node: int, nodes: int,
     seq_len: int, micro_batch: int, checkpointing: bool, gpu_budget: int | None, cpu_budget: int | None,
-    with_deepspeed: bool = True, grad_accum: int = 1,
+    with_deepspeed: bool = True, grad_accum: int = 1, reduce_bytes: int | None = None,
 ) -> StudentRow:
     states = zero_model_states(shape.params, n_gpus, layout, precision, shape.trainable_params)
-    network = network_bytes(shape.params, n_gpus, layout, precision, grad_accum, shape.trainable_params)
+    network = network_bytes(shape.params, n_gpus, layout, precision, grad_accum, shape.trainable_params,
+                            reduce_bytes)
     gathered = stage3_gather_bytes(shape.largest_layer_params, layout, precision)
     acts = None
     if shape.hidden_size and shape.layers:
@@ -203,6 +204,8 @@ def make_plan(
     else:
         prec_name, why = requested, f"deepspeed.precision: {requested}"
     precision = training_precision(prec_name)
+    # Gradients are summed across workers in fp32 by default (deepspeed.grad_reduce_dtype).
+    reduce_bytes = 4 if cfg.deepspeed.grad_reduce_dtype == "fp32" else precision.grad_bytes
     gpu_budget = int(cfg.cluster.gpu_memory_gb * GiB) if on_gpu else None
     cpu_budget = int(cpu_memory_gb * GiB) if cpu_memory_gb else None
     s, b, ckpt = cfg.model.max_length, cfg.student.batch_size, cfg.student.gradient_checkpointing
@@ -210,7 +213,7 @@ def make_plan(
     def row(layout: Layout, micro_batch: int = b, checkpointing: bool = ckpt, workers: int = n, ds: bool = True):
         return student_row(shape, layout, precision, workers, min(gpn, workers), math.ceil(workers / gpn),
                            s, micro_batch, checkpointing, gpu_budget, cpu_budget, ds and with_deepspeed,
-                           cfg.student.grad_accum)
+                           cfg.student.grad_accum, reduce_bytes)
 
     setting = cfg.cluster.interconnect
     fabric = interconnect or ("tcp" if setting == "auto" else setting)
@@ -319,7 +322,9 @@ def plan_teacher(cfg: Config, shape: ModelShape, on_gpu: bool) -> TeacherPlan:
     weights = value_bytes * shape.params
     acts = None
     if shape.hidden_size:
-        acts = teacher_activation_bytes(cfg.model.max_length, cfg.teacher.batch_size, shape.hidden_size,
+        # A batch runs in length-sorted forwards of at most teacher.forward_tokens padded tokens.
+        rows = max(1, min(cfg.teacher.batch_size, cfg.teacher.tokens_per_forward(on_gpu) // cfg.model.max_length))
+        acts = teacher_activation_bytes(cfg.model.max_length, rows, shape.hidden_size,
                                         shape.heads or max(1, shape.hidden_size // 128), value_bytes,
                                         shape.fused_attention)
     total = with_overhead(weights + (acts or 0))

@@ -152,3 +152,34 @@ def test_network_bytes_per_step_by_stage():
     with pytest.raises(ValueError, match="at least 1"):
         network_bytes(PSI, 8, Layout(1), MIXED, 0)
 
+
+def test_gradients_summed_in_fp32_send_twice_their_bf16_bytes_and_the_weights_the_same():
+    """deepspeed.grad_reduce_dtype fp32 (the default): the gradients' reductions carry 4 bytes per
+    value, the weights' all-gathers stay 2 (7B on 8 GPUs, A = 4, 7/8 of each collective sent)."""
+    a, share = 4, 7 / 8
+
+    def sent(layout):
+        return network_bytes(PSI, 8, layout, MIXED, a, reduce_bytes=4) / GB
+
+    assert sent(Layout(0)) == pytest.approx(2 * 4 * 7 * share)  # 49 GB: an all-reduce of fp32 gradients
+    assert sent(Layout(1)) == pytest.approx((4 + 2) * 7 * share)  # 36.75 GB: fp32 reduce-scatter, bf16 gather
+    assert sent(Layout(2)) == pytest.approx((4 * 4 + 2) * 7 * share)  # 110.25 GB
+    assert sent(Layout(3)) == pytest.approx(4 * (2 * 2 * 7 + 4 * 7) * share)  # 196 GB
+    assert network_bytes(PSI, 8, Layout(3), MIXED, a, reduce_bytes=2) == network_bytes(PSI, 8, Layout(3), MIXED, a)
+
+
+def test_the_plan_counts_the_configured_gradient_reduction():
+    from incr_ray.config import config_from_dict
+    from incr_ray.plan.recommend import make_plan
+    from incr_ray.plan.shapes import ModelShape
+
+    shape = ModelShape(params=PSI, source="test", hidden_size=4096, layers=32, heads=32)
+    raw = {"cluster": {"workers": 8, "use_gpu": True, "gpu_memory_gb": 80}, "deepspeed": {"precision": "bf16"},
+           "student": {"grad_accum": 4}}
+    fp32 = make_plan(config_from_dict(raw), shape)
+    bf16 = make_plan(config_from_dict({**raw, "deepspeed": {"precision": "bf16", "grad_reduce_dtype": "precision"}}),
+                      shape)
+    by = lambda plan: {r.layout: r.network for r in plan.rows}  # noqa: E731
+    assert by(fp32)[Layout(1)] == pytest.approx(1.5 * by(bf16)[Layout(1)])
+    assert by(fp32)[Layout(3)] == pytest.approx(196 / 147 * by(bf16)[Layout(3)])
+

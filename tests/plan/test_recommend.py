@@ -126,8 +126,9 @@ def test_stage_auto_without_a_fast_interconnect_prefers_what_moves_least_between
     """7e9 parameters, 8 workers on 24 GiB GPUs, 4 micro-batches per step (hand-made, no
     activations): ZeRO-2 needs 3.75Ψ = 26.25 GB × 1.1 = 28.9 GB > 24 GiB (25.8 GB), while ZeRO-3
     and ZeRO-2 with optimizer offload both need 2Ψ = 14 GB × 1.1 = 15.4 GB. Over a fast network (or
-    on one node) auto keeps ZeRO-3; across nodes over TCP ZeRO-3 would send A·3·p·Ψ·7/8 = 147 GB
-    per GPU per step, ZeRO-2 with offload (A + 1)·p·Ψ·7/8 = 61.25 GB, so auto offloads instead."""
+    on one node) auto keeps ZeRO-3; across nodes over TCP ZeRO-3 would send A·(2·p·Ψ + g·Ψ)·7/8 = 196 GB
+    per GPU per step (g = 4: gradients summed in fp32, deepspeed.grad_reduce_dtype's default), ZeRO-2
+    with offload (A·g + p)·Ψ·7/8 = 110.25 GB, so auto offloads instead."""
     from incr_ray.plan.recommend import auto_layout, auto_stage
 
     shape = ModelShape(PSI, "test")
@@ -140,7 +141,7 @@ def test_stage_auto_without_a_fast_interconnect_prefers_what_moves_least_between
     layout, why = auto_layout(config, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")
     assert layout == offload
     assert "8 workers on 2 nodes without a fast interconnect (cluster.interconnect: auto -> tcp)" in why
-    assert "sends the least between nodes, 57.04 GiB per GPU per step (ZeRO-3: 136.90)" in why  # 61.25, 147 GB
+    assert "sends the least between nodes, 102.68 GiB per GPU per step (ZeRO-3: 182.54)" in why  # 110.25, 196 GB
     assert "12.25" not in why and "11.41 GiB of host memory per worker" in why  # 14Ψ/8 = 12.25 GB
     assert auto_stage(config, True, "bf16", shape, gpus_per_node=4, interconnect="tcp")[0] == 2
     # One node: the network between nodes carries nothing, whatever it is.
@@ -174,12 +175,12 @@ def test_plan_shows_the_traffic_and_warns_of_zero_3_over_tcp():
     plan = make_plan(cfg(**sections), shape, gpus_per_node=4, with_deepspeed=False)
     assert plan.recommended.layout == Layout(2, offload_optimizer=True)
     assert plan.slow_network and plan.interconnect == "tcp"
-    assert any("configured ZeRO stage 3 with no offload sends 136.90 GiB per GPU per step between nodes" in w
+    assert any("configured ZeRO stage 3 with no offload sends 182.54 GiB per GPU per step between nodes" in w
                for w in plan.warnings)
     text = render_plan(plan, cfg(**sections))
     assert "net/step" in text and "2 node(s), interconnect tcp (cluster.interconnect: tcp)" in text
     row = next(line for line in text.splitlines() if line.startswith("    3  -  "))
-    assert row.split()[9:11] == ["136.90", "yes"]  # net/step, fits
+    assert row.split()[9:11] == ["182.54", "yes"]  # net/step, fits
     # Over a fast interconnect the same plan recommends ZeRO-3 and warns of nothing.
     fast = dict(sections, cluster={**sections["cluster"], "interconnect": "fast"})
     plan = make_plan(cfg(**fast), shape, gpus_per_node=4, with_deepspeed=False)
