@@ -374,7 +374,16 @@ class ClusterSection(_Section):
 class TeacherSection(_Section):
     """The Ray Data actor pool that scores blocks with the teacher (and evaluates saved models)."""
 
-    batch_size: int = Field(64, gt=0, description="Rows per scoring batch.")
+    batch_size: int = Field(
+        1024, gt=0,
+        description="Rows per scoring batch: its rows are sorted by length together, then run in forwards of at most "
+        "`forward_tokens` padded tokens, so a larger batch wastes less on padding.",
+    )
+    forward_tokens: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+        "auto",
+        description="Most padded tokens (rows × the longest row) per teacher forward. `auto`: 32768 on a GPU (a 1B "
+        "decoder's matmuls stay large; lower it if a large teacher runs out of memory), 4096 on a CPU.",
+    )
     pool_size: int = Field(1, ge=1, description="Scoring actors in the pool.")
     gpus_per_actor: float = Field(
         1.0, ge=0.0,
@@ -391,6 +400,14 @@ class TeacherSection(_Section):
         description='Spread one teacher over its actor\'s GPUs with device_map="auto" (for teachers '
         "larger than one GPU).",
     )
+
+    def tokens_per_forward(self, on_gpu: bool) -> int:
+        """``forward_tokens``, ``auto`` chosen for the device: a GPU needs large matmuls to stay busy;
+        a CPU is as fast per token on a few thousand, and smaller forwards cut a length-sorted batch
+        into more pieces that each pad less."""
+        if self.forward_tokens != "auto":
+            return self.forward_tokens
+        return 32768 if on_gpu else 4096
 
 
 class EvalSection(_Section):

@@ -173,20 +173,79 @@ def load_for_inference(path: str, cfg: Config, on_gpu: bool, device=None, thread
     return model.eval(), tokenizer
 
 
-def classifier_logits(model, tokenizer, texts: list[str], max_length: int, device=None) -> np.ndarray:
-    """``(len(texts), C)`` float32 numpy logits: the one text → logits path of every scorer.
+# Tokens (rows × padded length) per forward pass when a batch is cut into length-sorted
+# sub-batches, unless the caller says (the teacher's ``teacher.forward_tokens``).
+FORWARD_TOKENS = 4096
 
-    Dynamic padding (to the longest row of the batch) and truncation at ``max_length``; inputs go
-    to ``device``, by default the device of the model's first parameter. Runs under ``no_grad``
-    rather than ``inference_mode``: ZeRO-3's parameter-gather hooks write into parameters during
-    the forward, which inference tensors forbid.
+
+def length_sorted_batches(lengths, max_tokens: int = FORWARD_TOKENS) -> list[np.ndarray]:
+    """Row indices of one batch in sub-batches of similar length, longest first, each padding to at
+    most ``max_tokens`` tokens (rows × its longest row; a row longer than that goes alone).
+
+    Padding a batch to its longest row wastes 1.5–3× the compute on real text, whose lengths
+    spread; rows sorted by length and cut where the budget is full waste little. The order is
+    stable (equal lengths keep their order) and every index appears exactly once, so
+    ``np.concatenate(parts)`` is a permutation whose ``argsort`` restores the batch's order.
+    Longest first: a budget too large for the device fails on the first forward, not the last.
     """
-    if not texts:  # Ray Data may hand a scorer an empty batch
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    order = np.argsort(-lengths, kind="stable")
+    parts, start = [], 0
+    while start < len(order):
+        rows = max(1, max_tokens // max(1, int(lengths[order[start]])))
+        parts.append(order[start:start + rows])
+        start += rows
+    return parts
+
+
+def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Each text's token ids, truncated at ``max_length`` and not padded (the CPU half of
+    :func:`classifier_logits`, which a scoring pipeline may run in its own stage)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def padded(ids: list, pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (int64, rows × the longest row) of rows of token ids,
+    padded on ``side`` with ``pad_id``: what the tokenizer's own padding makes."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        cols = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        input_ids[row, cols] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        mask[row, cols] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def classifier_logits(model, tokenizer, texts: list[str], max_length: int, device=None,
+                      max_tokens: int = FORWARD_TOKENS, ids: list | None = None) -> np.ndarray:
+    """``(len(texts), C)`` float32 numpy logits, in the rows' order: the one text → logits path of
+    every scorer.
+
+    Texts are tokenized once (truncated at ``max_length``), or ``ids`` — their token ids from
+    :func:`token_ids` — are given instead; the rows then run in :func:`length_sorted_batches` of
+    at most ``max_tokens`` padded tokens each, and the logits come back in the rows' order. Inputs
+    go to ``device``, by default the device of the model's first parameter. Runs under ``no_grad``
+    rather than ``inference_mode``: ZeRO-3's parameter-gather hooks write into parameters during
+    the forward, which inference tensors forbid; a ZeRO-3 module gets one forward per call, since
+    every rank must run as many forwards as the others.
+    """
+    if ids is None:
+        ids = token_ids(tokenizer, texts, max_length) if len(texts) else []
+    if not len(ids):  # Ray Data may hand a scorer an empty batch
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    enc = enc.to(device if device is not None else next(model.parameters()).device)
+    device = device if device is not None else next(model.parameters()).device
+    zero3 = hasattr(next(model.parameters()), "ds_id")
+    parts = length_sorted_batches([len(x) for x in ids], len(ids) * max_length if zero3 else max_tokens)
+    out = []
     with torch.no_grad():
-        logits = model(**enc).logits.float().cpu().numpy()
+        for part in parts:
+            enc = padded([ids[i] for i in part], tokenizer.pad_token_id, tokenizer.padding_side)
+            out.append(model(**{k: v.to(device) for k, v in enc.items()}).logits.float())
+        # One copy to the host per call: on a GPU each sub-batch's forward is queued behind the last.
+        logits = torch.cat(out).cpu().numpy()[np.argsort(np.concatenate(parts))]
     if not np.isfinite(logits).all():
         raise NonFiniteError(f"the model's logits hold NaN or inf ({model.dtype} weights); {PRECISION_FIX}")
     return logits

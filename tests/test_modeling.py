@@ -91,3 +91,68 @@ def test_run_seed_alone_decides_a_new_heads_weights(tiny_bert_base):
     assert torch.equal(head(1), head(1))
     assert not torch.equal(head(1), head(2))
     assert not torch.equal(head(1, generation=0), head(1, generation=1))
+
+
+# Length-sorted scoring (issue #24 item 13): the sub-batches, the padding and the rows' order.
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 16, 40, 10_000])
+def test_length_sorted_batches_cover_every_row_once_within_the_budget(max_tokens):
+    import numpy as np
+
+    from incr_ray.modeling import length_sorted_batches
+
+    lengths = np.random.default_rng(0).integers(1, 20, size=57)
+    parts = length_sorted_batches(lengths, max_tokens)
+    order = np.concatenate(parts)
+    assert sorted(order.tolist()) == list(range(57))  # a permutation: each row exactly once
+    assert (np.diff(lengths[order]) <= 0).all()  # longest first
+    for part in parts:  # rows × the longest row fits, or the row is alone
+        assert len(part) * lengths[part].max() <= max_tokens or len(part) == 1
+    assert (np.arange(57)[order][np.argsort(order)] == np.arange(57)).all()  # argsort restores the order
+
+
+def test_length_sorted_batches_keep_equal_lengths_in_order_and_refuse_no_budget():
+    import numpy as np
+
+    from incr_ray.modeling import length_sorted_batches
+
+    assert [p.tolist() for p in length_sorted_batches([3, 5, 3, 5, 3], 10)] == [[1, 3], [0, 2, 4]]
+    assert length_sorted_batches([], 10) == []
+    with pytest.raises(ValueError, match="max_tokens"):
+        length_sorted_batches([3], 0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_ids_match_the_tokenizers_own_padding(side):
+    import torch
+
+    from incr_ray.modeling import load_tokenizer, padded, token_ids
+
+    tok = load_tokenizer(minilm_dir())
+    tok.padding_side = side
+    texts = ["a", "hello there my friend", "x y z " * 30, "", "short one"]
+    ref = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    mine = padded(token_ids(tok, texts, 16), tok.pad_token_id, side)
+    assert torch.equal(ref["input_ids"], mine["input_ids"])
+    assert torch.equal(ref["attention_mask"], mine["attention_mask"])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_sorted_sub_batches_give_each_row_its_own_logits_in_order(family, request):
+    """Rows scored in length-sorted sub-batches get the logits they get scored alone, in the
+    batch's order; given token ids instead of texts, the same."""
+    import numpy as np
+
+    from incr_ray.modeling import classifier_logits, load_classifier, load_tokenizer, token_ids
+
+    path = request.getfixturevalue(f"tiny_{family}")
+    tok = load_tokenizer(path)
+    model = load_classifier(path, tokenizer=tok).eval()
+    texts = [("word " * n).strip() for n in (5, 1, 12, 3, 12, 7, 2, 9)]
+    alone = np.concatenate([classifier_logits(model, tok, [t], 16) for t in texts])
+    for budget in (1, 20, 64, 10_000):
+        np.testing.assert_allclose(classifier_logits(model, tok, texts, 16, max_tokens=budget), alone, atol=1e-5)
+    ids = token_ids(tok, texts, 16)
+    np.testing.assert_allclose(classifier_logits(model, tok, texts, 16, max_tokens=20, ids=ids), alone, atol=1e-5)
+    assert classifier_logits(model, tok, [], 16).shape == (0, model.config.num_labels)

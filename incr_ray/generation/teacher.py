@@ -1,13 +1,18 @@
 """Teacher scoring: a model scores a block in a Ray Data actor pool.
 
 :class:`TargetScorer` loads the teacher once per actor and turns each batch into the teacher's
-softmax and the soft target of every row. Resources — pool size, CPUs and GPUs per actor, batch
-size — are set at the ``map_batches`` call in :func:`score_block`, never inside the class.
+softmax and the soft target of every row; each batch's rows run sorted by length, in forwards of
+at most ``teacher.forward_tokens`` padded tokens (:func:`incr_ray.modeling.classifier_logits`).
+Resources — pool size, CPUs and GPUs per actor, batch size — are set at the ``map_batches`` call in
+:func:`score_block`, never inside the class. When the actors hold GPUs, :func:`score_block` puts
+tokenization in a CPU stage of its own (:func:`tokenize_batch`), so a GPU waits on no tokenizer.
 :func:`teacher_block_stats` then reads back what the teacher and the target rule did on the block.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 from typing import Any
@@ -19,7 +24,7 @@ from .. import faults
 from ..config import Config
 from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, soft_targets, softmax,
                               target_rule_stats)
-from ..modeling import classifier_logits, load_for_inference
+from ..modeling import classifier_logits, load_for_inference, load_tokenizer, token_ids
 from ..storage import parquet_batches
 from .resources import require_resolved
 from .visibility import require_visible
@@ -34,6 +39,7 @@ class TargetScorer:
         cfg = as_config(cfg)
         self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
         self.max_length = cfg.model.max_length
+        self.forward_tokens = cfg.teacher.tokens_per_forward(on_gpu)
         self.method = cfg.method
         self.batches = 0
         self.progress = progress  # a queue actor that counts the rows scored (ScoringProgress), or None
@@ -41,7 +47,10 @@ class TargetScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.batches += 1
         faults.kill_teacher_before_batch(self.batches)
-        logits = classifier_logits(self.model, self.tokenizer, [str(t) for t in batch["text"]], self.max_length)
+        ids = batch.get(TOKEN_IDS)  # tokenized by score_block's CPU stage, or None: tokenized here
+        batch = {k: v for k, v in batch.items() if k != TOKEN_IDS}
+        logits = classifier_logits(self.model, self.tokenizer, [str(t) for t in batch["text"]], self.max_length,
+                                   max_tokens=self.forward_tokens, ids=ids)
         probs = softmax(logits, self.method.temperature)
         labels = np.asarray(batch["label"], dtype=np.int64)
         target = soft_targets(probs, labels, threshold=self.method.threshold, floor=self.method.floor)
@@ -127,20 +136,80 @@ def scoring_pool(cfg: Config, on_gpu: bool) -> tuple[dict, bool]:
     return resources, gpus > 0
 
 
-def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None):
+TOKEN_IDS = "input_ids"  # the column the tokenizing stage adds and the scorer drops
+
+# Blocks per scoring actor: the actors take blocks as they free up, so with several each the last
+# wave idles for one block, not for a pool's share of the rows.
+BLOCKS_PER_ACTOR = 4
+# ... and no block over this many batches, so that outputs stream to the writer and a large block's
+# idle tail stays short.
+MAX_BATCHES_PER_BLOCK = 32
+
+
+def scoring_block_rows(rows: int, blocks: int, batch_size: int, pool_size: int) -> int | None:
+    """Rows per block to cut ``rows`` rows held in ``blocks`` blocks into before a pool of
+    ``pool_size`` actors scores them in batches of ``batch_size``; None when the blocks serve as
+    they are. Cut blocks hold whole batches: at most :data:`MAX_BATCHES_PER_BLOCK`, and with several
+    actors at least :data:`BLOCKS_PER_ACTOR` blocks per actor where the rows allow."""
+    batches = math.ceil(rows / batch_size)
+    wanted = max(math.ceil(batches / MAX_BATCHES_PER_BLOCK), min(BLOCKS_PER_ACTOR * pool_size, batches) if pool_size > 1 else 1)
+    if blocks >= wanted and rows <= blocks * batch_size * MAX_BATCHES_PER_BLOCK:
+        return None
+    return batch_size * max(1, batches // wanted)
+
+
+@functools.lru_cache(maxsize=2)
+def _stage_tokenizer(model_path: str, trust_remote_code: bool):
+    """The teacher's tokenizer, loaded once per Ray worker process (tasks reuse their process)."""
+    from ..storage import stage_local
+
+    return load_tokenizer(stage_local(model_path), trust_remote_code)
+
+
+def tokenize_batch(batch: pa.Table, model_path: str, max_length: int, trust_remote_code: bool = False) -> pa.Table:
+    """``map_batches`` function (CPU tasks ahead of the scoring actors): the batch plus each row's
+    token ids, truncated at ``max_length``, unpadded (``input_ids``, list<int32>)."""
+    tok = _stage_tokenizer(model_path, trust_remote_code)
+    ids = token_ids(tok, [str(t) for t in batch.column("text").to_pylist()], max_length)
+    return batch.append_column(TOKEN_IDS, pa.array(ids, pa.list_(pa.int32())))
+
+
+def _cpus_beside_pool(pool_cpus: float) -> float:
+    """CPUs the cluster has beyond what the scoring pool holds (a tokenizing stage needs one)."""
+    import ray
+
+    return ray.cluster_resources().get("CPU", 0.0) - pool_cpus
+
+
+def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, tokenize_stage: bool | None = None):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
-    ``progress``: a queue actor each scoring actor tells how many rows it scored."""
+    ``progress``: a queue actor each scoring actor tells how many rows it scored.
+
+    The rows go to the actors in blocks cut by :func:`scoring_block_rows` where needed. ``tokenize_stage``: tokenize
+    in CPU tasks ahead of the actors (default: when the actors hold GPUs; on CPU the pool holds the
+    CPUs such a stage would need, and tokenizing is a few percent of a CPU forward).
+    """
     require_resolved(cfg, "score_block")  # a run's config is, since open_run (incr_ray.resolve)
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
+    t = cfg.teacher
+    rows_per_block = scoring_block_rows(ds.count(), ds.num_blocks(), t.batch_size, t.pool_size)
+    if rows_per_block is not None:  # cut here too: the repartition's tasks need CPUs the pool will hold
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block).materialize()
     absorb_restart_warning()
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
+    if tokenize_stage is None:
+        tokenize_stage = actor_gpu and _cpus_beside_pool(t.pool_size * float(t.cpus_per_actor)) >= 1
+    if tokenize_stage:
+        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=t.batch_size, num_cpus=1,
+                            fn_kwargs={"model_path": model_path, "max_length": cfg.model.max_length,
+                                       "trust_remote_code": cfg.model.trust_remote_code})
     return ds.map_batches(
         TargetScorer,
         # Plain values (a path, dicts): what a restarted actor is built from again.
         fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu,
                                "progress": progress, "fault_plan": faults.current()},
-        batch_size=cfg.teacher.batch_size,
+        batch_size=t.batch_size,
         **resources,
     )
 

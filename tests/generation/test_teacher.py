@@ -137,3 +137,43 @@ def test_teacher_block_stats_streamed_from_parquet_match_the_whole_block(tmp_pat
     pq.write_table(table.slice(0, 0), folder / "a.parquet")
     pq.write_table(table.slice(0, 0), folder / "b.parquet")
     assert teacher_block_stats(str(folder), scoring_config()) is None  # no rows, no figures
+
+
+def test_tokenized_rows_score_as_the_texts_do(tiny_bert):
+    """The CPU stage's token ids (GPU pools) give the scorer the targets it makes from the texts,
+    and the ids column does not reach the stored targets."""
+    import pyarrow as pa
+
+    from incr_ray.generation.teacher import TOKEN_IDS, tokenize_batch
+
+    cfg = scoring_config(threshold=0.8)
+    scorer = TargetScorer(tiny_bert, cfg, on_gpu=False)
+    b = batch()
+    tokenized = tokenize_batch(pa.table(b), tiny_bert, max_length=16)
+    assert tokenized.schema.field(TOKEN_IDS).type == pa.list_(pa.int32())
+    as_numpy = {c: tokenized.column(c).to_numpy(zero_copy_only=False) for c in tokenized.column_names}
+    from_ids, from_texts = scorer(as_numpy).to_pydict(), scorer(b).to_pydict()
+    assert TOKEN_IDS not in from_ids
+    np.testing.assert_allclose(from_ids["teacher_probs"], from_texts["teacher_probs"], atol=1e-6)
+    assert from_ids["row_id"] == from_texts["row_id"] == list(range(10))
+
+
+@pytest.mark.parametrize("rows, blocks, batch_size, pool, expected", [
+    (700, 1, 512, 1, None),  # one actor, a few batches: the block serves as it is
+    (100_000, 1, 512, 1, 512 * 28),  # 196 batches: cut so that no block holds over 32
+    (100_000, 200, 512, 1, None),
+    (5000, 1, 512, 2, 512),  # 10 batches over 2 actors: 10 blocks of one batch (at least 8)
+    (5000, 3, 512, 2, 512),
+    (5000, 8, 512, 2, None),
+    (40_000, 4, 512, 8, 512 * 2),  # 79 batches, 8 actors: 40 blocks of 2 batches
+    (10, 1, 512, 4, None),  # fewer rows than a batch: one block
+])
+def test_scoring_blocks_give_each_actor_several_blocks_of_whole_batches(rows, blocks, batch_size, pool, expected):
+    from incr_ray.generation.teacher import BLOCKS_PER_ACTOR, MAX_BATCHES_PER_BLOCK, scoring_block_rows
+
+    per_block = scoring_block_rows(rows, blocks, batch_size, pool)
+    assert per_block == expected
+    if per_block is not None:
+        assert per_block % batch_size == 0 and per_block <= batch_size * MAX_BATCHES_PER_BLOCK
+        if pool > 1:
+            assert -(-rows // per_block) >= min(BLOCKS_PER_ACTOR * pool, -(-rows // batch_size))
