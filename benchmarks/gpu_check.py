@@ -21,9 +21,9 @@ ray_train           120  ``incr-ray train`` k=2, a worker killed mid-generation 
                          the pool's GPU memory released before training, scoring vs a warm loop
 zero3               100  ZeRO-3 through Ray Train: checkpoint, kill, resume, consolidated save bytes,
                          eval s/forward, in-worker vs saved-model NLL
-teacher_profile      45  tokenize/copy/forward/targets per batch, sorted vs not, batch sizes
+teacher_profile      40  tokenize/copy/forward/targets per batch, sorted vs not, batch sizes
 decoder             105  a ~1B Llama student: tokens/s, MFU (measured and vendor peak), memory vs plan
-offload              50  DeepSpeed CPU Adam: build, step time at 1 thread vs every CPU
+offload              55  DeepSpeed CPU Adam: build, step time at 1 thread vs every CPU
 =================  ====  ==============================================================================
 
 Also available (``--sections``): ``minilm``, k=2 in miniature through the student recipe without
@@ -86,9 +86,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("ray_bundle", 25, 240, ray=True),
     Section("ray_train", 120, 600, ray=True),
     Section("zero3", 100, 600, ray=True),
-    Section("teacher_profile", 45, 120),
+    Section("teacher_profile", 40, 120),
     Section("decoder", 105, 300),
-    Section("offload", 50, 300),
+    Section("offload", 55, 600),
     Section("minilm", 60, 300),
 )
 DEFAULT_GPU = ("environment", "ray_bundle", "ray_train", "zero3", "teacher_profile", "decoder", "offload")

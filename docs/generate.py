@@ -519,8 +519,8 @@ job on the GPU (25 s); a real `incr-ray train`, k=2, a training worker killed mi
 resume, which processes held GPU memory when, and the run's scoring against a warm plain loop
 (120 s); ZeRO-3 through Ray Train on one GPU with a checkpoint, a kill, the resume, the consolidated
 save and the in-worker against the saved model's NLL (100 s); a teacher profile on texts of spread
-length, per phase, sorted and not, three batch sizes (45 s); the 1B student below (105 s); and
-DeepSpeed's CPU Adam at 1 thread and every CPU (50 s). MFU is 6·N (training) or 2·N (forward) FLOPs
+length, per phase, sorted and not, three batch sizes (40 s); the 1B student below (105 s); and
+DeepSpeed's CPU Adam at 1 thread and every CPU (55 s). MFU is 6·N (training) or 2·N (forward) FLOPs
 per non-pad token times tokens/s, over both the measured peak and the vendor's dense bf16 figure
 (989 TFLOP/s for H100 SXM and H200; `benchmarks/gpu_mfu.py`); the student's goal is ≥ 40% of the
 vendor figure for the ~1B decoder. `tests/test_gpu_bundle.py` builds the bundle (under 60 MiB) and
