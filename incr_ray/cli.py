@@ -1,4 +1,4 @@
-"""``incr-ray``: train | extend | evaluate | predict | push | plan.
+"""``incr-ray``: train | extend | evaluate | status | suspects | predict | push | plan.
 
 Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 1 anything
 unexpected (with its traceback, since that is our bug) — or, for ``push``, a Hub that could not be
@@ -173,6 +173,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_suspects(args) -> int:
+    from .run.suspects import run_suspects
+
+    g, table, record = run_suspects(args.run, args.generation)  # run.json and Parquet only: no Ray
+    shown = table.slice(0, args.top) if args.top else table
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        shown.to_pandas().to_csv(args.csv, index=False)
+    print(f"generation {g}: {record['rows']} of {record['block_rows']} block rows ({100 * record['share']:.1f}%) "
+          f"get under {record['below']:g} of the teacher for their label; the student was set to "
+          f"{record['policy']} them (method.suspects)" + (f"; {shown.num_rows} written to {args.csv}" if args.csv else ""))
+    if shown.num_rows:
+        print(f"{'row_id':>8}  {'label':<12} {'teacher':<12} {'p(teacher)':>10} {'p(label)':>9}  text")
+        for r in shown.slice(0, args.top or 20).to_pylist():
+            text = r["text"] if len(r["text"]) <= 70 else r["text"][:67] + "..."
+            print(f"{r['row_id']:>8}  {r['label'][:12]:<12} {r['teacher_class'][:12]:<12} {r['teacher_prob']:>10.3f} "
+                  f"{r['label_prob']:>9.3f}  {text}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .predict import predict_texts
 
@@ -280,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone; starts no Ray")
     st.add_argument("--run", required=True, help="run folder (storage.path/run.name), local or a storage URI")
     st.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("suspects", help="the rows whose teacher contradicts their label with confidence "
+                        "(suspected label errors), surest first, from the run folder alone; starts no Ray")
+    sp.add_argument("--run", required=True, help="run folder (storage.path/run.name), local or a storage URI")
+    sp.add_argument("--generation", type=int, metavar="G", help="this generation's (default: the last that has any)")
+    sp.add_argument("--top", type=_positive(int), metavar="N", help="only the N surest (default: print 20, write all)")
+    sp.add_argument("--csv", metavar="FILE", help="write them (all, or --top N) to this CSV file")
+    sp.set_defaults(func=cmd_suspects)
 
     r = sub.add_parser("predict", help="classify texts with a model folder")
     r.add_argument("--model", required=True)

@@ -192,13 +192,25 @@ class MethodSection(_Section):
         "probabilities (and teaches with them). Accuracy is unchanged; run.json records ECE and NLL before "
         "and after. Needs `validation_fraction`.",
     )
+    suspect_below: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Suspected label errors: a block row whose teacher gives its labelled class less than this "
+        "(at τ = 1) is listed in gen_<g>/suspects.parquet (`incr-ray suspects`) and counted in run.json; "
+        "0 lists none.",
+    )
+    suspects: Literal["keep", "one_hot", "drop"] = Field(
+        "keep",
+        description="What the student trains on for suspected label errors: `keep` the target rule as for "
+        "every row (it pushes the label up to p), `one_hot` the label alone, `drop` nothing (left out of "
+        "training). The stored targets stay the rule's either way.",
+    )
 
     @property
     def needs_teacher(self) -> bool:
         """Whether generations 1 and later need the teacher's scores. At threshold 1 every target is
         the one-hot label whatever the teacher says (temperature, α and annealing then act on one-hot
-        targets too); only the gate still reads the teacher's stored probabilities."""
-        return self.threshold < 1.0 or self.keep_best
+        targets too); only the gate and the suspects lever still read the teacher's stored probabilities."""
+        return self.threshold < 1.0 or self.keep_best or self.suspects != "keep"
 
     @model_validator(mode="after")
     def _floor_below_threshold(self) -> "MethodSection":
@@ -413,7 +425,8 @@ class TeacherSection(_Section):
 class EvalSection(_Section):
     """Holdout evaluation: accuracy, macro-F1, NLL and ECE of every generation."""
 
-    batch_size: int = Field(128, gt=0, description="Rows per evaluation batch.")
+    batch_size: int = Field(128, gt=0, description="Rows per forward: of each evaluating training worker (they share "
+                            "each step's rows) and of each actor of `incr-ray evaluate`'s pool.")
     ece_bins: int = Field(15, ge=1, description="Equal-width confidence bins of the expected calibration error.")
     retention_rows: int = Field(
         500, ge=0,

@@ -52,7 +52,7 @@ def reference_settings(storage: Path, data: str, base_model: str, name: str) -> 
         "data": {"source": data, "text_column": "sentence", "label_column": "weather", "eval_split": "test"},
         "model": {"base": base_model, "max_length": 24},
         "method": {"k": 2, "threshold": 0.9, "validation_fraction": 0.2, "calibrate": True, "anneal": True,
-                   "keep_best": True},
+                   "keep_best": True, "suspect_below": 0.3},
         "student": {"epochs": 2, "min_steps": 0, "learning_rate": 1e-2, "batch_size": 16, "schedule": "run",
                     "warmup_ratio": 0.2},
         "replay": {"fraction": 0.5},
@@ -151,3 +151,4 @@ def check_tracking(db: Path, manifest: dict, name: str) -> None:
         assert r.data.metrics["holdout/accuracy"] == pytest.approx(entry["metrics"]["accuracy"])
         assert r.data.metrics["generation/rows"] == entry["rows"]
     assert by_gen[1].data.metrics["teacher_on_block/kept"] == pytest.approx(manifest["generations"][1]["teacher_on_block"]["kept"])
+    assert by_gen[1].data.metrics["suspects/rows"] == manifest["generations"][1]["suspects"]["rows"]

@@ -231,6 +231,8 @@ def extended_copy(head, crash_run, tmp_path_factory):
     # generation trains (a run on the run-long schedule extends at its floor, 10% of the peak).
     job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
                                  "--holdout-fraction", "0.25", "--set", "student.learning_rate=0.005",
+                                 # New data is where label noise arrives: its suspects stay out of training.
+                                 "--set", "method.suspects=drop",
                                  # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
                                  "--set", "cluster.use_gpu=false")
     after = json.loads((run_dir / "run.json").read_text())
@@ -282,13 +284,35 @@ def test_the_extension_adds_one_generation_and_keeps_the_earlier_ones(extended_c
 
 def test_the_changed_setting_is_the_extensions_own(extended_copy):
     gens, after = extended_copy.after["generations"], extended_copy.after
-    assert gens[2]["settings"] == {"student.learning_rate": 0.005} and "settings" not in gens[1]
+    assert gens[2]["settings"] == {"student.learning_rate": 0.005, "method.suspects": "drop"}
+    assert "settings" not in gens[1]
     assert after["config"]["student"]["learning_rate"] == 0.01  # the run's own, for its next extension
-    assert ("generation 2 trains with student.learning_rate=0.005 (the run's: student.learning_rate=0.01)"
-            in extended_copy.output)
+    assert after["config"]["method"]["suspects"] == "keep"
+    assert ("generation 2 trains with student.learning_rate=0.005, method.suspects=drop (the run's: "
+            "student.learning_rate=0.01, method.suspects=keep)" in extended_copy.output)
     # The run-long schedule is spent: the extension trains at its floor, 10% of its own peak.
     assert gens[2]["train"]["max_learning_rate"] == pytest.approx(5e-4)
-    assert "extension (trained with `student.learning_rate=0.005`)" in (extended_copy.run_dir / "report.md").read_text()
+    assert ("extension (trained with `student.learning_rate=0.005`, `method.suspects=drop`)"
+            in (extended_copy.run_dir / "report.md").read_text())
+
+
+def test_the_extensions_suspects_are_left_out_of_its_training(extended_copy):
+    """`--set method.suspects=drop`: the new block's rows its teacher gives their label less than
+    0.3 (R1's method.suspect_below) are listed and not trained on; replay rows are trained on."""
+    from incr_ray.method.hashing import validation_mask
+    from incr_ray.method.suspects import suspect_mask
+
+    gen = extended_copy.after["generations"][2]
+    targets = pq.read_table(extended_copy.run_dir / "gen_002" / "targets").to_pandas()
+    suspect = suspect_mask(np.stack(targets.teacher_probs.to_numpy()), targets.label.to_numpy(), 0.3)
+    suspect &= ~targets.replay.to_numpy()
+    training = ~validation_mask(targets.row_id.to_numpy(), 3, 0.2)  # the run's seed and validation slice
+    listed = pq.read_table(extended_copy.run_dir / "gen_002" / "suspects.parquet").to_pandas()
+    assert sorted(listed.row_id) == sorted(targets.row_id[suspect])
+    assert gen["suspects"]["policy"] == "drop" and gen["suspects"]["rows"] == suspect.sum()
+    assert (suspect & training).sum() > 0  # the lever had rows to drop
+    assert gen["train"]["rows"] == (training & ~suspect).sum()
+    assert "left out of training (method.suspects drop)" in extended_copy.output
 
 
 def test_the_extension_holds_out_its_own_rows(extended_copy):

@@ -70,6 +70,9 @@ class RunPaths:
     def predictions(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "holdout_predictions.parquet")
 
+    def suspects(self, g: int) -> str:
+        return self.join(f"gen_{g:03d}", "suspects.parquet")
+
     @property
     def ray_train(self) -> str:
         return self.join("_ray_train")

@@ -38,6 +38,7 @@ from .manifest import GenerationEntry, RunError, as_sets, extension_settings, no
 from .model_card import write_model_card
 from .record import continual_record, record_fit
 from .report import summary_line
+from .suspects import find_suspects, suspects_record, training_rows, write_suspects
 from .tracking import tracked
 
 
@@ -144,8 +145,25 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
             run.say(f"[gen {g}] teacher on its block: acc {t['accuracy']:.4f}, NLL {t['nll']:.4f}; "
                     f"targets kept {100 * t['kept']:.1f}%, pushed {100 * t['pushed']:.1f}%, "
                     f"floored {100 * t['floored']:.1f}%, mean entropy {t['target_entropy']:.3f} nats")
+    if entry.suspects is None and run.cfg.method.suspect_below > 0:
+        record_suspects(run, g, entry)
     run.save()
     return entry.rows
+
+
+def record_suspects(run: Run, g: int, entry: GenerationEntry) -> None:
+    """gen_<g>/suspects.parquet from the stored targets, its counts in run.json, one console line."""
+    m = run.cfg.method
+    table, block_rows = find_suspects(run.paths.join(entry.targets), run.cfg, run.label_names)
+    dest = run.paths.suspects(g)
+    write_suspects(dest, table)
+    entry.suspects = suspects_record(table, block_rows, run.cfg, run.rel(dest))
+    treated = {"keep": "trained on the target rule like every row", "one_hot": "trained on their label alone",
+               "drop": "left out of training"}[m.suspects]
+    run.say(f"[gen {g}] suspected label errors: {table.num_rows} of {block_rows} block rows "
+            f"({100 * entry.suspects['share']:.1f}%) get under {m.suspect_below:g} of the teacher for their label; "
+            f"{treated} (method.suspects {m.suspects}); list them: incr-ray suspects --run {run.paths.root} "
+            f"--generation {g}")
 
 
 def _teacher_on_validation(run: Run, entry: GenerationEntry) -> dict[str, float]:
@@ -223,15 +241,19 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         rows_ds = one_hot_generation(run, g, block_ds)
     else:
         score_generation(run, g, block_ds, teacher_model)
+        lever = cfg.method.suspects != "keep"
         rows_ds = ray.data.read_parquet(run.paths.join(entry.targets)).select_columns(
-            ["row_id", "text", "label", "target"])
+            ["row_id", "text", "label", "target"] + (["teacher_probs", "replay"] if lever else []))
+        if lever:  # the stored targets stay the rule's; the student reads them with the lever applied
+            rows_ds = rows_ds.map_batches(training_rows(cfg), batch_format="pyarrow")
     train_ds, validation_ds, retention_ds = _student_slices(run, g, rows_ds, block_ds)
 
     # Train, then evaluate in the same workers.
     model_dest = run.paths.model(g)
     if not entry.model:
         init = teacher_model if (teacher_model and cfg.student.init == "previous") else run.base_model
-        train_rows = train_ds.count() if validation_ds is not None else entry.rows
+        train_rows = (train_ds.count() if validation_ds is not None or cfg.method.suspects == "drop"
+                      else entry.rows)
         steps = generation_steps(cfg, train_rows)
         run.say(f"[gen {g}] training student on {train_rows} rows from {run.rel(init)} "
                 f"({cfg.cluster.workers} worker(s), ZeRO-{cfg.deepspeed.stage}, {steps} optimizer steps), "

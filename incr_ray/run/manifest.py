@@ -52,6 +52,9 @@ class GenerationEntry(_Record):
     # What the teacher and the target rule did on the block's own rows (not replay), from the
     # stored targets: accuracy, nll, kept/pushed/floored shares, target_entropy, rows.
     teacher_on_block: dict[str, float] | None = None
+    # Suspected label errors among the block's own rows (method.suspect_below): gen_<g>/suspects.parquet,
+    # and rows, block_rows, share, below, policy (method.suspects: what the student trained on for them).
+    suspects: dict[str, Any] | None = None
     # Training: gen_<g>/model, the workers' figures, holdout metrics.
     model: str | None = None
     adapter: str | None = None  # gen_<g>/adapter: the LoRA adapter merged into model (student.lora.r > 0)
@@ -206,9 +209,11 @@ def result_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 # What `incr-ray extend --set` may change for the generation it trains: how that new student
 # learns (the extension study measured an extension at 10% of the peak learning rate moving the
-# model least), never what the earlier generations contain or how targets are made.
+# model least) and what it does with the rows its teacher flags as suspected label errors (new
+# data is where noise arrives), never what the earlier generations contain or how targets are made.
 EXTENSION_SETTINGS = ("student.epochs", "student.min_steps", "student.learning_rate", "student.schedule",
-                      "student.weight_decay", "student.warmup_ratio", "student.batch_size", "student.grad_accum")
+                      "student.weight_decay", "student.warmup_ratio", "student.batch_size", "student.grad_accum",
+                      "method.suspect_below", "method.suspects")
 
 
 def as_sets(settings: dict[str, Any] | None) -> str:

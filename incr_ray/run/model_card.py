@@ -117,6 +117,13 @@ def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]
         ]
         if m.anneal:
             rows.append(("teacher annealing", "on: targets move from the teacher's to one-hot over the generation"))
+        if entry.suspects:
+            sp = entry.suspects
+            treated = {"keep": "trained on like every row", "one_hot": "trained on their label alone",
+                       "drop": "left out of training"}[sp["policy"]]
+            rows.append(("suspected label errors", f"{sp['rows']} of {sp['block_rows']} block rows "
+                         f"({100 * sp['share']:.1f}%) got under {sp['below']:g} of the teacher for their label; "
+                         f"{treated}"))
     rows.append(("initialised from", "the base model" if g == 0 or s.init == "base" else "its teacher's weights"))
     if m.validation_fraction > 0:
         v = entry.validation or {}

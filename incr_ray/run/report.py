@@ -116,9 +116,10 @@ def teacher_table_markdown(generations: list[dict[str, Any]]) -> str | None:
     rows = [e for e in generations if e["index"] >= 1]
     if not any(e.get("teacher_on_block") for e in rows):
         return None
+    suspects = any(e.get("suspects") for e in rows)
     head = ("| gen | block rows | teacher accuracy | teacher NLL | kept | pushed | floored "
-            "| mean target entropy (nats) |\n")
-    head += "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| mean target entropy (nats) |" + (" suspected label errors |" if suspects else "") + "\n")
+    head += "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if suspects else "") + "\n"
     lines = []
     for e in rows:
         t = e.get("teacher_on_block") or {}
@@ -126,6 +127,9 @@ def teacher_table_markdown(generations: list[dict[str, Any]]) -> str | None:
         cells = [str(e["index"]), _num(int(block_rows) if block_rows is not None else None, "d"),
                  _num(t.get("accuracy"), ".4f"), _num(t.get("nll"), ".4f"), _pct(t.get("kept")),
                  _pct(t.get("pushed")), _pct(t.get("floored")), _num(t.get("target_entropy"), ".3f")]
+        if suspects:
+            sp = e.get("suspects")
+            cells.append(f"{sp['rows']} ({_pct(sp['share'])}, {sp['policy']})" if sp else DASH)
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -186,8 +190,8 @@ def drift_markdown(drift: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n" + note
 
 
-OPTIONAL_FIELDS = ("extended", "settings", "promoted", "teacher_on_block", "continual", "validation", "calibration",
-                   "own_holdout", "own_holdout_rows", "drift")
+OPTIONAL_FIELDS = ("extended", "settings", "promoted", "teacher_on_block", "suspects", "continual", "validation",
+                   "calibration", "own_holdout", "own_holdout_rows", "drift")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -238,7 +242,9 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
                "Each generation's teacher on the new block's own rows (replay rows left "
                "out), before the student trained on it: its accuracy and NLL (at τ = 1), and which "
                "branch of the target rule each row took — kept (q_c ≥ p: t = q), pushed (t_c raised to p), "
-               "floored (q_c < f: one-hot) — with the targets' mean entropy.", "", teacher]
+               "floored (q_c < f: one-hot) — with the targets' mean entropy. Suspected label errors: rows "
+               "whose teacher gives their label less than method.suspect_below (`incr-ray suspects` lists "
+               "them), and what the student trained on for them (method.suspects).", "", teacher]
     calibration = calibration_table_markdown(gens)
     if calibration:
         md += ["## Calibration (temperature scaling)", "", calibration]

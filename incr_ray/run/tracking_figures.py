@@ -10,7 +10,8 @@ from typing import Any
 # MLflow's limit: characters per param value.
 MAX_PARAM_CHARS = 6000
 # Groups of a generation's entry in run.json that become its metrics, as "<group>/<name>".
-ENTRY_GROUPS = {"metrics": "holdout", "teacher_on_block": "teacher_on_block", "continual": "continual",
+ENTRY_GROUPS = {"metrics": "holdout", "teacher_on_block": "teacher_on_block", "suspects": "suspects",
+                "continual": "continual",
                 "validation": "validation", "calibration": "calibration", "train": "train"}
 ENTRY_FIGURES = ("rows", "block_rows", "replay_rows", "scoring_seconds", "eval_seconds", "seconds")
 

@@ -169,9 +169,9 @@ def test_zero3_saves_consolidated_trained_weights(faults_run, tiny_bert):
         assert len(changed) > len(initial) // 2, "most weights should have moved during training"
 
 
-def test_the_partitioned_evaluation_matches_the_saved_model(faults_run):
-    """The workers evaluated their partitioned (ZeRO-3) model in memory; the saved, consolidated
-    weights scored by the actor pool (`incr-ray evaluate`) give the same figures."""
+def test_the_workers_evaluation_matches_the_saved_model(faults_run):
+    """The ZeRO-3 workers evaluated the consolidated model they saved, both ranks sharing the rows;
+    the same folder scored by the actor pool (`incr-ray evaluate`) gives the same figures."""
     for g, metrics in faults_run.evaluated:
         assert metrics == pytest.approx(faults_run.manifest["generations"][g]["metrics"], rel=1e-5), g
 

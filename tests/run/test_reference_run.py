@@ -206,3 +206,32 @@ def test_status_of_the_finished_run(ref, capsys):
 
 def test_mlflow_has_one_parent_and_a_nested_run_per_generation(ref):
     check_tracking(ref.work / "runs" / "mlflow.db", ref.manifest, "reference")
+
+
+def test_suspected_label_errors_are_the_block_rows_the_teacher_contradicts(ref):
+    """gen_001/suspects.parquet holds exactly the block rows whose teacher (at τ = 1) gives their
+    label less than method.suspect_below (0.3 here), surest first; run.json, the console, report.md
+    and the model card count them; `incr-ray suspects` lists them from the folder."""
+    from incr_ray import cli
+    from incr_ray.method.suspects import suspect_mask
+
+    targets = _targets(ref, 1)
+    own = targets[~targets.replay]
+    probs = np.stack(own.teacher_probs.to_numpy())
+    expected = own[suspect_mask(probs, own.label.to_numpy(), 0.3)]
+    table = pq.read_table(ref.root / "gen_001" / "suspects.parquet").to_pandas()
+    assert 0 < len(table) < len(own), len(table)  # some, not all: the check can fail both ways
+    assert sorted(table.row_id) == sorted(expected.row_id)
+    assert table.label_prob.is_monotonic_increasing and (table.label_prob < 0.3).all()
+    assert set(table.label) <= set(CLASSES) and (table.label != table.teacher_class).any()
+    record = ref.manifest["generations"][1]["suspects"]
+    assert record == {"path": "gen_001/suspects.parquet", "rows": len(table), "block_rows": len(own),
+                      "share": len(table) / len(own), "below": 0.3, "policy": "keep"}
+    assert "suspects" not in ref.manifest["generations"][0]  # generation 0 has no teacher
+    assert any(line.startswith(f"[gen 1] suspected label errors: {len(table)} of {len(own)} block rows ")
+               for line in ref.said), ref.said
+    assert f"| {len(table)} (" in (ref.root / "report.md").read_text()
+    assert "| suspected label errors | " in (ref.root / "gen_001" / "model" / "README.md").read_text()
+    out = ref.root.parent / "suspects.csv"
+    assert cli.main(["suspects", "--run", str(ref.root), "--csv", str(out)]) == 0
+    assert pd.read_csv(out).row_id.tolist() == table.row_id.tolist()
