@@ -183,3 +183,15 @@ def test_student_gap_takes_each_ratio_against_the_same_rounds_plain_fit():
     text = student_gap.render(r)
     assert "| + DeepSpeed ZeRO-0 engine, fresh process | 18.0 / 9.0 | 0.90× (0.90–0.90) |" in text
     assert "| the students' fit_student (Ray Train + DeepSpeed + Ray Data) | 14.0 / 8.0 | 0.75× (0.70–0.80) |" in text
+
+
+def test_teacher_scoring_steady_rate_leaves_the_first_arrival_out():
+    import teacher_scoring
+
+    # start-up and the first block before t=10; then 300 rows in 3 s
+    assert teacher_scoring.steady_rate([(10.0, 50), (11.0, 100), (13.0, 200)]) == pytest.approx(100.0)
+    assert teacher_scoring.steady_rate([(10.0, 50)]) is None
+    assert teacher_scoring.steady_rate([]) is None
+    calls = []
+    rate = teacher_scoring.plain_rate(calls.append, [{"label": [0] * 4}] * 3)
+    assert len(calls) == 3 and rate > 0  # the warm-up batch is called, not counted
