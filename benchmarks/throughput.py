@@ -8,7 +8,8 @@ ratio compares two measurements taken minutes apart under the same conditions:
 1. teacher scoring: rows/s of ``generation.teacher.score_block`` (Ray Data actor pool, 1 actor × 2 threads,
    and 2 actors × 1 thread) vs a plain loop (tokenizer + model + softmax + soft targets, 2 torch
    threads) over the same rows, model and batch size; for the whole call (start-up included) and
-   at the margin (between half and all of the rows, which cancels start-up);
+   at the margin (between half and all of the rows, which cancels start-up); the steady state with
+   a timed warm-up, and before/after the length-sorted scorer, is ``benchmarks/teacher_scoring.py``'s;
 2. student training: samples/s of ``generation.student.fit_student`` with the defaults (Ray Train +
    DeepSpeed, ``deepspeed.stage`` and ``cluster.cpus_per_worker`` auto: ZeRO-0, 1 worker × 2 threads
    here), with ZeRO-2, with 1 thread (the old default), and with 2 workers × 1 thread, vs a plain
