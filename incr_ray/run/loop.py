@@ -363,8 +363,8 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
             for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.adapter(g), run.paths.own_holdout(g)):
                 remove_tree(leftover)  # of a crash before run.json knew them
         if settings:
-            say(f"generation {g} trains with {as_sets(settings)} (the run's: "
-                f"{as_sets({k: v for k, v in result_settings(m.config).items() if k in settings})})")
+            own = result_settings(m.config)
+            say(f"generation {g} trains with {as_sets(settings)} (the run's: {as_sets({k: own[k] for k in settings})})")
         teacher = m.teacher_of(g)
         block = _carve_own_holdout(run, g, new_block).with_column("block", lit(np.int64(g)))
         entry = run_generation(run, g, block, teacher, extended=True)
