@@ -19,6 +19,9 @@ import numpy as np
 from .targets import check_prob_rows, softmax
 
 POLICIES = ("keep", "one_hot", "drop")
+# What each policy does with the suspects, as the console, the model card and the CLI say it.
+TREATED = {"keep": "trained on the target rule like every row", "one_hot": "trained on their label alone",
+           "drop": "left out of training"}
 
 
 def at_unit_temperature(probs, temperature: float) -> np.ndarray:

@@ -38,7 +38,7 @@ from .manifest import GenerationEntry, RunError, as_sets, extension_settings, no
 from .model_card import write_model_card
 from .record import continual_record, record_fit
 from .report import summary_line
-from .suspects import find_suspects, suspects_record, training_rows, write_suspects
+from .suspects import record_suspects, training_rows
 from .tracking import tracked
 
 
@@ -149,21 +149,6 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
         record_suspects(run, g, entry)
     run.save()
     return entry.rows
-
-
-def record_suspects(run: Run, g: int, entry: GenerationEntry) -> None:
-    """gen_<g>/suspects.parquet from the stored targets, its counts in run.json, one console line."""
-    m = run.cfg.method
-    table, block_rows = find_suspects(run.paths.join(entry.targets), run.cfg, run.label_names)
-    dest = run.paths.suspects(g)
-    write_suspects(dest, table)
-    entry.suspects = suspects_record(table, block_rows, run.cfg, run.rel(dest))
-    treated = {"keep": "trained on the target rule like every row", "one_hot": "trained on their label alone",
-               "drop": "left out of training"}[m.suspects]
-    run.say(f"[gen {g}] suspected label errors: {table.num_rows} of {block_rows} block rows "
-            f"({100 * entry.suspects['share']:.1f}%) get under {m.suspect_below:g} of the teacher for their label; "
-            f"{treated} (method.suspects {m.suspects}); list them: incr-ray suspects --run {run.paths.root} "
-            f"--generation {g}")
 
 
 def _teacher_on_validation(run: Run, entry: GenerationEntry) -> dict[str, float]:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, config_from_dict
+from ..method.suspects import TREATED
 from ..storage import is_remote, write_bytes_atomic
 from .manifest import GenerationEntry, Manifest
 
@@ -119,8 +120,7 @@ def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]
             rows.append(("teacher annealing", "on: targets move from the teacher's to one-hot over the generation"))
         if entry.suspects:
             sp = entry.suspects
-            treated = {"keep": "trained on like every row", "one_hot": "trained on their label alone",
-                       "drop": "left out of training"}[sp["policy"]]
+            treated = TREATED[sp["policy"]]
             rows.append(("suspected label errors", f"{sp['rows']} of {sp['block_rows']} block rows "
                          f"({100 * sp['share']:.1f}%) got under {sp['below']:g} of the teacher for their label; "
                          f"{treated}"))

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..method.suspects import apply_policy, at_unit_temperature, contradiction, most_confident_first, suspect_mask
+from ..method.suspects import (TREATED, apply_policy, at_unit_temperature, contradiction, most_confident_first,
+                               suspect_mask)
 from ..storage import parquet_batches, read_bytes, write_bytes_atomic
 
 BATCH = 4096
@@ -100,6 +101,21 @@ def suspects_record(table: pa.Table, block_rows: int, cfg: Config, path: str) ->
     return {"path": path, "rows": table.num_rows, "block_rows": block_rows,
             "share": table.num_rows / block_rows if block_rows else 0.0, "below": m.suspect_below,
             "policy": m.suspects}
+
+
+def record_suspects(run, g: int, entry) -> None:
+    """gen_<g>/suspects.parquet from generation ``g``'s stored targets, its counts in its run.json
+    ``entry`` (saved by the caller), one console line. ``run``: the open :class:`incr_ray.run.folder.Run`."""
+    m = run.cfg.method
+    table, block_rows = find_suspects(run.paths.join(entry.targets), run.cfg, run.label_names)
+    dest = run.paths.suspects(g)
+    write_suspects(dest, table)
+    entry.suspects = suspects_record(table, block_rows, run.cfg, run.rel(dest))
+    treated = TREATED[m.suspects]
+    run.say(f"[gen {g}] suspected label errors: {table.num_rows} of {block_rows} block rows "
+            f"({100 * entry.suspects['share']:.1f}%) get under {m.suspect_below:g} of the teacher for their label; "
+            f"{treated} (method.suspects {m.suspects}); list them: incr-ray suspects --run {run.paths.root} "
+            f"--generation {g}")
 
 
 def training_rows(cfg: Config):
