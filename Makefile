@@ -5,10 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
-# DeepSpeed's JIT ops (its CPU shared-memory collective, CPU Adam) build into the venv: in the shared
-# ~/.cache/torch_extensions, two clones on one machine rebuilt the op whenever the other had built it
-# last (its build.ninja names the venv's paths), 28 s inside a training worker's set-up each time.
-export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 # The oldest Python the pins resolve for (pyproject's requires-python): an older interpreter gets
 # one line naming the version instead of pip's resolver output.
 PYTHON_MIN := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)".*/\1/p' pyproject.toml)
