@@ -5,6 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# The venv's tools first for every recipe and what it starts (Ray's workers, a `ray start` head):
+# DeepSpeed JIT-builds its ops with whichever `ninja` is on PATH, and the venv's (1.13) and the
+# system's (1.11) log different command hashes, so each rebuilt the CPU shm op the other had
+# built, 25-30 s inside a training worker's set-up (R4's and R5's first fits).
+export PATH := $(abspath $(BIN)):$(PATH)
 # The oldest Python the pins resolve for (pyproject's requires-python): an older interpreter gets
 # one line naming the version instead of pip's resolver output.
 PYTHON_MIN := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)".*/\1/p' pyproject.toml)
