@@ -5,20 +5,18 @@ Import this module before ray: it sets the environment Ray and the Hugging Face 
 import time: Ray on loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), nothing fetched from a hub,
 DeepSpeed on its CPU accelerator.
 
-It also holds the statistics the scripts share: the mean and 95% confidence interval of paired
-per-seed differences (:func:`paired_difference`, Student t over seeds) and the verdict a goal gets
-from it (:func:`verdict`). What a run is — its result (``incr_ray.run.report.final_entry``), a copy
+The statistics the scripts share (the mean and 95% confidence interval of paired per-seed
+differences, the verdict a goal gets from one) live in the package, ``incr_ray.method.paired``,
+where ``incr-ray compare`` reads them too; they are imported here under their names. What a run is — its result (``incr_ray.run.report.final_entry``), a copy
 of its first generations (``incr_ray.run.folder.fork_run``) — the scripts take from the package.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +35,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a clone without `pip install -e`
     sys.path.insert(0, str(ROOT))
+
+from incr_ray.method.paired import (T_975, Z_975, fmt_difference, mean_ci, mean_std,  # noqa: E402,F401
+                                    paired_difference, seeds_to_resolve, t_975, verdict)
 
 
 def start_local_ray() -> None:
@@ -167,92 +168,6 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    vals = [float(v) for v in values]
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Paired differences over seeds
-
-# Two-sided 95% quantiles of Student's t, t_{0.975}(df), df = 1 … 30 (scipy is not in the venv;
-# tests/test_benchmarks_quality.py checks every entry against a numerical integral of the density).
-T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-Z_975 = 1.959963984540054
-
-
-def t_975(df: int) -> float:
-    """t_{0.975}(df): the table up to 30, beyond it the Cornish-Fisher expansion around the normal
-    quantile (within 1e-4 of the exact value from df 30 on)."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be ≥ 1, not {df}")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = Z_975
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-
-
-def mean_ci(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample std and the 95% Student-t confidence interval of the mean of ``values``
-    (``lo``/``hi``/``half_width`` are None for a single value: one seed gives no interval)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("no values")
-    n = len(vals)
-    mean, std = mean_std(vals)
-    half = t_975(n - 1) * std / math.sqrt(n) if n > 1 else None
-    return {"n": n, "mean": mean, "std": std, "half_width": half,
-            "lo": None if half is None else mean - half, "hi": None if half is None else mean + half}
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """``a − b`` per seed (``a[i]`` and ``b[i]`` from the same seed), its mean and 95% CI.
-
-    ``noise`` is True when the interval contains 0 (the difference is inside the seed noise),
-    None when there is no interval (one seed).
-    """
-    if len(a) != len(b):
-        raise ValueError(f"paired values need the same seeds: {len(a)} against {len(b)}")
-    diffs = [float(x) - float(y) for x, y in zip(a, b)]
-    out = mean_ci(diffs)
-    out["diffs"] = diffs
-    out["noise"] = None if out["lo"] is None else bool(out["lo"] <= 0.0 <= out["hi"])
-    return out
-
-
-def verdict(diff: dict[str, Any], threshold: float = 0.0, higher_is_better: bool = True) -> str:
-    """A goal "difference better than ``threshold``" read from a :func:`paired_difference`:
-    ``met`` when the whole 95% interval is on the good side, ``missed`` when it is all on the bad
-    side, ``inside the seed noise`` when it contains the threshold; with one seed (no interval),
-    ``met (one seed)`` or ``missed (one seed)`` by the point estimate."""
-    sign = 1.0 if higher_is_better else -1.0
-    if diff["lo"] is None:
-        good = sign * (diff["mean"] - threshold) >= 0
-        return "met (one seed)" if good else "missed (one seed)"
-    worst = diff["lo"] if higher_is_better else diff["hi"]
-    best = diff["hi"] if higher_is_better else diff["lo"]
-    if sign * (worst - threshold) >= 0:
-        return "met"
-    if sign * (best - threshold) < 0:
-        return "missed"
-    return "inside the seed noise"
-
-
-def fmt_difference(diff: dict[str, Any], scale: float = 1.0, digits: int = 2, noise_note: bool = True) -> str:
-    """``+1.23 [−0.40, +2.86]`` (mean and 95% CI, times ``scale``), with ", inside the seed noise"
-    when the interval contains 0."""
-    text = f"{scale * diff['mean']:+.{digits}f}"
-    if diff["lo"] is not None:
-        text += f" [{scale * diff['lo']:+.{digits}f}, {scale * diff['hi']:+.{digits}f}]"
-        if noise_note and diff["noise"]:
-            text += ", inside the seed noise"
-    return text.replace("-", "−")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
