@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "incr_ray"
 
 # Higher layers may import lower ones, never the reverse (a layer may import itself).
 LAYERS = {
-    "cli": 6,
+    "cli": 7,
+    "compare": 6,  # runs many runs: above run, below the command line
     "run": 5,
     "resolve": 4,  # every cluster-dependent `auto`, from the rules in generation and plan
     "generation": 3,
@@ -22,6 +23,7 @@ LAYERS = {
     "plan": 3,
     "data": 2,
     "modeling": 2,
+    "heads": 2,
     "lora": 2,
     "method": 1,
     "config": 1,

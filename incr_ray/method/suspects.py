@@ -33,13 +33,18 @@ def at_unit_temperature(probs, temperature: float) -> np.ndarray:
     return softmax(np.log(np.maximum(probs, 1e-300)) * temperature)
 
 
-def suspect_mask(probs, labels, below: float, temperature: float = 1.0) -> np.ndarray:
+def suspect_mask(probs, labels, below: float, temperature: float = 1.0, teacher_classes: int | None = None) -> np.ndarray:
     """``(n,)`` bool: the teacher's probability of the labelled class (at ``τ = 1``; ``probs`` are
-    stored at ``temperature``) is below ``below`` (0: none is)."""
+    stored at ``temperature``) is below ``below`` (0: none is).
+
+    ``teacher_classes``: how many classes the teacher was trained on, when an extension added
+    more (their columns of ``probs`` are zero padding): a row of a class the teacher never saw is
+    no suspect — its 0 says nothing about the label."""
     if not 0.0 <= below < 1.0:
         raise ValueError(f"below must be in [0, 1), got {below}")
     probs, labels = check_prob_rows(at_unit_temperature(probs, temperature), labels)
-    return probs[np.arange(len(labels)), labels] < below
+    known = labels < (teacher_classes if teacher_classes is not None else probs.shape[1])
+    return (probs[np.arange(len(labels)), labels] < below) & known
 
 
 def contradiction(probs, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -117,6 +117,8 @@ def soft_targets(probs, labels, threshold: float = 0.9, floor: float | None = No
       classes shrink in proportion and the correct one rises to ``p``.
 
     With ``threshold == 1`` every row with ``q_c < 1`` gets ``t_c = 1`` and zeros elsewhere.
+    Classes the teacher was never trained on (an extension that adds labels) come in as zero
+    columns (:func:`padded_probs`): their rows are pushed, or one-hot under a floor ``f > 0``.
     No renormalisation is done, so kept rows equal ``q`` exactly and every row sums to 1 as
     closely as its input row did.
 
@@ -151,6 +153,41 @@ def soft_targets(probs, labels, threshold: float = 0.9, floor: float | None = No
     targets[hard] = 0.0
     targets[rows[hard], labels[hard]] = 1.0
     return targets
+
+
+def padded_probs(probs, num_classes: int) -> np.ndarray:
+    """The teacher's probabilities over the classes it knows, padded with zeros for classes added
+    after it was trained (``incr-ray extend --allow-new-labels``; new ids are appended, so they
+    are the last columns).
+
+    :func:`soft_targets` on the padded rows is the method's rule for new classes, with no new
+    formula (DESIGN.md §1.7): a row of a new class ``c`` has ``q_c = 0 < p``, so it is pushed —
+    ``t_c = p`` and the teacher's old-class distribution scaled by ``(1 − p)``; old-class rows
+    get exactly the targets they would have got unpadded (and zeros in the new columns). With a
+    floor ``f > 0`` every new-class row is below it (``q_c = 0 < f``) and its target is the
+    one-hot label; ``f = 0`` floors nothing, so there the rows are pushed as above.
+
+    Args:
+        probs: ``(n, C_old)`` the teacher's probabilities.
+        num_classes: ``C ≥ C_old``, the classes the student learns.
+
+    Returns:
+        ``(n, C)`` float64: ``probs`` followed by ``C − C_old`` zero columns (a float64 copy
+        when ``C == C_old``).
+
+    Raises:
+        ValueError: ``probs`` not 2-D, or ``num_classes`` below its width.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be 2-D (n, C), got shape {probs.shape}")
+    known = probs.shape[1]
+    if num_classes < known:
+        raise ValueError(f"num_classes {num_classes} is below the teacher's {known} classes; "
+                         "a label map only grows")
+    out = np.zeros((probs.shape[0], num_classes), dtype=np.float64)
+    out[:, :known] = probs
+    return out
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:

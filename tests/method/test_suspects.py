@@ -20,6 +20,16 @@ def test_a_suspect_is_a_row_whose_teacher_gives_its_label_less_than_below():
         suspect_mask(PROBS, LABELS, 1.0)
 
 
+def test_a_row_of_a_class_the_teacher_never_saw_is_no_suspect():
+    from incr_ray.method.targets import padded_probs
+
+    padded = padded_probs(PROBS, 3)  # an extension added class 2: the teacher gives it 0
+    labels = np.array([1, 0, 2, 0, 2])
+    assert suspect_mask(padded, labels, 0.1, teacher_classes=2).tolist() == [True, True, False, True, False]
+    assert suspect_mask(padded, labels, 0.1, temperature=2.0, teacher_classes=2)[[2, 4]].tolist() == [False, False]
+    assert suspect_mask(padded, labels, 0.1).tolist() == [True, True, True, True, True]  # without: all of them
+
+
 def test_suspects_are_judged_on_the_teachers_own_distribution_whatever_the_stored_temperature():
     logits = np.array([[2.0, -1.0], [0.3, 0.0]])
     stored = softmax(logits, 2.0)  # what the scorer stores at method.temperature 2

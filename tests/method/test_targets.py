@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from incr_ray.method.targets import soft_targets, softmax
+from incr_ray.method.targets import padded_probs, soft_targets, softmax
 
 
 @st.composite
@@ -165,3 +165,57 @@ def test_softmax_temperature_flattens():
 def test_softmax_rejects_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature"):
         softmax(np.zeros((1, 2)), temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# New classes (extend --allow-new-labels): the teacher's softmax padded with zeros, then the rule
+
+
+@settings(max_examples=200, deadline=None)
+@given(prob_batches(), rule_params(), st.integers(1, 3), st.data())
+def test_padded_rule_pushes_new_class_rows_and_leaves_old_rows_alone(batch, params, added, data):
+    probs, old_labels = batch
+    p, floor = params
+    n, known = probs.shape
+    total = known + added
+    labels = data.draw(arrays(np.int64, (n,), elements=st.integers(0, total - 1)))
+    padded = padded_probs(probs, total)
+    t = soft_targets(padded, labels, threshold=p, floor=floor)
+    new = labels >= known
+
+    np.testing.assert_array_equal(padded[:, :known], probs)
+    assert (padded[:, known:] == 0).all()
+    assert t.shape == (n, total)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0, rtol=0, atol=1e-9)
+    # Old-class rows: the targets the rule gives without padding, and nothing on the new classes.
+    np.testing.assert_array_equal(t[~new, :known], soft_targets(probs[~new], labels[~new], p, floor))
+    assert (t[~new, known:] == 0).all()
+    # New-class rows: q_c = 0 is below every floor f > 0 (one-hot); otherwise t_c = p and the
+    # teacher's old-class distribution scaled by 1 - p.
+    rows = np.flatnonzero(new)
+    if floor is not None and floor > 0:
+        np.testing.assert_array_equal(t[rows], np.eye(total)[labels[rows]])
+    else:
+        expected = np.zeros((len(rows), total))
+        expected[:, :known] = probs[rows] * (1 - p)
+        expected[np.arange(len(rows)), labels[rows]] = p
+        np.testing.assert_allclose(t[rows], expected, rtol=0, atol=1e-15)
+
+
+def test_padded_rule_by_hand():
+    # The teacher knows (a, b); c is new. p = 0.9.
+    q = np.array([[0.7, 0.3], [0.2, 0.8]])
+    t = soft_targets(padded_probs(q, 3), np.array([2, 1]), threshold=0.9)
+    np.testing.assert_allclose(t, [[0.07, 0.03, 0.9], [0.1, 0.9, 0.0]])
+    t = soft_targets(padded_probs(q, 3), np.array([2, 1]), threshold=0.9, floor=0.05)
+    np.testing.assert_allclose(t, [[0.0, 0.0, 1.0], [0.1, 0.9, 0.0]])
+
+
+def test_padding_to_the_same_width_changes_nothing_and_a_map_never_shrinks():
+    q = np.array([[0.25, 0.75]], dtype=np.float32)
+    same = padded_probs(q, 2)
+    assert same.dtype == np.float64 and np.array_equal(same, q.astype(np.float64))
+    with pytest.raises(ValueError, match="below the teacher's 2 classes"):
+        padded_probs(q, 1)
+    with pytest.raises(ValueError, match="2-D"):
+        padded_probs(np.ones(3), 4)
