@@ -1,4 +1,4 @@
-"""``incr-ray``: train | extend | evaluate | status | suspects | predict | push | plan.
+"""``incr-ray``: train | extend | compare | evaluate | status | suspects | predict | push | plan.
 
 Exit codes: 0 success, 2 bad usage/config/data (one line on stderr, no traceback), 1 anything
 unexpected (with its traceback, since that is our bug) — or, for ``push``, a Hub that could not be
@@ -154,6 +154,23 @@ def cmd_extend(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare.trials import run_compare
+    from .config import load_config, raw_config
+    from .run.preflight import check_model_and_storage
+
+    raw = raw_config(args.config)
+    check_model_and_storage(load_config(args.config, args.set or []))  # before Ray starts
+    summary = run_compare(raw, args.set or [], args.seeds, args.against, args.grid or [], args.max_concurrent,
+                          start_ray=lambda: init_ray(args.address))
+    from .compare.report import render_markdown
+
+    print()
+    print(render_markdown(summary))
+    failed = [t for t in summary["trials"] if t.get("status") != "finished"]
+    return 1 if failed and len(failed) == len(summary["trials"]) else 0
+
+
 def cmd_evaluate(args) -> int:
     from .run.loop import evaluate_run
 
@@ -288,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "every later generation is scored on it, so drift and forgetting show (default 0: off)")
     with_address(e)
     e.set_defaults(func=cmd_extend)
+
+    c = sub.add_parser(
+        "compare", help="does the config help on this data? its variants × seeds as Ray Tune trials, paired by seed",
+        description="Run the config, each --against baseline and each --grid value on --seeds seeds (run.seed, "
+        "run.seed+1, ...) as Ray Tune trials, each a normal run folder in <storage.path>/<run.name>/, and report "
+        "each variant minus the config's own run per seed, with the 95%% interval of the mean difference, in "
+        "compare.{json,md,png} there. The same command again reads finished trials back and runs the rest.")
+    with_config(c)
+    c.add_argument("--seeds", type=_positive(int), default=3, metavar="N", help="seeds per variant (default 3, at least 2)")
+    c.add_argument("--against", metavar="NAMES",
+                   help="baselines, comma-separated: full (one fine-tune on all training rows, method.k=1), "
+                        "sequential (the same blocks with one-hot targets, method.threshold=1)")
+    c.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="one variant per value of a setting, e.g. --grid method.threshold=0.8,0.95 (repeatable)")
+    c.add_argument("--max-concurrent", type=_positive(int), metavar="N",
+                   help="trials at once (default: as many runs as the cluster's CPUs and GPUs hold)")
+    with_address(c)
+    c.set_defaults(func=cmd_compare)
 
     v = sub.add_parser("evaluate", help="holdout (or --data) metrics of a run's final model")
     v.add_argument("--run", required=True)

@@ -144,9 +144,10 @@ class MethodSection(_Section):
     """The teacher-student method: blocks, the target rule and the student's loss."""
 
     k: int = Field(
-        4, ge=2,
+        4, ge=1,
         description="Number of blocks the training set is cut into = number of generations: M_0 on "
-        "block 0, then k−1 students.",
+        "block 0, then k−1 students. k=1 is one plain fine-tune on every training row (`incr-ray compare "
+        "--against full`).",
     )
     threshold: float = Field(
         0.9, gt=0.0, le=1.0,
@@ -455,6 +456,11 @@ class TrackingSection(_Section):
         "MLflow 3 no longer opens folder stores; use `sqlite:///<folder>/mlflow.db`.",
     )
     experiment: str = Field("incr-ray", description="mlflow experiment (wandb project) the runs are logged under.")
+    parent_run: str | None = Field(
+        None,
+        description="mlflow: the run id this run's parent run nests under. `incr-ray compare` sets it to the "
+        "comparison's own run, so each trial shows under it; unset: a top-level run.",
+    )
 
 
 class Config(_Section):
@@ -564,6 +570,12 @@ def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = N
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or none: all defaults) and apply ``--set`` overrides."""
+    return config_from_dict(raw_config(path), overrides)
+
+
+def raw_config(path: str | Path | None = None) -> Any:
+    """A YAML config file's mapping as written (none: ``{}``); unreadable or invalid YAML is a
+    one-line :class:`ConfigError`."""
     raw: Any = {}
     if path is not None:
         p = Path(path)
@@ -577,4 +589,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
-    return config_from_dict(raw, overrides)
+    return raw

@@ -93,7 +93,7 @@ def write(path: Path, text: str) -> str:
     "overrides, needles",
     [
         (["method.kk=3"], ["unknown key 'kk'", "threshold"]),
-        (["method.k=1"], ["method.k"]),
+        (["method.k=0"], ["method.k"]),
         (["method.threshold=0"], ["method.threshold"]),
         (["method.threshold=1.5"], ["method.threshold"]),
         (["method.threshold=-0.2"], ["method.threshold"]),
@@ -217,6 +217,6 @@ def test_entry_point_exit_codes(tmp_path, tiny_bert):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].split("\t")[0] in {"c0", "c1", "c2"}
-    bad = incr_ray("train", "--set", "method.k=1", "--set", f"storage.path={tmp_path}/runs")
+    bad = incr_ray("train", "--set", "method.k=0", "--set", f"storage.path={tmp_path}/runs")
     assert_usage_error(bad, "method.k")
     assert bad.stdout == "" and len(bad.stderr.splitlines()) == 1, bad.stderr

@@ -42,7 +42,7 @@ def test_overrides_do_not_mutate_input():
         (["method=3"], "is a section"),
         (["method.k"], "expected KEY=VALUE"),
         (["method.k.x=1"], "not a section"),
-        (["method.k=1"], "method.k"),
+        (["method.k=0"], "method.k"),
         (["method.threshold=0"], "method.threshold"),
         (["method.threshold=1.01"], "method.threshold"),
         (["method.floor=-0.1"], "method.floor"),

@@ -265,7 +265,7 @@ class MlflowTracker(Tracker):
         self._safely("closing its runs", close)
 
 
-def _experiment_id(client, name: str, uri: str) -> str:
+def find_experiment(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         return client.create_experiment(name, artifact_location=artifact_location(uri))
@@ -275,25 +275,31 @@ def _experiment_id(client, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
+def quiet_mlflow_store() -> None:
+    """MLflow announces the tables it creates in a new store at INFO; our own line says enough."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def open_mlflow(cfg: Config, manifest, say: Callable[[str], None]) -> Tracker:
     """The parent run of ``manifest`` (the one run.json names, else a new one with the config as
     params); a store that cannot be opened is said once and the run goes on untracked."""
-    import logging
-
     uri = mlflow_uri(cfg)
     try:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        # MLflow announces the tables it creates in a new store at INFO; our own line says enough.
-        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_mlflow_store()
         client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+        experiment_id = find_experiment(client, cfg.tracking.experiment, uri)
         tracker = MlflowTracker(client, uri, experiment_id, manifest.tracking_run_id or "", say)
         if not (manifest.tracking_run_id and tracker._is_ours(manifest.tracking_run_id)):
-            run = client.create_run(experiment_id, run_name=manifest.name,
-                                    tags={"incr_ray.run_dir": manifest.run_dir})
+            tags = {"incr_ray.run_dir": manifest.run_dir}
+            if cfg.tracking.parent_run:  # a trial of `incr-ray compare`
+                tags["mlflow.parentRunId"] = cfg.tracking.parent_run
+            run = client.create_run(experiment_id, run_name=manifest.name, tags=tags)
             tracker.parent_id = manifest.tracking_run_id = run.info.run_id
             tracker.running.add(run.info.run_id)
         # Params are write-once in MLflow: a resumed run adds the keys it lacks (settings a resume
