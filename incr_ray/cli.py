@@ -149,7 +149,7 @@ def cmd_extend(args) -> int:
 
         init_ray(args.address)
         manifest = extend_run(args.run, args.data, args.set or [], holdout_fraction=args.holdout_fraction,
-                              lock=lock)
+                              lock=lock, allow_new_labels=args.allow_new_labels)
     _print_final(manifest)
     return 0
 
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
                    help="carve this share of the new data off as its own holdout (seeded per-row hash): this and "
                         "every later generation is scored on it, so drift and forgetting show (default 0: off)")
+    e.add_argument("--allow-new-labels", action="store_true",
+                   help="labels the run has never seen become new classes: appended to the label map (old ids "
+                        "stay), the head grown (old rows kept, new rows from run.seed); without it they are refused")
     with_address(e)
     e.set_defaults(func=cmd_extend)
 

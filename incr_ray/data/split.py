@@ -45,7 +45,7 @@ import ray.data
 from ..config import Config, DataSection
 from ..method.hashing import HOLDOUT, assign_split, row_ids
 from .errors import DataError, reading
-from .labels import label_names_array, sorted_label_names
+from .labels import extended_label_map, few_names as _few, label_names_array, sorted_label_names
 from .sources import open_source, read_file, read_split, source_label_names
 
 ROW_COLUMNS = ("row_id", "text", "label", "block")  # block == HOLDOUT (-1) means holdout
@@ -151,12 +151,6 @@ def _check_rows(scan: _Scan, where: str, label_column: str) -> None:
         )
 
 
-def _few(names, limit: int = 5) -> str:
-    names = sorted_label_names(names)
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _label_map(data_cfg: DataSection, present: set[str], where: str) -> list[str]:
     """data.labels, else a built-in dataset's fixed names or a `datasets` ClassLabel's names, else the
     sorted distinct labels."""
@@ -177,9 +171,11 @@ def _label_map(data_cfg: DataSection, present: set[str], where: str) -> list[str
 
 
 def _read_labelled(
-    path: str | None, data_cfg: DataSection, label_names: list[str], field: str
+    path: str | None, data_cfg: DataSection, label_names: list[str], field: str, allow_new: bool | None = None
 ) -> tuple["ray.data.MaterializedDataset", _Scan]:
-    """A labelled file or folder (``path``), or with ``path`` None the ``data.eval_split`` of data.source."""
+    """A labelled file or folder (``path``), or with ``path`` None the ``data.eval_split`` of data.source.
+    ``allow_new``: None refuses labels outside ``label_names``; a bool is extend's choice
+    (:func:`incr_ray.data.labels.extended_label_map`), which the caller applies."""
     if path is None:
         raw, where, fmt = read_split(data_cfg, data_cfg.eval_split, "data.eval_split")
     else:
@@ -190,7 +186,9 @@ def _read_labelled(
     scan = _scan(prepared, 0)
     _check_rows(scan, where, data_cfg.label_column)
     unknown = scan.labels - set(label_names)
-    if unknown:
+    if unknown and allow_new is not None:
+        extended_label_map(label_names, scan.labels, allow_new, where)  # refuses without the flag
+    elif unknown:
         raise DataError(
             f"{where} has labels never seen in training (label map {label_names}): {_few(unknown)}; "
             "relabel or drop those rows"
@@ -211,6 +209,17 @@ def read_labelled_file(path: str, data_cfg: DataSection, label_names: list[str])
     """
     prepared, _ = _read_labelled(path, data_cfg, label_names, "path")
     return _with_label_ids(prepared, label_names)
+
+
+def read_new_block(path: str, data_cfg: DataSection, label_names: list[str],
+                   allow_new_labels: bool = False) -> tuple["ray.data.Dataset", list[str]]:
+    """New data that extends a run, as :func:`read_labelled_file` reads it, and the label map it
+    trains with: ``label_names``, then — with ``allow_new_labels`` — the labels the run has never
+    seen, appended (:func:`incr_ray.data.labels.extended_label_map`); without, they are refused
+    with a DataError naming the flag."""
+    prepared, scan = _read_labelled(path, data_cfg, label_names, "path", allow_new=allow_new_labels)
+    names = extended_label_map(label_names, scan.labels, True, path)
+    return _with_label_ids(prepared, names), names
 
 
 @dataclass

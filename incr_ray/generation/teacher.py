@@ -22,8 +22,8 @@ import pyarrow as pa
 
 from .. import faults
 from ..config import Config
-from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, soft_targets, softmax,
-                              target_rule_stats)
+from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, padded_probs, soft_targets,
+                              softmax, target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference, load_tokenizer, token_ids
 from ..storage import parquet_batches
 from .resources import require_resolved
@@ -31,9 +31,14 @@ from .visibility import require_visible
 
 
 class TargetScorer:
-    """``map_batches`` class: adds ``teacher_probs`` and ``target`` to every row of a batch."""
+    """``map_batches`` class: adds ``teacher_probs`` and ``target`` to every row of a batch.
 
-    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, progress=None, fault_plan=None):
+    ``num_classes``: the classes the student learns, when an extension added some the teacher
+    was never trained on: its probabilities are padded with zeros for them
+    (:func:`incr_ray.method.targets.padded_probs`) before the target rule, and stored padded."""
+
+    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, progress=None, fault_plan=None,
+                 num_classes: int | None = None):
         faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
         require_visible({"storage.path (the teacher's model)": model_path}, "a scoring actor")
         cfg = as_config(cfg)
@@ -41,6 +46,7 @@ class TargetScorer:
         self.max_length = cfg.model.max_length
         self.forward_tokens = cfg.teacher.tokens_per_forward(on_gpu)
         self.method = cfg.method
+        self.num_classes = num_classes
         self.batches = 0
         self.progress = progress  # a queue actor that counts the rows scored (ScoringProgress), or None
 
@@ -52,6 +58,8 @@ class TargetScorer:
         logits = classifier_logits(self.model, self.tokenizer, [str(t) for t in batch["text"]], self.max_length,
                                    max_tokens=self.forward_tokens, ids=ids)
         probs = softmax(logits, self.method.temperature)
+        if self.num_classes is not None:
+            probs = padded_probs(probs, self.num_classes)
         labels = np.asarray(batch["label"], dtype=np.int64)
         target = soft_targets(probs, labels, threshold=self.method.threshold, floor=self.method.floor)
         if self.progress is not None:
@@ -181,9 +189,11 @@ def _cpus_beside_pool(pool_cpus: float) -> float:
     return ray.cluster_resources().get("CPU", 0.0) - pool_cpus
 
 
-def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, tokenize_stage: bool | None = None):
+def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, tokenize_stage: bool | None = None,
+                num_classes: int | None = None):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
-    ``progress``: a queue actor each scoring actor tells how many rows it scored.
+    ``progress``: a queue actor each scoring actor tells how many rows it scored. ``num_classes``:
+    the student's classes, when it has more than the teacher (see :class:`TargetScorer`).
 
     The rows go to the actors in blocks cut by :func:`scoring_block_rows` where needed. ``tokenize_stage``: tokenize
     in CPU tasks ahead of the actors (default: when the actors hold GPUs; on CPU the pool holds the
@@ -208,7 +218,7 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, t
         TargetScorer,
         # Plain values (a path, dicts): what a restarted actor is built from again.
         fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu,
-                               "progress": progress, "fault_plan": faults.current()},
+                               "progress": progress, "fault_plan": faults.current(), "num_classes": num_classes},
         batch_size=t.batch_size,
         **resources,
     )

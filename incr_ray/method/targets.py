@@ -161,8 +161,8 @@ def padded_probs(probs, num_classes: int) -> np.ndarray:
     are the last columns).
 
     :func:`soft_targets` on the padded rows is the method's rule for new classes, with no new
-    formula (DESIGN.md §1.7): a row of a new class ``c`` has ``q_c = 0 < p``, so it is pushed —
-    ``t_c = p`` and the teacher's old-class distribution scaled by ``(1 − p)``; old-class rows
+    formula (docs/method.md, "New classes"): a row of a new class ``c`` has ``q_c = 0 < p``, so
+    it is pushed — ``t_c = p`` and the teacher's old-class distribution scaled by ``(1 − p)``; old-class rows
     get exactly the targets they would have got unpadded (and zeros in the new columns). With a
     floor ``f > 0`` every new-class row is below it (``q_c = 0 < f``) and its target is the
     one-hot label; ``f = 0`` floors nothing, so there the rows are pushed as above.

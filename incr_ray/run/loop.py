@@ -20,8 +20,8 @@ from ray.data.expressions import col, lit
 
 from .. import faults
 from ..config import Config, ConfigError, config_from_dict
-from ..data import (HOLDOUT, extension_holdout_parts, read_labelled_file, replay_rows, retention_sample,
-                    training_part, validation_part)
+from ..data import (HOLDOUT, extension_holdout_parts, read_labelled_file, read_new_block, replay_rows,
+                    retention_sample, training_part, validation_part)
 from ..data.errors import exception_chain
 from ..generation.evaluation import evaluate_model, read_predictions, write_predictions
 from ..generation.progress import ScoringProgress
@@ -36,6 +36,7 @@ from ..storage import remove_tree, rename_tree
 from .folder import Run, RunLock, finish_run, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, as_sets, extension_settings, now, result_settings
 from .model_card import write_model_card
+from .new_classes import check_new_labels, initial_model, new_labels_line
 from .record import continual_record, record_fit
 from .report import summary_line
 from .suspects import record_suspects, training_rows
@@ -132,7 +133,8 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
         remove_tree(tmp)
         started = time.perf_counter()
         with _worker_failures_reported(run.say), _scoring_progress(run, g, ds) as (ds, progress):
-            score_block(ds, teacher_model, run.cfg, run.on_gpu, progress=progress).write_parquet(tmp)
+            score_block(ds, teacher_model, run.cfg, run.on_gpu, progress=progress,
+                        num_classes=len(run.manifest.label_names_of(g))).write_parquet(tmp)
         rename_tree(tmp, dest)
         rows = ray.data.read_parquet(dest).count()
         entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
@@ -230,13 +232,15 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         rows_ds = ray.data.read_parquet(run.paths.join(entry.targets)).select_columns(
             ["row_id", "text", "label", "target"] + (["teacher_probs", "replay"] if lever else []))
         if lever:  # the stored targets stay the rule's; the student reads them with the lever applied
-            rows_ds = rows_ds.map_batches(training_rows(cfg), batch_format="pyarrow")
+            rows_ds = rows_ds.map_batches(training_rows(cfg, len(run.manifest.teacher_labels(g))),
+                                          batch_format="pyarrow")
     train_ds, validation_ds, retention_ds = _student_slices(run, g, rows_ds, block_ds)
 
     # Train, then evaluate in the same workers.
     model_dest = run.paths.model(g)
     if not entry.model:
-        init = teacher_model if (teacher_model and cfg.student.init == "previous") else run.base_model
+        init = (initial_model(run, g, teacher_model) if (teacher_model and cfg.student.init == "previous")
+                else run.base_model)
         train_rows = (train_ds.count() if validation_ds is not None or cfg.method.suspects == "drop"
                       else entry.rows)
         steps = generation_steps(cfg, train_rows)
@@ -247,7 +251,8 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
             run.say(f"[gen {g}] warning: {steps} optimizer steps can hardly move a pretrained model; raise "
                     "student.min_steps or student.epochs, or lower student.batch_size")
         lr_window = (run_lr_window(cfg, run.manifest.data.block_sizes, g) if cfg.student.schedule == "run" else None)
-        request = StudentRequest(generation=g, init_model=init, label_names=run.label_names, rows=train_rows,
+        request = StudentRequest(generation=g, init_model=init, label_names=run.manifest.label_names_of(g),
+                                 rows=train_rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train,
                                  predictions_dest=run.paths.predictions(g), lr_window=lr_window,
                                  later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes)[g + 1:]),
@@ -330,23 +335,31 @@ def _carve_own_holdout(run: Run, g: int, new_block):
 
 
 def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None, say=print,
-               holdout_fraction: float = 0.0, lock: RunLock | None = None) -> dict[str, Any]:
+               holdout_fraction: float = 0.0, lock: RunLock | None = None,
+               allow_new_labels: bool = False) -> dict[str, Any]:
     """Train generation k on a new block of data with the run's last model as the teacher; with
     ``holdout_fraction``, part of the new data is held out as its own holdout first. ``lock``: the
-    run folder's lock when the caller took it already (``folder.claim_finished``)."""
+    run folder's lock when the caller took it already (``folder.claim_finished``).
+    ``allow_new_labels``: labels the run has never seen become new classes (appended to the label
+    map, the head grown); without, they are refused."""
     with open_finished(run_dir, overrides or [], say, lock=lock) as run, tracked(run):
         m = run.manifest
-        # The new data is checked (labels the model knows, no empty text) before anything changes.
-        new_block = read_labelled_file(data_path, run.cfg.data, run.label_names).materialize()
+        # The new data is checked (labels known or added, no empty text) before anything changes.
+        new_block, names = read_new_block(data_path, run.cfg.data, run.label_names, allow_new_labels)
+        new_block = new_block.materialize()
         if new_block.count() == 0:
             raise RunError(f"{data_path!r} holds no rows; nothing to extend with")
+        check_new_labels(run.cfg, run.base_model, run.label_names, names)
         settings = extension_settings(m, run.cfg)
         resumed = m.status == "extending"
-        g = m.begin_extension(data_path, holdout_fraction, settings)
+        g = m.begin_extension(data_path, holdout_fraction, settings, names)
         if not resumed:
             run.save()
-            for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.adapter(g), run.paths.own_holdout(g)):
+            for leftover in (run.paths.targets(g), run.paths.model(g), run.paths.adapter(g), run.paths.own_holdout(g),
+                             run.paths.initial_model(g)):
                 remove_tree(leftover)  # of a crash before run.json knew them
+        if m.entry(g).new_labels:
+            say(new_labels_line(m, g))
         if settings:
             own = result_settings(m.config)
             say(f"generation {g} trains with {as_sets(settings)} (the run's: {as_sets({k: own[k] for k in settings})})")

@@ -43,6 +43,11 @@ class GenerationEntry(_Record):
     own_holdout_fraction: float | None = None
     own_holdout: str | None = None
     own_holdout_rows: int | None = None
+    # extend --allow-new-labels: the labels this generation appended to the run's label map, and
+    # gen_<g>/initial_model, its teacher with the classification head grown for them (the
+    # student's initial model, and a LoRA adapter's base).
+    new_labels: list[str] | None = None
+    initial_model: str | None = None
     # Teacher scoring (generations ≥ 1): gen_<g>/targets, its rows (block + replay) and time.
     targets: str | None = None
     rows: int | None = None
@@ -116,9 +121,23 @@ class Manifest(_Record):
         earlier = [e for e in self.generations[:g] if e.status == "finished" and e.promoted is not False]
         return earlier[-1] if earlier else None
 
-    def begin_extension(self, data_path: str, holdout_fraction: float, settings: dict[str, Any]) -> int:
+    def label_names_of(self, g: int) -> list[str]:
+        """The labels generation ``g``'s model knows: the run's label map less the labels later
+        extensions appended (``new_labels``)."""
+        later = sum(len(e.new_labels or []) for e in self.generations[g + 1:])
+        return self.label_names[:len(self.label_names) - later]
+
+    def teacher_labels(self, g: int) -> list[str]:
+        """The labels generation ``g``'s teacher knows (fewer than ``g``'s own when ``g`` appended
+        new ones); generation 0's own when it has no teacher."""
+        teacher = self.teacher_of(g)
+        return self.label_names_of(teacher.index if teacher is not None else g)
+
+    def begin_extension(self, data_path: str, holdout_fraction: float, settings: dict[str, Any],
+                        label_names: list[str] | None = None) -> int:
         """The generation ``extend`` trains: a new pending one (the run now ``extending``), or the
-        one an interrupted extension left, which only the same data and settings may finish."""
+        one an interrupted extension left, which only the same data and settings may finish.
+        ``label_names``: the label map the new data needs (the run's, then labels it appends)."""
         if self.status == "extending":
             last = self.generations[-1]
             if last.source != data_path:
@@ -134,6 +153,10 @@ class Manifest(_Record):
         entry.source = data_path
         entry.own_holdout_fraction = holdout_fraction or None
         entry.settings = settings or None
+        added = (label_names or self.label_names)[len(self.label_names):]
+        if added:
+            entry.new_labels = list(added)
+            self.label_names = self.label_names + list(added)
         return g
 
     def config_of(self, g: int) -> dict[str, Any]:
@@ -159,7 +182,8 @@ class Manifest(_Record):
         update: dict[str, Any] = {"name": name, "run_dir": run_dir, "config": config, "tracking_run_id": None,
                                   "generations": [e.model_copy(deep=True) for e in kept]}
         if generations is not None:
-            update.update(status="running", final_model=None, final_generation=None)
+            update.update(status="running", final_model=None, final_generation=None,
+                          label_names=self.label_names_of(generations - 1) if generations else self.label_names)
         return self.model_copy(update=update, deep=True)
 
     def to_json(self) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _metadata(manifest: Manifest, g: int, hub_id: str | None) -> dict[str, Any]:
     if hub_id:
         meta["base_model"] = hub_id
     meta.update(library_name="transformers", pipeline_tag="text-classification", tags=list(TAGS),
-                labels=list(manifest.label_names), metrics=["accuracy", "f1"])
+                labels=manifest.label_names_of(g), metrics=["accuracy", "f1"])
     results = [{"type": "accuracy", "name": "holdout accuracy", "value": round(float(m["accuracy"]), 4)}
                if "accuracy" in m else None,
                {"type": "f1", "name": "holdout macro-F1", "value": round(float(m["macro_f1"]), 4),
@@ -194,7 +194,7 @@ def _data_lines(manifest: Manifest, g: int, cfg: Config) -> list[str]:
     lines = [f"- source: {source}" + (f", about {cfg.data.max_rows} rows sampled" if cfg.data.max_rows else ""),
              f"- fingerprint: `{d.fingerprint}`",
              f"- holdout: {d.holdout_size} rows, {holdout}; never trained on",
-             "- labels: " + ", ".join(f"{i} = `{name}`" for i, name in enumerate(manifest.label_names)),
+             "- labels: " + ", ".join(f"{i} = `{name}`" for i, name in enumerate(manifest.label_names_of(g))),
              "", "| block | rows | trained generation |", "|---:|---:|---:|"]
     for i in range(g + 1):
         e = manifest.generations[i] if i < len(manifest.generations) else None
@@ -249,10 +249,11 @@ def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = F
         standing += (f" This generation was not promoted: on the validation slice it was worse (accuracy, then NLL) than its "
                      f"teacher, generation {teacher.index}, which stayed the teacher of the next generation.")
     m = entry.metrics or {}
-    labels = ", ".join(f"`{name}`" for name in manifest.label_names)
+    names = manifest.label_names_of(g)
+    labels = ", ".join(f"`{name}`" for name in names)
     body = [
         f"# {manifest.name}: generation {g}", "",
-        f"A text classifier ({len(manifest.label_names)} labels: {labels}) fine-tuned from {base} with incr-ray's "
+        f"A text classifier ({len(names)} labels: {labels}) fine-tuned from {base} with incr-ray's "
         "incremental teacher-student training: the training data is cut into blocks; generation 0 is the base "
         "model fine-tuned on block 0 with one-hot labels, and every later generation is a student trained on the "
         "next block against soft targets from its teacher — the previous generation's probabilities, with the "

@@ -43,9 +43,12 @@ def _own_rows(batch) -> np.ndarray:
     return ~_numpy(batch.column("replay")).astype(bool)
 
 
-def find_suspects(targets_path: str, cfg: Config, label_names: list[str]) -> tuple[pa.Table, int]:
+def find_suspects(targets_path: str, cfg: Config, label_names: list[str],
+                  teacher_classes: int | None = None) -> tuple[pa.Table, int]:
     """(the suspects of a generation's own block rows, most confident contradiction first, with
-    the columns :data:`COLUMNS` — labels by name; how many block rows were looked at)."""
+    the columns :data:`COLUMNS` — labels by name; how many block rows were looked at).
+    ``teacher_classes``: the classes its teacher knows, when the generation added more (rows of
+    those are no suspects)."""
     m = cfg.method
     found: dict[str, list] = {k: [] for k in COLUMNS}
     seen = 0
@@ -57,7 +60,7 @@ def find_suspects(targets_path: str, cfg: Config, label_names: list[str]) -> tup
         labels = batch.column("label").to_numpy().astype(np.int64)[own]
         probs = _matrix(batch.column("teacher_probs"))[own]
         seen += len(labels)
-        mask = suspect_mask(probs, labels, m.suspect_below, m.temperature)
+        mask = suspect_mask(probs, labels, m.suspect_below, m.temperature, teacher_classes)
         if not mask.any():
             continue
         top, top_prob, label_prob = contradiction(at_unit_temperature(probs[mask], m.temperature), labels[mask])
@@ -107,7 +110,8 @@ def record_suspects(run, g: int, entry) -> None:
     """gen_<g>/suspects.parquet from generation ``g``'s stored targets, its counts in its run.json
     ``entry`` (saved by the caller), one console line. ``run``: the open :class:`incr_ray.run.folder.Run`."""
     m = run.cfg.method
-    table, block_rows = find_suspects(run.paths.join(entry.targets), run.cfg, run.label_names)
+    table, block_rows = find_suspects(run.paths.join(entry.targets), run.cfg, run.manifest.label_names_of(g),
+                                      len(run.manifest.teacher_labels(g)))
     dest = run.paths.suspects(g)
     write_suspects(dest, table)
     entry.suspects = suspects_record(table, block_rows, run.cfg, run.rel(dest))
@@ -118,11 +122,12 @@ def record_suspects(run, g: int, entry) -> None:
             f"--generation {g}")
 
 
-def training_rows(cfg: Config):
+def training_rows(cfg: Config, teacher_classes: int | None = None):
     """A ``map_batches`` function (pyarrow batches of ``label``, ``target``, ``teacher_probs`` and
     ``replay``) that applies ``method.suspects`` to a generation's training rows: ``one_hot``
-    replaces the suspects' targets by their label, ``drop`` leaves them out; replay rows are
-    untouched. Returns the rows with ``row_id``, ``text``, ``label`` and ``target`` only."""
+    replaces the suspects' targets by their label, ``drop`` leaves them out; replay rows, and rows
+    of classes the teacher does not know (``teacher_classes``), are untouched. Returns the rows
+    with ``row_id``, ``text``, ``label`` and ``target`` only."""
     m = cfg.method
 
     def apply(batch: pa.Table) -> pa.Table:
@@ -131,7 +136,7 @@ def training_rows(cfg: Config):
             return kept
         labels = _numpy(batch.column("label")).astype(np.int64)
         probs, targets = _matrix(batch.column("teacher_probs")), _matrix(batch.column("target"))
-        suspect = suspect_mask(probs, labels, m.suspect_below, m.temperature) & _own_rows(batch)
+        suspect = suspect_mask(probs, labels, m.suspect_below, m.temperature, teacher_classes) & _own_rows(batch)
         targets, keep = apply_policy(targets, labels, suspect, m.suspects)
         flat = pa.array(targets.reshape(-1), pa.float64())
         target = pa.FixedSizeListArray.from_arrays(flat, targets.shape[1]).cast(pa.list_(pa.float64()))

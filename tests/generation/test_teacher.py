@@ -36,6 +36,21 @@ def test_targets_apply_the_rule_to_the_teachers_softmax(tiny_bert, device_map_au
     assert out["row_id"] == list(range(10))
 
 
+def test_a_teacher_of_fewer_classes_is_padded_before_the_rule(tiny_bert):
+    """extend --allow-new-labels: the 3-class teacher scores rows of 5 classes (3 and 4 are new)."""
+    rows = batch()
+    rows["label"] = np.arange(10, dtype=np.int64) % 5
+    out = TargetScorer(tiny_bert, scoring_config(threshold=0.8), on_gpu=False, num_classes=5)(rows).to_pydict()
+    own = np.array(TargetScorer(tiny_bert, scoring_config(threshold=0.8), on_gpu=False)(batch()).to_pydict()["teacher_probs"])
+    probs, target = np.array(out["teacher_probs"]), np.array(out["target"])
+    assert probs.shape == target.shape == (10, 5) and (probs[:, 3:] == 0).all()
+    np.testing.assert_allclose(probs[:, :3], own)
+    new = rows["label"] >= 3
+    np.testing.assert_allclose(target[new, :3], own[new] * 0.2)
+    np.testing.assert_allclose(target[new, rows["label"][new]], 0.8)
+    np.testing.assert_allclose(target, soft_targets(probs, rows["label"], threshold=0.8))
+
+
 def test_temperature_flattens_the_teacher(tiny_bert):
     sharp = np.array(TargetScorer(tiny_bert, scoring_config(temperature=1.0), False)(batch()).to_pydict()["teacher_probs"])
     soft = np.array(TargetScorer(tiny_bert, scoring_config(temperature=4.0), False)(batch()).to_pydict()["teacher_probs"])

@@ -1,0 +1,93 @@
+"""New classes in an extension (extend --allow-new-labels), without Ray: the label map's refusal and
+growth, what run.json records, the student's grown initial model and the model card's labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from incr_ray.config import Config
+from incr_ray.data.errors import DataError
+from incr_ray.data.labels import extended_label_map
+from incr_ray.run.folder import Run, RunPaths
+from incr_ray.run.manifest import Manifest
+from incr_ray.run.new_classes import initial_model, new_labels_line
+
+
+def test_unseen_labels_are_refused_without_the_flag_and_the_message_names_it():
+    with pytest.raises(DataError) as refused:
+        extended_label_map(["calm", "storm"], {"calm", "hail", "Storm"}, False, "new.csv")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message == ("new.csv has labels never seen in training (label map ['calm', 'storm']): 'Storm', 'hail'; "
+                       "relabel or drop those rows, or pass --allow-new-labels to add them as new classes")
+
+
+def test_the_flag_appends_unseen_labels_sorted_and_old_ids_never_change():
+    assert extended_label_map(["storm", "calm"], {"calm", "sleet", "hail"}, True, "x") == ["storm", "calm", "hail", "sleet"]
+    assert extended_label_map(["2", "10"], {"3", "11", "2"}, True, "x") == ["2", "10", "3", "11"]  # numeric order
+    assert extended_label_map(["storm", "calm"], {"calm"}, False, "x") == ["storm", "calm"]  # nothing new: no flag needed
+
+
+def _manifest(tmp_path: Path, model: str) -> Manifest:
+    return Manifest.model_validate({
+        "name": "r", "run_dir": str(tmp_path), "status": "finished", "created": "now", "config": Config().to_dict(),
+        "label_names": ["c0", "c1", "c2"], "data": {"fingerprint": "f", "block_sizes": [10, 10], "holdout_size": 5},
+        "generations": [{"index": i, "status": "finished", "model": model, "promoted": True} for i in range(2)],
+    })
+
+
+def test_an_extension_appends_its_labels_and_run_json_says_which_generation_added_them(tmp_path):
+    m = _manifest(tmp_path, "gen_001/model")
+    g = m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"])
+    assert g == 2 and m.label_names == ["c0", "c1", "c2", "hail"]
+    assert m.to_json()["generations"][2]["new_labels"] == ["hail"]
+    assert m.label_names_of(1) == m.teacher_labels(2) == ["c0", "c1", "c2"]
+    assert m.label_names_of(2) == ["c0", "c1", "c2", "hail"]
+    assert new_labels_line(m, 2) == ("generation 2 adds 1 label(s) the run has never seen to its label map "
+                                     "(--allow-new-labels): 3 = 'hail'")
+    # An interrupted extension finished with the same data: the map is not grown twice.
+    assert m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"]) == 2
+    assert m.label_names == ["c0", "c1", "c2", "hail"] and m.generations[2].new_labels == ["hail"]
+    # A copy of the run's first two generations knows their labels only.
+    assert m.forked("copy", "/copy", m.config, generations=2).label_names == ["c0", "c1", "c2"]
+
+
+def test_the_student_starts_from_the_teacher_with_its_head_grown_once(tmp_path, tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from incr_ray.modeling import classifier_logits, load_tokenizer
+
+    m = _manifest(tmp_path, tiny_bert)
+    said: list[str] = []
+    run = Run(cfg=Config(), paths=RunPaths(str(tmp_path)), manifest=m, on_gpu=False, say=said.append)
+    assert initial_model(run, 2, tiny_bert) == tiny_bert  # no new labels: the teacher itself
+    m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"])
+    grown = initial_model(run, 2, tiny_bert)
+    assert grown == str(tmp_path / "gen_002" / "initial_model")
+    assert m.generations[2].initial_model == "gen_002/initial_model"
+    assert json.loads((tmp_path / "run.json").read_text())["generations"][2]["initial_model"] == "gen_002/initial_model"
+    assert said == ["[gen 2] the teacher's head grown from 3 to 4 classes (new: 'hail'; new rows from run.seed): "
+                    "gen_002/initial_model is the student's initial model"]
+    model = AutoModelForSequenceClassification.from_pretrained(grown)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    tok = load_tokenizer(tiny_bert)
+    new, old = (classifier_logits(x.eval(), tok, ["apple and river"], 16) for x in (model, teacher))
+    assert model.config.id2label[3] == "hail" and new.shape == (1, 4) and abs(new[0, :3] - old[0]).max() < 1e-5
+    stamp = (Path(grown) / "model.safetensors").stat().st_mtime_ns
+    assert initial_model(run, 2, tiny_bert) == grown and len(said) == 1  # a resumed generation reads it back
+    assert (Path(grown) / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_each_generations_model_card_lists_the_labels_its_model_knows(tmp_path):
+    from incr_ray.run.model_card import render_model_card
+
+    gen = {"status": "finished", "model": "m", "metrics": {"accuracy": 0.7}, "train": {"rows": 10, "steps": 4}}
+    m = _manifest(tmp_path, "m")
+    m.generations = [m.generations[0].model_copy(update=gen), m.generations[1].model_copy(update=gen)]
+    m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"])
+    m.generations[2] = m.generations[2].model_copy(update=gen)
+    assert "3 labels: `c0`, `c1`, `c2`)" in render_model_card(m, 1)
+    assert "4 labels: `c0`, `c1`, `c2`, `hail`)" in render_model_card(m, 2)
