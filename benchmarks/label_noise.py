@@ -107,6 +107,26 @@ def flag_scores(flagged_ids, block_ids, flipped_ids) -> dict[str, Any]:
             "random_recall": len(flagged) / n if n else None}
 
 
+def by_label(flagged_ids, block_ids, block_labels, flipped_ids) -> dict[str, dict[str, int]]:
+    """Per (noisy) label of the block: its rows, flipped rows, flagged rows and flagged flipped
+    rows (hits): which labels the flag falls on."""
+    flipped = set(int(i) for i in flipped_ids)
+    flagged = set(int(i) for i in flagged_ids)
+    out: dict[str, dict[str, int]] = {}
+    seen: set[int] = set()
+    for row, label in zip(block_ids, block_labels):
+        row = int(row)
+        if row in seen:  # identical (text, label) rows share an id: one row, as in flag_scores
+            continue
+        seen.add(row)
+        c = out.setdefault(str(label), {"block_rows": 0, "block_flipped": 0, "flagged": 0, "hits": 0})
+        c["block_rows"] += 1
+        c["block_flipped"] += row in flipped
+        c["flagged"] += row in flagged
+        c["hits"] += row in flagged and row in flipped
+    return dict(sorted(out.items()))
+
+
 def threshold_sweep(label_prob, row_id, flipped_ids, thresholds=SWEEP) -> dict[str, Any]:
     """:func:`flag_scores` of "the teacher gives the labelled class less than t", per threshold t."""
     label_prob, row_id = np.asarray(label_prob, dtype=np.float64), np.asarray(row_id)
@@ -193,7 +213,9 @@ def generation_flags(run_dir: Path, manifest: dict[str, Any], flipped_ids: list[
         probs = np.asarray(targets["teacher_probs"], dtype=np.float64)
         label_prob = probs[np.arange(len(labels)), labels]  # stored at τ = 1 here
         suspects = pq.read_table(run_dir / g["suspects"]["path"], columns=["row_id"]).column("row_id").to_pylist()
+        names = [manifest["label_names"][i] for i in labels]
         out.append({"generation": g["index"], **flag_scores(suspects, targets["row_id"], flipped_ids),
+                     "by_label": by_label(suspects, targets["row_id"], names, flipped_ids),
                      "sweep": threshold_sweep(label_prob, targets["row_id"], flipped_ids)})
     return out
 
@@ -293,6 +315,14 @@ def summarize(per_seed: dict[Any, dict[str, Any]], rates: Sequence[float]) -> di
                               "precision": _ci([c["precision"] for c in cells if c["precision"] is not None]),
                               "recall": _ci([c["recall"] for c in cells if c["recall"] is not None]),
                               "random_precision": mean_ci([c["random_precision"] for c in cells])})
+        labels_flagged: list[dict[str, Any]] = []
+        for g in sorted({f["generation"] for r in recs for f in r["runs"]["keep"]["flags"]}):
+            per = [next(f for f in r["runs"]["keep"]["flags"] if f["generation"] == g) for r in recs]
+            for label in sorted({lb for f in per for lb in f.get("by_label", {})}):
+                cells = [f["by_label"][label] for f in per if label in f.get("by_label", {})]
+                labels_flagged.append({"generation": g, "label": label,
+                                       **{k: sum(c[k] for c in cells) for k in ("block_rows", "block_flipped",
+                                                                                "flagged", "hits")}})
         runs = (*LEVERS, FULL)
         finals = {run: {m: mean_ci([r["runs"][run]["final"][m] for r in recs]) for m in METRICS} for run in runs}
         comparisons = [(f"{lv} − keep", lv, "keep") for lv in LEVERS if lv != "keep"]
@@ -303,6 +333,7 @@ def summarize(per_seed: dict[Any, dict[str, Any]], rates: Sequence[float]) -> di
         curves = {lever: [{m: mean_ci([r["runs"][lever]["generations"][i][m] for r in recs]) for m in METRICS}
                           for i in range(len(recs[0]["runs"][lever]["generations"]))] for lever in LEVERS}
         out["rates"][key] = {"flipped": mean_ci([r["flipped"] for r in recs]), "flags": flags, "sweep": sweep,
+                             "by_label": labels_flagged,
                              "finals": finals, "differences": diffs, "curves": curves}
     return out
 
@@ -357,6 +388,12 @@ def render(result: dict[str, Any]) -> str:
         rows = [[w["generation"], f"{w['threshold']:g}", _pct(w["flagged_share"]), _pct(w["precision"]),
                  _pct(w["random_precision"]), _pct(w["recall"])] for w in r["sweep"]]
         lines.append(markdown_table(["gen", "label prob below", "flagged", "precision", "random precision", "recall"], rows))
+        if r.get("by_label"):
+            lines += ["", "Which labels `keep`'s flags fall on (rows summed over the seeds; label = the noisy label "
+                      "the row was trained with):", ""]
+            rows = [[w["generation"], w["label"], w["block_rows"], w["block_flipped"], w["flagged"], w["hits"]]
+                    for w in r["by_label"]]
+            lines.append(markdown_table(["gen", "label", "block rows", "flipped", "flagged", "flagged and flipped"], rows))
         lines += ["", "(b) Final model on the clean holdout:", ""]
         rows = [[run, *(_mean_ci(f[m]) for m in METRICS)] for run, f in r["finals"].items()]
         lines.append(markdown_table(["run", "accuracy", "NLL", "ECE"], rows))

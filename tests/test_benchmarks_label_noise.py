@@ -54,11 +54,18 @@ def test_threshold_sweep_flags_rows_under_each_threshold():
     assert sweep["0.5"]["flagged"] == 3 and sweep["0.5"]["precision"] == pytest.approx(2 / 3)
 
 
+def test_by_label_counts_the_flags_per_noisy_label():
+    got = label_noise.by_label([1, 2, 3], [1, 2, 3, 4, 4], ["plot", "plot", "fresh", "fresh", "fresh"], [2, 4])
+    assert got == {"fresh": {"block_rows": 2, "block_flipped": 1, "flagged": 1, "hits": 0},
+                   "plot": {"block_rows": 2, "block_flipped": 1, "flagged": 2, "hits": 1}}
+
+
 def _flags(g, flagged, hits, flipped=20, rows=200):
     """Generation g flagged ``flagged`` rows of a ``rows``-row block whose first ``flipped`` rows
     were flipped, ``hits`` of them flipped ones."""
     s = label_noise.flag_scores([*range(hits), *range(flipped, flipped + flagged - hits)], range(rows), range(flipped))
     s["sweep"] = {"0.1": dict(s), "0.3": dict(s)}
+    s["by_label"] = {"plot": {"block_rows": 20, "block_flipped": flipped, "flagged": flagged, "hits": hits}}
     return {"generation": g, **s}
 
 
@@ -99,6 +106,8 @@ def test_summary_pairs_levers_with_keep_and_the_full_fine_tune():
     empty = r["flags"]["one_hot"][1]  # no seed flagged anything: no precision, recall 0
     assert empty["seeds_with_flags"] == 0 and empty["precision"] is None and empty["recall"]["mean"] == 0.0
     assert {w["threshold"] for w in r["sweep"]} == {0.1, 0.3}
+    assert r["by_label"][0] == {"generation": 1, "label": "plot", "block_rows": 60, "block_flipped": 60,
+                                "flagged": 30, "hits": 18}
 
 
 def test_render_names_every_run_and_comparison():
