@@ -37,6 +37,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(err: BaseException) -> str:
+    """The error's class and its message's last line (a Ray task error: those of what it wraps)."""
+    while getattr(err, "cause", None) is not None:
+        err = err.cause
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"
 
@@ -128,6 +131,29 @@ def _trial_error(trial) -> str:
         lines = [line for line in open(err, encoding="utf-8", errors="replace").read().splitlines() if line.strip()]
         text = lines[-1].strip() if lines else ""
     return text or "the trial failed; see Ray's logs"
+
+
+def refuse_unrunnable(plan: ComparePlan) -> ComparePlan:
+    """Each variant's run checked as ``incr-ray train`` checks one before Ray starts (its model is a
+    classifier, its storage takes files): a variant that fails gets its one line on all its trials,
+    the others go on."""
+    from dataclasses import replace
+
+    from ..run.preflight import check_model_and_storage
+
+    errors: dict[str, str] = {}
+    for t in plan.trials:
+        if t.error or t.variant in errors:
+            continue
+        try:
+            check_model_and_storage(t.config)
+        except user_errors() as err:
+            errors[t.variant] = str(err).splitlines()[0]
+        else:
+            errors[t.variant] = ""
+    plan.trials = [replace(t, config=None, error=errors[t.variant]) if errors.get(t.variant) else t
+                   for t in plan.trials]
+    return plan
 
 
 def pending_trials(plan: ComparePlan) -> tuple[dict[str, dict[str, Any]], list[Trial]]:
@@ -267,7 +293,7 @@ def run_compare(raw: dict[str, Any], sets: list[str], seeds: int, against: str |
         from ..run.tracking import mlflow_uri
 
         trial_sets += [f"tracking.uri={mlflow_uri(base)}", f"tracking.parent_run={parent}"]
-    plan = plan_compare(raw, sets, seeds, against, grid, trial_sets=trial_sets)
+    plan = refuse_unrunnable(plan_compare(raw, sets, seeds, against, grid, trial_sets=trial_sets))
     results, todo = pending_trials(plan)
     say(f"compare: {len(plan.variants)} variant(s) × {len(plan.seeds)} seeds in {folder}: "
         f"{len(plan.trials) - len(todo)} trial(s) done or refused, {len(todo)} to run")
