@@ -140,13 +140,16 @@ def threshold_sweep(label_prob, row_id, flipped_ids, thresholds=SWEEP) -> dict[s
 def write_noisy_files(seed: int, rows: int, eval_fraction: float, rates: Sequence[float], data_dir: Path) -> dict[str, Any]:
     """The project's split of ``rows`` Rotten Tomatoes rows: ``holdout.parquet`` (clean) and one
     ``train_<pct>.parquet`` per rate (text, noisy label, flipped, clean label), labels as names.
-    Written once; read back when ``data.json`` says they were written with the same settings."""
-    settings = {"seed": seed, "rows": rows, "eval_fraction": eval_fraction, "rates": list(rates)}
+    Written once; read back when ``data.json`` says they were written with the same settings and
+    hold every rate asked for (the files of a rate do not depend on the other rates)."""
+    settings = {"seed": seed, "rows": rows, "eval_fraction": eval_fraction}
     record = data_dir / "data.json"
     if record.exists():
         saved = json.loads(record.read_text())
-        if saved["settings"] == settings:
+        if saved["settings"] == settings and all(f"{r:g}" in saved["train"] for r in rates):
             return saved
+        if saved["settings"] == settings:
+            rates = sorted({*rates, *(float(r) for r in saved["train"])})
     from incr_ray.config import config_from_dict
     from incr_ray.data import split_data
     from incr_ray.method.hashing import row_ids
@@ -241,6 +244,7 @@ def run_rate(a: argparse.Namespace, seed: int, rate: float, files: dict[str, Any
     flipped_ids = files["flipped_ids"][f"{rate:g}"]
     cfgs = {lever: config_from_dict(raw, [f"run.name={lever}", f"method.suspects={lever}"]) for lever in LEVERS}
     full = config_from_dict(raw, ["run.name=full"])
+    started = time.perf_counter()
     out: dict[str, Any] = {"train_rows": files["train_rows"], "holdout_rows": files["holdout_rows"],
                            "flipped": files["flipped"][f"{rate:g}"], "runs": {}}
     for lever in LEVERS:
@@ -254,18 +258,30 @@ def run_rate(a: argparse.Namespace, seed: int, rate: float, files: dict[str, Any
     out["runs"][FULL] = run_record(Path(full.run_dir), harness.run_full_fine_tune(full), None)
     block_sizes = json.loads((Path(cfgs["keep"].run_dir) / "run.json").read_text())["data"]["block_sizes"]
     out["block_rows"] = block_sizes
+    out["wall_seconds"] = time.perf_counter() - started  # of this attempt (a resumed one: what was left)
     return out
 
 
-def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """A seed's records, one per rate; with ``--resume`` a finished (seed, rate) is read back and an
-    unfinished one goes on by the pipeline's own resume."""
-    files = write_noisy_files(seed, a.rows, a.eval_fraction, a.rates, a.workdir / f"s{seed}" / "data")
+def run_all(a: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """Every (seed, rate) record, rate by rate (so a stopped run has whole rates over every seed),
+    on one local Ray, in a ``--workdir`` cleared first unless ``--resume``; with ``--resume`` a
+    finished (seed, rate) is read back and an unfinished one goes on by the pipeline's own resume."""
+    import shutil
+
+    if a.workdir.exists() and not a.resume:
+        shutil.rmtree(a.workdir)
+    harness.start_local_ray()
+    files = {seed: write_noisy_files(seed, a.rows, a.eval_fraction, a.rates, a.workdir / f"s{seed}" / "data")
+             for seed in a.seeds}
     settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "k": a.k, "max_length": a.max_length,
                 "suspect_below": a.suspect_below}
-    return {f"{rate:g}": harness.seed_once(rate_dir(a, seed, rate), dict(settings, rate=rate), a.resume,
-                                           lambda rate=rate: run_rate(a, seed, rate, files), clear=False)
-            for rate in a.rates}
+    per_seed: dict[int, dict[str, Any]] = {seed: {} for seed in a.seeds}
+    for rate in a.rates:
+        for seed in a.seeds:
+            per_seed[seed][f"{rate:g}"] = harness.seed_once(
+                rate_dir(a, seed, rate), dict(settings, rate=rate), a.resume,
+                lambda: run_rate(a, seed, rate, files[seed]), clear=False)
+    return per_seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +450,7 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = resolve(parser().parse_args(argv))
     started = time.perf_counter()
-    per_seed = harness.run_seeds(a, seed_result)
+    per_seed = run_all(a)
     first = per_seed[a.seeds[0]][f"{a.rates[0]:g}"]
     settings = {"seeds": a.seeds, "rates": a.rates, "rows": a.rows, "eval_fraction": a.eval_fraction, "k": a.k,
                 "max_length": a.max_length, "suspect_below": a.suspect_below, "holdout_rows": first["holdout_rows"],
@@ -443,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                 "data": "rotten_tomatoes"}
     result = {"settings": settings, "machine": machine(),
               "per_seed": {str(s): v for s, v in per_seed.items()},
-              "summary": summarize(per_seed, a.rates), "wall_seconds": time.perf_counter() - started}
+              "summary": summarize(per_seed, a.rates), "wall_seconds": time.perf_counter() - started,
+              "pair_wall_seconds": sum(r.get("wall_seconds") or 0.0 for v in per_seed.values() for r in v.values())}
     text = render(result)
     print(text)
     print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
