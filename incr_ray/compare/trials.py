@@ -165,7 +165,16 @@ def pending_trials(plan: ComparePlan) -> tuple[dict[str, dict[str, Any]], list[T
         if t.error:
             results[t.name] = {"status": "failed", "error": t.error}
             continue
-        done = read_trial(absolute(t.config.run_dir))
+        run_dir = absolute(t.config.run_dir)
+        if exists(run_dir.rstrip("/") + "/run.json"):
+            from ..run.manifest import check_compatible, load
+
+            try:  # a folder left by a comparison with other settings must not pass for this one's
+                check_compatible(load(run_dir.rstrip("/") + "/run.json"), t.config)
+            except user_errors() as err:
+                results[t.name] = {"status": "failed", "error": str(err).splitlines()[0]}
+                continue
+        done = read_trial(run_dir)
         if done is not None:
             results[t.name] = done
         else:

@@ -11,12 +11,16 @@ from incr_ray.compare.plan import plan_compare
 from incr_ray.compare.trials import pending_trials, read_trial, tune_trials
 
 
-def _finished_run(folder, accuracy: float) -> None:
+def _finished_run(folder, accuracy: float, config: dict) -> None:
+    """What a finished run leaves for compare to read: run.json with its config and final metrics."""
+    from incr_ray.run.manifest import MANIFEST_VERSION
+
     folder.mkdir(parents=True)
     gen = {"index": 0, "status": "finished", "seconds": 12.5, "model": "gen_000/model",
            "metrics": {"accuracy": accuracy, "macro_f1": 0.5, "nll": 0.9, "ece": 0.1}}
     (folder / "run.json").write_text(json.dumps({
-        "name": folder.name, "run_dir": str(folder), "status": "finished", "generations": [gen],
+        "version": MANIFEST_VERSION, "name": folder.name, "run_dir": str(folder), "status": "finished",
+        "created": "now", "config": config, "label_names": ["a", "b"], "generations": [gen],
         "data": {"holdout_size": 60, "block_sizes": [240], "fingerprint": "f"}}))
 
 
@@ -35,7 +39,7 @@ def stand_in_run(config):
         tune.report({"status": "failed", "error": "DataError: the data file is empty"})
         return
     folder = Path(cfg["storage"]["path"]) / cfg["run"]["name"]
-    _finished_run(folder, 0.5 + cfg["run"]["seed"] / 100)
+    _finished_run(folder, 0.5 + cfg["run"]["seed"] / 100, cfg)
     tune.report(read_trial(str(folder)))
 
 
@@ -48,7 +52,7 @@ def test_tune_runs_the_pending_trials_and_reports_each_failure_alone(ray_local, 
     raw = {"run": {"name": "cmp", "seed": 0}, "storage": {"path": str(tmp_path)}, "method": {"k": 2},
            "student": {"learning_rate": 0.1}}
     plan = plan_compare(raw, [], 2, None, ["student.learning_rate=0.5,0.25"])
-    _finished_run(tmp_path / "cmp" / "config-s0", 0.7)  # finished by an earlier call
+    _finished_run(tmp_path / "cmp" / "config-s0", 0.7, plan.trials[0].config.to_dict())  # by an earlier call
     results, todo = pending_trials(plan)
     assert list(results) == ["config-s0"] and results["config-s0"]["metrics"]["accuracy"] == 0.7
     assert [t.name for t in todo] == ["config-s1", "student.learning_rate=0.5-s0", "student.learning_rate=0.5-s1",
@@ -63,3 +67,16 @@ def test_tune_runs_the_pending_trials_and_reports_each_failure_alone(ray_local, 
     # Next call: the finished ones are read back, the failed ones are pending again.
     results, todo = pending_trials(plan)
     assert sorted(results) == ["config-s0", "config-s1"] and len(todo) == 4
+
+
+def test_a_trial_folder_run_with_other_settings_is_not_read_back(tmp_path):
+    """The config changed since the last compare into this folder: its trial folder is reported
+    (the settings that differ), never passed off as this comparison's result."""
+    raw = {"run": {"name": "cmp", "seed": 0}, "storage": {"path": str(tmp_path)}, "method": {"k": 2}}
+    plan = plan_compare(raw, [], 2, None, [])
+    old = plan_compare(raw, ["method.threshold=0.8"], 2, None, [])
+    _finished_run(tmp_path / "cmp" / "config-s0", 0.7, old.trials[0].config.to_dict())
+    results, todo = pending_trials(plan)
+    assert [t.name for t in todo] == ["config-s1"]
+    assert results["config-s0"]["status"] == "failed"
+    assert "method.threshold: 0.8 -> 0.9" in results["config-s0"]["error"]
