@@ -66,6 +66,22 @@ def pytest_runtest_makereport(item, call):
                            "test: make it cheaper, or mark it slow (subprocesses, process groups)")
 
 
+def pytest_collection_finish(session):
+    """The pins test waits on the package index for about a minute: when it is selected, its pip
+    resolutions start now, in the background, and it collects them when its turn comes."""
+    import shutil
+    import tempfile
+
+    pins = [i for i in session.items if i.nodeid.endswith("test_pins.py::test_the_pins_resolve_for_the_cluster_python")]
+    if pins:
+        folder = tempfile.mkdtemp(prefix="incr-ray-pins-")
+        session.config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        try:
+            pins[0].module.start_early(Path(folder))
+        except Exception:  # noqa: BLE001 - the test itself starts them again and says what is wrong
+            pass
+
+
 def pytest_collection_modifyitems(items):
     """Tests that start Ray are marked ``ray``: ``make test-fast`` leaves them out."""
     for item in items:

