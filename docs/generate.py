@@ -174,8 +174,9 @@ BENCHMARKS = """\
 
 Four scripts, each one command from a fresh clone after `make setup`, each printing its tables
 and writing `benchmarks/results/<name>.{json,md,png}`: quality, arrival, extension and throughput.
-Default sizes were chosen for about an hour or less each on a 2-core CPU machine (quality now
-takes about 70 min, and arrival about 110: its fits need arrivals of ≈ 800 rows to learn). Run
+Default sizes were chosen for about an hour or less each on a 2-core CPU machine (quality's
+default about 75 min, estimated: 70 measured with its earlier loop, plus each sequential run's own
+generation 0; arrival about 110: its fits need arrivals of ≈ 800 rows to learn). Run
 them one at a time: three at once on 2 cores slowed each training step about twentyfold here.
 Pass larger sizes (`--help`) on a bigger machine. `--smoke` runs quality, arrival or extension end
 to end at a tiny size (minutes; about 10 for extension) and writes into a temporary folder, never
@@ -184,7 +185,7 @@ Three more measure ZeRO memory ([Memory](#memory)), LoRA against full fine-tunin
 and where the student loop's gap to a plain Trainer goes ([Throughput](#throughput)).
 
 ```bash
-.venv/bin/python benchmarks/quality.py            # ≈ 70 min here: 5 seeds × 3 methods, paired
+.venv/bin/python benchmarks/quality.py            # `incr-ray compare`: 5 seeds × 3 methods, 1,500 rows, ≈ 75 min
 .venv/bin/python benchmarks/arrival.py            # ≈ 110 min here: 3 seeds, k = 4 arrivals of ≈ 800 rows
 .venv/bin/python benchmarks/extension.py          # ≈ 85 min here: 5 seeds, a k = 2 run extended 4 ways
 .venv/bin/python benchmarks/throughput.py         # 43 min here
@@ -631,15 +632,27 @@ def _rendered(results: Path, name: str) -> str:
     return text
 
 
-def _per_seed(results: Path) -> str:
-    per_seed = json.loads((results / "quality.json").read_text(encoding="utf-8"))["per_seed"]
+def _final_accuracies(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per seed, each method's final holdout metrics: from compare.json's trials (what
+    ``benchmarks/quality.py`` writes now, under its method names) or an older result's per-seed finals."""
+    if "compare" not in data:
+        return {s: {m: r["final"] for m, r in v.items()} for s, v in data["per_seed"].items()}
+    label_of = _benchmark_script("quality").label_of
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for t in data["compare"]["trials"]:
+        if t.get("status") == "finished":
+            out.setdefault(str(t["seed"]), {})[label_of(t["variant"])] = t["metrics"]
+    return out
+
+
+def _per_seed(results: Path, name: str = "quality") -> str:
+    per_seed = _final_accuracies(json.loads((results / f"{name}.json").read_text(encoding="utf-8")))
     seeds = sorted(per_seed, key=int)
     methods = [(m, label) for m, label in PER_SEED_METHODS if all(m in per_seed[s] for s in seeds)]
     lines = ["| seed | " + " | ".join(label for _, label in methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
     for seed in seeds:
-        lines.append(f"| {seed} | " + " | ".join(f"{per_seed[seed][m]['final']['accuracy']:.3f}"
-                                                 for m, _ in methods) + " |")
+        lines.append(f"| {seed} | " + " | ".join(f"{per_seed[seed][m]['accuracy']:.3f}" for m, _ in methods) + " |")
     return "\n".join(lines)
 
 
@@ -766,12 +779,12 @@ def quality_block(results: Path = RESULTS) -> str:
     """Each paired difference of the default quality run and of the levers run: accuracy (points),
     NLL and ECE, mean and 95% CI over the seeds, with the sizes they ran at."""
     harness = _benchmark_script("harness")
-    rows, sizes, best = [], {}, None
+    rows, sizes, best, data_of = [], {}, None, {}
     for name in ("quality", "quality_levers"):
         path = results / f"{name}.json"
         if not path.is_file():
             continue
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = data_of[name] = json.loads(path.read_text(encoding="utf-8"))
         changes = {v[0]: v[1] for v in data.get("variants", [])}
         for label, d in _differences(data).items():
             lever = label.split(" − ")[0]
@@ -782,8 +795,9 @@ def quality_block(results: Path = RESULTS) -> str:
                            for m, scale, digits in (("accuracy", 100, 1), ("nll", 1, 3), ("ece", 1, 3)))])
         sizes[name] = {k: data["settings"].get(k) for k in ("rows", "k", "max_length", "lr", "batch_size")}
     s = sizes["quality"]
+    by = " from `incr-ray compare`" if "compare" in data_of["quality"] else ""
     intro = (f"Paired over seeds on Rotten Tomatoes ({s['rows']} rows per seed, k = {s['k']}, MiniLM, max_length "
-             f"{s['max_length']}, CPU): a − b per seed on the same holdout, mean and [95% CI]; accuracy in "
+             f"{s['max_length']}, CPU{by}): a − b per seed on the same holdout, mean and [95% CI]; accuracy in "
              "points, lower NLL and ECE are better; an interval containing 0 is inside the seed noise.")
     if "quality_levers" in sizes and sizes["quality_levers"] != s:
         lv = sizes["quality_levers"]

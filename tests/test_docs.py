@@ -191,3 +191,33 @@ def test_nothing_points_outside_the_repository():
             continue
         offenders += [f"{path.relative_to(REPO)}: {name}" for name in OUTSIDE if name in text]
     assert not offenders, offenders
+
+
+def test_quality_block_and_per_seed_table_read_a_compare_result(tmp_path):
+    """benchmarks/quality.py writes compare.json's content into quality.json: the README block and the
+    per-seed table read it under the benchmark's method names."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    from incr_ray.compare.plan import plan_compare
+    from incr_ray.compare.report import summarize
+
+    raw = {"run": {"name": "quality", "seed": 0}, "storage": {"path": str(tmp_path)}, "method": {"k": 4}}
+    plan = plan_compare(raw, [], 3, "full,sequential", [])
+    accs = {"config": [0.70, 0.74, 0.72], "full": [0.72, 0.73, 0.74], "sequential": [0.69, 0.71, 0.70]}
+    results = {f"{v}-s{s}": {"status": "finished", "cost_seconds": 10.0, "holdout_size": 250, "run_dir": "/nowhere",
+                             "metrics": {"accuracy": a, "macro_f1": a, "nll": 0.7, "ece": 0.05}}
+               for v, xs in accs.items() for s, a in enumerate(xs)}
+    settings = {"seeds": [0, 1, 2], "rows": 1000, "k": 4, "max_length": 32, "lr": 2e-4, "batch_size": 8}
+    result = quality.quality_result(summarize(plan, results), settings, 1.0)
+    (tmp_path / "quality.json").write_text(json.dumps(result))
+    generate = _generator()
+    block = generate.quality_block(tmp_path)
+    assert "(1000 rows per seed, k = 4, MiniLM, max_length 32, CPU from `incr-ray compare`)" in block
+    assert "| incremental − full fine-tune | 3 | −1.0 [" in block
+    assert "| incremental − sequential hard-label | 3 | +2.0 [" in block
+    table = generate._per_seed(tmp_path)
+    assert table.splitlines()[0] == "| seed | incremental | hard-label | full fine-tune |"
+    assert table.splitlines()[2] == "| 0 | 0.700 | 0.690 | 0.720 |"
