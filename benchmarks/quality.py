@@ -1,6 +1,6 @@
 """Quality: incremental teacher-student training against the usual ways to use the same data.
 
-    python benchmarks/quality.py              # `incr-ray compare`: 5 seeds × 3 methods, 1,500 rows per seed
+    python benchmarks/quality.py              # `incr-ray compare`: 5 seeds × 3 methods, 1,500 rows, ≈ 75 min
     python benchmarks/quality.py --seeds 0 1 2 --rows 1000   # the size of the published table
     python benchmarks/quality.py --smoke      # 2 seeds, 160 rows, k=2: the script end to end in minutes
     python benchmarks/quality.py --levers     # each lever of issue #13 against incremental, seeds 0-2
@@ -35,9 +35,10 @@ met when its whole interval is on the good side, missed when it is all on the ot
 the seed noise otherwise. Each trial trains its own generation 0 (the earlier version of this
 script copied the incremental run's into the sequential one).
 
-**Resuming.** Without ``--resume`` the comparison's folder is cleared first (a finished trial of
-other settings would otherwise be read back); with it, compare reads every finished trial back
-from its run folder and runs (or resumes) the rest.
+**Resuming.** Without ``--resume`` the comparison's folder is cleared first (compare would report a
+trial folder left with other settings as failed); with it, compare reads every finished trial back
+from its run folder and runs (or resumes) the rest. Results are written only when every trial
+finished.
 
 **Levers and knobs stay on this script's own loop** (the runs of :mod:`harness`, paired here):
 two of the four levers change two keys at once (``method.validation_fraction`` with
@@ -53,8 +54,10 @@ same seeds: ``student.schedule=run`` (one learning-rate schedule across the gene
 ``calibration`` entry). The final model of a run is the generation ``final_generation`` of its
 run.json when present, else the last one (``incr_ray.run.report.final_entry``).
 
-**Size and time.** The default is 5 seeds × 1,500 rows per seed (max_length 32); the published
-table is 3 seeds × 1,000 rows (``--seeds 0 1 2 --rows 1000``), its wall time in the results.
+**Size and time.** The default is 5 seeds × 1,500 rows per seed (max_length 32), about 75 min alone
+on 2 cores (estimated: 70 measured with the earlier loop, plus each sequential run's own generation
+0); the published table is 3 seeds × 1,000 rows (``--seeds 0 1 2 --rows 1000``), its wall time in
+the results.
 
 Everything runs through the project's own pipeline on a local Ray (teacher scoring as a Ray Data
 actor pool, students as Ray Train + DeepSpeed ZeRO-2 fits). Results go to
