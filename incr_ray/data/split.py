@@ -217,7 +217,7 @@ def read_new_block(path: str, data_cfg: DataSection, label_names: list[str],
     trains with: ``label_names``, then — with ``allow_new_labels`` — the labels the run has never
     seen, appended (:func:`incr_ray.data.labels.extended_label_map`); without, they are refused
     with a DataError naming the flag."""
-    prepared, scan = _read_labelled(path, data_cfg, label_names, "path", allow_new=allow_new_labels)
+    prepared, scan = _read_labelled(path, data_cfg, label_names, "--data", allow_new=allow_new_labels)
     names = extended_label_map(label_names, scan.labels, True, path)
     return _with_label_ids(prepared, names), names
 
