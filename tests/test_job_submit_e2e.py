@@ -51,6 +51,7 @@ BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 600
 # Workers bind in this range: outside Ray's default (10002-19999) and the kernel's ephemeral range.
 WORKER_PORTS = (20100, 20399)
+NEW_LABEL = "hail"  # the label R5's new data brings (extend --allow-new-labels)
 
 
 def _process_group_and_descendants(pgid: int):
@@ -214,23 +215,26 @@ def copy_run(src_root: Path, storage: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def extended_copy(head, crash_run, tmp_path_factory):
-    """R5: `ray job submit -- python jobs/extend.py` on a copy of R2's finished run, with new data,
-    its own holdout and one changed training setting."""
+    """R5: `ray job submit -- python jobs/extend.py` on a copy of R2's finished run, with new data
+    that brings a label the run has never seen (`--allow-new-labels`), its own holdout and one
+    changed training setting."""
     from incr_ray.data import SYNTHETIC_LABELS, synthetic_rows
     from scenarios import CLASSES
 
     work = tmp_path_factory.mktemp("job_submit")
     run_dir = copy_run(crash_run.root, work / "runs")
     before = json.loads((run_dir / "run.json").read_text())
-    # New data with the run's labels: synthetic rows the run has never seen (other ids).
-    texts, classes = synthetic_rows(np.arange(100_000, 100_240), seed=7, classes=3)
+    # New data: synthetic rows the run has never seen (other ids), of its three labels and a fourth
+    # one, NEW_LABEL (the synthetic data's fourth class: its own keywords).
+    texts, classes = synthetic_rows(np.arange(100_000, 100_240), seed=7, classes=4)
     new_data = work / "new_block.csv"
-    pd.DataFrame({"sentence": texts, "weather": np.array(CLASSES)[classes]}).to_csv(new_data, index=False)
+    pd.DataFrame({"sentence": texts, "weather": np.array(CLASSES + [NEW_LABEL])[classes]}).to_csv(new_data, index=False)
     started = time.perf_counter()
     # The extension trains at half the run's peak learning rate: extend may change how its own
     # generation trains (a run on the run-long schedule extends at its floor, 10% of the peak).
     job_id, output = head.submit("python", "jobs/extend.py", "--run", str(run_dir), "--data", str(new_data),
-                                 "--holdout-fraction", "0.25", "--set", "student.learning_rate=0.005",
+                                 "--holdout-fraction", "0.25", "--allow-new-labels",
+                                 "--set", "student.learning_rate=0.005",
                                  # New data is where label noise arrives: its suspects stay out of training.
                                  "--set", "method.suspects=drop",
                                  # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
@@ -279,7 +283,7 @@ def test_the_extension_adds_one_generation_and_keeps_the_earlier_ones(extended_c
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(extended_copy.run_dir / "gen_002" / "model")
-    assert [model.config.id2label[i] for i in range(3)] == after["label_names"]
+    assert [model.config.id2label[i] for i in range(4)] == after["label_names"] == before["label_names"] + [NEW_LABEL]
 
 
 def test_the_changed_setting_is_the_extensions_own(extended_copy):
@@ -304,7 +308,9 @@ def test_the_extensions_suspects_are_left_out_of_its_training(extended_copy):
 
     gen = extended_copy.after["generations"][2]
     targets = pq.read_table(extended_copy.run_dir / "gen_002" / "targets").to_pandas()
-    suspect = suspect_mask(np.stack(targets.teacher_probs.to_numpy()), targets.label.to_numpy(), 0.3)
+    # The teacher knows 3 classes: the new label's rows (its probability 0) are no suspects.
+    suspect = suspect_mask(np.stack(targets.teacher_probs.to_numpy()), targets.label.to_numpy(), 0.3,
+                           teacher_classes=3)
     suspect &= ~targets.replay.to_numpy()
     training = ~validation_mask(targets.row_id.to_numpy(), 3, 0.2)  # the run's seed and validation slice
     listed = pq.read_table(extended_copy.run_dir / "gen_002" / "suspects.parquet").to_pandas()
@@ -313,6 +319,72 @@ def test_the_extensions_suspects_are_left_out_of_its_training(extended_copy):
     assert (suspect & training).sum() > 0  # the lever had rows to drop
     assert gen["train"]["rows"] == (training & ~suspect).sum()
     assert "left out of training (method.suspects drop)" in extended_copy.output
+    assert NEW_LABEL not in set(listed.label) and (targets.label == 3).sum() > 0
+
+
+def test_the_new_label_is_appended_and_the_grown_head_starts_from_the_teacher(extended_copy):
+    """`--allow-new-labels`: the run's label map gains NEW_LABEL as id 3, recorded with the
+    generation that added it; the student's initial model is its teacher with one more head row."""
+    from safetensors.torch import load_file
+
+    before, after, run_dir = extended_copy.before, extended_copy.after, extended_copy.run_dir
+    gen = after["generations"][2]
+    assert after["label_names"] == before["label_names"] + [NEW_LABEL] and gen["new_labels"] == [NEW_LABEL]
+    assert gen["initial_model"] == "gen_002/initial_model"
+    assert (f"generation 2 adds 1 label(s) the run has never seen to its label map (--allow-new-labels): "
+            f"3 = {NEW_LABEL!r}") in extended_copy.output
+    assert "[gen 2] the teacher's head grown from 3 to 4 classes" in extended_copy.output
+    teacher = before["generations"][1] if before["generations"][1]["promoted"] else before["generations"][0]
+    old, grown = (load_file(str(run_dir / folder / "model.safetensors"))
+                  for folder in (teacher["model"], gen["initial_model"]))
+    assert grown["classifier.weight"].shape[0] == 4 and (grown["classifier.weight"][:3] == old["classifier.weight"]).all()
+    assert (grown["classifier.bias"][:3] == old["classifier.bias"]).all() and grown["classifier.bias"][3] == 0
+    assert all((grown[k] == v).all() for k, v in old.items() if not k.startswith("classifier."))
+
+
+def test_the_stored_targets_are_the_rule_on_the_padded_teacher(extended_copy):
+    """The 3-class teacher's softmax padded with a zero for NEW_LABEL, then the rule (p = 0.9, no
+    floor): a NEW_LABEL row gets 0.9 and the teacher's distribution scaled by 0.1."""
+    from incr_ray.method.targets import soft_targets
+
+    targets = pq.read_table(extended_copy.run_dir / "gen_002" / "targets").to_pandas()
+    probs, target = np.stack(targets.teacher_probs.to_numpy()), np.stack(targets.target.to_numpy())
+    labels = targets.label.to_numpy()
+    assert probs.shape == target.shape == (len(targets), 4) and (probs[:, 3] == 0).all()
+    np.testing.assert_allclose(probs[:, :3].sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(target, soft_targets(probs, labels, threshold=0.9), rtol=0, atol=1e-12)
+    new = labels == 3
+    assert new.sum() > 0 and not targets.replay[new].any()  # replay rows come from the run's blocks
+    np.testing.assert_allclose(target[new, 3], 0.9)
+    np.testing.assert_allclose(target[new, :3], 0.1 * probs[new, :3], rtol=0, atol=1e-12)
+    assert (target[~new, 3] == 0).all()
+
+
+def test_the_extended_model_knows_the_new_label(extended_copy):
+    """gen_002/model: 4 labels in its config, loads with transformers.pipeline, and has learned
+    NEW_LABEL: on the extension's own holdout, training raised its log-probability more on the rows
+    of that label than on the others (against the initial model, whose new head row is random)."""
+    from transformers import pipeline
+
+    after, run_dir = extended_copy.after, extended_copy.run_dir
+    folder = run_dir / "gen_002" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(after["label_names"])}
+    assert config["label2id"][NEW_LABEL] == 3
+    if after["generations"][2]["promoted"]:
+        assert after["final_model"] == "gen_002/model"
+    held_out = pq.read_table(run_dir / "gen_002" / "own_holdout").to_pandas()
+    log_p = {}
+    for name in ("model", "initial_model"):
+        classify = pipeline("text-classification", model=str(run_dir / "gen_002" / name), top_k=None)
+        scores = [{p["label"]: p["score"] for p in row} for row in classify(held_out.text.tolist())]
+        assert all(set(s) == set(after["label_names"]) for s in scores)
+        log_p[name] = np.log([s[NEW_LABEL] for s in scores])
+    new = held_out.label.to_numpy() == 3
+    gain = log_p["model"] - log_p["initial_model"]
+    assert new.sum() > 0 and gain[new].mean() > gain[~new].mean(), (gain[new].mean(), gain[~new].mean())
+    assert "4 labels: `calm`, `storm`, `drizzle`, `hail`" in (folder / "README.md").read_text()
+    assert "3 labels" in (run_dir / "gen_001" / "model" / "README.md").read_text()
 
 
 def test_the_extension_holds_out_its_own_rows(extended_copy):
@@ -358,6 +430,7 @@ def test_the_extension_logs_into_the_runs_mlflow_parent(extended_copy):
     by_gen = {int(r.data.tags["generation"]): r for r in nested}
     assert sorted(by_gen) == [0, 1, 2]
     assert by_gen[2].data.tags["extension.student.learning_rate"] == "0.005"
+
 
 # ---------------------------------------------------------------------------------------------
 # `incr-ray compare` as a job: 2 variants × 2 seeds as Ray Tune trials on the same head
