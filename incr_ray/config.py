@@ -205,6 +205,18 @@ class MethodSection(_Section):
         "every row (it pushes the label up to p), `one_hot` the label alone, `drop` nothing (left out of "
         "training). The stored targets stay the rule's either way.",
     )
+    ewc: float = Field(
+        0.0, ge=0.0,
+        description="λ of elastic weight consolidation (Kirkpatrick et al. 2017): each generation stores the "
+        "diagonal Fisher information of its model and its weights (gen_<g>/fisher.safetensors), and the next "
+        "student's loss adds λ/2·Σ F_i(θ_i − θ*_i)² over the weights it trains (under LoRA: the adapted "
+        "projections, through the adapters, and the head). 0 turns it off. Needs ZeRO stage 0–2.",
+    )
+    ewc_rows: int = Field(
+        256, ge=1,
+        description="Rows of each generation's training order (seeded by run.seed and the generation) the "
+        "Fisher information is estimated on, one per-row gradient pass per class (method.ewc > 0).",
+    )
 
     @property
     def needs_teacher(self) -> bool:
@@ -463,6 +475,15 @@ class TrackingSection(_Section):
     )
 
 
+def ewc_stage_problem(ewc: float, stage: int | str) -> str | None:
+    """Why ``method.ewc`` cannot run at ZeRO ``stage`` (None: it can). The penalty reads every weight
+    it holds a Fisher value for on every rank, and ZeRO-3 leaves each rank only its partition."""
+    if ewc > 0 and stage == 3:
+        return ("method.ewc needs each worker to hold the whole weights, which ZeRO-3 partitions; "
+                "set deepspeed.stage to 2 (or 0/1), or method.ewc: 0")
+    return None
+
+
 class Config(_Section):
     run: RunSection = RunSection()
     storage: StorageSection = StorageSection()
@@ -476,6 +497,13 @@ class Config(_Section):
     teacher: TeacherSection = TeacherSection()
     eval: EvalSection = EvalSection()
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _ewc_needs_whole_weights(self) -> "Config":
+        problem = ewc_stage_problem(self.method.ewc, self.deepspeed.stage)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -547,6 +575,8 @@ def _one_line(err: ValidationError) -> str:
     msg, problems = first["msg"], len(err.errors())
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if not first["loc"]:  # a check across sections (Config's own validator): its message names the keys
+        return msg
     if str(first["loc"][-1]).startswith("literal["):  # `auto` or a number: one line for both branches
         branches = [e for e in err.errors() if e["loc"][:-1] == first["loc"][:-1]]
         msg = "Input should be " + " or ".join(e["msg"].removeprefix("Input should be ") for e in branches)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ewc_stage_problem
 from .generation.deepspeed_config import resolve_precision
 from .generation.resources import AUTO, cpus_per_bundle, cpus_per_gpu
 from .modeling import ModelError
@@ -176,4 +176,8 @@ def resolve(cfg: Config, facts: ClusterFacts, say: Callable[[str], None] | None 
     on_gpu = decide_gpu(cfg.cluster.use_gpu, facts.gpus, facts.attached)
     if cfg.cluster.use_gpu != on_gpu:
         cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"use_gpu": on_gpu})})
-    return _cpus(_stage(cfg, on_gpu, facts, say), on_gpu, facts, say)
+    cfg = _stage(cfg, on_gpu, facts, say)
+    problem = ewc_stage_problem(cfg.method.ewc, cfg.deepspeed.stage)  # auto may have chosen ZeRO-3
+    if problem:
+        raise ConfigError(f"deepspeed.stage auto chose ZeRO-3, and {problem}")
+    return _cpus(cfg, on_gpu, facts, say)

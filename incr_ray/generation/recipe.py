@@ -2,9 +2,10 @@
 
 It reads top to bottom like a torchtune recipe — :func:`set_up` (DeepSpeed over the existing
 process group, the precision checks, the training arguments, the seeded model, LoRA),
-:func:`make_trainer`, :func:`train`, :func:`save`, :func:`evaluate` — and :func:`run_student` runs
-the steps in that order and returns the metrics. Its inputs are plain: the config, the
-:class:`StudentRequest`, this rank's training batches, the evaluation slices, rank and world.
+:func:`make_trainer`, :func:`train`, :func:`save`, :func:`evaluate`, :func:`consolidate` (the EWC
+Fisher, ``method.ewc``) — and :func:`run_student` runs the steps in that order and returns the
+metrics. Its inputs are plain: the config, the :class:`StudentRequest`, this rank's training
+batches, the evaluation slices, rank and world.
 
 Every rank of a ``torch.distributed`` group runs it: on Ray Train the group's workers, through the
 glue in :func:`incr_ray.generation.student.train_per_worker` (the shard, the in-generation
@@ -36,12 +37,14 @@ from ..storage import stage_local
 from .callbacks import MlflowStepLogger, ProgressCallback, StepClock, TokenCount, queue_say
 from .deepspeed_config import precision_problem, resolve_precision
 from .evaluation import Share, evaluate_student, write_predictions
+from .fisher import FISHER_FILE, EwcAnchor, estimate_fisher, with_row_ids
 from .trainer import (BatchStream, SoftTargetTrainer, loss_settings, make_collate, precision_record,
                       reporting_env, save_lora_student, save_student, training_arguments)
 
 # What the recipe writes in its work folder, for the caller to upload (rank 0's copy is complete).
 MODEL = "model"  # the model folder transformers.pipeline loads (LoRA: the merged model)
 ADAPTER = "adapter"  # student.lora.r > 0: the trained adapter
+FISHER = FISHER_FILE  # method.ewc > 0: the model's diagonal Fisher information and its weights
 
 Batch = dict[str, np.ndarray]
 
@@ -66,6 +69,10 @@ class StudentRequest:
     tracking_run_id: str | None = None
     adapter_dest: str | None = None  # gen_<g>/adapter on storage (student.lora.r > 0)
     run_manifest: str | None = None  # the run's run.json: on a local storage.path, every worker must see it
+    # method.ewc > 0: where gen_<g>/fisher.safetensors goes (written by rank 0 after the evaluation),
+    # and the teacher's, whose penalty this student's loss adds (None: no teacher, or it has none).
+    fisher_dest: str | None = None
+    ewc_anchor: str | None = None
 
 
 @dataclass
@@ -145,6 +152,7 @@ def make_trainer(cfg: Config, request: StudentRequest, student: Student,
         train_dataset=BatchStream(train_batches(collate)),
         processing_class=student.tokenizer,
         lr_window=request.lr_window,
+        ewc=EwcAnchor.read(request.ewc_anchor, cfg.method.ewc) if cfg.method.ewc and request.ewc_anchor else None,
         **loss_settings(cfg, g),
     )
     trainer.remove_callback(PrinterCallback)
@@ -236,6 +244,21 @@ def evaluate(student: Student, cfg: Config, request: StudentRequest, slices: dic
     return evaluation
 
 
+def consolidate(cfg: Config, request: StudentRequest, student: Student,
+                train_batches: Callable[[Callable[[Batch], dict]], Iterable[dict]], rank: int, work: str,
+                out_dir: str) -> dict[str, Any] | None:
+    """``method.ewc > 0``, rank 0: the saved model's diagonal Fisher information on the first
+    ``method.ewc_rows`` rows of this rank's training order (seeded by run.seed and the generation)
+    and its weights, in ``<work>/fisher.safetensors`` for the caller to keep
+    (:func:`incr_ray.generation.fisher.estimate_fisher`). Call it after :func:`evaluate`: a fitted
+    temperature is folded into the saved head by then, and the next student starts from that."""
+    if not cfg.method.ewc or rank != 0:
+        return None
+    collate = with_row_ids(make_collate(student.tokenizer, len(request.label_names), cfg.model.max_length))
+    return estimate_fisher(cfg, request.generation, out_dir, train_batches(collate), student.args.device,
+                           os.path.join(work, FISHER))
+
+
 def release(trainer: SoftTargetTrainer) -> None:
     """Drop the engine, optimizer and master weights, and DeepSpeed's hold on later model loads
     (the process evaluates, and may train or load again: the GPU check, the tests)."""
@@ -257,7 +280,7 @@ def run_student(cfg: Config, request: StudentRequest,
                 max_steps: int, progress=None, resume_from: str | None = None,
                 callbacks: Sequence[TrainerCallback] = (),
                 trainer_class: type[SoftTargetTrainer] = SoftTargetTrainer) -> dict[str, Any]:
-    """One generation on this rank: set up, trainer, train, save, evaluate. Returns its metrics.
+    """One generation on this rank: set up, trainer, train, save, evaluate, consolidate. Returns its metrics.
 
     ``cfg`` has its ``auto`` values resolved (``deepspeed.stage``, ``cluster.cpus_per_worker``).
     ``train_batches(collate)`` gives this rank's training batches with ``collate`` (numpy batch ->
@@ -270,7 +293,8 @@ def run_student(cfg: Config, request: StudentRequest,
     ``callbacks``: more Trainer callbacks (the Ray glue's checkpoint reports, the test seam's faults).
     ``trainer_class``: :class:`SoftTargetTrainer` or a subclass (the GPU check's probe).
 
-    Writes ``<work>/model`` (and ``<work>/adapter``), complete on rank 0, for the caller to keep.
+    Writes ``<work>/model`` (and ``<work>/adapter``, ``<work>/fisher.safetensors``), complete on
+    rank 0, for the caller to keep.
     """
     entered = time.perf_counter()
     student = set_up(cfg, request, work, on_gpu, max_steps)
@@ -284,12 +308,14 @@ def run_student(cfg: Config, request: StudentRequest,
         out_dir = save(trainer, student, cfg, request, work, rank)
         facts = {"precision": precision_record(trainer, student.precision, student.args.hf_deepspeed_config.config),
                  "max_learning_rate": max((h["learning_rate"] for h in trainer.state.log_history
-                                           if "learning_rate" in h), default=None)}
+                                           if "learning_rate" in h), default=None),
+                 "ewc": {"lambda": cfg.method.ewc, **(trainer.ewc.figures() if trainer.ewc else {})}}
         release(trainer)
         student.model, released = None, True  # the training module's last reference: its memory goes
         evaluating = time.perf_counter()
         evaluation = evaluate(student, cfg, request, slices, rank, world, out_dir, on_gpu)
         evaluated = time.perf_counter()
+        fisher = consolidate(cfg, request, student, train_batches, rank, work, out_dir)
         s = cfg.student
         rows_per_step = s.batch_size * s.grad_accum * world
         return {
@@ -315,6 +341,8 @@ def run_student(cfg: Config, request: StudentRequest,
             **evaluation,  # holdout, and validation / calibration / retention / drift when measured
             "eval_seconds": evaluated - evaluating,
             "save_seconds": evaluating - saving,  # the local save; the caller adds its upload
+            # method.ewc: λ, the penalty against the teacher's Fisher, this model's own Fisher (rank 0)
+            **({"ewc": {**facts["ewc"], **({"fisher": fisher} if fisher else {})}} if cfg.method.ewc else {}),
         }
     finally:
         if not released:

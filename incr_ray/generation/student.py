@@ -35,11 +35,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from .. import faults
 from ..config import Config
 from ..method.hashing import generation_seed, shuffle_keys
-from ..storage import drop_copy, remove_tree, upload_dir
+from ..storage import drop_copy, remove_tree, upload_dir, write_bytes_atomic
 from .checkpoints import CheckpointCadence, checkpointing, folder_figures
 from .evaluation import EXTENSION_HOLDOUT
 from .progress import ProgressRelay
-from .recipe import ADAPTER, MODEL, StudentRequest, run_student
+from .recipe import ADAPTER, FISHER, MODEL, StudentRequest, run_student
 from .shards import RankShards, RankStream, cut_for_ranks
 from .scratch import checkpoint_on_node, record_owner, sweep_stale_scratch, worker_folder
 from .resources import require_resolved
@@ -153,6 +153,9 @@ def _model_to_storage(work: str, request: StudentRequest) -> ray.train.Checkpoin
     with one: a one-line file naming the model."""
     if request.adapter_dest:  # before the model: a recorded model always has its adapter
         upload_dir(os.path.join(work, ADAPTER), request.adapter_dest)
+    if request.fisher_dest:  # method.ewc: the model's Fisher, which the next student's penalty reads
+        with open(os.path.join(work, FISHER), "rb") as f:
+            write_bytes_atomic(request.fisher_dest, f.read())
     upload_dir(os.path.join(work, MODEL), request.model_dest)
     marker = os.path.join(work, "reported-model")
     os.makedirs(marker)

@@ -26,6 +26,7 @@ from ..method.losses import distillation_loss
 from ..method.schedule import annealed_alpha, run_lr_factor
 from ..modeling import PRECISION_FIX, NonFiniteError
 from .deepspeed_config import build_deepspeed_config
+from .fisher import EwcAnchor
 
 MODEL_META = "incr_ray.json"  # beside the weights: generation, label names, resolved config
 
@@ -131,11 +132,13 @@ def precision_record(trainer: "SoftTargetTrainer", precision: str, ds_config: di
 
 
 class SoftTargetTrainer(Trainer):
-    """``compute_loss`` = forward pass + :func:`incr_ray.method.losses.distillation_loss`."""
+    """``compute_loss`` = forward pass + :func:`incr_ray.method.losses.distillation_loss` (+ the EWC
+    penalty against the teacher's Fisher file, ``ewc``: :class:`incr_ray.generation.fisher.EwcAnchor`)."""
 
     def __init__(self, *args, temperature: float = 1.0, alpha: float = 0.0, anneal: bool = False,
-                 lr_window: tuple[int, int, int] | None = None, **kwargs):
+                 lr_window: tuple[int, int, int] | None = None, ewc: EwcAnchor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.ewc = ewc
         self.temperature = temperature
         self.alpha = alpha
         self.anneal = anneal  # teacher annealing: the hard-label weight rises from alpha to 1
@@ -185,6 +188,8 @@ class SoftTargetTrainer(Trainer):
             self.loss_dtypes = {"targets": _dtype_name(targets.dtype), "logits": _dtype_name(outputs.logits.dtype)}
         alpha = annealed_alpha(self.alpha, self.state.global_step, self.state.max_steps) if self.anneal else self.alpha
         loss = distillation_loss(outputs.logits, targets, labels, self.temperature, alpha)
+        if self.ewc is not None:  # self.model: the module itself (DeepSpeed's engine wraps `model`)
+            loss = self.ewc.added_to(loss, self.model)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the student's loss is {loss.item()} at step {self.state.global_step}; {PRECISION_FIX}")
         return (loss, outputs) if return_outputs else loss

@@ -1,14 +1,18 @@
-"""The student's training loss: cross-entropy against soft targets, with temperature and a hard-label mix.
+"""The student's training loss: cross-entropy against soft targets, with temperature and a hard-label mix,
+and the elastic weight consolidation penalty.
 
 ``soft_cross_entropy`` is the method's loss (a student against the targets built by
 :func:`incr_ray.method.targets.soft_targets`); ``distillation_loss`` adds Hinton et al.'s optional
-``α · hard CE`` term. Both are plain torch functions with no ray or transformers import, so the
-training loop only runs the forward pass and calls one of them.
+``α · hard CE`` term; ``ewc_penalty`` is Kirkpatrick et al.'s quadratic pull towards the teacher's
+weights (``method.ewc``). All are plain torch functions with no ray or transformers import, so the
+training loop only runs the forward pass and calls them.
 
 Shapes: ``B`` rows in the batch, ``C`` classes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +104,39 @@ def distillation_loss(
             raise ValueError(f"alpha={alpha} needs soft targets; pass targets or set alpha=1")
         loss = loss + (1.0 - alpha) * soft_cross_entropy(logits, targets, temperature)
     return loss
+
+
+def ewc_penalty(deltas: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor], strength: float) -> torch.Tensor:
+    """Elastic weight consolidation (Kirkpatrick et al., 2017): ``λ/2 · Σ_i F_i · (θ_i − θ*_i)²``.
+
+    ``θ*`` are the weights of the model the Fisher information ``F`` was estimated on (the
+    teacher); a weight that mattered for its data (large ``F_i``) is held near its old value, one
+    that did not is free. The gradient with respect to ``θ`` is ``λ · F · (θ − θ*)``.
+
+    Args:
+        deltas: one tensor per weight, ``θ − θ*``, any shape and float dtype, differentiable
+            (under LoRA an adapted weight's ``θ − θ*`` is the adapter's ``scale · B·A``).
+        fisher: the diagonal Fisher information ``F ≥ 0`` of each weight, the shape of its delta.
+        strength: ``λ ≥ 0``.
+
+    Returns:
+        Scalar tensor on the deltas' device, float32 (float64 when a delta is float64);
+        ``torch.zeros(())`` for no deltas.
+
+    Raises:
+        ValueError: ``λ < 0``, lengths that differ, or a Fisher tensor of another shape than its delta.
+    """
+    if not strength >= 0.0:
+        raise ValueError(f"strength (λ) must be ≥ 0, got {strength}")
+    if len(deltas) != len(fisher):
+        raise ValueError(f"{len(deltas)} deltas but {len(fisher)} Fisher tensors")
+    if not deltas:
+        return torch.zeros(())
+    total = None
+    for delta, f in zip(deltas, fisher):
+        if delta.shape != f.shape:
+            raise ValueError(f"a Fisher tensor of shape {tuple(f.shape)} for a weight of shape {tuple(delta.shape)}")
+        d = delta.to(torch.promote_types(delta.dtype, torch.float32))  # 16-bit squares lose the small deltas
+        term = (f.to(d.dtype) * d * d).sum()
+        total = term if total is None else total + term
+    return 0.5 * strength * total

@@ -58,6 +58,9 @@ class RunPaths:
     def adapter(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "adapter")
 
+    def fisher(self, g: int) -> str:  # method.ewc: the model's diagonal Fisher information and weights
+        return self.join(f"gen_{g:03d}", "fisher.safetensors")
+
     def initial_model(self, g: int) -> str:  # extend --allow-new-labels: the teacher with its head grown
         return self.join(f"gen_{g:03d}", "initial_model")
 

@@ -258,6 +258,9 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
                                  later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes)[g + 1:]),
                                  progress_dest=run.paths.progress(g),
                                  adapter_dest=run.paths.adapter(g) if cfg.student.lora.r else None,
+                                 fisher_dest=run.paths.fisher(g) if cfg.method.ewc else None,
+                                 ewc_anchor=(run.paths.join(teacher.fisher) if cfg.method.ewc and teacher
+                                             and teacher.fisher else None),
                                  run_manifest=run.paths.manifest, **run.tracker.worker_fields(g))
         extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
                               for e in run.manifest.generations[:g + 1] if e.own_holdout}
@@ -273,6 +276,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         entry.promoted = _gate(run, g, entry, teacher)
         entry.model = run.rel(model_dest)
         entry.adapter = run.rel(request.adapter_dest) if request.adapter_dest else None
+        entry.fisher = run.rel(request.fisher_dest) if request.fisher_dest else None
         run.save()
     if not entry.metrics:  # trained by an earlier attempt that stopped before evaluating
         run.say(f"[gen {g}] evaluating on the holdout")

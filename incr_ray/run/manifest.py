@@ -63,6 +63,12 @@ class GenerationEntry(_Record):
     # Training: gen_<g>/model, the workers' figures, holdout metrics.
     model: str | None = None
     adapter: str | None = None  # gen_<g>/adapter: the LoRA adapter merged into model (student.lora.r > 0)
+    # method.ewc > 0: gen_<g>/fisher.safetensors (this model's diagonal Fisher and weights, the next
+    # student's anchor), and what EWC did: lambda, the penalty against the teacher's Fisher
+    # (anchor_generation, weights, params, penalty_first/last/mean, share_last of the last batch's
+    # loss), this model's own Fisher (fisher: rows, params, mean, max, bytes, seconds).
+    fisher: str | None = None
+    ewc: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     eval_seconds: float | None = None

@@ -42,6 +42,24 @@ def _calibration_line(g: int, calibration: dict[str, float], rows: int) -> str:
             f"ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} → {c['nll_after']:.4f}")
 
 
+def ewc_lines(g: int, ewc: dict[str, Any] | None) -> list[str]:
+    """What EWC did in generation ``g`` (``entry.ewc``): the penalty against its teacher's Fisher,
+    and this model's own Fisher, stored for the next student."""
+    if not ewc:
+        return []
+    lines = []
+    if "penalty_mean" in ewc:
+        lines.append(f"[gen {g}] EWC λ={ewc['lambda']:g} against gen {ewc['anchor_generation']}'s Fisher "
+                     f"({ewc['params']:,} weights): penalty {ewc['penalty_first']:.3g} at the first batch, "
+                     f"{ewc['penalty_last']:.3g} at the last ({100 * ewc['share_last']:.1f}% of its loss), "
+                     f"mean {ewc['penalty_mean']:.3g}")
+    fisher = ewc.get("fisher")
+    if fisher:
+        lines.append(f"[gen {g}] Fisher information on {fisher['rows']} rows stored for the next student "
+                     f"({fisher['params']:,} weights, {fisher['bytes'] / 2**20:.1f} MiB, {fisher['seconds']:.1f} s)")
+    return lines
+
+
 def record_fit(entry: GenerationEntry, train: dict[str, Any], teacher: GenerationEntry | None = None,
                teacher_validation: dict[str, float] | None = None,
                flips: dict[str, float] | None = None) -> list[str]:
@@ -50,8 +68,9 @@ def record_fit(entry: GenerationEntry, train: dict[str, Any], teacher: Generatio
 
     The holdout metrics and their seconds, the validation slice (``teacher_validation``, the
     teacher's figures there, beside the student's), the fitted temperature, the drift on each
-    extension's own holdout, and the continual figures (:func:`continual_record`: ``flips``
-    against ``teacher``, the retention sample) get their own fields; the rest becomes ``entry.train``.
+    extension's own holdout, the continual figures (:func:`continual_record`: ``flips``
+    against ``teacher``, the retention sample) and EWC's (:func:`ewc_lines`) get their own fields;
+    the rest becomes ``entry.train``.
     """
     g, rest = entry.index, dict(train)
     entry.metrics, entry.eval_seconds = rest.pop("holdout"), rest.pop("eval_seconds")
@@ -66,5 +85,6 @@ def record_fit(entry: GenerationEntry, train: dict[str, Any], teacher: Generatio
     if entry.calibration:
         lines.append(_calibration_line(g, entry.calibration, int((validation or {}).get("rows", 0))))
     entry.continual, said = continual_record(g, teacher, flips, retention)
+    entry.ewc = rest.pop("ewc", None)
     entry.train = rest
-    return lines + said
+    return lines + said + ewc_lines(g, entry.ewc)

@@ -1,0 +1,32 @@
+"""What EWC leaves in run.json (``entry.ewc``) and on the console, from a plain metrics dict."""
+
+from __future__ import annotations
+
+from incr_ray.run.manifest import GenerationEntry
+from incr_ray.run.record import record_fit
+
+HOLDOUT = {"accuracy": 0.8, "macro_f1": 0.79, "nll": 0.5, "ece": 0.04, "n": 300}
+FISHER = {"rows": 256, "estimator": "expected", "weights": 41, "params": 1_234_567, "mean": 1e-6, "max": 0.3,
+          "bytes": 9_876_543, "seconds": 2.5}
+PENALTY = {"anchor_generation": 0, "anchor_rows": 256, "weights": 41, "params": 1_234_567, "left_out": 0,
+           "penalty_first": 0.0, "penalty_last": 0.012, "penalty_mean": 0.008, "share_last": 0.05}
+
+
+def test_ewc_gets_its_own_field_and_lines():
+    entry = GenerationEntry(index=1)
+    ewc = {"lambda": 10.0, **PENALTY, "fisher": FISHER}
+    said = record_fit(entry, {"holdout": HOLDOUT, "eval_seconds": 1.0, "steps": 4, "ewc": ewc})
+    assert entry.ewc == ewc and entry.train == {"steps": 4}
+    assert said == [
+        "[gen 1] EWC λ=10 against gen 0's Fisher (1,234,567 weights): penalty 0 at the first batch, "
+        "0.012 at the last (5.0% of its loss), mean 0.008",
+        "[gen 1] Fisher information on 256 rows stored for the next student (1,234,567 weights, 9.4 MiB, 2.5 s)",
+    ]
+
+
+def test_generation_0_has_a_fisher_and_no_penalty_and_ewc_off_says_nothing():
+    entry = GenerationEntry(index=0)
+    said = record_fit(entry, {"holdout": HOLDOUT, "eval_seconds": 1.0, "ewc": {"lambda": 1.0, "fisher": FISHER}})
+    assert said == ["[gen 0] Fisher information on 256 rows stored for the next student (1,234,567 weights, 9.4 MiB, 2.5 s)"]
+    off = GenerationEntry(index=1)
+    assert record_fit(off, {"holdout": HOLDOUT, "eval_seconds": 1.0}) == [] and off.ewc is None
