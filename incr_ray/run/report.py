@@ -150,6 +150,26 @@ def calibration_table_markdown(generations: list[dict[str, Any]]) -> str | None:
     return head + "\n".join(lines) + "\n"
 
 
+def ewc_table_markdown(generations: list[dict[str, Any]]) -> str | None:
+    """EWC per generation (method.ewc): the penalty against the teacher's Fisher and the Fisher
+    each generation stored; None when EWC was off."""
+    rows = [e for e in generations if e.get("ewc")]
+    if not rows:
+        return None
+    head = ("| gen | λ | against gen | weights penalised | penalty at first batch | at last batch "
+            "| mean | share of last loss | own Fisher rows | file MiB | Fisher seconds |\n")
+    head += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for e in rows:
+        w, f = e["ewc"], e["ewc"].get("fisher") or {}
+        cells = [str(e["index"]), _num(w.get("lambda"), "g"), _num(w.get("anchor_generation"), "d"),
+                 _num(w.get("params"), ",d"), _num(w.get("penalty_first"), ".3g"), _num(w.get("penalty_last"), ".3g"),
+                 _num(w.get("penalty_mean"), ".3g"), _pct(w.get("share_last")), _num(f.get("rows"), "d"),
+                 _num(f["bytes"] / 2**20 if "bytes" in f else None, ".1f"), _num(f.get("seconds"), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
 def drift_matrix(generations: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The accuracy matrix of a run extended with ``--holdout-fraction``, and its backward transfer.
 
@@ -191,7 +211,7 @@ def drift_markdown(drift: dict[str, Any]) -> str:
 
 
 OPTIONAL_FIELDS = ("extended", "settings", "promoted", "teacher_on_block", "suspects", "continual", "validation",
-                   "calibration", "own_holdout", "own_holdout_rows", "drift")
+                   "calibration", "own_holdout", "own_holdout_rows", "drift", "ewc", "fisher")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -248,6 +268,11 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
     calibration = calibration_table_markdown(gens)
     if calibration:
         md += ["## Calibration (temperature scaling)", "", calibration]
+    ewc = ewc_table_markdown(gens)
+    if ewc:
+        md += ["## Elastic weight consolidation", "",
+               "The penalty λ/2·Σ F(θ − θ*)² against the teacher's diagonal Fisher (method.ewc), and the "
+               "Fisher each generation stored for its student (gen_NNN/fisher.safetensors).", "", ewc]
     drift = drift_matrix(gens)
     if drift:
         md += ["## Drift: accuracy on each data set's own holdout", "",

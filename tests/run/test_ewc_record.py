@@ -30,3 +30,14 @@ def test_generation_0_has_a_fisher_and_no_penalty_and_ewc_off_says_nothing():
     assert said == ["[gen 0] Fisher information on 256 rows stored for the next student (1,234,567 weights, 9.4 MiB, 2.5 s)"]
     off = GenerationEntry(index=1)
     assert record_fit(off, {"holdout": HOLDOUT, "eval_seconds": 1.0}) == [] and off.ewc is None
+
+
+def test_the_report_has_an_ewc_table_when_it_was_on():
+    from incr_ray.run.report import DASH, ewc_table_markdown
+
+    gens = [{"index": 0, "ewc": {"lambda": 10.0, "fisher": FISHER}},
+            {"index": 1, "ewc": {"lambda": 10.0, **PENALTY, "fisher": FISHER}}]
+    table = ewc_table_markdown(gens).splitlines()
+    assert table[2] == f"| 0 | 10 | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | 256 | 9.4 | 2.5 |"
+    assert table[3] == "| 1 | 10 | 0 | 1,234,567 | 0 | 0.012 | 0.008 | 5.0% | 256 | 9.4 | 2.5 |"
+    assert ewc_table_markdown([{"index": 0}]) is None
