@@ -1,5 +1,6 @@
 """The student recipe without Ray: two gloo ranks (``torch.multiprocessing``) train a tiny BERT under
-DeepSpeed ZeRO-3 on the CPU, in full, with LoRA, then in full again; the checks then read what they
+DeepSpeed ZeRO-3 on the CPU, in full, with LoRA, then in full again, then with LoRA from the model
+with its head grown for a fourth label (extend --allow-new-labels); the checks then read what they
 saved, afresh, in this process."""
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def config(model: str, lora_r: int = 0):
 
 
 TRAIN_ROWS, HOLDOUT = 96, rows(30, seed=1)
-RUNS = {"full": 0, "lora": 4, "again": 0}  # student.lora.r; "again" repeats "full"
+RUNS = {"full": 0, "lora": 4, "again": 0, "grown": 4}  # student.lora.r; "again" repeats "full"
+GROWN = "grown-initial"  # the tiny BERT with its head grown for a fourth label, in the output folder
 
 
 def _rank(rank: int, model: str, port: int, out: str) -> None:
@@ -60,7 +62,9 @@ def _rank(rank: int, model: str, port: int, out: str) -> None:
     report = {}
     for name, r in RUNS.items():
         cfg = config(model, r)
-        request = StudentRequest(generation=0, init_model=model, label_names=LABELS, rows=TRAIN_ROWS,
+        grown = name == "grown"
+        request = StudentRequest(generation=0, init_model=os.path.join(out, GROWN) if grown else model,
+                                 label_names=LABELS + ["c3"] if grown else LABELS, rows=TRAIN_ROWS,
                                  model_dest="unused", ray_storage="unused",
                                  predictions_dest=os.path.join(out, f"{name}-predictions.parquet"))
         work = os.path.join(out, f"{name}-rank{rank}")
@@ -80,7 +84,10 @@ def trained(tmp_path_factory, tiny_bert):
     """Both runs on 2 ranks, in a fresh interpreter (DeepSpeed's CPU accelerator is chosen at import)."""
     from incr_ray.generation.local_group import free_port
 
+    from incr_ray.heads import grow_head_folder
+
     out = tmp_path_factory.mktemp("recipe")
+    grow_head_folder(tiny_bert, str(out / GROWN), LABELS + ["c3"], seed=0)
     code = ("import sys, torch.multiprocessing as mp\n"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "from test_recipe import _rank\n"
@@ -172,3 +179,22 @@ def test_lora_under_zero3_saves_its_adapter_merged_into_the_initial_model(traine
             assert not torch.equal(saved[name], initial[name]), name
         else:
             assert torch.equal(saved[name], initial[name]), name
+
+
+def test_a_grown_head_trains_in_full_under_zero3_with_lora(trained):
+    """The initial model of an extension that added a label: its 4-row head loads partitioned at
+    its size (no resize), trains in full beside the adapters, and the merged model keeps 4 labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    out, metrics = trained
+    m = metrics["grown"]
+    assert m["zero_stage"] == 3 and m["trainable_params"] == 2 * 2 * 4 * 64 + 4 * 32 + 4
+    initial, saved = _weights(out / GROWN), _weights(out / "grown-rank0" / "model")
+    assert saved["classifier.weight"].shape == (4, 32) and set(saved) == set(initial)
+    assert not torch.equal(saved["classifier.weight"][3], initial["classifier.weight"][3])
+    for name in initial:  # neither adapted nor the head: the initial weights, bit for bit
+        if not (name.endswith((".query.weight", ".value.weight")) or name.startswith("classifier.")):
+            assert torch.equal(saved[name], initial[name]), name
+    model = AutoModelForSequenceClassification.from_pretrained(out / "grown-rank0" / "model")
+    assert model.config.id2label == dict(enumerate(LABELS + ["c3"]))
+
