@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors
 from ..config import Config, LoraSection
 from ..lora import HEAD_NAMES, _matches, target_modules
 from ..method.losses import ewc_penalty
+from ..modeling import load_classifier
 from ..storage import read_bytes
 
 FISHER_FILE = "fisher.safetensors"
@@ -152,8 +153,6 @@ def estimate_fisher(cfg: Config, generation: int, model_dir: str, batches: Itera
     the first ``method.ewc_rows`` rows of ``batches`` (collated with :func:`with_row_ids`: the
     generation's seeded training order, one pass at most); write the file to ``dest`` (local).
     Returns the figures run.json records."""
-    from ..modeling import load_classifier
-
     started = time.perf_counter()
     model = load_classifier(model_dir, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32).to(device)
     names = trained_weight_names(model, cfg.student.lora)
