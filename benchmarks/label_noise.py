@@ -137,6 +137,18 @@ def threshold_sweep(label_prob, row_id, flipped_ids, thresholds=SWEEP) -> dict[s
 # Running it
 
 
+_ray_started = False
+
+
+def start_ray_once() -> None:
+    """One local Ray, started when something is to be split or trained (a command that only reads
+    finished pairs back starts none)."""
+    global _ray_started
+    if not _ray_started:
+        harness.start_local_ray()
+        _ray_started = True
+
+
 def write_noisy_files(seed: int, rows: int, eval_fraction: float, rates: Sequence[float], data_dir: Path) -> dict[str, Any]:
     """The project's split of ``rows`` Rotten Tomatoes rows: ``holdout.parquet`` (clean) and one
     ``train_<pct>.parquet`` per rate (text, noisy label, flipped, clean label), labels as names.
@@ -153,6 +165,8 @@ def write_noisy_files(seed: int, rows: int, eval_fraction: float, rates: Sequenc
     from incr_ray.config import config_from_dict
     from incr_ray.data import split_data
     from incr_ray.method.hashing import row_ids
+
+    start_ray_once()
 
     cfg = config_from_dict({"run": {"name": "split", "seed": seed},
                             "data": {"source": "rotten_tomatoes", "max_rows": rows, "eval_fraction": eval_fraction},
@@ -240,6 +254,7 @@ def run_rate(a: argparse.Namespace, seed: int, rate: float, files: dict[str, Any
     from incr_ray.config import config_from_dict
     from incr_ray.run.folder import fork_run
 
+    start_ray_once()
     raw = base_config(a, seed, rate, files)
     flipped_ids = files["flipped_ids"][f"{rate:g}"]
     cfgs = {lever: config_from_dict(raw, [f"run.name={lever}", f"method.suspects={lever}"]) for lever in LEVERS}
@@ -264,13 +279,12 @@ def run_rate(a: argparse.Namespace, seed: int, rate: float, files: dict[str, Any
 
 def run_all(a: argparse.Namespace) -> dict[int, dict[str, Any]]:
     """Every (seed, rate) record, rate by rate (so a stopped run has whole rates over every seed),
-    on one local Ray, in a ``--workdir`` cleared first unless ``--resume``; with ``--resume`` a
+    on one local Ray (started when needed), in a ``--workdir`` cleared first unless ``--resume``; with ``--resume`` a
     finished (seed, rate) is read back and an unfinished one goes on by the pipeline's own resume."""
     import shutil
 
     if a.workdir.exists() and not a.resume:
         shutil.rmtree(a.workdir)
-    harness.start_local_ray()
     files = {seed: write_noisy_files(seed, a.rows, a.eval_fraction, a.rates, a.workdir / f"s{seed}" / "data")
              for seed in a.seeds}
     settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "k": a.k, "max_length": a.max_length,
@@ -462,10 +476,12 @@ def main(argv: list[str] | None = None) -> int:
               "summary": summarize(per_seed, a.rates), "wall_seconds": time.perf_counter() - started,
               "pair_wall_seconds": sum(r.get("wall_seconds") or 0.0 for v in per_seed.values() for r in v.values())}
     text = render(result)
+    times = (f"Wall time: {result['pair_wall_seconds'] / 60:.1f} min over the (seed, rate) pairs (each pair's last "
+             f"attempt; a pair read back with --resume counts what it took then), {result['wall_seconds'] / 60:.1f} min "
+             "for this command.")
     print(text)
-    print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
-    harness.write_results("label_noise", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.",
-                          None, a.out)
+    print(times)
+    harness.write_results("label_noise", result, text + "\n\n" + times, None, a.out)
     return 0
 
 
