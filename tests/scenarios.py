@@ -3,7 +3,7 @@ conftest.py, that many small tests then read (its folder, its console, its MLflo
 
 - R1 ``reference_run`` (in-process, the session's Ray): k=2 on a saved ``datasets`` folder with
   every lever that must stay deterministic on (validation slice, calibration, teacher annealing,
-  the run-long schedule, replay, the generation gate, retention, MLflow), then one ``evaluate``.
+  the run-long schedule, replay, the generation gate, retention, EWC, MLflow), then one ``evaluate``.
 - R2 ``crash_run`` (the CLI in subprocesses): R1's config under another name, killed after
   generation 0 and resumed; it must end with R1's weights byte for byte.
 - R3 (tests/run/test_faults_e2e.py), R4 (tests/test_multinode_e2e.py) and R5
@@ -52,7 +52,7 @@ def reference_settings(storage: Path, data: str, base_model: str, name: str) -> 
         "data": {"source": data, "text_column": "sentence", "label_column": "weather", "eval_split": "test"},
         "model": {"base": base_model, "max_length": 24},
         "method": {"k": 2, "threshold": 0.9, "validation_fraction": 0.2, "calibrate": True, "anneal": True,
-                   "keep_best": True, "suspect_below": 0.3},
+                   "keep_best": True, "suspect_below": 0.3, "ewc": 10.0, "ewc_rows": 64},
         "student": {"epochs": 2, "min_steps": 0, "learning_rate": 1e-2, "batch_size": 16, "schedule": "run",
                     "warmup_ratio": 0.2},
         "replay": {"fraction": 0.5},

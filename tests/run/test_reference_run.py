@@ -235,3 +235,36 @@ def test_suspected_label_errors_are_the_block_rows_the_teacher_contradicts(ref):
     out = ref.root.parent / "suspects.csv"
     assert cli.main(["suspects", "--run", str(ref.root), "--csv", str(out)]) == 0
     assert pd.read_csv(out).row_id.tolist() == table.row_id.tolist()
+
+
+def test_ewc_stores_each_generations_fisher_and_generation_1_paid_the_penalty(ref):
+    """method.ewc: 10 — gen_<g>/fisher.safetensors holds F and θ* for every weight of the saved
+    model (a full fine-tune trains them all), θ* being the weights as saved (temperature folded
+    in); generation 1 started at θ* (penalty 0 at its first batch) and paid a penalty after."""
+    import torch
+    from safetensors.torch import load_file
+
+    from incr_ray.generation.fisher import read_fisher
+
+    gens = ref.manifest["generations"]
+    for g in gens:
+        i = g["index"]
+        assert g["fisher"] == f"gen_{i:03d}/fisher.safetensors"
+        fisher, anchors, meta = read_fisher(str(ref.root / g["fisher"]))
+        saved = load_file(str(ref.root / g["model"] / "model.safetensors"))
+        assert set(fisher) == set(anchors) == set(saved)
+        assert all(torch.equal(anchors[n], saved[n].float()) for n in saved)
+        assert all((f >= 0).all() for f in fisher.values()) and fisher["classifier.weight"].sum() > 0
+        record = g["ewc"]
+        assert meta == {"generation": i, "rows": 64, "estimator": "expected"}
+        assert record["lambda"] == 10.0 and record["fisher"]["rows"] == 64
+        assert record["fisher"]["params"] == sum(t.numel() for t in saved.values())
+        assert any(line.startswith(f"[gen {i}] Fisher information on 64 rows stored") for line in ref.said)
+    first, second = gens[0]["ewc"], gens[1]["ewc"]
+    assert "penalty_mean" not in first  # generation 0 has no teacher
+    assert second["anchor_generation"] == 0 and second["anchor_rows"] == 64 and second["left_out"] == 0
+    assert second["params"] == first["fisher"]["params"]
+    assert second["penalty_first"] == 0.0 < second["penalty_mean"] and 0 < second["share_last"] < 1
+    assert any(line.startswith("[gen 1] EWC λ=10 against gen 0's Fisher") for line in ref.said), ref.said
+    report = (ref.root / "report.md").read_text()
+    assert "## Elastic weight consolidation" in report and "\n| 1 | 10 | 0 | " in report
