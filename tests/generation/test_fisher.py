@@ -102,7 +102,7 @@ def test_estimate_writes_the_file_and_the_figures(tmp_path, tiny_bert, bert):
 
 def _anchor_of(model, tok, strength: float, names=None) -> EwcAnchor:
     names = names or [n for n, _ in model.named_parameters()]
-    fisher, _ = diagonal_fisher(model, single_rows(_batches(tok), 2), names)
+    fisher, _ = diagonal_fisher(model, single_rows(_batches(tok), 1), names)
     return EwcAnchor(fisher, {n: p.detach().clone() for n, p in model.named_parameters()}, strength)
 
 
