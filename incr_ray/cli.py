@@ -167,6 +167,9 @@ def cmd_compare(args) -> int:
 
     print()
     print(render_markdown(summary))
+    if any(t.get("status") == "stopped" for t in summary["trials"]):
+        print("incr-ray: interrupted; run the same command again to resume the stopped trials", file=sys.stderr)
+        return 130
     failed = [t for t in summary["trials"] if t.get("status") != "finished"]
     return 1 if failed and len(failed) == len(summary["trials"]) else 0
 

@@ -25,6 +25,9 @@ from .plan import ComparePlan, Trial
 from .report import plot_png, render_markdown, summarize
 
 
+STOPPED = "stopped before it finished; run the same command again to resume it"
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can fix (one line each, no traceback): what ``incr-ray`` itself reports so."""
     from ..config import ConfigError
@@ -207,8 +210,10 @@ def tune_trials(todo: list[Trial], folder: str, max_concurrent: int, say: Callab
         name = result.config["spec"]["name"]
         if result.error is not None:
             out[name] = {"status": "failed", "error": _one_line(result.error)}
+        elif "status" not in (result.metrics or {}):  # stopped before it reported (Ctrl-C, a lost node)
+            out[name] = {"status": "stopped", "error": STOPPED}
         else:
-            m = result.metrics or {}
+            m = result.metrics
             out[name] = {k: m[k] for k in ("status", "error", "metrics", "cost_seconds", "final_generation",
                                            "holdout_size", "run_dir") if k in m}
     return out
