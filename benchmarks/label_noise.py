@@ -35,9 +35,9 @@ paired per seed (mean and 95% Student-t CI; "inside the seed noise" when it cont
 see the threshold sweep in the results for what each threshold flags with this weak teacher.
 
 **Time** (measured 2026-12-06 on the 2-core machine, shared with other jobs at load averages of
-5–100): ``--smoke`` 5.0 min; a (seed, rate) pair of the default 49 and 73 min (seeds 0 and 2 at
-10%, the second beside another pair), so the whole default (6 pairs) is several hours on such a
-machine, about an hour per pair or less when it is alone.
+5–100): ``--smoke`` 5.0 min; a (seed, rate) pair of the default 49, 78 and 73 min (seeds 0, 1, 2
+at 10%; seeds 1 and 2 side by side), so the whole default (6 pairs) is several hours on such a
+machine, less when it is alone.
 
 Results: ``benchmarks/results/label_noise.{json,md}`` (a temporary folder with ``--smoke``); the run
 folders stay in ``runs/benchmarks/label_noise``.

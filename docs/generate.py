@@ -188,7 +188,7 @@ and where the student loop's gap to a plain Trainer goes ([Throughput](#throughp
 .venv/bin/python benchmarks/quality.py            # `incr-ray compare`: 5 seeds × 3 methods, 1,500 rows, ≈ 75 min
 .venv/bin/python benchmarks/arrival.py            # ≈ 110 min here: 3 seeds, k = 4 arrivals of ≈ 800 rows
 .venv/bin/python benchmarks/extension.py          # ≈ 85 min here: 5 seeds, a k = 2 run extended 4 ways
-.venv/bin/python benchmarks/label_noise.py        # 3 seeds × 10% and 20% flipped, k = 3: 49-73 min per (seed, rate) on a busy 2-core machine
+.venv/bin/python benchmarks/label_noise.py        # 3 seeds × 10% and 20% flipped, k = 3: 49–78 min per (seed, rate) on a busy 2-core machine
 .venv/bin/python benchmarks/throughput.py         # 43 min here
 .venv/bin/python benchmarks/student_gap.py        # about 22 min: the student loop with one piece added at a time
 .venv/bin/python benchmarks/quality.py --levers   # optional: issue #13's levers against incremental, seeds 0-2
@@ -441,27 +441,28 @@ every run of a seed has the same holdout and the same k = 3 blocks of ≈ 330 ro
 rate: a run with each policy (generation 0 is trained once and copied into the other two with
 `fork_run`: the policies act from generation 1) and a full fine-tune on the same noisy rows;
 MiniLM, max_length 32, one pass at batch 8, lr 2e-4, `student.min_steps: 0`, p = 0.9 and
-`method.suspect_below: 0.2` (the product default, 0.1, flagged 1.5–5% of a block with these
-teachers; the threshold table shows both). A random flag of as many rows would expect a
+`method.suspect_below: 0.2` (the product default, 0.1, flagged 3–4% of a block on average with
+these teachers; the threshold table shows both). A random flag of as many rows would expect a
 precision equal to the block's flipped share and a recall equal to the share it flags.
 
 {{label_noise}}
 
-**What this run says** (10% flipped, seeds 0 and 2 only: the 20% rate and seed 1 had not
-finished when this page was written; the machine was shared with other jobs at load averages of
-5–100 on 2 cores, so the two pairs took 49 and 73 min; `--resume` goes on from the run folders).
+**What this run says** (10% flipped, seeds 0–2: the 20% rate had not run when this page was
+written; the machine was shared with other jobs at load averages of 5–100 on 2 cores, so the
+three pairs took 49, 78 and 73 min; `--resume` goes on from the run folders).
 - The flag finds flipped rows far above chance, but on one label only. Every row `keep`'s
-  teachers flagged carried the label *plot*, the rarest class: in generation 1, 55 rows over the
-  two seeds, 32 of them flipped (58% against the 11% a random flag would get), 44% of the
-  block's flipped rows on average. Not one flipped *fresh* or *rotten* row was flagged. These
-  generation-0 teachers are nearly majority-class models (holdout accuracy ≈ 0.60, macro-F1 0.25
-  and 0.42), so they give a label under 0.2 only when it is the class they think rare: the flag
-  catches flips *into* the rare class and misses flips between the two review classes.
-- keep, one_hot and drop end inside the seed noise of each other and of the full fine-tune on
-  accuracy and NLL; two seeds give intervals of ±30 points and more (t = 12.7 at one degree of
-  freedom), so this says little yet. The one interval clear of 0 is one_hot's ECE, 0.023 lower
-  than keep's, on two seeds.
-
+  teachers flagged carried the label *plot*, the rarest class: in generation 1, 76 rows over the
+  three seeds, 45 of them flipped (59% against the 11% a random flag would get; per seed the
+  difference is +52.0 [−3.8, +107.7] points, inside the seed noise), 42% of the block's flipped
+  rows on average. Not one flipped *fresh* or *rotten* row was flagged in either generation.
+  These generation-0 teachers are nearly majority-class models (holdout accuracy 0.57 on
+  average, macro-F1 0.25–0.42), so they give a label under 0.2 only when it is the class they
+  think rare: the flag catches flips *into* the rare class and misses flips between the two
+  review classes.
+- keep, one_hot and drop end inside the seed noise of each other (one_hot − keep +1.2
+  [−6.7, +9.2] points, drop − keep −1.6 [−4.4, +1.2]) and of the full fine-tune on the same
+  noisy rows (keep − full −3.3 [−29.2, +22.5]), on accuracy, NLL and ECE alike: at this size
+  and with these teachers, what the student does with the suspects makes no measurable difference.
 
 ## Throughput
 
