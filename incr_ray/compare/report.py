@@ -127,9 +127,9 @@ def plot_png(summary: dict[str, Any]) -> bytes | None:
     diffs = summary["differences"]
     if not diffs:
         return None
-    import io
-
     import matplotlib
+
+    from ..run.report import figure_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,8 +150,4 @@ def plot_png(summary: dict[str, Any]) -> bytes | None:
         ax.axvline(0.0, color="grey", lw=1)
         ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
         ax.set_title(f"{NAMES[m]}{' (points)' if m in POINTS else ''}: variant − config")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

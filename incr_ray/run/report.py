@@ -329,6 +329,13 @@ def plot_png(manifest: dict[str, Any]) -> bytes:
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
     fig.suptitle(f"incr-ray run {manifest['name']}: holdout metrics")
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out tight, 100 dpi), closed after."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
