@@ -13,6 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+import tempfile
+
+# `make test` runs the suite in two pytest-xdist workers. Each gets a temporary folder of its own,
+# inherited by the Ray it starts and by every subprocess: Ray's session files, the
+# `ray_current_cluster` file a bare ray.init() would join, and the training workers' scratch folders
+# (which R1 and R3 count) never mix between the workers. Short: Ray's unix sockets live under it.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["TMPDIR"] = tempfile.tempdir = tempfile.mkdtemp(prefix=f"irt-{XDIST_WORKER}-", dir="/tmp")
+
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +30,14 @@ from types import SimpleNamespace
 import pytest
 
 RAY_FIXTURES = {"ray_local", "reference_run", "crash_run", "two_node_cluster", "faults_run", "extended_copy"}
+# The scenario runs (scenarios.py) whose tests must share one xdist worker: R2 and R5 build on R1's
+# session fixture, which a second worker would otherwise run again.
+SCENARIO_GROUPS = {"reference_run": "R1-R2-R5", "faults_run": "R3", "two_node_cluster": "R4"}
 # Where each end-to-end run spent its time, per generation, from its run.json: printed at the end
-# of the session (``timings``), so a slow suite says which run and which phase.
+# of the session (``timings``), so a slow suite says which run and which phase. Under xdist the
+# workers append their lines to the file the controller names in this variable.
 RUN_TIMINGS: list[str] = []
+TIMINGS_FILE = "INCR_RAY_TEST_TIMINGS"
 PHASES = ("fit_startup_seconds", "setup_seconds", "train_seconds", "save_seconds", "eval_seconds",
           "fit_shutdown_seconds", "fit_seconds")
 
@@ -35,9 +50,34 @@ def timings(label: str, manifest: dict) -> None:
         scoring = g.get("scoring_seconds")
         RUN_TIMINGS.append(f"{label:<14} gen {g['index']}  " + (f"scoring {scoring:5.1f}  " if scoring else "")
                            + phases + f"  | generation {g.get('seconds') or 0:6.1f} s")
+        if XDIST_WORKER and os.environ.get(TIMINGS_FILE):
+            with open(os.environ[TIMINGS_FILE], "a") as f:
+                f.write(RUN_TIMINGS.pop() + "\n")
+
+
+def pytest_configure(config):
+    if not XDIST_WORKER and getattr(config.option, "numprocesses", None):
+        # Workers start after this and inherit the environment.
+        fd, path = tempfile.mkstemp(prefix="incr-ray-timings-", suffix=".txt")
+        os.close(fd)
+        os.environ[TIMINGS_FILE] = path
+        config.add_cleanup(lambda: os.unlink(path))
+
+
+def pytest_unconfigure(config):
+    """An xdist worker removes its temporary folder once its Ray has stopped."""
+    if XDIST_WORKER:
+        import shutil
+        import sys
+
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+        shutil.rmtree(tempfile.gettempdir(), ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
+    if not XDIST_WORKER and os.environ.get(TIMINGS_FILE):
+        RUN_TIMINGS.extend(Path(os.environ[TIMINGS_FILE]).read_text().splitlines())
     if RUN_TIMINGS:
         terminalreporter.section("end-to-end runs: seconds per generation (run.json)")
         for line in RUN_TIMINGS:
@@ -45,6 +85,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # A test with none of these marks is a fast one (make test-fast runs it): over this budget it fails.
+# Checked when the suite runs in one process (make test-fast): under xdist the other worker's
+# scenario runs share the CPUs, and the time would measure them.
 BUDGET_S = 5.0
 SLOW_MARKS = ("e2e", "ray", "slow")
 
@@ -59,7 +101,7 @@ def pytest_sessionstart(session):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if (report.when == "call" and report.passed and call.duration > BUDGET_S
+    if (not XDIST_WORKER and report.when == "call" and report.passed and call.duration > BUDGET_S
             and not any(next(item.iter_markers(name=m), None) for m in SLOW_MARKS)):
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid} took {call.duration:.1f} s, over the {BUDGET_S:g} s budget of a fast "
@@ -72,6 +114,8 @@ def pytest_collection_finish(session):
     import shutil
     import tempfile
 
+    if XDIST_WORKER:  # every worker collects it, one runs it: that one starts them itself
+        return
     pins = [i for i in session.items if i.nodeid.endswith("test_pins.py::test_the_pins_resolve_for_the_cluster_python")]
     if pins:
         folder = tempfile.mkdtemp(prefix="incr-ray-pins-")
@@ -83,10 +127,20 @@ def pytest_collection_finish(session):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that start Ray are marked ``ray``: ``make test-fast`` leaves them out."""
+    """Tests that start Ray are marked ``ray``: ``make test-fast`` leaves them out. For xdist's
+    ``--dist loadgroup`` every test goes to a group: the scenario run it reads, else its module (whose
+    module fixtures then run once)."""
+    groups: dict[str, str] = {}  # module -> its scenario group, when one of its tests reads a scenario run
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if RAY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.ray)
+        for fixture, group in SCENARIO_GROUPS.items():
+            if fixture in fixtures:
+                groups.setdefault(item.nodeid.split("::")[0], group)
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(groups.get(module, module)))
 
 
 def start_local_ray():
