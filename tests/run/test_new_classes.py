@@ -160,3 +160,23 @@ def test_the_model_card_of_a_generation_with_new_classes_shows_them(tmp_path):
     assert "| 2 | gen 2's data | 4 / 4 | 0.7500 | 0.7500 (gen 1) | +0.0 points | 0.7500 | 0.7500 |" in card
     assert "| 2 | run's holdout | 10 / 0 | 0.8000 | 1.0000 (gen 1) | +20.0 points | – | 0.8000 |" in card
     assert "## Old and new classes" not in render_model_card(m, 1)
+
+
+def test_a_later_extension_keeps_the_split_and_reads_its_teachers_figures_from_run_json(tmp_path):
+    """Generation 3 (no new labels) after generation 2 added hail: hail is still new, and the old
+    classes' before is generation 2's own record on generation 2's data (no scoring)."""
+    from incr_ray.run.new_classes import old_new_figures, old_new_record
+
+    m = _manifest(tmp_path, "m")
+    m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"])
+    m.generations[2].status, m.generations[2].promoted, m.status = "finished", True, "finished"
+    m.generations[2].old_new = old_new_record(m.label_names, 3, 2, 1, COUNTS, BEFORE)
+    m.begin_extension("more.csv", 0.0, {}, m.label_names)
+    run = Run(cfg=Config(), paths=RunPaths(str(tmp_path)), manifest=m, on_gpu=False, say=print)
+    later = {"2": {"rows": [2, 2, 0, 4], "correct": [2, 2, 0, 4]}}
+    record = old_new_figures(run, 3, m.teacher_of(3), later)
+    assert record["added_by"] == 2 and record["before"] == 2 and record["new_labels"] == ["hail"]
+    own = record["holdouts"]["2"]
+    assert own["old_accuracy_before"] == 0.75 and own["old_accuracy"] == 1.0 and own["forgetting"] == -0.25
+    assert own["new_accuracy"] == 1.0
+    assert old_new_figures(run, 1, m.teacher_of(1), later) is None  # before any label was added
