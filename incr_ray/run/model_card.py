@@ -238,7 +238,7 @@ def _old_new_lines(manifest: Manifest, g: int) -> list[str]:
         "the new ones and on all, on the run's holdout and on each extension's own; before: the old classes' accuracy "
         f"by this generation's teacher (generation {record.get('before', '–')}) on the same rows; forgetting: before − "
         "after, positive when the old classes lost accuracy.", "",
-        old_new_markdown([manifest.generations[g].model_dump(mode="json", exclude_none=True)], names), ""]
+        old_new_markdown([manifest.generations[g].model_dump(mode="json", exclude_none=True)], names)]
 
 
 def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = False) -> str:

@@ -121,7 +121,7 @@ def old_new_lines(g: int, record: dict[str, Any] | None, label_names: list[str])
         return []
     old = record["old_classes"]
     lines = [f"extension: old classes {', '.join(label_names[:old])}; new since gen {record['added_by']}: "
-             f"{', '.join(record['new_labels'])} (a row of a class a model does not know is wrong for it)"]
+             f"{', '.join(record['new_labels'])}"]
     for name, h in record["holdouts"].items():
         sides = f"{h['old_rows']} rows of old classes" + (f", {h['new_rows']} of new" if h["new_rows"] else "")
         parts = []

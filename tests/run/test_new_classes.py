@@ -131,8 +131,7 @@ def test_the_old_new_record_and_its_console_lines():
     assert own["old_accuracy_before"] == 0.75 and own["forgetting"] == 0.0
     json.dumps(record, allow_nan=False)  # run.json-ready: no NaN, no numpy
     lines = old_new_lines(2, record, names)
-    assert lines[0] == ("extension: old classes c0, c1, c2; new since gen 2: hail (a row of a class a model does not "
-                        "know is wrong for it)")
+    assert lines[0] == "extension: old classes c0, c1, c2; new since gen 2: hail"
     assert lines[1] == ("extension, on the run's holdout (10 rows of old classes): gen 2 old classes 0.8000 "
                         "(1.0000 by gen 1, forgetting 20.0 points); all 0.8000")
     assert lines[3] == ("extension, on gen 2's data (4 rows of old classes, 4 of new): gen 2 old classes 0.7500 "
