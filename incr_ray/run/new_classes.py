@@ -20,8 +20,11 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import ray.data
+from ray.data.expressions import col
 
 from ..config import Config
+from ..generation.evaluation import evaluate_model, read_predictions
 from ..heads import grow_head_folder
 from ..method.metrics import class_counts, old_new_split
 from ..storage import is_remote, remove_tree, rename_tree, stage_local, upload_dir
@@ -154,11 +157,6 @@ def _teacher_counts(run, g: int, teacher, name: str, old: int, num_classes: int)
     """The teacher's per-class counts on holdout ``name``: from its own ``old_new`` record, from its
     holdout predictions (the run's holdout), or — an extension's own holdout it never saw — by
     scoring it there now, on the old-class rows (the only ones the forgetting reads)."""
-    import ray.data
-    from ray.data.expressions import col
-
-    from ..generation.evaluation import evaluate_model, read_predictions
-
     names = run.manifest.label_names_of(g)
     recorded = ((teacher.old_new or {}).get("holdouts") or {}).get(name)
     if recorded:
@@ -187,8 +185,6 @@ def old_new_figures(run, g: int, teacher, counts: dict[str, dict[str, list[int]]
     up to ``g`` added labels. ``counts``: ``g``'s per-class counts from its training workers
     (``class_counts``); None (a generation evaluated after its workers stopped) takes the run's
     holdout's from ``g``'s holdout predictions. ``run``: the open :class:`incr_ray.run.folder.Run`."""
-    from ..generation.evaluation import read_predictions
-
     m = run.manifest
     split = m.class_split(g)
     if split is None:
