@@ -432,6 +432,122 @@ def test_the_extension_logs_into_the_runs_mlflow_parent(extended_copy):
     assert by_gen[2].data.tags["extension.student.learning_rate"] == "0.005"
 
 
+def _old_new(extended_copy):
+    """R5's generation 2, its teacher and its ``old_new`` record."""
+    gens = extended_copy.after["generations"]
+    teacher = gens[1] if gens[1]["promoted"] else gens[0]
+    return gens[2], teacher, gens[2]["old_new"]
+
+
+def test_old_and_new_classes_are_recorded_on_each_holdout(extended_copy):
+    """run.json's ``old_new``: calm, storm and drizzle are old, hail new since generation 2; on the
+    run's holdout (old classes only) and on generation 2's own (both), the sides' accuracies
+    weigh to the generation's own holdout figures and the classes' rows to the holdout's."""
+    gen, teacher, record = _old_new(extended_copy)
+    assert record["added_by"] == 2 and record["old_classes"] == 3 and record["new_labels"] == [NEW_LABEL]
+    assert record["before"] == teacher["index"] and set(record["holdouts"]) == {"holdout", "2"}
+    run_holdout, own = record["holdouts"]["holdout"], record["holdouts"]["2"]
+    assert run_holdout["rows"] == run_holdout["old_rows"] == extended_copy.after["data"]["holdout_size"]
+    assert run_holdout["new_rows"] == 0 and "new_accuracy" not in run_holdout and NEW_LABEL not in run_holdout["classes"]
+    assert run_holdout["accuracy"] == run_holdout["old_accuracy"] == pytest.approx(gen["metrics"]["accuracy"], abs=1e-9)
+    held_out = pq.read_table(extended_copy.run_dir / "gen_002" / "own_holdout").to_pandas()
+    assert own["rows"] == len(held_out) == gen["own_holdout_rows"]
+    assert own["new_rows"] == (held_out.label == 3).sum() > 0 and own["old_rows"] == (held_out.label < 3).sum()
+    assert own["accuracy"] == pytest.approx(gen["drift"]["2"]["accuracy"], abs=1e-9)
+    assert own["old_accuracy"] * own["old_rows"] + own["new_accuracy"] * own["new_rows"] == pytest.approx(
+        own["accuracy"] * own["rows"])
+    for h in (run_holdout, own):
+        assert sum(c["rows"] for c in h["classes"].values()) == h["rows"]
+        assert all(c["recall"] == pytest.approx(c["correct"] / c["rows"]) for c in h["classes"].values())
+    assert own["classes"][NEW_LABEL]["rows"] == own["new_rows"]
+
+
+def test_the_old_classes_forgetting_is_against_the_teacher_on_the_same_rows(extended_copy):
+    """Before: the teacher's accuracy on the old-class rows — on the run's holdout its own holdout
+    accuracy (every row there is of an old class), on generation 2's data the teacher scored
+    there by the extension (checked here again, on the same loading and scoring path)."""
+    from incr_ray.config import config_from_dict
+    from incr_ray.modeling import classifier_logits, load_for_inference
+
+    gen, teacher, record = _old_new(extended_copy)
+    run_holdout, own = record["holdouts"]["holdout"], record["holdouts"]["2"]
+    assert run_holdout["old_accuracy_before"] == pytest.approx(teacher["metrics"]["accuracy"], abs=1e-9)
+    held_out = pq.read_table(extended_copy.run_dir / "gen_002" / "own_holdout").to_pandas()
+    old = held_out[held_out.label < 3]
+    cfg = config_from_dict(extended_copy.after["config"])
+    model, tokenizer = load_for_inference(str(extended_copy.run_dir / teacher["model"]), cfg, on_gpu=False)
+    preds = classifier_logits(model, tokenizer, old.text.tolist(), cfg.model.max_length).argmax(axis=1)
+    assert own["old_accuracy_before"] == pytest.approx((preds == old.label.to_numpy()).mean(), abs=1e-9)
+    for h in (run_holdout, own):
+        assert h["forgetting"] == pytest.approx(h["old_accuracy_before"] - h["old_accuracy"], abs=1e-12)
+    assert (f"[gen 2] scoring its teacher (gen {teacher['index']}) on the old classes' rows of gen 2's data"
+            in extended_copy.output)
+
+
+def test_extend_says_the_old_and_new_classes(extended_copy):
+    _, teacher, record = _old_new(extended_copy)
+    output, h = extended_copy.output, record["holdouts"]["holdout"]
+    old = ", ".join(extended_copy.before["label_names"])  # calm, storm, drizzle
+    assert f"extension: old classes {old}; new since gen 2: {NEW_LABEL}\n" in output
+    assert (f"extension, on the run's holdout ({h['old_rows']} rows of old classes): gen 2 old classes "
+            f"{h['old_accuracy']:.4f} ({h['old_accuracy_before']:.4f} by gen {teacher['index']}, ") in output
+    own = record["holdouts"]["2"]
+    assert (f"extension, on gen 2's data ({own['old_rows']} rows of old classes, {own['new_rows']} of new): gen 2 "
+            f"old classes {own['old_accuracy']:.4f}") in output
+    assert f"; new classes {own['new_accuracy']:.4f}; all {own['accuracy']:.4f}" in output
+    assert (f"extension, recall per class on gen 2's data: " in output
+            and f"{NEW_LABEL} {own['classes'][NEW_LABEL]['recall']:.4f}" in output)
+
+
+def test_the_report_and_the_model_cards_show_the_old_and_new_classes(extended_copy):
+    _, teacher, record = _old_new(extended_copy)
+    run_dir, h = extended_copy.run_dir, record["holdouts"]["holdout"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Old and new classes" in report
+    assert (f"| 2 | run's holdout | {h['old_rows']} / 0 | {h['old_accuracy']:.4f} | "
+            f"{h['old_accuracy_before']:.4f} (gen {teacher['index']}) | {100 * h['forgetting']:+.1f} points |") in report
+    assert "| gen | data set | " + " | ".join(f"`{n}`" for n in extended_copy.after["label_names"]) + " |" in report
+    assert json.loads((run_dir / "report.json").read_text())["generations"][2]["old_new"] == record
+    card = (run_dir / "gen_002" / "model" / "README.md").read_text()
+    assert "## Old and new classes" in card and f"Generation 2 added `{NEW_LABEL}` to the 3 labels known before" in card
+    assert "| 2 | gen 2's data |" in card
+    assert "## Old and new classes" not in (run_dir / "gen_001" / "model" / "README.md").read_text()
+
+
+def test_the_old_and_new_figures_reach_mlflow(extended_copy):
+    from mlflow.tracking import MlflowClient
+
+    after, (_, _, record) = extended_copy.after, _old_new(extended_copy)
+    client = MlflowClient(tracking_uri=f"sqlite:///{extended_copy.run_dir.parent / 'mlflow.db'}")
+    metrics = client.get_run(after["generations"][2]["tracking_run_id"]).data.metrics
+    assert metrics["old_new/gen_2/new_accuracy"] == pytest.approx(record["holdouts"]["2"]["new_accuracy"])
+    assert metrics["old_new/holdout/forgetting"] == pytest.approx(record["holdouts"]["holdout"]["forgetting"])
+    assert metrics[f"old_new/gen_2/recall/{NEW_LABEL}"] == pytest.approx(
+        record["holdouts"]["2"]["classes"][NEW_LABEL]["recall"])
+
+
+def test_evaluate_all_scores_the_older_generations_on_the_labels_they_know(extended_copy):
+    """`incr-ray evaluate --all --data` the new data: generations 0 and 1 know 3 of its 4 labels;
+    their rows of hail count as wrong (and are said); without --all the final model alone."""
+    from conftest import start_local_ray
+    from incr_ray.run.loop import evaluate_run
+
+    start_local_ray()
+    after, said = extended_copy.after, []
+    frame = pd.read_csv(extended_copy.new_data)
+    hail = int((frame.weather == NEW_LABEL).sum())
+    evaluated = dict(evaluate_run(str(extended_copy.run_dir), str(extended_copy.new_data), all_generations=True,
+                                  say=said.append))
+    assert sorted(evaluated) == [0, 1, 2] and all(m["n"] == len(frame) for m in evaluated.values())
+    assert said == [f"gen {g} knows 3 of the run's 4 labels: its {hail} row(s) of {NEW_LABEL} count as wrong"
+                    for g in (0, 1)]
+    for g in (0, 1):
+        assert evaluated[g]["accuracy"] <= 1 - hail / len(frame) + 1e-12
+    final = evaluate_run(str(extended_copy.run_dir), str(extended_copy.new_data), say=said.append)
+    assert [g for g, _ in final] == [after["final_generation"]]
+    assert final[0][1] == pytest.approx(evaluated[after["final_generation"]])
+
+
 # ---------------------------------------------------------------------------------------------
 # `incr-ray compare` as a job: 2 variants × 2 seeds as Ray Tune trials on the same head
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ from ..config import Config
 from ..method import calibration
 from ..method.calibration import fit_temperature
 from ..method.metrics import STAT_KEYS, batch_stats, finalize, merge_stats, probs_metrics
-from ..method.targets import softmax
+from ..method.targets import padded_probs, softmax
 from ..modeling import classifier_logits, load_for_inference
 from ..storage import read_bytes, write_bytes_atomic
 from .resources import require_resolved
@@ -33,11 +33,16 @@ from .teacher import absorb_restart_warning, as_config, scoring_pool
 
 
 def _stats(model, tokenizer, batch: dict[str, np.ndarray], cfg: Config, device=None,
-           temperatures: tuple[float, ...] = (1.0,)):
-    """Statistics of ``batch``, one per temperature, and its rows' predicted classes."""
+           temperatures: tuple[float, ...] = (1.0,), num_classes: int | None = None):
+    """Statistics of ``batch``, one per temperature, and its rows' predicted classes.
+    ``num_classes``: the label map's size when the model knows fewer classes (an earlier
+    generation of a run whose label map grew): its probabilities are padded with zeros for the
+    others, so a row of a class it does not know counts as wrong, at NLL −log 1e-12."""
     logits = classifier_logits(model, tokenizer, [str(t) for t in batch["text"]], cfg.model.max_length, device)
     labels = np.asarray(batch["label"], dtype=np.int64)
-    stats = [batch_stats(softmax(logits, t), labels, num_bins=cfg.eval.ece_bins) for t in temperatures]
+    width = max(num_classes or 0, logits.shape[1])
+    stats = [batch_stats(padded_probs(softmax(logits, t), width), labels, num_bins=cfg.eval.ece_bins)
+             for t in temperatures]
     return stats, logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
 
 
@@ -122,12 +127,23 @@ def _no_rows(num_classes: int, cfg: Config) -> dict[str, np.ndarray]:
     return batch_stats(np.zeros((0, num_classes)), np.zeros(0, dtype=np.int64), num_bins=cfg.eval.ece_bins)
 
 
+class Scored(NamedTuple):
+    """What :func:`evaluate_slice` measured: ``metrics`` (one dict per temperature),
+    ``predictions`` (``(row_ids, classes)``, or None) and ``counts``: ``{"rows", "correct"}`` per
+    true class (lists; the argmax, so any temperature's)."""
+
+    metrics: list[dict[str, float]]
+    predictions: tuple[np.ndarray, np.ndarray] | None
+    counts: dict[str, list[int]]
+
+
 def evaluate_slice(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
                    share: Share = Share(), temperatures: tuple[float, ...] = (1.0,), predictions: bool = False,
-                   num_classes: int | None = None) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray] | None]:
+                   num_classes: int | None = None) -> Scored:
     """Metrics of an in-memory model over numpy batches with ``text`` and ``label`` (and ``row_id``
-    when ``predictions``): one metrics dict per temperature, and with ``predictions`` the
-    ``(row_ids, predicted classes)`` of every row, gathered on every rank.
+    when ``predictions``): one metrics dict per temperature, with ``predictions`` the
+    ``(row_ids, predicted classes)`` of every row, gathered on every rank, and the rows and
+    correct predictions per class (:class:`Scored`).
 
     With ``share.world > 1`` (a torch.distributed group whose ranks all see the same batches) each
     scoring rank scores its :func:`my_rows` and the statistics are summed over the group: the
@@ -149,10 +165,12 @@ def evaluate_slice(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], c
     metrics = []
     for acc in per_t:
         merged = merge_stats(acc)
-        metrics.append(finalize(sum_over_ranks(merged, device) if share.world > 1 else merged))
+        summed = sum_over_ranks(merged, device) if share.world > 1 else merged
+        metrics.append(finalize(summed))
     found = ((_gathered(ids, share.world).astype(np.int64), _gathered(preds, share.world).astype(np.int64))
              if predictions else None)
-    return metrics, found
+    confusion = np.asarray(summed["confusion"], dtype=np.int64)
+    return Scored(metrics, found, {"rows": confusion.sum(axis=1).tolist(), "correct": np.diag(confusion).tolist()})
 
 
 def slice_logits(model, tokenizer, batches: Iterable[dict[str, np.ndarray]], cfg: Config, device=None,
@@ -196,9 +214,10 @@ def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.n
     rounding). Without ``fold`` the holdout is scored at temperatures 1 and T.
 
     Returns ``holdout`` (metrics of the model as it will be saved, i.e. calibrated when
-    calibrating), ``predictions`` (holdout row ids and classes), and when measured
-    ``validation``, ``calibration`` and ``retention``, and ``drift`` (``{j: metrics}`` on the
-    extensions' own holdouts).
+    calibrating), ``predictions`` (holdout row ids and classes), ``class_counts`` (rows and
+    correct predictions per class on the holdout, ``holdout``, and on each extension's own,
+    ``j``), and when measured ``validation``, ``calibration`` and ``retention``, and ``drift``
+    (``{j: metrics}`` on the extensions' own holdouts).
     """
     out: dict = {}
     temperature = 1.0
@@ -215,9 +234,9 @@ def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.n
     # (before, after) calibration; one temperature when there is none to apply.
     temperatures = (1 / temperature, 1.0) if folded else (1.0, temperature) if temperature != 1.0 else (1.0,)
     after = 1.0 if folded else temperature  # what the saved model's probabilities are
-    metrics, out["predictions"] = evaluate_slice(model, tokenizer, slices["holdout"], cfg, device, share,
-                                                 temperatures, predictions=True, num_classes=num_classes)
-    out["holdout"] = metrics[-1]
+    metrics, out["predictions"], counts = evaluate_slice(model, tokenizer, slices["holdout"], cfg, device, share,
+                                                         temperatures, predictions=True, num_classes=num_classes)
+    out["holdout"], out["class_counts"] = metrics[-1], {"holdout": counts}
     if cfg.method.calibrate:
         out["calibration"] = {"temperature": temperature, "nll_before": metrics[0]["nll"],
                               "ece_before": metrics[0]["ece"], "nll_after": metrics[-1]["nll"],
@@ -227,24 +246,25 @@ def evaluate_student(model, tokenizer, slices: dict[str, Iterable[dict[str, np.n
                                   num_classes=num_classes)[0][0]
         out["retention"] = {"accuracy": retained["accuracy"], "nll": retained["nll"], "rows": retained["n"]}
     for name in sorted(n for n in slices if n.startswith(EXTENSION_HOLDOUT)):
-        m = evaluate_slice(model, tokenizer, slices[name], cfg, device, share, (after,),
-                           num_classes=num_classes)[0][0]
-        out.setdefault("drift", {})[str(int(name[len(EXTENSION_HOLDOUT):]))] = {
-            "accuracy": m["accuracy"], "nll": m["nll"], "rows": m["n"]}
+        scored = evaluate_slice(model, tokenizer, slices[name], cfg, device, share, (after,), num_classes=num_classes)
+        j, m = str(int(name[len(EXTENSION_HOLDOUT):])), scored.metrics[0]
+        out.setdefault("drift", {})[j] = {"accuracy": m["accuracy"], "nll": m["nll"], "rows": m["n"]}
+        out["class_counts"][j] = scored.counts
     return out
 
 
 class HoldoutStatsScorer:
     """``map_batches`` class: one row of additive statistics per batch, with the batch's row ids
-    and predicted classes."""
+    and predicted classes. ``num_classes``: the label map's size, when the model may know fewer."""
 
-    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool):
+    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, num_classes: int | None = None):
         require_visible({"storage.path (the model)": model_path}, "an evaluation actor")
         self.cfg = as_config(cfg)
+        self.num_classes = num_classes
         self.model, self.tokenizer = load_for_inference(model_path, self.cfg, on_gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (stats,), pred = _stats(self.model, self.tokenizer, batch, self.cfg)
+        (stats,), pred = _stats(self.model, self.tokenizer, batch, self.cfg, num_classes=self.num_classes)
         out = {k: np.asarray(stats[k])[None, ...] for k in STAT_KEYS}
         if "row_id" in batch:
             out["row_ids"] = np.asarray([np.asarray(batch["row_id"], dtype=np.int64)], dtype=object)
@@ -252,17 +272,20 @@ class HoldoutStatsScorer:
         return out
 
 
-def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool,
-                   predictions: bool = False) -> dict[str, float] | tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+def evaluate_model(ds, model_path: str, cfg: Config, on_gpu: bool, predictions: bool = False,
+                   num_classes: int | None = None) -> dict[str, float] | tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
     """Holdout metrics of the saved model at ``model_path`` on ``ds``; with ``predictions`` also the
-    ``(row_ids, predicted classes)`` of its rows."""
+    ``(row_ids, predicted classes)`` of its rows. ``num_classes``: the size of the label map
+    ``ds``'s labels index, when the model may know fewer classes (an earlier generation of a run
+    whose label map grew): a row of a class it does not know counts as wrong."""
     ds = ds.materialize()  # see score_block
     absorb_restart_warning()
     cfg = require_resolved(cfg, "evaluate_model")
     resources, actor_gpu = scoring_pool(cfg, on_gpu)
     stats_ds = ds.map_batches(
         HoldoutStatsScorer,
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu},  # plain values
+        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu,  # plain values
+                               "num_classes": num_classes},
         batch_size=cfg.eval.batch_size,
         **resources,
     )

@@ -3,7 +3,9 @@
 A distributed evaluation computes :func:`batch_stats` on each batch wherever the batch lives,
 adds them with :func:`merge_stats` (any order, any grouping), and calls :func:`finalize` once.
 Every statistic is a count or a sum, so the merged result equals the statistics of the whole
-set exactly (up to float summation order). Plain numpy: no ray, no torch.
+set exactly (up to float summation order). :func:`old_new_split` turns the per-class counts
+(the confusion matrix's diagonal and row sums) into the figures of a run whose label map grew:
+old-class and new-class accuracy, recall per class, forgetting. Plain numpy: no ray, no torch.
 
 Shapes: ``n`` rows, ``C`` classes, ``B`` calibration bins.
 """
@@ -170,3 +172,81 @@ def flip_rates(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, n
     right_after = a_pred[np.searchsorted(a_ids, common)] == y
     return {"flip_rate": float((right_before & ~right_after).mean()),
             "fix_rate": float((~right_before & right_after).mean()), "rows": int(len(common))}
+
+
+def class_counts(labels, preds, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and correct predictions per true class.
+
+    Args:
+        labels: ``(n,)`` integer true classes in ``[0, C)``.
+        preds: ``(n,)`` integer predicted classes (any value; one outside ``[0, C)`` is wrong).
+        num_classes: ``C``.
+
+    Returns:
+        ``(rows, correct)``, each ``(C,)`` int64: rows of class ``c``, and of those predicted ``c``
+        (the diagonal of the confusion matrix; its row sums are ``rows``).
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    preds = np.asarray(preds, dtype=np.int64).reshape(-1)
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels and preds must have the same length, got {len(labels)} and {len(preds)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be class ids in [0, {num_classes})")
+    rows = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    correct = np.bincount(labels[labels == preds], minlength=num_classes).astype(np.int64)
+    return rows, correct
+
+
+def _share(hits, total) -> float | None:
+    return float(hits / total) if total else None
+
+
+def old_new_split(rows, correct, old_classes, correct_before=None) -> dict:
+    """Class-incremental figures on one holdout: accuracy on the old classes, on the new ones and
+    overall, each class's recall, and the forgetting of the old classes against an earlier model.
+
+    A row of a class the earlier model does not know counts as wrong for it (its head has no such
+    class); only old-class rows enter the forgetting, so that never matters there.
+
+    Args:
+        rows: ``(C,)`` rows per true class (:func:`class_counts`, or a confusion matrix's row sums).
+        correct: ``(C,)`` of those the model predicted right (the confusion matrix's diagonal).
+        old_classes: the class ids known before the classes were added; every other id is new.
+        correct_before: ``(C,)`` the earlier model's correct rows, on the same rows; optional.
+
+    Returns:
+        ``rows``, ``accuracy``; ``old_rows``, ``old_accuracy``; ``new_rows``, ``new_accuracy``;
+        ``recall`` ``(C,)`` list; with ``correct_before`` also ``old_accuracy_before`` and
+        ``forgetting`` = ``old_accuracy_before − old_accuracy`` (positive: the old classes lost
+        accuracy; Chaudhry et al. 2018's sign). A share over no rows is None.
+
+    Raises:
+        ValueError: shapes that disagree, an old class id outside ``[0, C)``, or more correct
+            rows than rows.
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    correct = np.asarray(correct, dtype=np.int64).reshape(-1)
+    num_classes = len(rows)
+    old = np.zeros(num_classes, dtype=bool)
+    ids = np.asarray(list(old_classes), dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"old_classes must be class ids in [0, {num_classes}), got {sorted(set(ids.tolist()))}")
+    old[ids] = True
+    checked = [("correct", correct)] + ([] if correct_before is None else [("correct_before", correct_before)])
+    for name, values in checked:
+        values = np.asarray(values).reshape(-1)
+        if values.shape != rows.shape:
+            raise ValueError(f"{name} must have shape {rows.shape} like rows, got {values.shape}")
+        if (values > rows).any() or (values < 0).any():
+            raise ValueError(f"{name} must lie between 0 and rows for every class")
+    out = {
+        "rows": int(rows.sum()), "accuracy": _share(correct.sum(), rows.sum()),
+        "old_rows": int(rows[old].sum()), "old_accuracy": _share(correct[old].sum(), rows[old].sum()),
+        "new_rows": int(rows[~old].sum()), "new_accuracy": _share(correct[~old].sum(), rows[~old].sum()),
+        "recall": [_share(c, r) for c, r in zip(correct, rows)],
+    }
+    if correct_before is not None:
+        before = _share(np.asarray(correct_before, dtype=np.int64)[old].sum(), rows[old].sum())
+        out["old_accuracy_before"] = before
+        out["forgetting"] = None if before is None else before - out["old_accuracy"]
+    return out

@@ -36,7 +36,7 @@ from ..storage import remove_tree, rename_tree
 from .folder import Run, RunLock, finish_run, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, as_sets, extension_settings, now, result_settings
 from .model_card import write_model_card
-from .new_classes import check_new_labels, initial_model, new_labels_line
+from .new_classes import check_new_labels, initial_model, new_labels_line, old_new_figures, old_new_lines
 from .record import continual_record, record_fit
 from .report import summary_line
 from .suspects import record_suspects, training_rows
@@ -273,6 +273,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
                          if teacher and entry.targets and train.get("validation") is not None else None)
         for line in record_fit(entry, train, teacher, on_validation, _flip_rates(run, entry, teacher)):
             run.say(line)
+        entry.old_new = old_new_figures(run, g, teacher, train.get("class_counts"))
         entry.promoted = _gate(run, g, entry, teacher)
         entry.model = run.rel(model_dest)
         entry.adapter = run.rel(request.adapter_dest) if request.adapter_dest else None
@@ -287,6 +288,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         entry.continual, said = continual_record(g, teacher, _flip_rates(run, entry, teacher), None)
         for line in said:
             run.say(line)
+        entry.old_new = old_new_figures(run, g, teacher, None)  # the run's holdout only: drift was not measured
         entry.eval_seconds = time.perf_counter() - evaluating
     # The folder is complete (temperature folded in, gate decided): its card goes in before the
     # generation counts as finished, so a resumed run never skips a generation without one.
@@ -374,6 +376,8 @@ def extend_run(run_dir: str, data_path: str, overrides: list[str] | None = None,
         m.data.block_sizes.append(int(entry.block_rows or entry.rows))
         say(summary_line(entry.model_dump(exclude_none=True), g + 1))
         _say_extension(say, teacher, entry)
+        for line in old_new_lines(g, entry.old_new, m.label_names_of(g)):
+            say(line)
         finish_run(run)
         return m.to_json()
 
@@ -393,17 +397,33 @@ def _say_extension(say, before: GenerationEntry, after: GenerationEntry) -> None
             "method.validation_fraction and method.keep_best a student worse than its teacher is not promoted")
 
 
-def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bool = False):
-    """[(generation, metrics)] for the final (or every) model on the holdout or ``data_path``."""
+def evaluate_run(run_dir: str, data_path: str | None = None, all_generations: bool = False, say=print):
+    """[(generation, metrics)] for the final (or every) model on the holdout or ``data_path``.
+
+    The final model is ``final_generation`` (the gate may have kept an earlier one), else the last
+    promoted generation. A generation from before an extension added labels knows fewer classes
+    than the run's label map: it is scored on its own head, and a row of a class it does not know
+    counts as wrong for it (its probability is 0), which ``say`` tells."""
     paths, manifest = read_manifest(run_dir)
     cfg = resolve(config_from_dict(manifest.config), probe_cluster())
     gens = manifest.finished_generations()
     if not gens:
         raise RunError(f"run {manifest.name!r} has no finished generation yet")
+    names = manifest.label_names
     if data_path:
-        ds = read_labelled_file(data_path, cfg.data, manifest.label_names)
+        ds = read_labelled_file(data_path, cfg.data, names)
     else:
         ds = ray.data.read_parquet(paths.split).filter(expr=col("block") == HOLDOUT)
     ds = ds.materialize()
-    chosen = gens if all_generations else gens[-1:]
-    return [(e.index, evaluate_model(ds, paths.join(e.model), cfg, cfg.cluster.use_gpu)) for e in chosen]
+    final = manifest.final_generation
+    final = final if final is not None else (manifest.teacher_of(len(manifest.generations)) or gens[-1]).index
+    chosen = gens if all_generations else [e for e in gens if e.index == final]
+    out = []
+    for e in chosen:
+        known = len(manifest.label_names_of(e.index))
+        unknown = ds.filter(expr=col("label") >= known).count() if known < len(names) else 0
+        if unknown:
+            say(f"gen {e.index} knows {known} of the run's {len(names)} labels: its {unknown} row(s) of "
+                f"{', '.join(names[known:])} count as wrong")
+        out.append((e.index, evaluate_model(ds, paths.join(e.model), cfg, cfg.cluster.use_gpu, num_classes=len(names))))
+    return out

@@ -84,6 +84,12 @@ class GenerationEntry(_Record):
     promoted: bool | None = None
     # Accuracy and NLL on each extension's own holdout, keyed by that extension's generation.
     drift: dict[str, dict[str, float]] | None = None
+    # A generation at or after an extension that added labels (Manifest.class_split): on the run's
+    # holdout ("holdout") and each extension's own (its generation), accuracy overall, on the old
+    # classes and on the new ones, rows and recall per class, and the old classes' accuracy by the
+    # teacher on the same rows (old_accuracy_before) and forgetting (before − after); with
+    # added_by, old_classes, new_labels and before (the teacher's generation). run/new_classes.py.
+    old_new: dict[str, Any] | None = None
     # tracking.backend mlflow: this generation's nested run (a resumed generation logs into it again).
     tracking_run_id: str | None = None
 
@@ -132,6 +138,16 @@ class Manifest(_Record):
         extensions appended (``new_labels``)."""
         later = sum(len(e.new_labels or []) for e in self.generations[g + 1:])
         return self.label_names[:len(self.label_names) - later]
+
+    def class_split(self, g: int) -> tuple[int, int] | None:
+        """(the generation that last added labels up to ``g``, how many classes were known before
+        it): generation ``g``'s old classes are the ids below that count, its new ones the rest of
+        its label map. None when no generation up to ``g`` added labels."""
+        adders = [e for e in self.generations[:g + 1] if e.new_labels]
+        if not adders:
+            return None
+        last = adders[-1]
+        return last.index, len(self.label_names_of(last.index)) - len(last.new_labels)
 
     def teacher_labels(self, g: int) -> list[str]:
         """The labels generation ``g``'s teacher knows (fewer than ``g``'s own when ``g`` appended

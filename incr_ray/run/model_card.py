@@ -23,6 +23,7 @@ from ..config import Config, config_from_dict
 from ..method.suspects import TREATED
 from ..storage import is_remote, write_bytes_atomic
 from .manifest import GenerationEntry, Manifest
+from .report import old_new_markdown
 
 CARD_NAME = "README.md"
 TAGS = ["incr-ray", "text-classification", "knowledge-distillation"]
@@ -222,6 +223,24 @@ def _holdout_table(manifest: Manifest, g: int, chain: list[int]) -> list[str]:
     return lines
 
 
+def _old_new_lines(manifest: Manifest, g: int) -> list[str]:
+    """The card's section on old and new classes, for a generation at or after an extension that
+    added labels (``old_new`` in run.json); none for the others."""
+    record = manifest.generations[g].old_new
+    if not record:
+        return []
+    names = manifest.label_names_of(g)
+    old = record["old_classes"]
+    return [
+        "## Old and new classes", "",
+        f"Generation {record['added_by']} added {', '.join(f'`{n}`' for n in record['new_labels'])} to the "
+        f"{old} labels known before ({', '.join(f'`{n}`' for n in names[:old])}). Accuracy on the old classes, on "
+        "the new ones and on all, on the run's holdout and on each extension's own; before: the old classes' accuracy "
+        f"by this generation's teacher (generation {record.get('before', '–')}) on the same rows; forgetting: before − "
+        "after, positive when the old classes lost accuracy.", "",
+        old_new_markdown([manifest.generations[g].model_dump(mode="json", exclude_none=True)], names)]
+
+
 def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = False) -> str:
     """The model card (``README.md``) of generation ``g``'s model folder.
 
@@ -267,6 +286,7 @@ def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = F
         f"## Holdout metrics, generations 0–{g}", "",
         "On the run's holdout; NLL is the mean log loss, ECE the expected calibration error "
         f"({cfg.eval.ece_bins} equal-width bins).", "", *_holdout_table(manifest, g, chain), "",
+        *_old_new_lines(manifest, g),
         "## How to load", "",
         "```python",
         "from transformers import pipeline",

@@ -76,6 +76,7 @@ def record_fit(entry: GenerationEntry, train: dict[str, Any], teacher: Generatio
     entry.metrics, entry.eval_seconds = rest.pop("holdout"), rest.pop("eval_seconds")
     validation, entry.calibration = rest.pop("validation", None), rest.pop("calibration", None)
     retention, entry.drift = rest.pop("retention", None), rest.pop("drift", None)
+    rest.pop("class_counts", None)  # per-class counts: the loop makes them entry.old_new (run/new_classes.py)
     lines = []
     if entry.drift:
         lines.append(f"[gen {g}] on the extensions' own holdouts: " + ", ".join(

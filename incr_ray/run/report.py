@@ -210,8 +210,40 @@ def drift_markdown(drift: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n" + note
 
 
+def _data_set(name: str) -> str:
+    return "run's holdout" if name == "holdout" else f"gen {name}'s data"
+
+
+def old_new_markdown(generations: list[dict[str, Any]], label_names: list[str]) -> str | None:
+    """Old and new classes per generation and data set (``old_new``), then recall per class; None
+    when no generation's label map grew."""
+    rows = [e for e in generations if e.get("old_new")]
+    if not rows:
+        return None
+    head = ("| gen | data set | rows old / new | old classes | old classes before (gen) | forgetting "
+            "| new classes | all |\n|---:|---|---:|---:|---:|---:|---:|---:|\n")
+    recall_head = ("| gen | data set | " + " | ".join(f"`{n}`" for n in label_names) + " |\n"
+                   + "|---:|---|" + "---:|" * len(label_names) + "\n")
+    lines, recalls = [], []
+    for e in rows:
+        record = e["old_new"]
+        for name, h in record["holdouts"].items():
+            before = (f"{_num(h['old_accuracy_before'], '.4f')} (gen {record['before']})"
+                      if "old_accuracy_before" in h else DASH)
+            forgetting = h.get("forgetting")
+            lines.append("| " + " | ".join([
+                str(e["index"]), _data_set(name), f"{h['old_rows']} / {h['new_rows']}", _num(h.get("old_accuracy"), ".4f"),
+                before, DASH if forgetting is None else f"{100 * forgetting:+.1f} points",
+                _num(h.get("new_accuracy"), ".4f"), _num(h.get("accuracy"), ".4f")]) + " |")
+            classes = h.get("classes") or {}
+            recalls.append("| " + " | ".join([str(e["index"]), _data_set(name), *(
+                _num((classes.get(n) or {}).get("recall"), ".4f") for n in label_names)]) + " |")
+    return head + "\n".join(lines) + "\n\nRecall per class (– : no rows of the class there):\n\n" + recall_head + \
+        "\n".join(recalls) + "\n"
+
+
 OPTIONAL_FIELDS = ("extended", "settings", "promoted", "teacher_on_block", "suspects", "continual", "validation",
-                   "calibration", "own_holdout", "own_holdout_rows", "drift", "ewc", "fisher")
+                   "calibration", "own_holdout", "own_holdout_rows", "drift", "old_new", "ewc", "fisher")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -278,6 +310,14 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
         md += ["## Drift: accuracy on each data set's own holdout", "",
                "Extensions run with `--holdout-fraction` held part of their new data out; every later "
                "generation is scored on it.", "", drift_markdown(drift)]
+    old_new = old_new_markdown(gens, manifest["label_names"])
+    if old_new:
+        md += ["## Old and new classes", "",
+               "From the extension that added labels on (`--allow-new-labels`), each generation on the run's holdout "
+               "and on each extension's own: accuracy on the classes known before that extension (old), on those it "
+               "added (new) and on all; the old classes' accuracy by the generation's teacher on the same rows "
+               "(before), and the forgetting: before − after, positive when the old classes lost accuracy. A row of "
+               "a class a model does not know counts as wrong for it.", "", old_new]
     md.append("![metrics per generation](generations.png)")
 
     def entry_json(g: dict[str, Any]) -> dict[str, Any]:

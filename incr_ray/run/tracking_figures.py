@@ -5,6 +5,7 @@ sends them)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 # MLflow's limit: characters per param value.
@@ -38,9 +39,27 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def metric_name(text: str) -> str:
+    """``text`` with the characters an MLflow metric name may not hold (a label's) as ``_``."""
+    return re.sub(r"[^\w\-. :/]", "_", text)
+
+
+def _old_new_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """``old_new/<holdout|gen_j>/<figure>`` and ``.../recall/<label>`` of a generation's ``old_new``."""
+    out = {}
+    for name, figures in (record.get("holdouts") or {}).items():
+        prefix = "old_new/holdout" if name == "holdout" else f"old_new/gen_{name}"
+        out.update({f"{prefix}/{k}": _number(v) for k, v in figures.items() if _number(v) is not None})
+        for label, c in (figures.get("classes") or {}).items():
+            if _number(c.get("recall")) is not None:
+                out[f"{prefix}/recall/{metric_name(label)}"] = _number(c["recall"])
+    return out
+
+
 def generation_metrics(entry: dict[str, Any]) -> dict[str, float]:
     """A generation's figures from its run.json entry: ``holdout/accuracy``, ``teacher_on_block/kept``,
-    ``continual/flip_rate``, ``train/train_seconds``, ``drift/gen_2/accuracy``, ``generation/rows``..."""
+    ``continual/flip_rate``, ``train/train_seconds``, ``drift/gen_2/accuracy``,
+    ``old_new/gen_2/forgetting``, ``generation/rows``..."""
     out: dict[str, float] = {}
     for field, group in ENTRY_GROUPS.items():
         for key, value in (entry.get(field) or {}).items():
@@ -51,6 +70,7 @@ def generation_metrics(entry: dict[str, Any]) -> dict[str, float]:
         for key, value in figures.items():
             if _number(value) is not None:
                 out[f"drift/gen_{j}/{key}"] = _number(value)
+    out.update(_old_new_metrics(entry.get("old_new") or {}))
     for key in ENTRY_FIGURES:
         if _number(entry.get(key)) is not None:
             out[f"generation/{key}"] = _number(entry[key])

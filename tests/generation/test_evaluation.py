@@ -156,3 +156,29 @@ def test_a_small_validation_slice_fits_no_temperature(tiny_bert):
     assert out["validation"]["rows"] == MIN_ROWS - 1
     assert out["calibration"]["temperature"] == 1.0
     assert out["calibration"]["ece_before"] == out["calibration"]["ece_after"] == out["holdout"]["ece"]
+
+
+def test_a_model_that_knows_fewer_classes_counts_the_rows_of_the_others_as_wrong(tiny_bert):
+    """`evaluate --all` on data with a label added after a generation: its 3-class head is scored
+    on the 4-class label map, its probabilities padded with a zero, so a label-3 row is wrong (at
+    NLL −log 1e-12) and the rows it knows score as on its own head."""
+    from incr_ray.generation.evaluation import evaluate_slice
+
+    cfg = scoring_config()
+    rows = batch(8)
+    rows["label"] = np.array([0, 1, 2, 3, 3, 0, 1, 3])
+    out = HoldoutStatsScorer(tiny_bert, cfg, on_gpu=False, num_classes=4)(rows)
+    stats = {k: out[k][0] for k in STAT_KEYS}
+    assert stats["confusion"].shape == (4, 4) and stats["confusion"][3, 3] == 0 and stats["confusion"][:, 3].sum() == 0
+    known = rows["label"] < 3
+    mine = {k: v[known] for k, v in rows.items()}
+    alone = HoldoutStatsScorer(tiny_bert, cfg, on_gpu=False)(mine)
+    assert stats["confusion"][:3, :3].tolist() == alone["confusion"][0].tolist()
+    assert stats["nll_sum"][0] == pytest.approx(alone["nll_sum"][0][0] + 3 * -np.log(1e-12))
+    with pytest.raises(ValueError):  # the old path: labels beyond the head
+        HoldoutStatsScorer(tiny_bert, cfg, on_gpu=False)(rows)
+    # The in-worker path counts rows and correct predictions per class, as the confusion has them.
+    model, tokenizer = load_for_inference(tiny_bert, cfg, on_gpu=False)
+    scored = evaluate_slice(model, tokenizer, [mine], cfg)
+    confusion = alone["confusion"][0]
+    assert scored.counts == {"rows": confusion.sum(axis=1).tolist(), "correct": np.diag(confusion).tolist()}

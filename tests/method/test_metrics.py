@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from incr_ray.method.metrics import batch_stats, finalize, merge_stats
+from incr_ray.method.metrics import batch_stats, class_counts, finalize, merge_stats, old_new_split
 
 
 def evaluate_probs(probs, labels, num_bins: int = 15):
@@ -148,3 +148,71 @@ def test_errors():
         batch_stats(np.array([[2.0, 1.0]]), [0])
     with pytest.raises(ValueError, match="rows"):
         batch_stats(PROBS, LABELS[:3])
+
+
+# Old and new classes: three old classes (0-2), class 3 added later.
+# labels 0 0 1 2 3 3 3 against predictions 0 1 1 2 3 0 3 (student) and 0 0 1 2 0 0 1 (teacher, 3 classes).
+OLD_NEW_LABELS = np.array([0, 0, 1, 2, 3, 3, 3])
+STUDENT_PREDS = np.array([0, 1, 1, 2, 3, 0, 3])
+TEACHER_PREDS = np.array([0, 0, 1, 2, 0, 0, 1])
+
+
+def test_class_counts_are_the_confusion_diagonal_and_row_sums():
+    rows, correct = class_counts(OLD_NEW_LABELS, STUDENT_PREDS, 4)
+    np.testing.assert_array_equal(rows, [2, 1, 1, 3])
+    np.testing.assert_array_equal(correct, [1, 1, 1, 2])
+    probs = np.eye(4)[STUDENT_PREDS]
+    confusion = batch_stats(probs, OLD_NEW_LABELS)["confusion"]
+    np.testing.assert_array_equal(rows, confusion.sum(axis=1))
+    np.testing.assert_array_equal(correct, np.diag(confusion))
+    with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
+        class_counts(OLD_NEW_LABELS, STUDENT_PREDS, 3)
+
+
+def test_old_new_split_hand_example():
+    rows, correct = class_counts(OLD_NEW_LABELS, STUDENT_PREDS, 4)
+    _, before = class_counts(OLD_NEW_LABELS, TEACHER_PREDS, 4)
+    s = old_new_split(rows, correct, [0, 1, 2], correct_before=before)
+    assert (s["rows"], s["old_rows"], s["new_rows"]) == (7, 4, 3)
+    assert s["accuracy"] == pytest.approx(5 / 7)
+    assert s["old_accuracy"] == pytest.approx(3 / 4) and s["new_accuracy"] == pytest.approx(2 / 3)
+    assert s["recall"] == pytest.approx([0.5, 1.0, 1.0, 2 / 3])
+    # The teacher got all four old-class rows right; the student calls row 1 (class 0) class 1.
+    assert s["old_accuracy_before"] == pytest.approx(1.0)
+    assert s["forgetting"] == pytest.approx(1.0 - 3 / 4)
+
+
+def test_old_new_split_without_rows_of_a_side():
+    s = old_new_split([3, 2, 0], [3, 1, 0], [0, 1], correct_before=[3, 2, 0])
+    assert s["new_rows"] == 0 and s["new_accuracy"] is None and s["recall"][2] is None
+    assert s["forgetting"] == pytest.approx(1.0 - 0.8)
+    nothing_old = old_new_split([0, 4], [0, 1], [0], correct_before=[0, 0])
+    assert nothing_old["old_accuracy"] is None and nothing_old["forgetting"] is None
+    assert "forgetting" not in old_new_split([3, 2], [3, 1], [0])
+
+
+def test_old_new_split_refuses_what_cannot_be_counts():
+    with pytest.raises(ValueError, match="old_classes must be class ids"):
+        old_new_split([1, 1], [1, 1], [2])
+    with pytest.raises(ValueError, match="correct must lie between 0 and rows"):
+        old_new_split([1, 1], [2, 0], [0])
+    with pytest.raises(ValueError, match="correct_before must have shape"):
+        old_new_split([1, 1], [1, 0], [0], correct_before=[1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(eval_batches(), st.integers(1, 4))
+def test_old_new_split_weights_to_the_overall_accuracy(batch, old_count):
+    """old and new accuracy, weighted by their rows, are the overall accuracy, which is
+    finalize's; recall is each class's share of its rows predicted right."""
+    probs, labels, _, _ = batch
+    num_classes = probs.shape[1]
+    old = range(min(old_count, num_classes))
+    rows, correct = class_counts(labels, probs.argmax(axis=1), num_classes)
+    s = old_new_split(rows, correct, old, correct_before=correct)
+    parts = [(s[f"{side}_accuracy"] or 0.0) * s[f"{side}_rows"] for side in ("old", "new")]
+    assert sum(parts) / s["rows"] == pytest.approx(finalize(batch_stats(probs, labels))["accuracy"])
+    assert s["forgetting"] in (None, 0.0)
+    for c in range(num_classes):
+        mine = labels == c
+        assert s["recall"][c] == (None if not mine.any() else pytest.approx((probs[mine].argmax(axis=1) == c).mean()))

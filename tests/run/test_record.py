@@ -26,7 +26,8 @@ def test_every_evaluation_gets_its_field_and_its_line():
     entry = GenerationEntry(index=2)
     calibration = {"temperature": 1.4, "ece_before": 0.1, "ece_after": 0.04, "nll_before": 0.6, "nll_after": 0.5}
     fit = _fit(validation={"rows": 120, "accuracy": 0.78, "nll": 0.55}, calibration=calibration,
-               retention={"accuracy": 0.75, "nll": 0.6, "rows": 200}, drift={"1": {"accuracy": 0.7, "nll": 0.8}})
+               retention={"accuracy": 0.75, "nll": 0.6, "rows": 200}, drift={"1": {"accuracy": 0.7, "nll": 0.8}},
+               class_counts={"holdout": {"rows": [3, 2], "correct": [2, 2]}})
     said = record_fit(entry, fit, teacher=GenerationEntry(index=1),
                       teacher_validation={"teacher_accuracy": 0.74, "teacher_nll": 0.6},
                       flips={"flip_rate": 0.05, "fix_rate": 0.125})

@@ -158,3 +158,24 @@ def test_drift_matrix_and_backward_transfer():
     assert "## Drift: accuracy on each data set's own holdout" in md
     assert "| 3 | 0.7400 | 0.5500 | 0.9000 |" in md and "Backward transfer" in md and "-5.5 points" in md
     assert '"backward_transfer"' in js
+
+
+def test_old_and_new_classes_get_their_section():
+    from incr_ray.run.new_classes import old_new_record
+    from incr_ray.run.report import old_new_markdown, render_report
+
+    counts = {"holdout": {"rows": [4, 3, 3, 0], "correct": [4, 2, 2, 0]},
+              "2": {"rows": [2, 2, 0, 4], "correct": [1, 2, 0, 3]}}
+    before = {"holdout": {"rows": [4, 3, 3, 0], "correct": [4, 3, 3, 0]}}
+    names = ["c0", "c1", "c2", "hail"]
+    gens = [_gen(i, 0.8) for i in range(3)]
+    gens[2].update(extended=True, new_labels=["hail"], old_new=old_new_record(names, 3, 2, 1, counts, before))
+    md = old_new_markdown(gens, names)
+    assert "| 2 | run's holdout | 10 / 0 | 0.8000 | 1.0000 (gen 1) | +20.0 points | – | 0.8000 |" in md
+    assert "| 2 | gen 2's data | 4 / 4 | 0.7500 | – | – | 0.7500 | 0.7500 |" in md  # no teacher figures there
+    assert "| gen | data set | `c0` | `c1` | `c2` | `hail` |" in md
+    assert "| 2 | gen 2's data | 0.5000 | 1.0000 | – | 0.7500 |" in md
+    assert old_new_markdown(gens[:2], names) is None
+    md, report = render_report(_manifest(gens, label_names=names))
+    assert "## Old and new classes" in md and "the forgetting: before − after, positive when" in md
+    assert json.loads(report)["generations"][2]["old_new"]["holdouts"]["2"]["new_accuracy"] == 0.75

@@ -25,6 +25,11 @@ ENTRY = {  # a generation's entry as run.json holds it
     "train": {"train_loss": 0.4, "train_seconds": 30.0, "steps": 19, "zero_stage": 2,
               "precision": {"requested": "fp32", "model_weights": "fp32"}},
     "drift": {"2": {"accuracy": 0.6, "rows": 40}},
+    "old_new": {"added_by": 1, "old_classes": 1, "new_labels": ["b"], "before": 0, "holdouts": {
+        "holdout": {"rows": 10, "accuracy": 0.8, "old_rows": 10, "old_accuracy": 0.8, "new_rows": 0,
+                    "old_accuracy_before": 0.9, "forgetting": 0.1, "classes": {"a": {"rows": 10, "correct": 8, "recall": 0.8}}},
+        "2": {"rows": 4, "accuracy": 0.5, "old_rows": 2, "old_accuracy": 0.5, "new_rows": 2, "new_accuracy": 0.5,
+              "classes": {"a": {"rows": 2, "correct": 1, "recall": 0.5}, "b?x": {"rows": 2, "correct": 1, "recall": 0.5}}}}},
 }
 
 
@@ -82,6 +87,9 @@ def test_generation_metrics_from_a_manifest_entry():
     assert m["train/train_seconds"] == 30.0 and m["train/steps"] == 19 and m["train/zero_stage"] == 2
     assert not any(k.startswith("train/precision") for k in m)  # not a figure
     assert m["drift/gen_2/accuracy"] == 0.6
+    assert m["old_new/holdout/forgetting"] == 0.1 and m["old_new/holdout/old_accuracy_before"] == 0.9
+    assert m["old_new/gen_2/new_accuracy"] == 0.5 and m["old_new/gen_2/recall/b_x"] == 0.5  # a legal metric name
+    assert m["old_new/holdout/recall/a"] == 0.8 and not any(k.endswith("/classes") for k in m)
     assert m["generation/rows"] == 300 and m["generation/scoring_seconds"] == 4.5 and m["generation/seconds"] == 40.0
     assert m["generation/promoted"] == 1.0
     assert generation_metrics({"index": 0, "status": "running"}) == {}
