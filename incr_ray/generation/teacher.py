@@ -230,9 +230,10 @@ def score_block(ds, model_path: str | list[str], cfg: Config, on_gpu: bool, prog
                                        "trust_remote_code": cfg.model.trust_remote_code})
     return ds.map_batches(
         TargetScorer,
-        # Plain values (a path, dicts): what a restarted actor is built from again.
-        fn_constructor_kwargs={"model_path": paths if len(paths) > 1 else paths[0], "cfg": cfg.to_dict(), "on_gpu": actor_gpu,
-                               "progress": progress, "fault_plan": faults.current(), "num_classes": num_classes},
+        # Plain values (paths, dicts): what a restarted actor is built from again.
+        fn_constructor_kwargs={"model_path": paths if len(paths) > 1 else paths[0], "cfg": cfg.to_dict(),
+                               "on_gpu": actor_gpu, "progress": progress, "fault_plan": faults.current(),
+                               "num_classes": num_classes},
         batch_size=t.batch_size,
         **resources,
     )

@@ -128,7 +128,8 @@ def teacher_table_markdown(generations: list[dict[str, Any]]) -> str | None:
     head = ("| gen |" + (" teacher: mean of gens |" if ensemble else "")
             + " block rows | teacher accuracy | teacher NLL | kept | pushed | floored "
             "| mean target entropy (nats) |" + (" suspected label errors |" if suspects else "") + "\n")
-    head += "|---:|" + ("---|" if ensemble else "") + "---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if suspects else "") + "\n"
+    head += ("|---:|" + ("---|" if ensemble else "") + "---:|---:|---:|---:|---:|---:|---:|"
+             + ("---:|" if suspects else "") + "\n")
     lines = []
     for e in rows:
         t = e.get("teacher_on_block") or {}

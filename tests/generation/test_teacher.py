@@ -51,15 +51,21 @@ def test_a_teacher_of_fewer_classes_is_padded_before_the_rule(tiny_bert):
     np.testing.assert_allclose(target, soft_targets(probs, rows["label"], threshold=0.8))
 
 
-def test_an_ensemble_teaches_with_the_mean_of_its_members_softmaxes(tiny_bert, tmp_path):
+@pytest.fixture(scope="module")
+def two_class_bert(tmp_path_factory):
+    """A tiny BERT that knows c0 and c1 only: a generation from before an extension added c2."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("two_class_bert"), num_labels=2)
+
+
+def test_an_ensemble_teaches_with_the_mean_of_its_members_softmaxes(tiny_bert, two_class_bert):
     """teacher.ensemble: one actor holds every member; an older member of 2 classes (before an
     extension added c2) is padded with a zero for c2 before the mean, and the rule applies to the
     mean. Each member's softmax is taken at τ."""
-    from conftest import build_tiny_model
-
     from incr_ray.modeling import classifier_logits
 
-    older = build_tiny_model(tmp_path / "older", num_labels=2)
+    older = two_class_bert
     scorer = TargetScorer([older, tiny_bert], scoring_config(threshold=0.8, temperature=2.0), on_gpu=False,
                           num_classes=3)
     out = scorer(batch()).to_pydict()

@@ -206,8 +206,8 @@ def test_an_ensemble_holds_every_member_in_each_actor():
 
     six = plan_for(shape, teacher={"ensemble": 6}).teacher
     problem = ensemble_memory_problem(cfg(teacher={"ensemble": 6}), six)
-    assert problem.startswith(f"teacher.ensemble 6 holds 6 teacher models in every scoring actor (~{six.total / 2**30:.2f} "
-                              "GiB) but an actor has 80.00 GiB (teacher.gpus_per_actor 1 × cluster.gpu_memory_gb 80, "
+    assert problem.startswith("teacher.ensemble 6 holds 6 teacher models in every scoring actor "
+                              f"(~{six.total / 2**30:.2f} GiB) but an actor has 80.00 GiB (teacher.gpus_per_actor 1 × cluster.gpu_memory_gb 80, "
                               "one GPU without device_map_auto); set teacher.ensemble: 5, or give each actor more GPUs")
     assert "\n" not in problem
     assert plan_for(shape, teacher={"ensemble": 5}).teacher.total <= 80 * 2**30  # the number it names fits
