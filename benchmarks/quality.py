@@ -51,7 +51,8 @@ same seeds: ``student.schedule=run`` (one learning-rate schedule across the gene
 ``method.anneal=true`` (teacher annealing toward one-hot), ``method.validation_fraction`` +
 ``method.keep_best=true`` (the generation gate) and ``method.validation_fraction`` +
 ``method.calibrate=true`` (temperature scaling; ECE and NLL before and after from the generation's
-``calibration`` entry). The final model of a run is the generation ``final_generation`` of its
+``calibration`` entry), and ``teacher.ensemble=2`` (issue #25: the mean softmax of the last two
+generations teaches; it differs from ``incremental`` only from k ≥ 3, generation 2 on). The final model of a run is the generation ``final_generation`` of its
 run.json when present, else the last one (``incr_ray.run.report.final_entry``).
 
 **Size and time.** The default is 5 seeds × 1,500 rows per seed (max_length 32), about 75 min alone
@@ -116,6 +117,9 @@ LEVERS: tuple[tuple[str, dict[str, Any], bool], ...] = (
     # 50 a temperature needs (none was fitted), and a gate that kept generation 0 on one seed of two.
     ("generation gate (keep best)", {"method.validation_fraction": 0.2, "method.keep_best": True}, False),
     ("temperature scaling", {"method.validation_fraction": 0.2, "method.calibrate": True}, False),
+    # Issue #25: the mean softmax of the last 2 generations teaches; generations 0 and 1 are the plain
+    # method's (generation 1 has one member), so it differs only from k >= 3.
+    ("ensemble teacher (2 generations)", {"teacher.ensemble": 2}, True),
 )
 KNOBS: tuple[tuple[str, dict[str, Any], bool], ...] = (
     ("p = 0.7", {"method.threshold": 0.7}, True),

@@ -188,6 +188,7 @@ and where the student loop's gap to a plain Trainer goes ([Throughput](#throughp
 .venv/bin/python benchmarks/quality.py            # `incr-ray compare`: 5 seeds × 3 methods, 1,500 rows, ≈ 75 min
 .venv/bin/python benchmarks/arrival.py            # ≈ 110 min here: 3 seeds, k = 4 arrivals of ≈ 800 rows
 .venv/bin/python benchmarks/extension.py          # ≈ 85 min here: 5 seeds, a k = 2 run extended 4 ways
+.venv/bin/python benchmarks/class_incremental.py  # 3 seeds: a 2-class run extended with a new class 5 ways
 .venv/bin/python benchmarks/label_noise.py        # 3 seeds × 10% and 20% flipped, k = 3: 49–78 min per (seed, rate) on a busy 2-core machine
 .venv/bin/python benchmarks/throughput.py         # 43 min here
 .venv/bin/python benchmarks/student_gap.py        # about 22 min: the student loop with one piece added at a time
@@ -464,6 +465,21 @@ three pairs took 49, 78 and 73 min; `--resume` goes on from the run folders).
   noisy rows (keep − full −3.3 [−29.2, +22.5]), on accuracy, NLL and ECE alike: at this size
   and with these teachers, what the student does with the suspects makes no measurable difference.
 
+## Class-incremental
+
+A run that knows two classes is extended with data that brings a third: does it learn the new
+class, and what do the memory, its selection and EWC keep of the old ones?
+`benchmarks/class_incremental.py` (issue #25, after Castro et al., ECCV 2018): per seed, a k = 1
+run with the demo's settings (MiniLM, max_length 32, lr 2e-4, 10% warmup, batch 8) learns
+*fresh* / *rotten* from 600 Rotten Tomatoes rows; five copies of it are then extended with 200
+rows of the new class *plot* only (`extend --allow-new-labels`): with a memory of 50 rows per old
+class chosen by herding on the teacher's features (*herding*), drawn uniformly (*uniform*), by
+herding with `method.ewc` (*herding + ewc*), plain fine-tuning on the new rows with hard labels and
+no memory (*fine-tune*, the forgetting baseline), and a new run on all 800 rows (*retrain*). Every
+final model is scored on the same 300 *fresh* / *rotten* and 150 *plot* rows that no run trains on.
+
+{{class_incremental}}
+
 ## Throughput
 
 Overhead and scaling of the Ray pipeline against plain Hugging Face, `benchmarks/throughput.py`.
@@ -657,6 +673,8 @@ NOT_RUN = {
                       "≈ 55 min on 2 cores at the default size.",
     "extension": "Not run yet: 5 seeds × (a k = 2 run + 4 extensions) at ≈ 13 min per seed on 2 cores.",
     "label_noise": "Not run yet: `python benchmarks/label_noise.py` (3 seeds × 10% and 20% of the training labels flipped; `--smoke` runs it end to end in about 5 min).",
+    "class_incremental": "Not run yet: `python benchmarks/class_incremental.py` (3 seeds × a base run and 5 "
+                         "arms, about 12 min per seed on 2 idle cores; `--smoke` runs it end to end).",
     "arrival": "Not run yet: the default (3 seeds, 4,000 rows per seed: a 20% holdout and 4 arrivals of ≈ 800 "
                "rows, max_length 32) takes about 110 min on 2 cores; `--smoke` runs it end to end.",
 }

@@ -397,8 +397,17 @@ class ClusterSection(_Section):
 
 
 class TeacherSection(_Section):
-    """The Ray Data actor pool that scores blocks with the teacher (and evaluates saved models)."""
+    """Which models teach, and the Ray Data actor pool that scores blocks with them (and evaluates
+    saved models)."""
 
+    ensemble: int = Field(
+        1, ge=1,
+        description="N: the teacher of generation g is the mean of the softmaxes of the last N promoted "
+        "generations before it (fewer while fewer exist), after Hinton et al. 2015; 1 is the previous "
+        "generation alone. Each scoring actor holds all N models and scores a batch once with each; on GPUs "
+        "a run whose N models do not fit an actor is refused before any compute. Fixed for the run "
+        "(`extend --set` may not change it).",
+    )
     batch_size: int = Field(
         1024, gt=0,
         description="Rows per scoring batch: its rows are sorted by length together, then run in forwards of at most "

@@ -158,7 +158,7 @@ def _lever_per_seed():
     return out
 
 
-LEVERS = [lever for lever in quality.LEVERS if lever[0] != "teacher annealing"]
+LEVERS = [lever for lever in quality.LEVERS if lever[0] not in ("teacher annealing", "ensemble teacher (2 generations)")]
 
 
 def test_levers_are_paired_against_incremental():
@@ -186,9 +186,9 @@ def test_levers_are_paired_against_incremental():
 def test_every_lever_config_key_is_named_as_the_issue_asks():
     changes = {k: v for _, ch, _ in quality.LEVERS for k, v in ch.items()}
     assert changes == {"student.schedule": "run", "method.anneal": True, "method.validation_fraction": 0.2,
-                       "method.keep_best": True, "method.calibrate": True}
+                       "method.keep_best": True, "method.calibrate": True, "teacher.ensemble": 2}
     assert quality._override("method.anneal", True) == "method.anneal=true"
-    assert [shares for _, _, shares in quality.LEVERS] == [False, True, False, False]
+    assert [shares for _, _, shares in quality.LEVERS] == [False, True, False, False, True]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.data.labels == ["a", "b"]
 
 
+def test_the_ensemble_teacher_is_one_generation_unless_set():
+    assert Config().teacher.ensemble == 1
+    assert load_config(None, ["teacher.ensemble=3"]).teacher.ensemble == 3
+
+
 def test_overrides_do_not_mutate_input():
     raw = {"method": {"k": 5}}
     apply_overrides(raw, ["method.k=6"])
@@ -59,6 +64,9 @@ def test_overrides_do_not_mutate_input():
         (["method.validation_fraction=0.5"], "method.validation_fraction"),
         (["student.schedule=global"], "student.schedule"),
         (["student.min_steps=-1"], "student.min_steps"),
+        (["teacher.ensemble=0"], "config teacher.ensemble: Input should be greater than or equal to 1 (got 0)"),
+        (["teacher.ensemble=1.5"], "teacher.ensemble"),
+        (["teacher.ensemble=all"], "teacher.ensemble"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(overrides, needle):

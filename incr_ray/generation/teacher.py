@@ -1,8 +1,9 @@
-"""Teacher scoring: a model scores a block in a Ray Data actor pool.
+"""Teacher scoring: a model (or an ensemble of them) scores a block in a Ray Data actor pool.
 
-:class:`TargetScorer` loads the teacher once per actor and turns each batch into the teacher's
-softmax and the soft target of every row; each batch's rows run sorted by length, in forwards of
-at most ``teacher.forward_tokens`` padded tokens (:func:`incr_ray.modeling.classifier_logits`).
+:class:`TargetScorer` loads the teacher once per actor — with ``teacher.ensemble`` every member,
+so a batch is tokenized once and scored by each — and turns each batch into the teacher's softmax
+(the members' mean) and the soft target of every row; each batch's rows run sorted by length, in
+forwards of at most ``teacher.forward_tokens`` padded tokens (:func:`incr_ray.modeling.classifier_logits`).
 Resources — pool size, CPUs and GPUs per actor, batch size — are set at the ``map_batches`` call in
 :func:`score_block`, never inside the class. When the actors hold GPUs, :func:`score_block` puts
 tokenization in a CPU stage of its own (:func:`tokenize_batch`), so a GPU waits on no tokenizer.
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from .. import faults
 from ..config import Config
-from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, padded_probs, soft_targets,
+from ..method.targets import (RULE_STAT_KEYS, ensemble_probs, finalize_rule_stats, merge_rule_stats, soft_targets,
                               softmax, target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference, load_tokenizer, token_ids
 from ..storage import parquet_batches
@@ -33,16 +34,24 @@ from .visibility import require_visible
 class TargetScorer:
     """``map_batches`` class: adds ``teacher_probs`` and ``target`` to every row of a batch.
 
-    ``num_classes``: the classes the student learns, when an extension added some the teacher
-    was never trained on: its probabilities are padded with zeros for them
-    (:func:`incr_ray.method.targets.padded_probs`) before the target rule, and stored padded."""
+    ``model_path``: the teacher's model folder, or the folders of an ensemble's members
+    (``teacher.ensemble``), all held by this actor: each scores the batch at the run's temperature
+    and ``teacher_probs`` is the mean of their softmaxes
+    (:func:`incr_ray.method.targets.ensemble_probs`). The members share the run's tokenizer (every
+    generation's folder holds the base model's), so the batch is tokenized once, by the first.
+    ``num_classes``: the classes the student learns, when an extension added some a member was
+    never trained on: its probabilities are padded with zeros for them
+    (:func:`incr_ray.method.targets.padded_probs`) before the mean and the target rule, and stored padded."""
 
-    def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, progress=None, fault_plan=None,
-                 num_classes: int | None = None):
+    def __init__(self, model_path: str | list[str], cfg: Config | dict[str, Any], on_gpu: bool, progress=None,
+                 fault_plan=None, num_classes: int | None = None):
         faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
-        require_visible({"storage.path (the teacher's model)": model_path}, "a scoring actor")
+        paths = [model_path] if isinstance(model_path, str) else list(model_path)
+        for path in paths:
+            require_visible({"storage.path (the teacher's model)": path}, "a scoring actor")
         cfg = as_config(cfg)
-        self.model, self.tokenizer = load_for_inference(model_path, cfg, on_gpu)
+        self.members = [load_for_inference(path, cfg, on_gpu) for path in paths]
+        self.model, self.tokenizer = self.members[0]
         self.max_length = cfg.model.max_length
         self.forward_tokens = cfg.teacher.tokens_per_forward(on_gpu)
         self.method = cfg.method
@@ -55,11 +64,14 @@ class TargetScorer:
         faults.kill_teacher_before_batch(self.batches)
         ids = batch.get(TOKEN_IDS)  # tokenized by score_block's CPU stage, or None: tokenized here
         batch = {k: v for k, v in batch.items() if k != TOKEN_IDS}
-        logits = classifier_logits(self.model, self.tokenizer, [str(t) for t in batch["text"]], self.max_length,
-                                   max_tokens=self.forward_tokens, ids=ids)
-        probs = softmax(logits, self.method.temperature)
-        if self.num_classes is not None:
-            probs = padded_probs(probs, self.num_classes)
+        texts = [str(t) for t in batch["text"]]
+        if ids is None and len(self.members) > 1:  # once for every member
+            ids = token_ids(self.tokenizer, texts, self.max_length) if texts else []
+        probs = ensemble_probs(
+            [softmax(classifier_logits(model, tokenizer, texts, self.max_length, max_tokens=self.forward_tokens,
+                                       ids=ids), self.method.temperature)
+             for model, tokenizer in self.members],
+            self.num_classes)
         labels = np.asarray(batch["label"], dtype=np.int64)
         target = soft_targets(probs, labels, threshold=self.method.threshold, floor=self.method.floor)
         if self.progress is not None:
@@ -189,17 +201,19 @@ def _cpus_beside_pool(pool_cpus: float) -> float:
     return ray.cluster_resources().get("CPU", 0.0) - pool_cpus
 
 
-def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, tokenize_stage: bool | None = None,
-                num_classes: int | None = None):
+def score_block(ds, model_path: str | list[str], cfg: Config, on_gpu: bool, progress=None,
+                tokenize_stage: bool | None = None, num_classes: int | None = None):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
-    ``progress``: a queue actor each scoring actor tells how many rows it scored. ``num_classes``:
-    the student's classes, when it has more than the teacher (see :class:`TargetScorer`).
+    ``model_path``: the teacher's folder, or an ensemble's (each actor holds them all, see
+    :class:`TargetScorer`). ``progress``: a queue actor each scoring actor tells how many rows it
+    scored. ``num_classes``: the student's classes, when it has more than the teacher.
 
     The rows go to the actors in blocks cut by :func:`scoring_block_rows` where needed. ``tokenize_stage``: tokenize
     in CPU tasks ahead of the actors (default: when the actors hold GPUs; on CPU the pool holds the
     CPUs such a stage would need, and tokenizing is a few percent of a CPU forward).
     """
     require_resolved(cfg, "score_block")  # a run's config is, since open_run (incr_ray.resolve)
+    paths = [model_path] if isinstance(model_path, str) else list(model_path)
     # Read before the actors start: a pool holding every CPU would starve its own read tasks.
     ds = ds.materialize()
     t = cfg.teacher
@@ -212,13 +226,14 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, t
         tokenize_stage = actor_gpu and _cpus_beside_pool(t.pool_size * float(t.cpus_per_actor)) >= 1
     if tokenize_stage:
         ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=t.batch_size, num_cpus=1,
-                            fn_kwargs={"model_path": model_path, "max_length": cfg.model.max_length,
+                            fn_kwargs={"model_path": paths[0], "max_length": cfg.model.max_length,
                                        "trust_remote_code": cfg.model.trust_remote_code})
     return ds.map_batches(
         TargetScorer,
-        # Plain values (a path, dicts): what a restarted actor is built from again.
-        fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu,
-                               "progress": progress, "fault_plan": faults.current(), "num_classes": num_classes},
+        # Plain values (paths, dicts): what a restarted actor is built from again.
+        fn_constructor_kwargs={"model_path": paths if len(paths) > 1 else paths[0], "cfg": cfg.to_dict(),
+                               "on_gpu": actor_gpu, "progress": progress, "fault_plan": faults.current(),
+                               "num_classes": num_classes},
         batch_size=t.batch_size,
         **resources,
     )

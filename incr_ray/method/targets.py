@@ -190,6 +190,41 @@ def padded_probs(probs, num_classes: int) -> np.ndarray:
     return out
 
 
+def ensemble_probs(member_probs, num_classes: int | None = None) -> np.ndarray:
+    """The teacher of ``teacher.ensemble``: the mean of its members' probabilities, row by row.
+    Hinton, Vinyals & Dean 2015 ("Distilling the Knowledge in a Neural Network") take the
+    arithmetic or geometric mean of an ensemble's predictive distributions as its soft targets;
+    this is the arithmetic one, which stays on the simplex without renormalising.
+
+    A member trained before an extension added classes knows fewer of them: each member's rows are
+    :func:`padded_probs` to ``num_classes`` first, so the mean gives a class a member never saw that
+    member's 0, and the mean of rows on the simplex stays on it. Each member's probabilities are
+    taken at the run's temperature τ before they are averaged (the softmax of each member at τ,
+    as in the paper), never the softmax of averaged logits.
+
+    Args:
+        member_probs: ``m ≥ 1`` arrays ``(n, C_i)``, one per member, rows in the same order.
+        num_classes: ``C ≥ max C_i``, the classes the student learns; None: the widest member's.
+
+    Returns:
+        ``(n, C)`` float64. With one member, exactly ``padded_probs`` of it.
+
+    Raises:
+        ValueError: no member, members that disagree on ``n``, or ``num_classes`` below a member's width.
+    """
+    members = [np.asarray(p, dtype=np.float64) for p in member_probs]
+    if not members:
+        raise ValueError("an ensemble needs at least one member's probabilities")
+    width = num_classes if num_classes is not None else max(p.shape[-1] for p in members)
+    padded = [padded_probs(p, width) for p in members]
+    rows = {p.shape[0] for p in padded}
+    if len(rows) > 1:
+        raise ValueError(f"ensemble members scored different numbers of rows {sorted(rows)}; score the same batch")
+    if len(padded) == 1:
+        return padded[0]
+    return np.mean(np.stack(padded), axis=0)
+
+
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     """Temperature-softened softmax over the last axis, computed stably in float64.
 

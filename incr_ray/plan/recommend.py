@@ -50,10 +50,11 @@ class StudentRow:
 @dataclass(frozen=True)
 class TeacherPlan:
     precision: str
-    weights: int
+    weights: int  # of every model an actor holds (teacher.ensemble of them)
     activations: int | None
     total: int
     gpus_needed: int | None
+    members: int = 1
 
 
 @dataclass
@@ -317,9 +318,11 @@ def _workers_for_stage3(cfg: Config, row) -> int | None:
 
 
 def plan_teacher(cfg: Config, shape: ModelShape, on_gpu: bool) -> TeacherPlan:
-    """Teacher inference: 2Ψ weights in bf16/fp16 on GPU (4Ψ fp32 on CPU) + one layer's activations."""
+    """Teacher inference: 2Ψ weights in bf16/fp16 on GPU (4Ψ fp32 on CPU) per model the actor holds
+    (``teacher.ensemble`` N of them) + one layer's activations (the members run one after another)."""
     value_bytes = 2 if on_gpu else 4
-    weights = value_bytes * shape.params
+    members = cfg.teacher.ensemble
+    weights = members * value_bytes * shape.params
     acts = None
     if shape.hidden_size:
         # A batch runs in length-sorted forwards of at most teacher.forward_tokens padded tokens.
@@ -329,5 +332,28 @@ def plan_teacher(cfg: Config, shape: ModelShape, on_gpu: bool) -> TeacherPlan:
                                         shape.fused_attention)
     total = with_overhead(weights + (acts or 0))
     needed = gpus_needed(total, int(cfg.cluster.gpu_memory_gb * GiB)) if on_gpu else None
-    return TeacherPlan("bf16" if on_gpu else "fp32", weights, acts, total, needed)
+    return TeacherPlan("bf16" if on_gpu else "fp32", weights, acts, total, needed, members)
+
+
+def ensemble_memory_problem(cfg: Config, teacher: TeacherPlan) -> str | None:
+    """Why a scoring actor's GPUs cannot hold the ``teacher.ensemble`` members ``teacher`` plans
+    for (None: they can, or there is no ensemble, or the actors score on CPU).
+
+    Each actor holds every member, so a batch is tokenized once and scored in one pass; the cost is
+    N × the weights. An actor has one GPU's memory (its share, at fractional ``gpus_per_actor``), or
+    its GPUs' with ``device_map_auto``. One teacher that does not fit stays a plan warning, as before
+    ensembles; N that do not is refused, naming how many would fit."""
+    t, n = cfg.teacher, teacher.members
+    if n < 2 or teacher.gpus_needed is None or t.gpus_per_actor <= 0:
+        return None
+    gpus = t.gpus_per_actor if t.device_map_auto else min(t.gpus_per_actor, 1.0)
+    room = gpus * cfg.cluster.gpu_memory_gb * GiB
+    if teacher.total <= room:
+        return None
+    fit = int((room / (1 + OVERHEAD) - (teacher.activations or 0)) // (teacher.weights / n))
+    return (f"teacher.ensemble {n} holds {n} teacher models in every scoring actor (~{gib(teacher.total)} GiB) but an "
+            f"actor has {gib(room)} GiB (teacher.gpus_per_actor {t.gpus_per_actor:g} × cluster.gpu_memory_gb "
+            f"{cfg.cluster.gpu_memory_gb:g}" + ("" if t.device_map_auto else ", one GPU without device_map_auto")
+            + f"); set teacher.ensemble: {max(1, fit)}"
+            + ", or give each actor more GPUs (teacher.gpus_per_actor with teacher.device_map_auto: true)")
 

@@ -82,7 +82,11 @@ def render_plan(plan: Plan, cfg: Config) -> str:
     add("")
     t = plan.teacher
     add(f"Teacher per actor (inference, {t.precision}, b={cfg.teacher.batch_size} teacher.batch_size, no KV cache)")
-    add(f"  weights {2 if t.precision == 'bf16' else 4}Ψ           {gib(t.weights):>9} GiB")
+    if t.members > 1:
+        add(f"  weights {t.members}×{2 if t.precision == 'bf16' else 4}Ψ         {gib(t.weights):>9} GiB  "
+            f"(teacher.ensemble: {t.members} models per actor)")
+    else:
+        add(f"  weights {2 if t.precision == 'bf16' else 4}Ψ           {gib(t.weights):>9} GiB")
     layer = "s·b·h·34, fused attention" if plan.shape.fused_attention else "s·b·h·(34+5·a·s/h)"
     add(f"  activations         {gib(t.activations):>9} GiB  (one layer at a time: {layer})")
     add(f"  total × {1 + OVERHEAD:.2f}        {gib(t.total):>9} GiB")

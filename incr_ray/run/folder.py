@@ -29,7 +29,7 @@ from ..storage import (StorageError, absolute, drop_staged, exists, is_remote, r
                        write_bytes_atomic, write_json_atomic)
 from .manifest import EXTENSION_SETTINGS, DataInfo, Manifest, RunError, check_compatible, load, now
 from .model_card import write_model_card
-from .preflight import check_head, check_precision, check_shared_paths, on_every_node, preflight
+from .preflight import check_ensemble_memory, check_head, check_precision, check_shared_paths, on_every_node, preflight
 from .preflight import unreachable_on_nodes  # noqa: F401 - its home before preflight.py; callers import it here
 from .report import plot_png, render_report
 from .tracking import Tracker, check_tracking
@@ -326,6 +326,7 @@ def open_finished(run_dir: str, overrides: list[str], say=print, lock: RunLock |
         manifest = load(paths.manifest)
         cfg = resolve(_extension_config(manifest, overrides), probe_cluster(), say)
         check_precision(cfg)
+        check_ensemble_memory(cfg)
         yield Run(cfg=cfg, paths=paths, manifest=manifest, on_gpu=cfg.cluster.use_gpu, say=say)
 
 

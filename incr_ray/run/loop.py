@@ -38,7 +38,7 @@ from .manifest import GenerationEntry, RunError, as_sets, extension_settings, no
 from .model_card import write_model_card
 from .new_classes import check_new_labels, initial_model, new_labels_line, old_new_figures, old_new_lines
 from .record import continual_record, record_fit
-from .report import summary_line
+from .report import ensemble_said, summary_line
 from .suspects import record_suspects, training_rows
 from .tracking import tracked
 
@@ -116,9 +116,11 @@ def one_hot_generation(run: Run, g: int, block_ds):
     return ds
 
 
-def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
+def score_generation(run: Run, g: int, block_ds, members: list[GenerationEntry]) -> int:
     """Teacher outputs + targets for block ``g`` (and replay rows) into gen_g/targets, and what the
     teacher and the target rule did on the block's own rows (``teacher_on_block``). Returns rows.
+    ``members``: the generations that teach (:meth:`Manifest.teacher_members`, oldest first; one
+    unless ``teacher.ensemble`` > 1), recorded as ``ensemble`` with the targets.
 
     Targets already recorded in run.json are never rescored: a run scored by an earlier attempt
     (or an older incr-ray) only gets its missing ``teacher_on_block`` from them.
@@ -127,16 +129,20 @@ def score_generation(run: Run, g: int, block_ds, teacher_model: str) -> int:
     if not entry.targets:
         block_rows = block_ds.count()
         ds, replayed = _with_replay(run, g, block_ds, block_rows)
-        run.say(f"[gen {g}] teacher {run.rel(teacher_model)} scores {block_rows} rows" + (" + replay" if replayed else ""))
+        who = (f"teacher {run.rel(run.paths.join(members[0].model))}" if run.cfg.teacher.ensemble == 1
+               else ensemble_said([e.index for e in members], run.cfg.teacher.ensemble))
+        run.say(f"[gen {g}] {who} scores {block_rows} rows" + (" + replay" if replayed else ""))
         dest = run.paths.targets(g)
         tmp = dest + ".tmp"
         remove_tree(tmp)
         started = time.perf_counter()
         with _worker_failures_reported(run.say), _scoring_progress(run, g, ds) as (ds, progress):
-            score_block(ds, teacher_model, run.cfg, run.on_gpu, progress=progress,
+            score_block(ds, [run.paths.join(e.model) for e in members], run.cfg, run.on_gpu, progress=progress,
                         num_classes=len(run.manifest.label_names_of(g))).write_parquet(tmp)
         rename_tree(tmp, dest)
         rows = ray.data.read_parquet(dest).count()
+        if run.cfg.teacher.ensemble > 1:
+            entry.ensemble = [e.index for e in members]
         entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
         entry.replay_rows, entry.scoring_seconds = rows - block_rows, time.perf_counter() - started
     if entry.teacher_on_block is None:
@@ -188,9 +194,13 @@ def _gate(run: Run, g: int, entry: GenerationEntry, teacher: GenerationEntry | N
         return True
     better = (v["accuracy"], -v["nll"]) >= (v["teacher_accuracy"], -v["teacher_nll"])
     if not better:
+        # With teacher.ensemble the teacher's figures are the ensemble's (its stored probabilities).
+        mean = entry.ensemble is not None and len(entry.ensemble) > 1
+        whose = f" (the mean of generations {', '.join(map(str, entry.ensemble))})" if mean else ""
+        stays = "the final model and the newest member of the teacher" if mean else "the teacher and the final model"
         run.say(f"[gen {g}] not promoted: on the validation slice accuracy {v['accuracy']:.4f}, NLL {v['nll']:.4f} "
-                f"against its teacher's {v['teacher_accuracy']:.4f}, {v['teacher_nll']:.4f} (accuracy decides, NLL "
-                f"breaks a tie); generation {teacher.index} stays the teacher and the final model (method.keep_best)")
+                f"against its teacher's{whose} {v['teacher_accuracy']:.4f}, {v['teacher_nll']:.4f} (accuracy decides, "
+                f"NLL breaks a tie); generation {teacher.index} stays {stays} (method.keep_best)")
     return better
 
 
@@ -227,7 +237,7 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
     elif not cfg.method.needs_teacher:
         rows_ds = one_hot_generation(run, g, block_ds)
     else:
-        score_generation(run, g, block_ds, teacher_model)
+        score_generation(run, g, block_ds, run.manifest.teacher_members(g, cfg.teacher.ensemble))
         lever = cfg.method.suspects != "keep"
         rows_ds = ray.data.read_parquet(run.paths.join(entry.targets)).select_columns(
             ["row_id", "text", "label", "target"] + (["teacher_probs", "replay"] if lever else []))

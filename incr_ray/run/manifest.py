@@ -48,6 +48,9 @@ class GenerationEntry(_Record):
     # student's initial model, and a LoRA adapter's base).
     new_labels: list[str] | None = None
     initial_model: str | None = None
+    # teacher.ensemble > 1: the generations whose mean softmax scored this generation's block
+    # (ascending; Manifest.teacher_members), recorded with the scoring.
+    ensemble: list[int] | None = None
     # Teacher scoring (generations ≥ 1): gen_<g>/targets, its rows (block + replay) and time.
     targets: str | None = None
     rows: int | None = None
@@ -129,9 +132,19 @@ class Manifest(_Record):
 
     def teacher_of(self, g: int) -> GenerationEntry | None:
         """The generation that teaches generation ``g``: the last finished one before it that was
-        promoted (the method.keep_best gate may skip a student); None for generation 0."""
+        promoted (the method.keep_best gate may skip a student); None for generation 0. With
+        ``teacher.ensemble`` it is the newest of :meth:`teacher_members`: the student starts from
+        its weights, and its Fisher and predictions are what EWC and the flip rates compare with."""
+        members = self.teacher_members(g, 1)
+        return members[0] if members else None
+
+    def teacher_members(self, g: int, n: int) -> list[GenerationEntry]:
+        """The ``n`` generations whose mean softmax teaches generation ``g`` (``teacher.ensemble``),
+        oldest first: the last ``n`` finished, promoted ones before ``g`` (fewer while fewer exist),
+        so the newest is :meth:`teacher_of` and ``n = 1`` is that teacher alone. A student the gate
+        did not promote teaches in no ensemble either. Empty for generation 0."""
         earlier = [e for e in self.generations[:g] if e.status == "finished" and e.promoted is not False]
-        return earlier[-1] if earlier else None
+        return earlier[-n:] if n > 0 else []
 
     def label_names_of(self, g: int) -> list[str]:
         """The labels generation ``g``'s model knows: the run's label map less the labels later
@@ -238,6 +251,7 @@ RESULT_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "student": ("init", "epochs", "min_steps", "learning_rate", "schedule", "weight_decay", "warmup_ratio",
                 "batch_size", "grad_accum", "lora"),
     "replay": None,
+    "teacher": ("ensemble",),
 }
 
 

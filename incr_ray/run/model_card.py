@@ -50,15 +50,27 @@ def _base_shown(base: str, hub_id: str | None) -> str:
     return f"a model folder named `{name}`"
 
 
-def teacher_chain(manifest: Manifest, g: int) -> list[int]:
-    """[g, its teacher, that one's teacher, …, 0]: the generations whose knowledge reached ``g``.
-    A student the generation gate did not promote teaches nobody, so it is never in a chain."""
-    chain = [g]
+def teachers_of(manifest: Manifest, g: int) -> list[int]:
+    """The generations that taught ``g``, oldest first: the members of its ensemble as run.json
+    recorded them (``teacher.ensemble``), else its one teacher; none for generation 0."""
+    entry = manifest.generations[g]
+    if entry.ensemble:
+        return list(entry.ensemble)
     teacher = manifest.teacher_of(g)
-    while teacher is not None:
-        chain.append(teacher.index)
-        teacher = manifest.teacher_of(teacher.index)
-    return chain
+    return [teacher.index] if teacher is not None else []
+
+
+def teacher_chain(manifest: Manifest, g: int) -> list[int]:
+    """[g, its teacher, that one's teacher, …, 0]: the generations whose knowledge reached ``g``,
+    newest first; with ``teacher.ensemble`` every member of every ensemble on the way. A student
+    the generation gate did not promote teaches nobody, so it is never in a chain."""
+    reached, todo = {g}, [g]
+    while todo:
+        for t in teachers_of(manifest, todo.pop()):
+            if t not in reached:
+                reached.add(t)
+                todo.append(t)
+    return sorted(reached, reverse=True)
 
 
 def final_generation(manifest: Manifest) -> int | None:
@@ -101,7 +113,16 @@ def _metadata(manifest: Manifest, g: int, hub_id: str | None) -> dict[str, Any]:
     return meta
 
 
-def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]:
+def _ensemble_text(members: list[int], n: int) -> str:
+    """The card's "teacher" row under ``teacher.ensemble`` ``n``."""
+    if len(members) < 2:
+        return (f"generation {members[0] if members else '–'} alone (teacher.ensemble {n}: no other promoted "
+                "generation before it)")
+    return (f"the mean of the softmaxes (at τ) of generations {', '.join(map(str, members))} (teacher.ensemble {n}: "
+            "the last promoted generations), each padded with zeros for classes it never saw")
+
+
+def _training_rows(cfg: Config, manifest: Manifest, entry: GenerationEntry) -> list[tuple[str, str]]:
     """(setting, value) lines of the card's "How it was trained" table."""
     m, s = cfg.method, cfg.student
     g = entry.index
@@ -115,6 +136,8 @@ def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]
              "class pushed to p, the others shrunk in proportion)"),
             ("floor f", "none" if m.floor is None else f"{m.floor:g} (rows below it get one-hot targets)"),
             ("temperature τ", f"{m.temperature:g}"),
+            *([("teacher", _ensemble_text(teachers_of(manifest, g), cfg.teacher.ensemble))]
+              if cfg.teacher.ensemble > 1 else []),
             ("α (hard-label weight)", f"{m.alpha:g}"),
         ]
         if m.anneal:
@@ -173,10 +196,11 @@ def _chain_lines(manifest: Manifest, g: int, cfg: Config, base: str) -> list[str
         if i == 0:
             lines.append(f"- generation 0: the base model fine-tuned on {what}{block} with one-hot labels")
         else:
-            t = manifest.teacher_of(i)
+            t, members = manifest.teacher_of(i), teachers_of(manifest, i)
             init = "the base model" if cfg.student.init == "base" else f"generation {t.index}'s weights"
-            lines.append(f"- generation {i}: student of generation {t.index} on {what}{block}, "
-                         f"initialised from {init}")
+            who = (f"generation {t.index}" if len(members) < 2 else
+                   f"the mean softmax of generations {', '.join(map(str, members))} (teacher.ensemble)")
+            lines.append(f"- generation {i}: student of {who} on {what}{block}, initialised from {init}")
     skipped = [e.index for e in manifest.generations[:g]
                if e.promoted is False and e.index not in chain]
     if skipped:
@@ -275,12 +299,13 @@ def render_model_card(manifest: Manifest, g: int, base_is_local_folder: bool = F
         f"A text classifier ({len(names)} labels: {labels}) fine-tuned from {base} with incr-ray's "
         "incremental teacher-student training: the training data is cut into blocks; generation 0 is the base "
         "model fine-tuned on block 0 with one-hot labels, and every later generation is a student trained on the "
-        "next block against soft targets from its teacher — the previous generation's probabilities, with the "
-        f"true class raised to at least p. This is generation {g} of run `{manifest.name}`. {standing}", "",
+        "next block against soft targets from its teacher — the previous generation's probabilities"
+        + (f" (here the mean of the last {cfg.teacher.ensemble} generations')" if cfg.teacher.ensemble > 1 else "")
+        + f", with the true class raised to at least p. This is generation {g} of run `{manifest.name}`. {standing}", "",
         f"Holdout ({manifest.data.holdout_size} rows): accuracy {_num(m.get('accuracy'))}, macro-F1 "
         f"{_num(m.get('macro_f1'))}, NLL {_num(m.get('nll'))}, ECE {_num(m.get('ece'))}.", "",
         "## How it was trained", "", "| setting | value |", "|---|---|",
-        *(f"| {k} | {v} |" for k, v in _training_rows(cfg, entry)), "",
+        *(f"| {k} | {v} |" for k, v in _training_rows(cfg, manifest, entry)), "",
         "## Teacher chain", "", *_chain_lines(manifest, g, cfg, base), "",
         "## Data", "", *_data_lines(manifest, g, cfg), "",
         f"## Holdout metrics, generations 0–{g}", "",

@@ -21,7 +21,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..config import Config, ConfigError
 from ..generation.deepspeed_config import precision_problem, resolve_precision
 from ..lora import check_lora
-from ..modeling import check_classifier, head_mismatch, resolve_model_path
+from ..modeling import ModelError, check_classifier, head_mismatch, resolve_model_path
+from ..plan import resolve_shape
+from ..plan.recommend import ensemble_memory_problem, plan_teacher
 from ..resolve import ClusterFacts, resolve
 from ..storage import absolute, check_writable, is_remote, list_files, read_bytes
 from .tracking import check_tracking
@@ -49,11 +51,28 @@ def check_precision(cfg: Config) -> None:
         raise ConfigError(problem)
 
 
+def check_ensemble_memory(cfg: Config) -> None:
+    """``cfg`` resolved: on GPUs, the ``teacher.ensemble`` members must fit one scoring actor
+    (:func:`incr_ray.plan.recommend.ensemble_memory_problem`). A base model whose shape cannot be
+    read here (a hub name offline) is not judged: the plan could not either."""
+    t = cfg.teacher
+    if t.ensemble < 2 or not cfg.cluster.use_gpu or t.gpus_per_actor <= 0:
+        return
+    try:
+        shape = resolve_shape(cfg)
+    except (ModelError, ConfigError):
+        return
+    problem = ensemble_memory_problem(cfg, plan_teacher(cfg, shape, on_gpu=True))
+    if problem:
+        raise ConfigError(problem)
+
+
 def preflight(cfg: Config, facts: ClusterFacts, say: Callable[[str], None] | None = None) -> tuple[Config, str]:
     """(``cfg`` resolved for ``facts``, the base model's path) once every check that needs neither
     the data nor the nodes' files has passed; ``say`` hears each ``auto`` choice."""
     cfg = resolve(cfg, facts, say)
     check_precision(cfg)
+    check_ensemble_memory(cfg)
     return cfg, check_model_and_storage(cfg)
 
 

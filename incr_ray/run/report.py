@@ -77,6 +77,13 @@ def summary_line(entry: dict[str, Any], k: int) -> str:
     )
 
 
+def ensemble_said(members: list[int], n: int) -> str:
+    """The teacher of a generation under ``teacher.ensemble`` ``n``, as the console and report.md
+    name it: the generations ``members`` whose softmaxes it averages."""
+    fewer = f"; {len(members)} promoted so far" if len(members) < n else ""
+    return f"teacher = mean softmax of generation(s) {', '.join(map(str, members))} (teacher.ensemble {n}{fewer})"
+
+
 # Continual-learning figures a generation may carry: (column heading, cell format).
 CONTINUAL = {
     "flip_rate": ("flip rate", _pct),
@@ -117,14 +124,19 @@ def teacher_table_markdown(generations: list[dict[str, Any]]) -> str | None:
     if not any(e.get("teacher_on_block") for e in rows):
         return None
     suspects = any(e.get("suspects") for e in rows)
-    head = ("| gen | block rows | teacher accuracy | teacher NLL | kept | pushed | floored "
+    ensemble = any(e.get("ensemble") for e in rows)  # teacher.ensemble > 1: which generations taught
+    head = ("| gen |" + (" teacher: mean of gens |" if ensemble else "")
+            + " block rows | teacher accuracy | teacher NLL | kept | pushed | floored "
             "| mean target entropy (nats) |" + (" suspected label errors |" if suspects else "") + "\n")
-    head += "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if suspects else "") + "\n"
+    head += ("|---:|" + ("---|" if ensemble else "") + "---:|---:|---:|---:|---:|---:|---:|"
+             + ("---:|" if suspects else "") + "\n")
     lines = []
     for e in rows:
         t = e.get("teacher_on_block") or {}
         block_rows = t.get("rows", e.get("block_rows"))
-        cells = [str(e["index"]), _num(int(block_rows) if block_rows is not None else None, "d"),
+        cells = [str(e["index"])] + ([", ".join(map(str, e["ensemble"])) if e.get("ensemble") else DASH]
+                                     if ensemble else [])
+        cells += [_num(int(block_rows) if block_rows is not None else None, "d"),
                  _num(t.get("accuracy"), ".4f"), _num(t.get("nll"), ".4f"), _pct(t.get("kept")),
                  _pct(t.get("pushed")), _pct(t.get("floored")), _num(t.get("target_entropy"), ".3f")]
         if suspects:
@@ -242,8 +254,8 @@ def old_new_markdown(generations: list[dict[str, Any]], label_names: list[str]) 
         "\n".join(recalls) + "\n"
 
 
-OPTIONAL_FIELDS = ("extended", "settings", "promoted", "teacher_on_block", "suspects", "continual", "validation",
-                   "calibration", "own_holdout", "own_holdout_rows", "drift", "old_new", "ewc", "fisher")
+OPTIONAL_FIELDS = ("extended", "settings", "promoted", "ensemble", "teacher_on_block", "suspects", "continual",
+                   "validation", "calibration", "own_holdout", "own_holdout_rows", "drift", "old_new", "ewc", "fisher")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -251,12 +263,15 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
     gens = finished(manifest)
     cfg = manifest["config"]
     final = final_entry(manifest)
+    ensemble = (cfg.get("teacher") or {}).get("ensemble", 1)  # absent in run folders from before it
     md = [f"# incr-ray run `{manifest['name']}`", ""]
     md.append(
         f"k={cfg['method']['k']} blocks, threshold p={cfg['method']['threshold']}, "
         f"floor={cfg['method']['floor']}, τ={cfg['method']['temperature']}, α={cfg['method']['alpha']}, "
         f"student.init={cfg['student']['init']}, base model `{cfg['model']['base']}`, "
         f"DeepSpeed ZeRO-{cfg['deepspeed']['stage']}, {cfg['cluster']['workers']} worker(s)."
+        + (f" The teacher of each generation is the mean softmax of the last {ensemble} promoted generations "
+           "before it (teacher.ensemble)." if ensemble > 1 else "")
     )
     md.append(f"Labels: {', '.join(manifest['label_names'])}. Holdout rows: {manifest['data']['holdout_size']}.")
     md += ["", "## Holdout metrics per generation", "", table_markdown(gens)]
@@ -296,7 +311,9 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
                "branch of the target rule each row took — kept (q_c ≥ p: t = q), pushed (t_c raised to p), "
                "floored (q_c < f: one-hot) — with the targets' mean entropy. Suspected label errors: rows "
                "whose teacher gives their label less than method.suspect_below (`incr-ray suspects` lists "
-               "them), and what the student trained on for them (method.suspects).", "", teacher]
+               "them), and what the student trained on for them (method.suspects)."
+               + (" With teacher.ensemble the teacher is the mean of the softmaxes of the generations named, "
+                  "each padded with zeros for classes it never saw." if ensemble > 1 else ""), "", teacher]
     calibration = calibration_table_markdown(gens)
     if calibration:
         md += ["## Calibration (temperature scaling)", "", calibration]

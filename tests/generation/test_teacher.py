@@ -7,7 +7,7 @@ import pytest
 
 from incr_ray.config import config_from_dict
 from incr_ray.generation.teacher import TargetScorer
-from incr_ray.method.targets import soft_targets
+from incr_ray.method.targets import padded_probs, soft_targets, softmax
 
 
 def scoring_config(**method):
@@ -49,6 +49,33 @@ def test_a_teacher_of_fewer_classes_is_padded_before_the_rule(tiny_bert):
     np.testing.assert_allclose(target[new, :3], own[new] * 0.2)
     np.testing.assert_allclose(target[new, rows["label"][new]], 0.8)
     np.testing.assert_allclose(target, soft_targets(probs, rows["label"], threshold=0.8))
+
+
+@pytest.fixture(scope="module")
+def two_class_bert(tmp_path_factory):
+    """A tiny BERT that knows c0 and c1 only: a generation from before an extension added c2."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("two_class_bert"), num_labels=2)
+
+
+def test_an_ensemble_teaches_with_the_mean_of_its_members_softmaxes(tiny_bert, two_class_bert):
+    """teacher.ensemble: one actor holds every member; an older member of 2 classes (before an
+    extension added c2) is padded with a zero for c2 before the mean, and the rule applies to the
+    mean. Each member's softmax is taken at τ."""
+    from incr_ray.modeling import classifier_logits
+
+    older = two_class_bert
+    scorer = TargetScorer([older, tiny_bert], scoring_config(threshold=0.8, temperature=2.0), on_gpu=False,
+                          num_classes=3)
+    out = scorer(batch()).to_pydict()
+    alone = [padded_probs(softmax(classifier_logits(model, tokenizer, out["text"], 16), 2.0), 3)
+             for model, tokenizer in scorer.members]
+    assert alone[0].shape == alone[1].shape == (10, 3) and (alone[0][:, 2] == 0).all()
+    assert not np.allclose(alone[0], alone[1])
+    probs = np.array(out["teacher_probs"])
+    np.testing.assert_allclose(probs, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.array(out["target"]), soft_targets(probs, np.arange(10) % 3, threshold=0.8))
 
 
 def test_temperature_flattens_the_teacher(tiny_bert):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from incr_ray.method.targets import padded_probs, soft_targets, softmax
+from incr_ray.method.targets import ensemble_probs, padded_probs, soft_targets, softmax
 
 
 @st.composite
@@ -219,3 +219,52 @@ def test_padding_to_the_same_width_changes_nothing_and_a_map_never_shrinks():
         padded_probs(q, 1)
     with pytest.raises(ValueError, match="2-D"):
         padded_probs(np.ones(3), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble teacher (teacher.ensemble): the mean of the members' softmaxes, each padded first
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 8), st.lists(st.integers(2, 5), min_size=1, max_size=4), st.integers(0, 2), st.data())
+def test_the_ensemble_is_the_mean_of_its_padded_members(n, widths, added, data):
+    """Members of any widths (older ones know fewer classes): every row stays on the simplex, each
+    class's probability is the mean of the members' (0 from one that never saw it), and no row
+    leaves the range its members span."""
+    total = max(widths) + added
+    members = []
+    for w in widths:
+        raw = data.draw(arrays(np.float64, (n, w), elements=st.sampled_from([0.0, 0.001, 1.0]) | st.floats(0.0, 1.0)))
+        raw[raw.sum(axis=1) == 0, 0] = 1.0
+        members.append(raw / raw.sum(axis=1, keepdims=True))
+    q = ensemble_probs(members, total)
+    stacked = np.stack([padded_probs(m, total) for m in members])
+    assert q.shape == (n, total) and q.dtype == np.float64
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(q, stacked.sum(axis=0) / len(members), rtol=0, atol=1e-15)
+    assert (q >= stacked.min(axis=0) - 1e-15).all() and (q <= stacked.max(axis=0) + 1e-15).all()
+    assert (q[:, max(widths):] == 0).all()  # classes no member knows
+
+
+def test_the_ensemble_by_hand():
+    # Generation 0 knows (a, b); generation 1 also knows c (an extension added it); the student
+    # learns (a, b, c, d). The mean gives c half of generation 1's, d nothing.
+    g0 = np.array([[0.8, 0.2], [0.4, 0.6]])
+    g1 = np.array([[0.6, 0.2, 0.2], [0.1, 0.1, 0.8]])
+    q = ensemble_probs([g0, g1], 4)
+    np.testing.assert_allclose(q, [[0.7, 0.2, 0.1, 0.0], [0.25, 0.35, 0.4, 0.0]])
+    # Then the usual rule, p = 0.9: row 0 labelled a is pushed; row 1 labelled c is pushed too.
+    t = soft_targets(q, np.array([0, 2]), threshold=0.9)
+    np.testing.assert_allclose(t, [[0.9, 0.2 / 3, 0.1 / 3, 0.0], [0.25 / 6, 0.35 / 6, 0.9, 0.0]])
+
+
+def test_one_member_is_that_member_padded_and_members_must_agree():
+    q = softmax(np.array([[1.0, 2.0, 0.5]], dtype=np.float32))
+    assert np.array_equal(ensemble_probs([q]), q) and np.array_equal(ensemble_probs([q], 4), padded_probs(q, 4))
+    assert np.array_equal(ensemble_probs([q, q]), q)  # two equal members: the member itself
+    with pytest.raises(ValueError, match="at least one member"):
+        ensemble_probs([])
+    with pytest.raises(ValueError, match=r"different numbers of rows \[1, 2\]"):
+        ensemble_probs([q, np.vstack([q, q])])
+    with pytest.raises(ValueError, match="below the teacher's 3 classes"):
+        ensemble_probs([q], 2)

@@ -190,3 +190,44 @@ def test_plan_shows_the_traffic_and_warns_of_zero_3_over_tcp():
     text = render_plan(make_plan(cfg(**auto), shape, gpus_per_node=4, with_deepspeed=False), cfg(**auto))
     assert "deepspeed.stage auto -> ZeRO-2 with optimizer offload: 8 workers on 2 nodes" in text
 
+
+
+def test_an_ensemble_holds_every_member_in_each_actor():
+    """teacher.ensemble N: each scoring actor holds N models (N × the weights, one layer's
+    activations: the members run one after another). N that do not fit an actor are refused with
+    how many would; one teacher that does not fit stays the plan's warning."""
+    from incr_ray.plan.recommend import ensemble_memory_problem
+
+    shape = ModelShape(PSI, "test", hidden_size=4096, layers=32, heads=32)
+    one, three = plan_for(shape).teacher, plan_for(shape, teacher={"ensemble": 3}).teacher
+    assert (three.members, three.weights) == (3, 3 * one.weights) and one.weights == 14 * GB
+    assert three.activations == one.activations
+    assert ensemble_memory_problem(cfg(teacher={"ensemble": 3}), three) is None  # ~44 GiB of 80
+
+    six = plan_for(shape, teacher={"ensemble": 6}).teacher
+    problem = ensemble_memory_problem(cfg(teacher={"ensemble": 6}), six)
+    assert problem.startswith("teacher.ensemble 6 holds 6 teacher models in every scoring actor "
+                              f"(~{six.total / 2**30:.2f} GiB) but an actor has 80.00 GiB (teacher.gpus_per_actor 1 × cluster.gpu_memory_gb 80, "
+                              "one GPU without device_map_auto); set teacher.ensemble: 5, or give each actor more GPUs")
+    assert "\n" not in problem
+    assert plan_for(shape, teacher={"ensemble": 5}).teacher.total <= 80 * 2**30  # the number it names fits
+    spread = {"ensemble": 6, "gpus_per_actor": 2, "device_map_auto": True}
+    assert ensemble_memory_problem(cfg(teacher=spread), plan_for(shape, teacher=spread).teacher) is None
+    cpu = {"cluster": {"use_gpu": False}, "teacher": {"ensemble": 6}}
+    assert ensemble_memory_problem(cfg(**cpu), plan_for(shape, **cpu).teacher) is None  # CPU actors: not judged
+    big = ModelShape(70_000_000_000, "test", hidden_size=8192, layers=80, heads=64)
+    assert ensemble_memory_problem(cfg(), plan_for(big).teacher) is None  # one teacher: the plan warns
+
+    text = render_plan(plan_for(shape, teacher={"ensemble": 6}), cfg(teacher={"ensemble": 6}))
+    assert "weights 6×2Ψ" in text and "(teacher.ensemble: 6 models per actor)" in text
+
+
+def test_preflight_refuses_an_ensemble_its_actors_cannot_hold():
+    from incr_ray.config import ConfigError
+    from incr_ray.run.preflight import check_ensemble_memory
+
+    small_gpu = {"cluster": {"use_gpu": True, "gpu_memory_gb": 0.05}}
+    check_ensemble_memory(cfg(**small_gpu))  # one MiniLM (46 MB in bf16) fits
+    with pytest.raises(ConfigError, match=r"^teacher.ensemble 2 holds 2 teacher models .* set teacher.ensemble: 1"):
+        check_ensemble_memory(cfg(teacher={"ensemble": 2}, **small_gpu))
+    check_ensemble_memory(cfg(teacher={"ensemble": 2}, cluster={"use_gpu": False, "gpu_memory_gb": 0.05}))

@@ -156,6 +156,39 @@ def test_the_teacher_is_the_last_promoted_generation():
     assert m.teacher_of(3).index == 2
 
 
+def test_an_ensemble_is_the_last_n_promoted_generations():
+    """teacher.ensemble N: the last N finished, promoted generations before g, oldest first; fewer
+    while fewer exist; N = 1 is the teacher itself. A student the gate kept out teaches in none."""
+    m = _manifest({}, promoted=(None, False, True, None))
+    m.generations.append(GenerationEntry(index=4, status="running"))
+
+    def members(g, n):
+        return [e.index for e in m.teacher_members(g, n)]
+
+    assert members(0, 2) == [] and members(1, 2) == [0]
+    assert members(3, 2) == [0, 2]  # generation 1 was not promoted
+    assert members(4, 2) == [2, 3] and members(4, 3) == [0, 2, 3] and members(4, 9) == [0, 2, 3]
+    assert members(5, 2) == [2, 3]  # generation 4 has not finished
+    assert all(members(g, 1) == ([m.teacher_of(g).index] if g else []) for g in range(6))
+
+
+def test_the_ensemble_is_fixed_for_a_resume_and_for_an_extension():
+    """How many generations teach is how targets are made: a resume or an extension that changes it
+    is refused; a run folder from before the key counts as 1."""
+    m = _manifest(Config().to_dict())
+    two = config_from_dict({"teacher": {"ensemble": 2}})
+    with pytest.raises(RunError, match=r"\(teacher.ensemble: 1 -> 2\); restore them to resume"):
+        check_compatible(m, two)
+    with pytest.raises(RunError, match=r"\(teacher.ensemble: 1 -> 2\); an extension may change resource settings"):
+        check_compatible(m, two, may_change=EXTENSION_SETTINGS)
+    check_compatible(m, config_from_dict({"teacher": {"pool_size": 3, "batch_size": 64}}))  # the pool still may
+    old = Config().to_dict()
+    del old["teacher"]["ensemble"]
+    check_compatible(_manifest(old), Config())
+    with pytest.raises(RunError, match=r"teacher.ensemble: 1 -> 3"):
+        check_compatible(_manifest(old), config_from_dict({"teacher": {"ensemble": 3}}))
+
+
 def test_settings_a_run_predates_count_as_their_defaults():
     old = Config().to_dict()
     del old["method"]["anneal"], old["student"]["min_steps"]  # written before those keys existed

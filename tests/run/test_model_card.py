@@ -114,6 +114,29 @@ def test_teacher_chain_skips_a_generation_the_gate_did_not_promote():
     assert "gen 3 ← gen 2 ← gen 0 ← base model" in render_model_card(m, 3)
 
 
+def test_an_ensemble_teacher_is_named_in_the_card_and_its_lineage():
+    """teacher.ensemble 2: generation 3 learnt from the mean of 0 and 2 (generation 1 was not
+    promoted), so 0 and 2 are in its lineage and 1 is not; a generation with one member so far
+    names that one alone."""
+    gens = [_gen(0, 0.70, promoted=True), _gen(1, 0.69, promoted=False, ensemble=[0]),
+            _gen(2, 0.75, promoted=True, ensemble=[0]), _gen(3, 0.76, ensemble=[0, 2])]
+    m = _manifest(gens, final=3, method={"validation_fraction": 0.2, "keep_best": True}, teacher={"ensemble": 2})
+    assert teacher_chain(m, 3) == [3, 2, 0] and teacher_chain(m, 2) == [2, 0]
+    three = render_model_card(m, 3)
+    assert ("| teacher | the mean of the softmaxes (at τ) of generations 0, 2 (teacher.ensemble 2: the last promoted "
+            "generations), each padded with zeros for classes it never saw |") in _section(three, "How it was trained")
+    assert "(here the mean of the last 2 generations')" in three
+    chain = _section(three, "Teacher chain")
+    assert "gen 3 ← gen 2 ← gen 0 ← base model" in chain
+    assert ("- generation 3: student of the mean softmax of generations 0, 2 (teacher.ensemble) on 303 rows of "
+            "block 3, initialised from generation 2's weights") in chain
+    assert "- generation 2: student of generation 0 on 302 rows" in chain
+    assert "Not in the chain: generation(s) 1" in chain
+    assert ("| teacher | generation 0 alone (teacher.ensemble 2: no other promoted generation before it) |"
+            in _section(render_model_card(m, 2), "How it was trained"))
+    assert "| teacher |" not in _section(render_model_card(_manifest(gens[:2]), 1), "How it was trained")
+
+
 def test_levers_and_lora_appear_when_on():
     cal = {"temperature": 1.7, "ece_before": 0.09, "nll_before": 0.52, "ece_after": 0.03, "nll_after": 0.48}
     gens = [_gen(0, 0.70, calibration=cal, validation={"rows": 60.0, "accuracy": 0.7, "nll": 0.5}),

@@ -59,6 +59,30 @@ def test_teacher_table_per_generation_from_one():
     assert plot_png(m).startswith(b"\x89PNG")
 
 
+def test_an_ensemble_teacher_names_its_members():
+    """teacher.ensemble: the teacher table names the generations each teacher averaged, the
+    header says the setting, and report.json keeps the members."""
+    m = _manifest([_gen(0, 0.70), _gen(1, 0.72, teacher_on_block=_teacher(0.68), ensemble=[0]),
+                   _gen(2, 0.75, teacher_on_block=_teacher(0.71), ensemble=[0, 1])])
+    m["config"]["teacher"] = {"ensemble": 2}
+    md, js = render_report(m)
+    assert "The teacher of each generation is the mean softmax of the last 2 promoted generations" in md
+    section = md.split("## What the teacher and the target rule did")[1]
+    assert "| gen | teacher: mean of gens | block rows |" in section
+    assert "| 1 | 0 | 100 | 0.6800 |" in section and "| 2 | 0, 1 | 100 | 0.7100 |" in section
+    assert "padded with zeros for classes it never saw" in section
+    assert json.loads(js)["generations"][2]["ensemble"] == [0, 1]
+    plain, _ = render_report(_manifest([_gen(0, 0.70), _gen(1, 0.72, teacher_on_block=_teacher(0.68))]))
+    assert "mean of gens" not in plain and "mean softmax" not in plain
+
+
+def test_the_console_names_an_ensemble_teacher():
+    from incr_ray.run.report import ensemble_said
+
+    assert ensemble_said([0, 1], 2) == "teacher = mean softmax of generation(s) 0, 1 (teacher.ensemble 2)"
+    assert ensemble_said([0], 3) == "teacher = mean softmax of generation(s) 0 (teacher.ensemble 3; 1 promoted so far)"
+
+
 def test_gate_continual_and_calibration_fields():
     cal = {"temperature": 1.7, "ece_before": 0.09, "nll_before": 0.52, "ece_after": 0.03, "nll_after": 0.48}
     # As the loop records it: a dict of floats (retention_rows too), fix rate and retention NLL with it.
