@@ -22,6 +22,8 @@ import pyarrow as pa
 
 from .. import faults
 from ..config import Config
+from ..heads import output_layer_name
+from ..method.herding import l2_normalised
 from ..method.targets import (RULE_STAT_KEYS, finalize_rule_stats, merge_rule_stats, padded_probs, soft_targets,
                               softmax, target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference, load_tokenizer, token_ids
@@ -35,10 +37,13 @@ class TargetScorer:
 
     ``num_classes``: the classes the student learns, when an extension added some the teacher
     was never trained on: its probabilities are padded with zeros for them
-    (:func:`incr_ray.method.targets.padded_probs`) before the target rule, and stored padded."""
+    (:func:`incr_ray.method.targets.padded_probs`) before the target rule, and stored padded.
+    ``features``: also add ``teacher_features`` to the replay candidates (rows whose ``replay`` is
+    true; null on the others): the L2-normalised vector the teacher's head output layer reads, from
+    the same forward — what ``replay.selection: herding`` picks a memory on."""
 
     def __init__(self, model_path: str, cfg: Config | dict[str, Any], on_gpu: bool, progress=None, fault_plan=None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, features: bool = False):
         faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
         require_visible({"storage.path (the teacher's model)": model_path}, "a scoring actor")
         cfg = as_config(cfg)
@@ -47,6 +52,7 @@ class TargetScorer:
         self.forward_tokens = cfg.teacher.tokens_per_forward(on_gpu)
         self.method = cfg.method
         self.num_classes = num_classes
+        self.feature_layer = output_layer_name(self.model) if features else None
         self.batches = 0
         self.progress = progress  # a queue actor that counts the rows scored (ScoringProgress), or None
 
@@ -55,8 +61,9 @@ class TargetScorer:
         faults.kill_teacher_before_batch(self.batches)
         ids = batch.get(TOKEN_IDS)  # tokenized by score_block's CPU stage, or None: tokenized here
         batch = {k: v for k, v in batch.items() if k != TOKEN_IDS}
-        logits = classifier_logits(self.model, self.tokenizer, [str(t) for t in batch["text"]], self.max_length,
-                                   max_tokens=self.forward_tokens, ids=ids)
+        out = classifier_logits(self.model, self.tokenizer, [str(t) for t in batch["text"]], self.max_length,
+                                max_tokens=self.forward_tokens, ids=ids, feature_layer=self.feature_layer)
+        logits, features = out if self.feature_layer else (out, None)
         probs = softmax(logits, self.method.temperature)
         if self.num_classes is not None:
             probs = padded_probs(probs, self.num_classes)
@@ -65,7 +72,21 @@ class TargetScorer:
         if self.progress is not None:
             # Fire and forget: the count never waits on the driver, nor fails the batch.
             self.progress.put_nowait.remote(len(labels))
-        return _with_list_columns(batch, teacher_probs=probs, target=target)
+        table = _with_list_columns(batch, teacher_probs=probs, target=target)
+        if features is None:
+            return table
+        return table.append_column(FEATURES, _rows_where(l2_normalised(features), np.asarray(batch["replay"], bool)))
+
+
+FEATURES = "teacher_features"  # the scorer's column of replay candidates' features (replay.selection herding)
+
+
+def _rows_where(matrix: np.ndarray, where: np.ndarray) -> pa.Array:
+    """A list<float32> column: the rows of ``matrix`` where ``where`` holds, null elsewhere (a block's
+    own rows need no features, and a block may hold millions of them)."""
+    values = pa.array(matrix[where].astype(np.float32).reshape(-1), pa.float32())
+    offsets = np.concatenate([[0], np.cumsum(np.where(where, matrix.shape[1], 0))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=pa.array(~where))
 
 
 def _with_list_columns(batch: dict[str, np.ndarray], **matrices: np.ndarray) -> pa.Table:
@@ -190,10 +211,11 @@ def _cpus_beside_pool(pool_cpus: float) -> float:
 
 
 def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, tokenize_stage: bool | None = None,
-                num_classes: int | None = None):
+                num_classes: int | None = None, features: bool = False):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
     ``progress``: a queue actor each scoring actor tells how many rows it scored. ``num_classes``:
-    the student's classes, when it has more than the teacher (see :class:`TargetScorer`).
+    the student's classes, when it has more than the teacher; ``features``: add the replay
+    candidates' ``teacher_features`` too (see :class:`TargetScorer`).
 
     The rows go to the actors in blocks cut by :func:`scoring_block_rows` where needed. ``tokenize_stage``: tokenize
     in CPU tasks ahead of the actors (default: when the actors hold GPUs; on CPU the pool holds the
@@ -218,7 +240,8 @@ def score_block(ds, model_path: str, cfg: Config, on_gpu: bool, progress=None, t
         TargetScorer,
         # Plain values (a path, dicts): what a restarted actor is built from again.
         fn_constructor_kwargs={"model_path": model_path, "cfg": cfg.to_dict(), "on_gpu": actor_gpu,
-                               "progress": progress, "fault_plan": faults.current(), "num_classes": num_classes},
+                               "progress": progress, "fault_plan": faults.current(), "num_classes": num_classes,
+                               "features": features},
         batch_size=t.batch_size,
         **resources,
     )
