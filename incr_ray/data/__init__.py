@@ -17,7 +17,7 @@ from .synthetic import SYNTHETIC, SYNTHETIC_LABELS, synthetic_rows
 
 __all__ = [
     "BUILTIN_SOURCES", "DataError", "extension_holdout_parts", "HOLDOUT", "ROTTEN_TOMATOES", "ROTTEN_TOMATOES_LABELS", "ROW_COLUMNS",
-    "SYNTHETIC", "SYNTHETIC_LABELS", "SplitData", "label_name", "memory_candidates", "open_source", "read_labelled_file", "read_new_block",
-    "replay_rows", "retention_sample", "rows_with_ids", "sorted_label_names", "split_data", "synthetic_rows", "training_part",
-    "validation_part",
+    "SYNTHETIC", "SYNTHETIC_LABELS", "SplitData", "label_name", "memory_candidates", "open_source", "read_labelled_file",
+    "read_new_block", "replay_rows", "retention_sample", "rows_with_ids", "sorted_label_names", "split_data",
+    "synthetic_rows", "training_part", "validation_part",
 ]

@@ -167,7 +167,8 @@ def make_trainer(cfg: Config, request: StudentRequest, student: Student,
     s = cfg.student
     trainer.add_callback(ProgressCallback(
         g, max_steps + request.balanced_steps, progress, rows_per_step=s.batch_size * s.grad_accum * world,
-        workers=world, later_steps=request.later_steps, tokens=collate, dest=request.progress_dest if rank == 0 else None))
+        workers=world, later_steps=request.later_steps, tokens=collate,
+        dest=request.progress_dest if rank == 0 else None))
     if cfg.tracking.backend == "mlflow" and request.tracking_run_id:
         say = queue_say(progress) if progress is not None else print
         trainer.add_callback(MlflowStepLogger(request.tracking_uri, request.tracking_run_id, g, say))
@@ -310,8 +311,9 @@ def run_student(cfg: Config, request: StudentRequest,
     ``shard.iter_torch_batches(collate_fn=collate)``, or ``trainer.Collated(batches, collate)``;
     ``max_steps`` (the main training's steps) × ``student.grad_accum`` of them, then, when
     ``request.balanced_steps`` is set, that many steps' batches of the balanced set (balanced
-    fine-tuning, at ``student.balanced_lr_factor`` of the learning rate). ``slices`` maps ``holdout`` (and ``validation``, ``retention``, ``holdout_gen_<j>``) to numpy
-    batches with ``text``, ``label`` and ``row_id``, the same on every rank; empty: no evaluation.
+    fine-tuning, at ``student.balanced_lr_factor`` of the learning rate). ``slices`` maps
+    ``holdout`` (and ``validation``, ``retention``, ``holdout_gen_<j>``) to numpy batches with
+    ``text``, ``label`` and ``row_id``, the same on every rank; empty: no evaluation.
     ``progress``: the queue rank 0's progress lines go to (``put_nowait``), or None.
     ``resume_from``: an in-generation Hugging Face checkpoint folder to continue from.
     ``callbacks``: more Trainer callbacks (the Ray glue's checkpoint reports, the test seam's faults).

@@ -200,7 +200,8 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
             collate = seam.collate(collate) if seam else collate
 
             def stream_of(rows, steps: int) -> RankStream:
-                return RankStream(lambda: rows.iter_torch_batches(batch_size=cfg.student.batch_size, collate_fn=collate),
+                return RankStream(lambda: rows.iter_torch_batches(batch_size=cfg.student.batch_size,
+                                                                  collate_fn=collate),
                                   total=steps * cfg.student.grad_accum)
 
             stream = stream_of(shard, loop_config["max_steps"])

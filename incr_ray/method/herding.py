@@ -56,7 +56,7 @@ def herding_order(features: np.ndarray, budget: int) -> tuple[np.ndarray, np.nda
     taken = np.zeros(n, dtype=bool)
     chosen_sum = np.zeros_like(mu)
     for k in range(m):
-        # ‖μ − (S + x)/(k+1)‖² · (k+1)² = ‖t − x‖² with t = (k+1)·μ − S: one matrix-vector product a pick.
+        # ‖μ − (S + x)/(k+1)‖² · (k+1)² = ‖t − x‖², t = (k+1)·μ − S: one matrix-vector product a pick.
         t = (k + 1) * mu - chosen_sum
         cost = sq_norms - 2.0 * (x @ t)
         cost[taken] = np.inf

@@ -147,8 +147,8 @@ def _training_rows(cfg: Config, entry: GenerationEntry) -> list[tuple[str, str]]
     balanced = (entry.train or {}).get("balanced")
     if balanced:
         rows.append(("balanced fine-tuning", f"{balanced['steps']} optimizer steps on {balanced['rows']} rows "
-                     f"({balanced['per_class']} a class) at learning rate {balanced['learning_rate']:g}, after the main "
-                     "training"))
+                     f"({balanced['per_class']} a class) at learning rate {balanced['learning_rate']:g}, "
+                     "after the main training"))
     if s.lora.r > 0:
         targets = ", ".join(s.lora.target_modules) if s.lora.target_modules else "the attention projections"
         rows.append(("LoRA", f"rank {s.lora.r}, alpha {s.lora.alpha:g}, dropout {s.lora.dropout:g} on {targets}; "

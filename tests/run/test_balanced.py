@@ -37,4 +37,5 @@ def test_the_line_says_rows_steps_and_learning_rate():
     cfg = config_from_dict({"student": {"balanced_epochs": 3, "balanced_lr_factor": 0.1, "learning_rate": 0.01}})
     steps = steps_for(60, 1, cfg.student.batch_size, 3, 1)
     line = balanced_line(2, BalancedSet(np.arange(60), 20, 60, steps), cfg)
-    assert line == f"[gen 2] then balanced fine-tuning: {steps} optimizer steps on 60 rows (up to 20 a class) at learning rate 0.001"
+    assert line == (f"[gen 2] then balanced fine-tuning: {steps} optimizer steps on 60 rows (up to 20 a class) at "
+                    "learning rate 0.001")

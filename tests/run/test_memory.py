@@ -1,5 +1,5 @@
 """The representative memory of a generation, without Ray: herding over a scored Parquet, the
-rows it keeps, gen_<g>/memory.parquet and its record; the candidates streamed from a split."""
+rows it keeps, gen_<g>/memory.parquet and its record."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from incr_ray.config import config_from_dict
-from incr_ray.data.replay import memory_candidates
-from incr_ray.method.hashing import validation_mask
 from incr_ray.method.herding import class_memory, l2_normalised
 from incr_ray.run.memory import (herd, keep_memory, memory_line, memory_record, memory_table, uniform_ranks)
 
@@ -97,25 +95,3 @@ def test_a_uniform_memory_is_the_candidates_in_their_drawn_order():
     record = memory_record(table, config_from_dict({"replay": {"per_class": 3}}), "m.parquet", 5)
     assert "mean_distance" not in record and record["per_label"] == {"calm": 2, "storm": 3}
     assert "fewer rows than that of 'calm'" in memory_line(2, record) and "at random (seeded)" in memory_line(2, record)
-
-
-def test_the_candidates_are_a_per_class_sample_of_the_earlier_blocks_training_rows(tmp_path):
-    rng = np.random.default_rng(1)
-    n = 5000
-    split = pa.table({"row_id": rng.permutation(10**6)[:n].astype(np.int64), "text": ["x"] * n,
-                      "label": rng.integers(0, 3, size=n), "block": rng.integers(-1, 4, size=n)})
-    folder = tmp_path / "split"
-    folder.mkdir()
-    for i in range(3):
-        pq.write_table(split.slice(i * 2000, 2000), folder / f"{i}.parquet")
-    got = memory_candidates(str(folder), 2, 50, run_seed=7, validation_fraction=0.2)
-    frame = split.to_pandas()
-    frame = frame[(frame.block >= 0) & (frame.block < 2) & ~validation_mask(frame.row_id.to_numpy(), 7, 0.2)]
-    assert set(got["row_id"]) <= set(frame.row_id) and list(got["row_id"]) == sorted(got["row_id"])
-    assert np.bincount(got["label"]).tolist() == [50, 50, 50]
-    chosen = frame.set_index("row_id").loc[got["row_id"]]
-    np.testing.assert_array_equal(chosen.label.to_numpy(), got["label"])
-    np.testing.assert_array_equal(chosen.block.to_numpy(), got["block"])
-    assert set(memory_candidates(str(folder), 2, 10**6, 7, 0.2)["row_id"]) == set(frame.row_id)  # a cap above the class: all
-    later = memory_candidates(str(folder), 3, 50, 7, 0.2)
-    assert len(set(later["row_id"]) & set(got["row_id"])) > 50  # a candidate stays unless a later row hashes lower
