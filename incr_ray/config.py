@@ -315,17 +315,71 @@ class StudentSection(_Section):
         description="Times Ray Train restarts a failed worker group within one generation (−1: no limit); the "
         "group resumes from the last in-generation checkpoint (`checkpoint_every_minutes`, `checkpoint_every_steps`).",
     )
+    balanced_epochs: float = Field(
+        0.0, ge=0.0,
+        description="Balanced fine-tuning (End-to-End Incremental Learning, Castro et al. 2018): after each "
+        "student's main training (generations 1 and later), in the same fit, this many passes over a balanced "
+        "set at `balanced_lr_factor` of the learning rate, so the classes of the new block do not outweigh those "
+        "replay keeps. The balanced set: of the student's training rows (block and replay), a seeded sample of "
+        "the same number per class — replay.per_class when set, else the smallest class's count. 0 turns it off.",
+    )
+    balanced_lr_factor: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="Balanced fine-tuning's learning rate, constant, as a share of `learning_rate` (Castro et "
+        "al.: a tenth).",
+    )
     lora: LoraSection = LoraSection()
 
 
 class ReplaySection(_Section):
-    """Rows from earlier blocks added to each student's training set."""
+    """Rows from earlier blocks added to each student's training set: a share of the block
+    (`fraction`), or a memory of `per_class` exemplars of every old class (End-to-End Incremental
+    Learning, Castro et al. 2018), chosen at random or by herding on the teacher's features."""
 
     fraction: float = Field(
         0.0, ge=0.0, le=1.0,
         description="r: add about r·|block g| rows sampled from blocks 0 … g−1, scored by the same teacher "
-        "as block g; 0 turns replay off.",
+        "as block g; 0 turns replay off. Sizes replay when `per_class` is 0.",
     )
+    per_class: int = Field(
+        0, ge=0,
+        description="A memory instead of a share: each student trains on at most this many rows of every class "
+        "seen in blocks 0 … g−1 (an old class), chosen by `selection` and stored in gen_<g>/memory.parquet; "
+        "0 sizes replay by `fraction`, which must then be 0.",
+    )
+    selection: Literal["uniform", "herding"] = Field(
+        "uniform",
+        description="How replay rows are chosen. `uniform`: a seeded sample (of `fraction`·|block|, or of "
+        "`per_class` rows per old class). `herding`: per old class, the `per_class` rows whose running mean "
+        "of the teacher's L2-normalised features stays closest to the class mean (iCaRL's herding, as Castro "
+        "et al. use), picked after the teacher scores the block and `candidates_per_class` rows per class in one "
+        "pass; needs `per_class` and a teacher (method.threshold below 1).",
+    )
+    candidates_per_class: int = Field(
+        1000, ge=1,
+        description="herding: the rows of each old class the teacher scores for herding to pick from, a seeded "
+        "sample of blocks 0 … g−1 (validation slices left out); all of a class's rows when it has fewer. At "
+        "least `per_class`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "ReplaySection":
+        if self.per_class > 0 and self.fraction > 0:
+            raise ValueError(f"replay.fraction ({self.fraction:g}) and replay.per_class ({self.per_class}) both size "
+                             "the replay set; set replay.fraction: 0 for a memory of per_class rows per old class, "
+                             "or replay.per_class: 0")
+        if self.selection == "herding" and self.per_class == 0:
+            raise ValueError("replay.selection herding fills a per-class memory; set replay.per_class (e.g. 20) "
+                             "and replay.fraction: 0")
+        if self.selection == "herding" and self.candidates_per_class < self.per_class:
+            raise ValueError(f"replay.candidates_per_class ({self.candidates_per_class}) must be at least "
+                             f"replay.per_class ({self.per_class}): herding picks from them; raise it")
+        return self
+
+    @property
+    def memory(self) -> bool:
+        """Whether replay is a per-class memory (gen_<g>/memory.parquet) rather than a share of the block."""
+        return self.per_class > 0
 
 
 class DeepSpeedSection(_Section):
@@ -512,6 +566,14 @@ class Config(_Section):
         problem = ewc_stage_problem(self.method.ewc, self.deepspeed.stage)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _herding_needs_a_teacher(self) -> "Config":
+        if self.replay.selection == "herding" and not self.method.needs_teacher:
+            raise ValueError("replay.selection herding picks exemplars on the teacher's features, and at "
+                             "method.threshold 1 no teacher scores; set replay.selection: uniform, or "
+                             "method.threshold below 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -219,10 +219,24 @@ def padded(ids: list, pad_id: int, side: str = "right") -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def _pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, H)``: a head input per row. A decoder's head runs on every position ``(B, T, H)`` and
+    transformers keeps each row's last non-pad token; an encoder's input is one vector a row."""
+    if hidden.dim() == 2:
+        return hidden
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.to(positions.device)).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+
 def classifier_logits(model, tokenizer, texts: list[str], max_length: int, device=None,
-                      max_tokens: int = FORWARD_TOKENS, ids: list | None = None) -> np.ndarray:
+                      max_tokens: int = FORWARD_TOKENS, ids: list | None = None, feature_layer: str | None = None):
     """``(len(texts), C)`` float32 numpy logits, in the rows' order: the one text → logits path of
-    every scorer.
+    every scorer. With ``feature_layer`` (a module's name; the head's output layer,
+    :func:`incr_ray.heads.output_layer_name`, for the features the logits are an affine function
+    of: BERT's pooled output, RoBERTa's dense + tanh, a decoder's last token): ``(logits,
+    features)``, ``features`` ``(len(texts), H)`` float32, what that module reads for each row, at
+    the position the head pools (a hook, in the same forward).
 
     Texts are tokenized once (truncated at ``max_length``), or ``ids`` — their token ids from
     :func:`token_ids` — are given instead; the rows then run in :func:`length_sorted_batches` of
@@ -235,20 +249,34 @@ def classifier_logits(model, tokenizer, texts: list[str], max_length: int, devic
     if ids is None:
         ids = token_ids(tokenizer, texts, max_length) if len(texts) else []
     if not len(ids):  # Ray Data may hand a scorer an empty batch
-        return np.zeros((0, model.config.num_labels), dtype=np.float32)
+        empty = np.zeros((0, model.config.num_labels), dtype=np.float32)
+        return (empty, np.zeros((0, model.config.hidden_size), dtype=np.float32)) if feature_layer else empty
     device = device if device is not None else next(model.parameters()).device
     zero3 = hasattr(next(model.parameters()), "ds_id")
     parts = length_sorted_batches([len(x) for x in ids], len(ids) * max_length if zero3 else max_tokens)
-    out = []
-    with torch.no_grad():
-        for part in parts:
-            enc = padded([ids[i] for i in part], tokenizer.pad_token_id, tokenizer.padding_side)
-            out.append(model(**{k: v.to(device) for k, v in enc.items()}).logits.float())
-        # One copy to the host per call: on a GPU each sub-batch's forward is queued behind the last.
-        logits = torch.cat(out).cpu().numpy()[np.argsort(np.concatenate(parts))]
+    out, pooled, seen = [], [], []
+    features = feature_layer is not None
+    hook = None
+    if features:
+        hook = model.get_submodule(feature_layer).register_forward_hook(
+            lambda _module, args, _output: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            for part in parts:
+                enc = padded([ids[i] for i in part], tokenizer.pad_token_id, tokenizer.padding_side)
+                out.append(model(**{k: v.to(device) for k, v in enc.items()}).logits.float())
+                if features:
+                    pooled.append(_pooled(seen.pop(), enc["attention_mask"]).float())
+            # One copy to the host per call: on a GPU each sub-batch's forward is queued behind the last.
+            order = np.argsort(np.concatenate(parts))
+            logits = torch.cat(out).cpu().numpy()[order]
+            feats = torch.cat(pooled).cpu().numpy()[order] if features else None
+    finally:
+        if hook is not None:
+            hook.remove()
     if not np.isfinite(logits).all():
         raise NonFiniteError(f"the model's logits hold NaN or inf ({model.dtype} weights); {PRECISION_FIX}")
-    return logits
+    return (logits, feats) if features else logits
 
 
 HEAD_PREFIXES = ("classifier.", "score.")  # what transformers' sequence classifiers call their head

@@ -3,7 +3,8 @@ conftest.py, that many small tests then read (its folder, its console, its MLflo
 
 - R1 ``reference_run`` (in-process, the session's Ray): k=2 on a saved ``datasets`` folder with
   every lever that must stay deterministic on (validation slice, calibration, teacher annealing,
-  the run-long schedule, replay, the generation gate, retention, EWC, MLflow), then one ``evaluate``.
+  the run-long schedule, replay, the generation gate, retention, EWC, an ensemble teacher of 2, MLflow),
+  then one ``evaluate``.
 - R2 ``crash_run`` (the CLI in subprocesses): R1's config under another name, killed after
   generation 0 and resumed; it must end with R1's weights byte for byte.
 - R3 (tests/run/test_faults_e2e.py), R4 (tests/test_multinode_e2e.py) and R5
@@ -61,7 +62,8 @@ def reference_settings(storage: Path, data: str, base_model: str, name: str) -> 
         # Pinned, not auto: the in-process run (a 2-CPU Ray) and the CLI's (the machine's CPUs) must
         # train with the same threads to give the same weights.
         "cluster": {"workers": 1, "cpus_per_worker": 2},
-        "teacher": {"batch_size": 128, "pool_size": 1, "cpus_per_actor": 2},
+        # Two generations teach (the mean of their softmaxes) once two exist: R5's extension.
+        "teacher": {"batch_size": 128, "pool_size": 1, "cpus_per_actor": 2, "ensemble": 2},
         "tracking": {"backend": "mlflow"},
     }
 

@@ -108,3 +108,27 @@ def test_every_job_config_loads_and_starts_with_its_command():
         first = f.read_text().splitlines()[0]
         assert first.startswith("# Run:"), f"{f.name} must start with the command that runs it"
         load_config(f)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["replay.per_class=20", "replay.fraction=0.5"],
+     "replay.fraction (0.5) and replay.per_class (20) both size the replay set; set replay.fraction: 0"),
+    (["replay.selection=herding"], "replay.selection herding fills a per-class memory; set replay.per_class"),
+    (["replay.selection=herding", "replay.per_class=50", "replay.candidates_per_class=40"],
+     "replay.candidates_per_class (40) must be at least replay.per_class (50)"),
+    (["replay.selection=herding", "replay.per_class=20", "method.threshold=1"],
+     "replay.selection herding picks exemplars on the teacher's features, and at method.threshold 1 no teacher "
+     "scores; set replay.selection: uniform, or method.threshold below 1"),
+])
+def test_contradictory_replay_settings_are_refused_in_one_line_naming_the_fix(overrides, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_memory_and_balanced_fine_tuning_are_off_by_default():
+    cfg = Config()
+    assert cfg.replay.selection == "uniform" and cfg.replay.per_class == 0 and not cfg.replay.memory
+    assert cfg.student.balanced_epochs == 0 and cfg.student.balanced_lr_factor == 0.1
+    cfg = load_config(None, ["replay.selection=herding", "replay.per_class=20", "student.balanced_epochs=2"])
+    assert cfg.replay.memory and cfg.replay.candidates_per_class == 1000

@@ -52,6 +52,7 @@ JOB_TIMEOUT_S = 600
 # Workers bind in this range: outside Ray's default (10002-19999) and the kernel's ephemeral range.
 WORKER_PORTS = (20100, 20399)
 NEW_LABEL = "hail"  # the label R5's new data brings (extend --allow-new-labels)
+MEMORY = 8  # rows per old class in R5's herding memory (extend --set replay.per_class)
 
 
 def _process_group_and_descendants(pgid: int):
@@ -237,6 +238,9 @@ def extended_copy(head, crash_run, tmp_path_factory):
                                  "--set", "student.learning_rate=0.005",
                                  # New data is where label noise arrives: its suspects stay out of training.
                                  "--set", "method.suspects=drop",
+                                 # A new class arrives: a herding memory of the old ones and balanced fine-tuning.
+                                 "--set", "replay.fraction=0", "--set", f"replay.per_class={MEMORY}",
+                                 "--set", "replay.selection=herding", "--set", "student.balanced_epochs=1",
                                  # A job attaches to a cluster, where `auto` with no GPU is refused (it may autoscale).
                                  "--set", "cluster.use_gpu=false")
     after = json.loads((run_dir / "run.json").read_text())
@@ -288,7 +292,9 @@ def test_the_extension_adds_one_generation_and_keeps_the_earlier_ones(extended_c
 
 def test_the_changed_setting_is_the_extensions_own(extended_copy):
     gens, after = extended_copy.after["generations"], extended_copy.after
-    assert gens[2]["settings"] == {"student.learning_rate": 0.005, "method.suspects": "drop"}
+    assert gens[2]["settings"] == {"student.learning_rate": 0.005, "method.suspects": "drop", "replay.fraction": 0.0,
+                                   "replay.per_class": MEMORY, "replay.selection": "herding",
+                                   "student.balanced_epochs": 1}
     assert "settings" not in gens[1]
     assert after["config"]["student"]["learning_rate"] == 0.01  # the run's own, for its next extension
     assert after["config"]["method"]["suspects"] == "keep"
@@ -650,3 +656,39 @@ def test_compare_again_reads_the_finished_trials_back_without_ray(compared):
     again = json.loads((compared.folder / "compare.json").read_text())
     assert "8 trial(s) done or refused, 0 to run" in out and "at once" not in out
     assert [t.get("metrics") for t in again["trials"]] == [t.get("metrics") for t in compared.summary["trials"]]
+
+
+def test_the_extension_keeps_a_herding_memory_of_the_old_classes_only(extended_copy):
+    """`--set replay.per_class/selection=herding`: gen_002/memory.parquet holds MEMORY rows of each
+    of the three old classes, chosen by herding on the teacher's features (reproduced here), and
+    they are the extension's only replay rows; the new label has none."""
+    from folder_checks import check_herding_is_reproduced, check_memory, memory_rows
+
+    run_dir, after = extended_copy.run_dir, extended_copy.after
+    said = extended_copy.output.splitlines()
+    check_memory(run_dir, after, 2, said, per_class=MEMORY)
+    check_herding_is_reproduced(run_dir, after, 2)
+    memory = memory_rows(run_dir, 2)
+    assert NEW_LABEL not in set(memory.label) and memory.label.nunique() == 3 and set(memory.block) <= {0, 1}
+    assert after["config"]["replay"] == {**extended_copy.before["config"]["replay"]}  # the run's own stay
+
+
+def test_balanced_fine_tuning_ran_after_the_extensions_main_training(extended_copy):
+    from folder_checks import check_balanced
+
+    check_balanced(extended_copy.after, 2, extended_copy.output.splitlines(), per_class=MEMORY)
+    assert "balanced" not in extended_copy.after["generations"][1]["train"]
+    assert "| balanced fine-tuning |" in (extended_copy.run_dir / "gen_002" / "model" / "README.md").read_text()
+
+
+def test_the_extension_is_taught_by_the_ensemble_of_the_last_two_generations(extended_copy):
+    """R1's `teacher.ensemble: 2`: generation 1 had generation 0 alone; the extension (gen 2) the
+    mean of generations 0 and 1's softmaxes (when the gate promoted 1), recomputed here."""
+    from folder_checks import check_ensemble_targets
+
+    gens = extended_copy.after["generations"]
+    assert gens[1]["ensemble"] == [0]
+    if gens[1].get("promoted") is False:
+        assert gens[2]["ensemble"] == [0]
+        return
+    check_ensemble_targets(extended_copy.run_dir, extended_copy.after, 2, extended_copy.output.splitlines())

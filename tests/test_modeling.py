@@ -156,3 +156,32 @@ def test_sorted_sub_batches_give_each_row_its_own_logits_in_order(family, reques
     ids = token_ids(tok, texts, 16)
     np.testing.assert_allclose(classifier_logits(model, tok, texts, 16, max_tokens=20, ids=ids), alone, atol=1e-5)
     assert classifier_logits(model, tok, [], 16).shape == (0, model.config.num_labels)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_the_features_are_what_the_heads_output_layer_reads(family, request):
+    """With ``feature_layer``, each row's features come from the same forward: the logits are the
+    output layer applied to them (a decoder's at its last token), in the rows' order whatever the
+    sub-batches."""
+    import numpy as np
+    import torch
+
+    from incr_ray.heads import output_layer_name
+    from incr_ray.modeling import classifier_logits, load_classifier, load_tokenizer
+
+    path = request.getfixturevalue(f"tiny_{family}")
+    tok = load_tokenizer(path)
+    model = load_classifier(path, tokenizer=tok).eval()
+    layer = output_layer_name(model)
+    texts = [("word " * n).strip() for n in (5, 1, 12, 3, 7)]
+    logits, features = classifier_logits(model, tok, texts, 16, max_tokens=20, feature_layer=layer)
+    assert features.shape == (5, model.config.hidden_size) and features.dtype == np.float32
+    head = model.get_submodule(layer)
+    with torch.no_grad():
+        again = head(torch.from_numpy(features)).numpy()
+    np.testing.assert_allclose(again, logits, atol=1e-5)
+    alone = np.concatenate([classifier_logits(model, tok, [t], 16, feature_layer=layer)[1] for t in texts])
+    np.testing.assert_allclose(features, alone, atol=1e-5)
+    np.testing.assert_array_equal(classifier_logits(model, tok, texts, 16, max_tokens=20), logits)
+    empty = classifier_logits(model, tok, [], 16, feature_layer=layer)
+    assert empty[0].shape == (0, model.config.num_labels) and empty[1].shape == (0, model.config.hidden_size)

@@ -73,6 +73,11 @@ class StudentRequest:
     # and the teacher's, whose penalty this student's loss adds (None: no teacher, or it has none).
     fisher_dest: str | None = None
     ewc_anchor: str | None = None
+    # student.balanced_epochs > 0: balanced fine-tuning's rows (its dataset beside the training rows'),
+    # their cap per class, and its optimizer steps, trained after the main max_steps in the same train().
+    balanced_rows: int = 0
+    balanced_per_class: int = 0
+    balanced_steps: int = 0
 
 
 @dataclass
@@ -119,7 +124,8 @@ def set_up(cfg: Config, request: StudentRequest, work: str, on_gpu: bool, max_st
 
     # Training arguments before the model loads, so that ZeRO-3 partitions it while it loads.
     os.environ.update(reporting_env(cfg, request.tracking_uri))  # read by HF's TensorBoard / W&B callbacks
-    args = training_arguments(cfg, request.generation, max_steps, os.path.join(work, "hf"), on_gpu, precision)
+    args = training_arguments(cfg, request.generation, max_steps + request.balanced_steps, os.path.join(work, "hf"),
+                              on_gpu, precision, main_steps=max_steps)
     # Seeded before the model loads: a new classification head is initialised at load, before the
     # Trainer would seed anything, and it must come from run.seed too.
     set_seed(args.seed)
@@ -143,7 +149,8 @@ def make_trainer(cfg: Config, request: StudentRequest, student: Student,
                  max_steps: int, progress=None, callbacks: Sequence[TrainerCallback] = (),
                  trainer_class: type[SoftTargetTrainer] = SoftTargetTrainer) -> SoftTargetTrainer:
     """The soft-target Trainer over this rank's batches, with the side concerns as callbacks:
-    rank 0's progress lines and ``progress.json``, MLflow's step figures, then ``callbacks``."""
+    rank 0's progress lines and ``progress.json``, MLflow's step figures, then ``callbacks``.
+    ``max_steps``: the main training's; balanced fine-tuning's ``request.balanced_steps`` follow."""
     g = request.generation
     collate = TokenCount(make_collate(student.tokenizer, len(request.label_names), cfg.model.max_length))
     trainer = trainer_class(
@@ -153,13 +160,15 @@ def make_trainer(cfg: Config, request: StudentRequest, student: Student,
         processing_class=student.tokenizer,
         lr_window=request.lr_window,
         ewc=EwcAnchor.read(request.ewc_anchor, cfg.method.ewc) if cfg.method.ewc and request.ewc_anchor else None,
+        balanced=(max_steps, cfg.student.balanced_lr_factor) if request.balanced_steps else None,
         **loss_settings(cfg, g),
     )
     trainer.remove_callback(PrinterCallback)
     s = cfg.student
     trainer.add_callback(ProgressCallback(
-        g, max_steps, progress, rows_per_step=s.batch_size * s.grad_accum * world, workers=world,
-        later_steps=request.later_steps, tokens=collate, dest=request.progress_dest if rank == 0 else None))
+        g, max_steps + request.balanced_steps, progress, rows_per_step=s.batch_size * s.grad_accum * world,
+        workers=world, later_steps=request.later_steps, tokens=collate,
+        dest=request.progress_dest if rank == 0 else None))
     if cfg.tracking.backend == "mlflow" and request.tracking_run_id:
         say = queue_say(progress) if progress is not None else print
         trainer.add_callback(MlflowStepLogger(request.tracking_uri, request.tracking_run_id, g, say))
@@ -259,6 +268,20 @@ def consolidate(cfg: Config, request: StudentRequest, student: Student,
                            os.path.join(work, FISHER))
 
 
+def balanced_record(cfg: Config, request: StudentRequest, trainer: SoftTargetTrainer,
+                    steps: int) -> dict[str, Any] | None:
+    """What balanced fine-tuning did (None when off): its rows, their cap per class, the optimizer
+    ``steps`` it trained (those after the main training's), its learning rate and its mean loss
+    over this rank's batches."""
+    if not request.balanced_steps:
+        return None
+    losses = trainer.balanced_losses
+    return {"rows": request.balanced_rows, "per_class": request.balanced_per_class, "steps": steps,
+            "epochs": cfg.student.balanced_epochs,
+            "learning_rate": cfg.student.learning_rate * cfg.student.balanced_lr_factor,
+            "loss_mean": float(np.mean(losses)) if losses else None}
+
+
 def release(trainer: SoftTargetTrainer) -> None:
     """Drop the engine, optimizer and master weights, and DeepSpeed's hold on later model loads
     (the process evaluates, and may train or load again: the GPU check, the tests)."""
@@ -285,9 +308,12 @@ def run_student(cfg: Config, request: StudentRequest,
     ``cfg`` has its ``auto`` values resolved (``deepspeed.stage``, ``cluster.cpus_per_worker``).
     ``train_batches(collate)`` gives this rank's training batches with ``collate`` (numpy batch ->
     model inputs) applied, once per iteration (an epoch): Ray Data's
-    ``shard.iter_torch_batches(collate_fn=collate)``, or ``trainer.Collated(batches, collate)``.
-    ``slices`` maps ``holdout`` (and ``validation``, ``retention``, ``holdout_gen_<j>``) to numpy
-    batches with ``text``, ``label`` and ``row_id``, the same on every rank; empty: no evaluation.
+    ``shard.iter_torch_batches(collate_fn=collate)``, or ``trainer.Collated(batches, collate)``;
+    ``max_steps`` (the main training's steps) × ``student.grad_accum`` of them, then, when
+    ``request.balanced_steps`` is set, that many steps' batches of the balanced set (balanced
+    fine-tuning, at ``student.balanced_lr_factor`` of the learning rate). ``slices`` maps
+    ``holdout`` (and ``validation``, ``retention``, ``holdout_gen_<j>``) to numpy batches with
+    ``text``, ``label`` and ``row_id``, the same on every rank; empty: no evaluation.
     ``progress``: the queue rank 0's progress lines go to (``put_nowait``), or None.
     ``resume_from``: an in-generation Hugging Face checkpoint folder to continue from.
     ``callbacks``: more Trainer callbacks (the Ray glue's checkpoint reports, the test seam's faults).
@@ -306,6 +332,7 @@ def run_student(cfg: Config, request: StudentRequest,
         output, resumed_step = train(trainer, resume_from)
         saving = time.perf_counter()
         out_dir = save(trainer, student, cfg, request, work, rank)
+        balanced = balanced_record(cfg, request, trainer, int(output.global_step) - max_steps)
         facts = {"precision": precision_record(trainer, student.precision, student.args.hf_deepspeed_config.config),
                  "max_learning_rate": max((h["learning_rate"] for h in trainer.state.log_history
                                            if "learning_rate" in h), default=None),
@@ -343,6 +370,7 @@ def run_student(cfg: Config, request: StudentRequest,
             "save_seconds": evaluating - saving,  # the local save; the caller adds its upload
             # method.ewc: λ, the penalty against the teacher's Fisher, this model's own Fisher (rank 0)
             **({"ewc": {**facts["ewc"], **({"fisher": fisher} if fisher else {})}} if cfg.method.ewc else {}),
+            **({"balanced": balanced} if balanced else {}),  # student.balanced_epochs: what the pass did
         }
     finally:
         if not released:

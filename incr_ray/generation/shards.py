@@ -24,6 +24,7 @@ from typing import Any
 from ray.train import DataConfig
 
 TRAIN = "train"
+BALANCED = "balanced"  # balanced fine-tuning's rows (student.balanced_epochs), split over the ranks like TRAIN's
 
 
 def rank_rows(rows: int, world: int) -> list[range]:
@@ -68,6 +69,19 @@ class RankStream:
                 return
 
 
+class StreamThen:
+    """One stream after another, each iteration from the start of the first: a rank's main
+    training batches, then balanced fine-tuning's (the Trainer sees one epoch of both, which a
+    resume fast-forwards as it does one stream)."""
+
+    def __init__(self, *streams: Iterable[Any]):
+        self.streams = streams
+
+    def __iter__(self) -> Iterator[Any]:
+        for stream in self.streams:
+            yield from stream
+
+
 def cut_for_ranks(ds, world: int):
     """``ds`` (materialized, in training order) without its last ``rows % world`` rows, its blocks
     cut where the ranks' runs meet, so that :class:`RankShards` splits it without a task. Returns
@@ -82,26 +96,28 @@ def cut_for_ranks(ds, world: int):
 
 
 class RankShards(DataConfig):
-    """Ray Train's dataset assignment with the training rows split by :func:`rank_rows` (rank ``r``
-    reads the ``r``-th run of :func:`cut_for_ranks`'s dataset, in order); every other dataset is
-    read whole by every worker, as Ray Train's own config does for datasets it does not split."""
+    """Ray Train's dataset assignment with the training rows (and balanced fine-tuning's, each a
+    dataset of ``split``) split by :func:`rank_rows` (rank ``r`` reads the ``r``-th run of
+    :func:`cut_for_ranks`'s dataset, in order); every other dataset is read whole by every worker,
+    as Ray Train's own config does for datasets it does not split."""
 
-    def __init__(self, train: str = TRAIN):
-        super().__init__(datasets_to_split=[train])
-        self.train = train
+    def __init__(self, *split: str):
+        split = split or (TRAIN,)
+        super().__init__(datasets_to_split=list(split))
+        self.split = split
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        others = {name: ds for name, ds in datasets.items() if name != self.train}
+        others = {name: ds for name, ds in datasets.items() if name not in self.split}
         out = (super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs) if others
                else [{} for _ in range(world_size)])
-        if self.train in datasets:
-            ds = datasets[self.train]
+        for name in (n for n in self.split if n in datasets):
+            ds = datasets[name]
             # At block boundaries once cut_for_ranks has cut them: no task, which might wait
             # forever for a CPU the workers hold.
             parts = ds.split_at_indices([run.stop for run in rank_rows(ds.count(), world_size)])
             for rank in range(world_size):
                 part = parts[rank]
-                part.context.execution_options = self._resolve_execution_options(self.train)
+                part.context.execution_options = self._resolve_execution_options(name)
                 part.context.execution_options.preserve_order = True
-                out[rank][self.train] = part.iterator()
+                out[rank][name] = part.iterator()
         return out

@@ -40,7 +40,7 @@ from .checkpoints import CheckpointCadence, checkpointing, folder_figures
 from .evaluation import EXTENSION_HOLDOUT
 from .progress import ProgressRelay
 from .recipe import ADAPTER, FISHER, MODEL, StudentRequest, run_student
-from .shards import RankShards, RankStream, cut_for_ranks
+from .shards import BALANCED, TRAIN, RankShards, RankStream, StreamThen, cut_for_ranks
 from .scratch import checkpoint_on_node, record_owner, sweep_stale_scratch, worker_folder
 from .resources import require_resolved
 from .trainer import generation_steps
@@ -192,13 +192,21 @@ def train_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         for name in ("ray.train", "ray.data"):  # their INFO chatter would bury rank 0's progress lines
             logging.getLogger(name).setLevel(logging.WARNING)
-        shard = ray.train.get_dataset_shard("train")  # this rank's run of the rows (shards.RankShards)
+        shard = ray.train.get_dataset_shard(TRAIN)  # this rank's run of the rows (shards.RankShards)
+        balanced = ray.train.get_dataset_shard(BALANCED) if request.balanced_steps else None
         seam = faults.trained_rows(request.generation, rank, cfg.student.grad_accum)
 
         def train_batches(collate):  # max_steps × grad_accum batches, pass after pass (shards.RankStream)
             collate = seam.collate(collate) if seam else collate
-            stream = RankStream(lambda: shard.iter_torch_batches(batch_size=cfg.student.batch_size, collate_fn=collate),
-                                total=loop_config["max_steps"] * cfg.student.grad_accum)
+
+            def stream_of(rows, steps: int) -> RankStream:
+                return RankStream(lambda: rows.iter_torch_batches(batch_size=cfg.student.batch_size,
+                                                                  collate_fn=collate),
+                                  total=steps * cfg.student.grad_accum)
+
+            stream = stream_of(shard, loop_config["max_steps"])
+            if balanced is not None:  # balanced fine-tuning's batches after the main training's
+                stream = StreamThen(stream, stream_of(balanced, request.balanced_steps))
             return seam.batches(stream) if seam else stream
 
         slices = {name: ray.train.get_dataset_shard(name).iter_batches(batch_size=cfg.eval.batch_size,
@@ -306,14 +314,16 @@ def shuffled_for_training(train_ds, seed: int, rows: int | None = None, local_ro
 
 def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, holdout_ds=None,
                 say=print, validation_ds=None, retention_ds=None,
-                extension_holdouts: dict[int, Any] | None = None) -> dict[str, Any]:
+                extension_holdouts: dict[int, Any] | None = None, balanced_ds=None) -> dict[str, Any]:
     """Train ``request.generation`` on ``train_ds`` and put the model at ``request.model_dest``.
 
     Returns the workers' metrics; with ``holdout_ds`` the workers also evaluate the trained model
     on it (``holdout``), on ``validation_ds`` (``validation``, and ``calibration`` with
     ``method.calibrate``), on ``retention_ds`` (``retention``) and on each extension's own
     holdout in ``extension_holdouts`` (``drift``) — see
-    :func:`incr_ray.generation.evaluation.evaluate_student`."""
+    :func:`incr_ray.generation.evaluation.evaluate_student`. ``balanced_ds``: balanced fine-tuning's
+    rows (``request.balanced_steps`` > 0), trained after the main steps in the same fit, in their
+    own seeded order and split over the ranks as the training rows are."""
     require_resolved(cfg, "fit_student")  # a run's config is, since open_run (incr_ray.resolve)
     s = cfg.student
     # Ray Train's controller polls the workers every 2 s by default, so a finished generation sat
@@ -325,7 +335,10 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
     # Each rank's rows and batches depend on the rows, the seed and the number of workers only
     # (incr_ray.generation.shards); the last rows % workers rows of the order are left out.
     train, rows_left_out = cut_for_ranks(shuffled_for_training(train_ds, seed, rows=request.rows), cfg.cluster.workers)
-    datasets = {"train": train}
+    datasets = {TRAIN: train}
+    if request.balanced_steps:
+        datasets[BALANCED] = cut_for_ranks(shuffled_for_training(balanced_ds, seed, rows=request.balanced_rows),
+                                           cfg.cluster.workers)[0]
     if holdout_ds is not None:
         datasets["holdout"] = holdout_ds.materialize()
         extra = [(f"{EXTENSION_HOLDOUT}{j:03d}", ds) for j, ds in sorted((extension_holdouts or {}).items())]
@@ -341,7 +354,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
         trainer = TorchTrainer(
             train_per_worker,
             train_loop_config={"config": cfg.to_dict(), "request": asdict(request), "max_steps": max_steps,
-                               "on_gpu": on_gpu, "evaluate": [n for n in datasets if n != "train"],
+                               "on_gpu": on_gpu, "evaluate": [n for n in datasets if n not in (TRAIN, BALANCED)],
                                "progress": relay.queue, "faults": faults.current()},
             scaling_config=ScalingConfig(
                 num_workers=cfg.cluster.workers,
@@ -355,7 +368,7 @@ def fit_student(cfg: Config, request: StudentRequest, train_ds, on_gpu: bool, ho
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
             datasets=datasets,
-            dataset_config=RankShards("train"),  # every worker reads each whole evaluation slice
+            dataset_config=RankShards(TRAIN, BALANCED),  # every worker reads each whole evaluation slice
         )
         result = trainer.fit()
         ended = time.perf_counter()

@@ -23,6 +23,8 @@ import pyarrow as pa
 
 from .. import faults
 from ..config import Config
+from ..heads import output_layer_name
+from ..method.herding import l2_normalised
 from ..method.targets import (RULE_STAT_KEYS, ensemble_probs, finalize_rule_stats, merge_rule_stats, soft_targets,
                               softmax, target_rule_stats)
 from ..modeling import classifier_logits, load_for_inference, load_tokenizer, token_ids
@@ -41,10 +43,14 @@ class TargetScorer:
     generation's folder holds the base model's), so the batch is tokenized once, by the first.
     ``num_classes``: the classes the student learns, when an extension added some a member was
     never trained on: its probabilities are padded with zeros for them
-    (:func:`incr_ray.method.targets.padded_probs`) before the mean and the target rule, and stored padded."""
+    (:func:`incr_ray.method.targets.padded_probs`) before the mean and the target rule, and stored padded.
+    ``features``: also add ``teacher_features`` to the replay candidates (rows whose ``replay`` is
+    true; null on the others): the L2-normalised vector the head's output layer of the newest member
+    (the teacher the student starts from) reads, from the same forward — what
+    ``replay.selection: herding`` picks a memory on."""
 
     def __init__(self, model_path: str | list[str], cfg: Config | dict[str, Any], on_gpu: bool, progress=None,
-                 fault_plan=None, num_classes: int | None = None):
+                 fault_plan=None, num_classes: int | None = None, features: bool = False):
         faults.install(fault_plan)  # the test seam's faults, handed over by score_block (none in real runs)
         paths = [model_path] if isinstance(model_path, str) else list(model_path)
         for path in paths:
@@ -56,6 +62,7 @@ class TargetScorer:
         self.forward_tokens = cfg.teacher.tokens_per_forward(on_gpu)
         self.method = cfg.method
         self.num_classes = num_classes
+        self.feature_layer = output_layer_name(self.members[-1][0]) if features else None
         self.batches = 0
         self.progress = progress  # a queue actor that counts the rows scored (ScoringProgress), or None
 
@@ -67,17 +74,34 @@ class TargetScorer:
         texts = [str(t) for t in batch["text"]]
         if ids is None and len(self.members) > 1:  # once for every member
             ids = token_ids(self.tokenizer, texts, self.max_length) if texts else []
-        probs = ensemble_probs(
-            [softmax(classifier_logits(model, tokenizer, texts, self.max_length, max_tokens=self.forward_tokens,
-                                       ids=ids), self.method.temperature)
-             for model, tokenizer in self.members],
-            self.num_classes)
+        member_probs, features = [], None
+        for i, (model, tokenizer) in enumerate(self.members):
+            layer = self.feature_layer if i == len(self.members) - 1 else None
+            out = classifier_logits(model, tokenizer, texts, self.max_length, max_tokens=self.forward_tokens, ids=ids,
+                                    feature_layer=layer)
+            logits, features = out if layer else (out, features)
+            member_probs.append(softmax(logits, self.method.temperature))
+        probs = ensemble_probs(member_probs, self.num_classes)
         labels = np.asarray(batch["label"], dtype=np.int64)
         target = soft_targets(probs, labels, threshold=self.method.threshold, floor=self.method.floor)
         if self.progress is not None:
             # Fire and forget: the count never waits on the driver, nor fails the batch.
             self.progress.put_nowait.remote(len(labels))
-        return _with_list_columns(batch, teacher_probs=probs, target=target)
+        table = _with_list_columns(batch, teacher_probs=probs, target=target)
+        if features is None:
+            return table
+        return table.append_column(FEATURES, _rows_where(l2_normalised(features), np.asarray(batch["replay"], bool)))
+
+
+FEATURES = "teacher_features"  # the scorer's column of replay candidates' features (replay.selection herding)
+
+
+def _rows_where(matrix: np.ndarray, where: np.ndarray) -> pa.Array:
+    """A list<float32> column: the rows of ``matrix`` where ``where`` holds, null elsewhere (a block's
+    own rows need no features, and a block may hold millions of them)."""
+    values = pa.array(matrix[where].astype(np.float32).reshape(-1), pa.float32())
+    offsets = np.concatenate([[0], np.cumsum(np.where(where, matrix.shape[1], 0))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=pa.array(~where))
 
 
 def _with_list_columns(batch: dict[str, np.ndarray], **matrices: np.ndarray) -> pa.Table:
@@ -202,11 +226,12 @@ def _cpus_beside_pool(pool_cpus: float) -> float:
 
 
 def score_block(ds, model_path: str | list[str], cfg: Config, on_gpu: bool, progress=None,
-                tokenize_stage: bool | None = None, num_classes: int | None = None):
+                tokenize_stage: bool | None = None, num_classes: int | None = None, features: bool = False):
     """Teacher outputs for every row of ``ds`` (lazy): adds ``teacher_probs`` and ``target``.
     ``model_path``: the teacher's folder, or an ensemble's (each actor holds them all, see
     :class:`TargetScorer`). ``progress``: a queue actor each scoring actor tells how many rows it
-    scored. ``num_classes``: the student's classes, when it has more than the teacher.
+    scored. ``num_classes``: the student's classes, when it has more than the teacher;
+    ``features``: add the replay candidates' ``teacher_features`` too.
 
     The rows go to the actors in blocks cut by :func:`scoring_block_rows` where needed. ``tokenize_stage``: tokenize
     in CPU tasks ahead of the actors (default: when the actors hold GPUs; on CPU the pool holds the
@@ -233,7 +258,7 @@ def score_block(ds, model_path: str | list[str], cfg: Config, on_gpu: bool, prog
         # Plain values (paths, dicts): what a restarted actor is built from again.
         fn_constructor_kwargs={"model_path": paths if len(paths) > 1 else paths[0], "cfg": cfg.to_dict(),
                                "on_gpu": actor_gpu, "progress": progress, "fault_plan": faults.current(),
-                               "num_classes": num_classes},
+                               "num_classes": num_classes, "features": features},
         batch_size=t.batch_size,
         **resources,
     )

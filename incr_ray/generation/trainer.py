@@ -23,7 +23,7 @@ from ..config import Config
 from ..lora import merged_model, save_adapter
 from ..method.hashing import generation_seed
 from ..method.losses import distillation_loss
-from ..method.schedule import annealed_alpha, run_lr_factor
+from ..method.schedule import annealed_alpha, balanced_tail_factor, linear_lr_factor, run_lr_factor
 from ..modeling import PRECISION_FIX, NonFiniteError
 from .deepspeed_config import build_deepspeed_config
 from .fisher import EwcAnchor
@@ -45,21 +45,30 @@ def generation_steps(cfg: Config, rows: int) -> int:
     return steps_for(rows, cfg.cluster.workers, s.batch_size, s.epochs, s.grad_accum, s.min_steps)
 
 
-def planned_steps(cfg: Config, block_rows: list[int]) -> list[int]:
+def with_expected_replay(cfg: Config, rows: int, classes: int) -> int:
+    """The training rows a generation after the first is planned with: its block's ``rows`` and
+    ``replay.fraction`` of them, or ``replay.per_class`` of each of the run's ``classes``."""
+    if cfg.replay.memory:
+        return rows + cfg.replay.per_class * classes
+    return round(rows * (1 + cfg.replay.fraction))
+
+
+def planned_steps(cfg: Config, block_rows: list[int], classes: int = 0) -> list[int]:
     """Optimizer steps of each of the k planned generations, from the block sizes (replay adds its
-    expected ``replay.fraction`` from generation 1 on)."""
-    return [generation_steps(cfg, round(rows * (1 + (cfg.replay.fraction if j else 0.0))))
+    expected rows from generation 1 on, :func:`with_expected_replay`; ``classes``: the run's).
+    Balanced fine-tuning's steps are not planned: they come after the main training's schedule."""
+    return [generation_steps(cfg, with_expected_replay(cfg, rows, classes) if j else rows)
             for j, rows in enumerate(block_rows[:cfg.method.k])]
 
 
-def run_lr_window(cfg: Config, block_rows: list[int], generation: int) -> tuple[int, int, int]:
+def run_lr_window(cfg: Config, block_rows: list[int], generation: int, classes: int = 0) -> tuple[int, int, int]:
     """``(offset, warmup, total)`` of generation ``generation`` on the run-long learning-rate
     schedule (``student.schedule: run``): the run-wide step it starts at, the warmup steps and the
     steps of the k planned generations. Planned from the block sizes (replay adds its expected
-    ``replay.fraction`` from generation 1 on), so every generation places itself the same way
-    whatever the others actually ran."""
+    rows from generation 1 on), so every generation places itself the same way whatever the others
+    actually ran."""
     k = cfg.method.k
-    planned = planned_steps(cfg, block_rows)
+    planned = planned_steps(cfg, block_rows, classes)
     total = sum(planned)
     offset = sum(planned[:generation]) if generation < k else total
     return offset, min(int(cfg.student.warmup_ratio * planned[0]), total - 1), total
@@ -136,9 +145,14 @@ class SoftTargetTrainer(Trainer):
     penalty against the teacher's Fisher file, ``ewc``: :class:`incr_ray.generation.fisher.EwcAnchor`)."""
 
     def __init__(self, *args, temperature: float = 1.0, alpha: float = 0.0, anneal: bool = False,
-                 lr_window: tuple[int, int, int] | None = None, ewc: EwcAnchor | None = None, **kwargs):
+                 lr_window: tuple[int, int, int] | None = None, ewc: EwcAnchor | None = None,
+                 balanced: tuple[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ewc = ewc
+        # Balanced fine-tuning (student.balanced_epochs): (the main training's steps, the tail's
+        # share of the peak learning rate). Its steps follow the main ones in the same train().
+        self.balanced = balanced
+        self.balanced_losses: list[float] = []
         self.temperature = temperature
         self.alpha = alpha
         self.anneal = anneal  # teacher annealing: the hard-label weight rises from alpha to 1
@@ -186,22 +200,41 @@ class SoftTargetTrainer(Trainer):
         outputs = model(**inputs)
         if not self.loss_dtypes:
             self.loss_dtypes = {"targets": _dtype_name(targets.dtype), "logits": _dtype_name(outputs.logits.dtype)}
-        alpha = annealed_alpha(self.alpha, self.state.global_step, self.state.max_steps) if self.anneal else self.alpha
+        main_steps = self.balanced[0] if self.balanced else self.state.max_steps
+        # Annealing spans the main training; the balanced pass after it trains at its end point.
+        alpha = annealed_alpha(self.alpha, self.state.global_step, main_steps) if self.anneal else self.alpha
         loss = distillation_loss(outputs.logits, targets, labels, self.temperature, alpha)
         if self.ewc is not None:  # self.model: the module itself (DeepSpeed's engine wraps `model`)
             loss = self.ewc.added_to(loss, self.model)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the student's loss is {loss.item()} at step {self.state.global_step}; {PRECISION_FIX}")
+        if self.balanced and self.state.global_step >= main_steps:
+            self.balanced_losses.append(float(loss.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # DeepSpeed's integration calls this too (on a shallow copy), when the optimizer is DeepSpeed's.
-        if self.lr_window is None or self.lr_scheduler is not None:
+        if (self.lr_window is None and self.balanced is None) or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        offset, warmup, total = self.lr_window
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer if optimizer is not None else self.optimizer,
-            lambda step: run_lr_factor(offset + step, warmup, total))
+        if self.lr_window is not None:
+            offset, warmup, total = self.lr_window
+
+            def main(step: int) -> float:
+                return run_lr_factor(offset + step, warmup, total)
+        else:  # the Trainer's own linear schedule, over the main training's steps
+            main_steps = self.balanced[0]
+            warmup = self.args.get_warmup_steps(main_steps)
+
+            def main(step: int) -> float:
+                return linear_lr_factor(step, warmup, main_steps)
+        factor = main
+        if self.balanced is not None:
+            main_steps, tail = self.balanced
+
+            def factor(step: int) -> float:
+                return balanced_tail_factor(step, main_steps, main(step), tail)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer if optimizer is not None else self.optimizer,
+                                                              factor)
         return self.lr_scheduler
 
 
@@ -221,8 +254,10 @@ def reporting_env(cfg: Config, log_dir: str | None) -> dict[str, str]:
 
 
 def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir: str,
-                       on_gpu: bool, precision: str) -> TrainingArguments:
-    """One generation's ``TrainingArguments``; DeepSpeed's config is built from the same settings."""
+                       on_gpu: bool, precision: str, main_steps: int | None = None) -> TrainingArguments:
+    """One generation's ``TrainingArguments``; DeepSpeed's config is built from the same settings.
+    ``max_steps``: all its steps; ``main_steps``: those before balanced fine-tuning, which the
+    warmup is a share of (default: all)."""
     s = cfg.student
     seed = generation_seed(cfg.run.seed, generation)
     return TrainingArguments(
@@ -231,7 +266,7 @@ def training_arguments(cfg: Config, generation: int, max_steps: int, output_dir:
         gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
-        warmup_steps=int(s.warmup_ratio * max_steps),
+        warmup_steps=int(s.warmup_ratio * (main_steps or max_steps)),
         max_steps=max_steps,
         lr_scheduler_type="linear",
         logging_steps=max(1, max_steps // 10),

@@ -103,6 +103,27 @@ def sample_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     return unit(hash_ids(ids, seed, "sample")) < fraction
 
 
+def per_class_sample(ids: np.ndarray, labels: np.ndarray, seed: int, cap: int, purpose: str) -> np.ndarray:
+    """Keep-mask for an exact seeded sample of ``min(cap, n_c)`` rows of every class c: the rows
+    whose per-row hash (``purpose``: independent samples for independent uses) is among the
+    ``cap`` smallest of their class, ties broken by row id.
+
+    The choice depends on the rows' ids and classes only, not on their order, so a caller may
+    stream: apply it to the rows kept so far plus the next batch, again and again. ``ids``
+    distinct (a repeated id would take two places).
+    """
+    ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels)
+    keep = np.zeros(len(ids), dtype=bool)
+    if cap <= 0 or len(ids) == 0:
+        return keep
+    keys = hash_ids(ids, seed, purpose)
+    order = np.lexsort((ids, keys, labels))  # by class, then hash, then id
+    sorted_labels = labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")  # where each row's class starts
+    keep[order[np.arange(len(ids)) - first < cap]] = True
+    return keep
+
+
 
 def validation_mask(ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     """Rows of the validation slice (``method.validation_fraction``): a per-row hash of the run's

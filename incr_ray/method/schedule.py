@@ -35,3 +35,19 @@ def annealed_alpha(alpha: float, step: int, max_steps: int) -> float:
     """
     lam = min(1.0, max(0.0, step / max(1, max_steps)))
     return alpha + (1.0 - alpha) * lam
+
+
+def linear_lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate at step ``step`` of a generation's own schedule
+    (``student.schedule: generation``): the Hugging Face Trainer's ``linear``, from 0 up over
+    ``warmup`` steps, then down to 0 at ``total``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def balanced_tail_factor(step: int, main_steps: int, main_factor: float, tail_factor: float) -> float:
+    """Balanced fine-tuning's place on a student's schedule: the main training's multiplier
+    (``main_factor``, what its own schedule gives at ``step``) for its ``main_steps`` steps, then
+    ``tail_factor`` (``student.balanced_lr_factor``), constant, for the balanced pass after them."""
+    return main_factor if step < main_steps else tail_factor

@@ -79,6 +79,9 @@ class RunPaths:
     def suspects(self, g: int) -> str:
         return self.join(f"gen_{g:03d}", "suspects.parquet")
 
+    def memory(self, g: int) -> str:  # replay.per_class: the exemplars the student replays
+        return self.join(f"gen_{g:03d}", "memory.parquet")
+
     @property
     def ray_train(self) -> str:
         return self.join("_ray_train")

@@ -20,8 +20,8 @@ from ray.data.expressions import col, lit
 
 from .. import faults
 from ..config import Config, ConfigError, config_from_dict
-from ..data import (HOLDOUT, extension_holdout_parts, read_labelled_file, read_new_block, replay_rows,
-                    retention_sample, training_part, validation_part)
+from ..data import (HOLDOUT, extension_holdout_parts, memory_candidates, read_labelled_file, read_new_block,
+                    replay_rows, retention_sample, rows_with_ids, training_part, validation_part)
 from ..data.errors import exception_chain
 from ..generation.evaluation import evaluate_model, read_predictions, write_predictions
 from ..generation.progress import ScoringProgress
@@ -35,6 +35,8 @@ from ..resolve import probe_cluster, resolve
 from ..storage import remove_tree, rename_tree
 from .folder import Run, RunLock, finish_run, open_finished, open_run, read_manifest
 from .manifest import GenerationEntry, RunError, as_sets, extension_settings, now, result_settings
+from .balanced import balanced_line, balanced_set
+from .memory import herd, keep_memory, uniform_ranks, write_memory
 from .model_card import write_model_card
 from .new_classes import check_new_labels, initial_model, new_labels_line, old_new_figures, old_new_lines
 from .record import continual_record, record_fit
@@ -89,16 +91,32 @@ def _scoring_progress(run: Run, g: int, ds):
 
 
 def _with_replay(run: Run, g: int, block_ds, block_rows: int):
-    """(block ``g``'s rows with ``replay`` false, and with ``replay.fraction`` rows sampled from the
-    blocks trained before it with ``replay`` true; whether any were sampled)."""
+    """(block ``g``'s rows with ``replay`` false, and with rows of the blocks trained before it with
+    ``replay`` true — ``replay.fraction`` of the block sampled, or the memory's candidates; whether
+    any were added; the candidates, for ``replay.per_class``: ``row_id``, ``label``, ``block``)."""
     cfg = run.cfg
     ds = block_ds.with_column("replay", lit(False))
     trained_before = training_part(run.split_dataset(), cfg.run.seed, cfg.method.validation_fraction)
-    replay = replay_rows(trained_before, g, block_rows, cfg.replay.fraction, run.manifest.data.block_sizes,
-                         cfg.run.seed)
+    candidates = None
+    if cfg.replay.memory:
+        r = cfg.replay
+        candidates = memory_candidates(run.paths.split, g, r.per_class if r.selection == "uniform" else
+                                       r.candidates_per_class, cfg.run.seed, cfg.method.validation_fraction)
+        earlier = trained_before.filter(expr=(col("block") >= 0) & (col("block") < g))
+        replay = rows_with_ids(earlier, candidates["row_id"]) if len(candidates["row_id"]) else None
+    else:
+        replay = replay_rows(trained_before, g, block_rows, cfg.replay.fraction, run.manifest.data.block_sizes,
+                             cfg.run.seed)
     if replay is None:
-        return ds, False
-    return ds.union(replay.with_column("replay", lit(True))), True
+        return ds, False, candidates
+    return ds.union(replay.with_column("replay", lit(True))), True, candidates
+
+
+def _uniform_memory(run: Run, g: int, entry: GenerationEntry, candidates) -> None:
+    """``replay.selection: uniform`` with ``replay.per_class``: the candidates are the memory."""
+    if candidates is not None:
+        picks = {**candidates, "rank": uniform_ranks(candidates["row_id"], candidates["label"], run.cfg.run.seed)}
+        write_memory(run, g, entry, picks, len(candidates["row_id"]))
 
 
 def one_hot_generation(run: Run, g: int, block_ds):
@@ -106,12 +124,13 @@ def one_hot_generation(run: Run, g: int, block_ds):
     replay rows as they are, no teacher scoring — the labels are the targets."""
     entry = run.manifest.entry(g)
     block_rows = entry.block_rows or block_ds.count()
-    ds, replayed = _with_replay(run, g, block_ds, block_rows)
+    ds, replayed, candidates = _with_replay(run, g, block_ds, block_rows)
     ds = ds.select_columns(["row_id", "text", "label"])
     if not entry.rows:
         run.say(f"[gen {g}] no teacher scoring: at method.threshold 1 every target is the one-hot label")
         entry.rows, entry.block_rows = (ds.count() if replayed else block_rows), block_rows
         entry.replay_rows = entry.rows - block_rows
+        _uniform_memory(run, g, entry, candidates)
         run.save()
     return ds
 
@@ -128,21 +147,34 @@ def score_generation(run: Run, g: int, block_ds, members: list[GenerationEntry])
     entry = run.manifest.entry(g)
     if not entry.targets:
         block_rows = block_ds.count()
-        ds, replayed = _with_replay(run, g, block_ds, block_rows)
+        ds, replayed, candidates = _with_replay(run, g, block_ds, block_rows)
+        herding = run.cfg.replay.selection == "herding" and replayed
         who = (f"teacher {run.rel(run.paths.join(members[0].model))}" if run.cfg.teacher.ensemble == 1
                else ensemble_said([e.index for e in members], run.cfg.teacher.ensemble))
-        run.say(f"[gen {g}] {who} scores {block_rows} rows" + (" + replay" if replayed else ""))
+        run.say(f"[gen {g}] {who} scores {block_rows} rows"
+                + (f" + {len(candidates['row_id'])} memory candidates" if herding else " + replay" if replayed else ""))
         dest = run.paths.targets(g)
-        tmp = dest + ".tmp"
+        tmp, scored = dest + ".tmp", dest + ".scored"
         remove_tree(tmp)
+        remove_tree(scored)
         started = time.perf_counter()
         with _worker_failures_reported(run.say), _scoring_progress(run, g, ds) as (ds, progress):
             score_block(ds, [run.paths.join(e.model) for e in members], run.cfg, run.on_gpu, progress=progress,
-                        num_classes=len(run.manifest.label_names_of(g))).write_parquet(tmp)
+                        num_classes=len(run.manifest.label_names_of(g)), features=herding,
+                        ).write_parquet(scored if herding else tmp)
+        if herding:  # the teacher's features of the candidates, scored with the block: the memory, then its rows
+            picks, scored_candidates = herd(scored, run.cfg.replay.per_class)
+            ray.data.read_parquet(scored).map_batches(keep_memory, batch_format="pyarrow",
+                                                      fn_kwargs={"ids": picks["row_id"]}).write_parquet(tmp)
+            remove_tree(scored)
         rename_tree(tmp, dest)
         rows = ray.data.read_parquet(dest).count()
         if run.cfg.teacher.ensemble > 1:
             entry.ensemble = [e.index for e in members]
+        if herding:
+            write_memory(run, g, entry, picks, scored_candidates)
+        else:
+            _uniform_memory(run, g, entry, candidates)
         entry.targets, entry.rows, entry.block_rows = run.rel(dest), rows, block_rows
         entry.replay_rows, entry.scoring_seconds = rows - block_rows, time.perf_counter() - started
     if entry.teacher_on_block is None:
@@ -260,24 +292,31 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         if steps < FEW_STEPS:
             run.say(f"[gen {g}] warning: {steps} optimizer steps can hardly move a pretrained model; raise "
                     "student.min_steps or student.epochs, or lower student.batch_size")
-        lr_window = (run_lr_window(cfg, run.manifest.data.block_sizes, g) if cfg.student.schedule == "run" else None)
+        balanced, balanced_ds = balanced_set(cfg, g, train_ds) or (None, None)
+        if balanced is not None:
+            run.say(balanced_line(g, balanced, cfg))
+        classes = len(run.manifest.label_names_of(0))  # the run's own, which replay.per_class is planned for
+        lr_window = (run_lr_window(cfg, run.manifest.data.block_sizes, g, classes) if cfg.student.schedule == "run"
+                     else None)
         request = StudentRequest(generation=g, init_model=init, label_names=run.manifest.label_names_of(g),
                                  rows=train_rows,
                                  model_dest=model_dest, ray_storage=run.paths.ray_train,
                                  predictions_dest=run.paths.predictions(g), lr_window=lr_window,
-                                 later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes)[g + 1:]),
+                                 later_steps=sum(planned_steps(cfg, run.manifest.data.block_sizes, classes)[g + 1:]),
                                  progress_dest=run.paths.progress(g),
                                  adapter_dest=run.paths.adapter(g) if cfg.student.lora.r else None,
                                  fisher_dest=run.paths.fisher(g) if cfg.method.ewc else None,
                                  ewc_anchor=(run.paths.join(teacher.fisher) if cfg.method.ewc and teacher
                                              and teacher.fisher else None),
-                                 run_manifest=run.paths.manifest, **run.tracker.worker_fields(g))
+                                 run_manifest=run.paths.manifest, **run.tracker.worker_fields(g),
+                                 **(dict(balanced_rows=balanced.rows, balanced_per_class=balanced.per_class,
+                                         balanced_steps=balanced.steps) if balanced is not None else {}))
         extension_holdouts = {e.index: ray.data.read_parquet(run.paths.join(e.own_holdout))
                               for e in run.manifest.generations[:g + 1] if e.own_holdout}
         with _worker_failures_reported(run.say):
             train = fit_student(cfg, request, train_ds, run.on_gpu, holdout_ds=run.holdout(), say=run.say,
                                 validation_ds=validation_ds, retention_ds=retention_ds,
-                                extension_holdouts=extension_holdouts)
+                                extension_holdouts=extension_holdouts, balanced_ds=balanced_ds)
         entry.predictions = run.rel(run.paths.predictions(g))
         on_validation = (_teacher_on_validation(run, entry)
                          if teacher and entry.targets and train.get("validation") is not None else None)

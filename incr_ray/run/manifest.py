@@ -60,6 +60,9 @@ class GenerationEntry(_Record):
     # What the teacher and the target rule did on the block's own rows (not replay), from the
     # stored targets: accuracy, nll, kept/pushed/floored shares, target_entropy, rows.
     teacher_on_block: dict[str, float] | None = None
+    # replay.per_class: the memory the student replays, gen_<g>/memory.parquet (path), and selection,
+    # per_class, rows, classes, candidates, per_label (rows per old class), mean_distance (herding).
+    memory: dict[str, Any] | None = None
     # Suspected label errors among the block's own rows (method.suspect_below): gen_<g>/suspects.parquet,
     # and rows, block_rows, share, below, policy (method.suspects: what the student trained on for them).
     suspects: dict[str, Any] | None = None
@@ -249,7 +252,7 @@ RESULT_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "model": ("base", "max_length"),
     "method": None,
     "student": ("init", "epochs", "min_steps", "learning_rate", "schedule", "weight_decay", "warmup_ratio",
-                "batch_size", "grad_accum", "lora"),
+                "batch_size", "grad_accum", "lora", "balanced_epochs", "balanced_lr_factor"),
     "replay": None,
     "teacher": ("ensemble",),
 }
@@ -269,11 +272,14 @@ def result_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 # What `incr-ray extend --set` may change for the generation it trains: how that new student
 # learns (the extension study measured an extension at 10% of the peak learning rate moving the
-# model least) and what it does with the rows its teacher flags as suspected label errors (new
-# data is where noise arrives), never what the earlier generations contain or how targets are made.
+# model least), what it does with the rows its teacher flags as suspected label errors (new
+# data is where noise arrives) and which rows of earlier blocks it replays (new classes call for a
+# memory of the old ones), never what the earlier generations contain or how targets are made.
 EXTENSION_SETTINGS = ("student.epochs", "student.min_steps", "student.learning_rate", "student.schedule",
                       "student.weight_decay", "student.warmup_ratio", "student.batch_size", "student.grad_accum",
-                      "method.suspect_below", "method.suspects")
+                      "student.balanced_epochs", "student.balanced_lr_factor", "method.suspect_below",
+                      "method.suspects", "replay.fraction", "replay.per_class", "replay.selection",
+                      "replay.candidates_per_class")
 
 
 def as_sets(settings: dict[str, Any] | None) -> str:

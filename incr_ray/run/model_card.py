@@ -163,6 +163,16 @@ def _training_rows(cfg: Config, manifest: Manifest, entry: GenerationEntry) -> l
                      if {"temperature", "ece_before", "ece_after"} <= set(c) else "on (no temperature fitted here)"))
     if cfg.replay.fraction > 0 and g > 0:
         rows.append(("replay", f"{cfg.replay.fraction:g} × the block's rows re-sampled from earlier blocks"))
+    if entry.memory:
+        mem = entry.memory
+        how = "by herding on the teacher's features" if mem["selection"] == "herding" else "at random"
+        rows.append(("memory", f"{mem['rows']} rows of {mem['classes']} old classes (up to {mem['per_class']} a "
+                     f"class) replayed, chosen {how}"))
+    balanced = (entry.train or {}).get("balanced")
+    if balanced:
+        rows.append(("balanced fine-tuning", f"{balanced['steps']} optimizer steps on {balanced['rows']} rows "
+                     f"({balanced['per_class']} a class) at learning rate {balanced['learning_rate']:g}, "
+                     "after the main training"))
     if s.lora.r > 0:
         targets = ", ".join(s.lora.target_modules) if s.lora.target_modules else "the attention projections"
         rows.append(("LoRA", f"rank {s.lora.r}, alpha {s.lora.alpha:g}, dropout {s.lora.dropout:g} on {targets}; "

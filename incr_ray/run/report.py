@@ -182,6 +182,25 @@ def ewc_table_markdown(generations: list[dict[str, Any]]) -> str | None:
     return head + "\n".join(lines) + "\n"
 
 
+def memory_table_markdown(generations: list[dict[str, Any]]) -> str | None:
+    """The memory each generation replayed (replay.per_class) and its balanced fine-tuning
+    (student.balanced_epochs); None when no generation had either."""
+    rows = [e for e in generations if e.get("memory") or (e.get("train") or {}).get("balanced")]
+    if not rows:
+        return None
+    head = ("| gen | selection | rows | old classes | up to a class | candidates | mean distance "
+            "| balanced rows | balanced steps | balanced learning rate |\n")
+    head += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for e in rows:
+        m, b = e.get("memory") or {}, (e.get("train") or {}).get("balanced") or {}
+        cells = [str(e["index"]), m.get("selection", "–"), _num(m.get("rows"), "d"), _num(m.get("classes"), "d"),
+                 _num(m.get("per_class"), "d"), _num(m.get("candidates"), "d"), _num(m.get("mean_distance"), ".4f"),
+                 _num(b.get("rows"), "d"), _num(b.get("steps"), "d"), _num(b.get("learning_rate"), "g")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
 def drift_matrix(generations: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The accuracy matrix of a run extended with ``--holdout-fraction``, and its backward transfer.
 
@@ -255,7 +274,8 @@ def old_new_markdown(generations: list[dict[str, Any]], label_names: list[str]) 
 
 
 OPTIONAL_FIELDS = ("extended", "settings", "promoted", "ensemble", "teacher_on_block", "suspects", "continual",
-                   "validation", "calibration", "own_holdout", "own_holdout_rows", "drift", "old_new", "ewc", "fisher")
+                   "validation", "calibration", "own_holdout", "own_holdout_rows", "drift", "old_new", "ewc", "fisher",
+                   "memory")
 
 
 def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -322,6 +342,13 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
         md += ["## Elastic weight consolidation", "",
                "The penalty λ/2·Σ F(θ − θ*)² against the teacher's diagonal Fisher (method.ewc), and the "
                "Fisher each generation stored for its student (gen_NNN/fisher.safetensors).", "", ewc]
+    memory = memory_table_markdown(gens)
+    if memory:
+        md += ["## Memory and balanced fine-tuning", "",
+               "The old classes' rows each student replayed (replay.per_class, gen_NNN/memory.parquet), chosen "
+               "at random or by herding on the teacher's features (mean distance: of each class's memory mean "
+               "to its class mean), and the balanced pass after its main training (student.balanced_epochs).",
+               "", memory]
     drift = drift_matrix(gens)
     if drift:
         md += ["## Drift: accuracy on each data set's own holdout", "",

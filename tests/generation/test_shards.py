@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from incr_ray.generation.shards import RankStream, rank_rows, stream_batches
+from incr_ray.generation.shards import RankStream, StreamThen, rank_rows, stream_batches
 
 
 @given(rows=st.integers(1, 5000), world=st.integers(1, 16))
@@ -47,6 +47,17 @@ def test_rank_stream_yields_the_written_out_batches_and_a_fast_forward_continues
     assert first == stream_batches(rows, batch_size, total)
     resumed = list(stream)[skip:]
     assert first[:skip] + resumed == first  # skip k, train the rest: each batch once
+
+
+def test_balanced_fine_tunings_batches_follow_the_main_ones_and_a_resume_skips_into_either():
+    main = RankStream(lambda: [("main", i) for i in range(3)], total=5)
+    balanced = RankStream(lambda: [("balanced", i) for i in range(2)], total=3)
+    stream = StreamThen(main, balanced)
+    first = list(stream)
+    assert first == [("main", 0), ("main", 1), ("main", 2), ("main", 0), ("main", 1),
+                     ("balanced", 0), ("balanced", 1), ("balanced", 0)]
+    for skip in range(len(first) + 1):
+        assert first[:skip] + list(stream)[skip:] == first  # each iteration from the start
 
 
 # ---------------------------------------------------------------------------------------------

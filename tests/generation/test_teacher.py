@@ -78,6 +78,26 @@ def test_an_ensemble_teaches_with_the_mean_of_its_members_softmaxes(tiny_bert, t
     np.testing.assert_allclose(np.array(out["target"]), soft_targets(probs, np.arange(10) % 3, threshold=0.8))
 
 
+def test_the_replay_candidates_get_the_teachers_normalised_features(tiny_bert):
+    """replay.selection herding: ``teacher_features`` on the replay rows (L2-normalised, from the
+    same forward), null on the block's own rows; the probabilities and targets are unchanged."""
+    from incr_ray.heads import output_layer_name
+    from incr_ray.modeling import classifier_logits
+
+    rows = {**batch(), "replay": np.arange(10) % 3 == 0}
+    cfg = scoring_config(threshold=0.8)
+    scorer = TargetScorer(tiny_bert, cfg, on_gpu=False, features=True)
+    out = scorer(rows)
+    plain = TargetScorer(tiny_bert, cfg, on_gpu=False)(rows)
+    assert out.drop_columns(["teacher_features"]).equals(plain)
+    features = out.column("teacher_features").to_pylist()
+    assert [f is None for f in features] == (~rows["replay"]).tolist()
+    _, raw = classifier_logits(scorer.model, scorer.tokenizer, list(rows["text"]), 16,
+                               feature_layer=output_layer_name(scorer.model))
+    expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.array([features[i] for i in (0, 3, 6, 9)]), expected[[0, 3, 6, 9]], atol=1e-6)
+
+
 def test_temperature_flattens_the_teacher(tiny_bert):
     sharp = np.array(TargetScorer(tiny_bert, scoring_config(temperature=1.0), False)(batch()).to_pydict()["teacher_probs"])
     soft = np.array(TargetScorer(tiny_bert, scoring_config(temperature=4.0), False)(batch()).to_pydict()["teacher_probs"])

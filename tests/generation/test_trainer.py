@@ -145,3 +145,52 @@ def test_the_precision_record_says_what_gradients_are_summed_in():
                                                      "grad_accum": "fp32", "grad_reduce": "fp32"}
     own = build_deepspeed_config(DeepSpeedSection(stage=3, grad_reduce_dtype="precision"), on_gpu=True, precision="bf16")
     assert precision_record(SimpleNamespace(model=bf16, loss_dtypes={}), "bf16", own)["grad_reduce"] == "bf16"
+
+
+def test_balanced_fine_tuning_trains_at_its_share_after_the_main_schedule(tiny_bert, tmp_path):
+    """student.balanced_epochs: the main training's own schedule (the Trainer's linear one, or the
+    run-long one) over its steps, then the balanced pass at its constant share of the peak."""
+    from incr_ray.method.schedule import linear_lr_factor, run_lr_factor
+
+    def lrs(trainer):
+        trainer.create_optimizer()
+        scheduler, out = trainer.create_scheduler(10, trainer.optimizer), []
+        for _ in range(10):
+            out.append(scheduler.get_last_lr()[0])
+            trainer.optimizer.step()
+            scheduler.step()
+        return out
+
+    _, plain = _trainer(tiny_bert, tmp_path / "plain", balanced=(8, 0.1))  # 10 steps, 2 of them warmup
+    assert lrs(plain) == pytest.approx([linear_lr_factor(s, 2, 8) for s in range(8)] + [0.1, 0.1])
+    _, run = _trainer(tiny_bert, tmp_path / "run", lr_window=(10, 4, 40), balanced=(8, 0.25))
+    assert lrs(run) == pytest.approx([run_lr_factor(10 + s, 4, 40) for s in range(8)] + [0.25, 0.25])
+
+
+def test_annealing_ends_with_the_main_training_and_the_balanced_losses_are_kept(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model, trainer = _trainer(tiny_bert, tmp_path, anneal=True, balanced=(8, 0.1))
+    raw = {"text": np.array(["a b", "c d e"], dtype=object), "label": np.array([1, 2]),
+           "target": np.array([[0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])}
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in make_collate(tok, 3, 32)(raw).items()
+                          if k not in ("targets", "labels")}).logits
+    trainer.state.max_steps = 10
+    for step, alpha in ((4, 0.5), (8, 1.0), (9, 1.0)):
+        trainer.state.global_step = step
+        inputs = make_collate(tok, 3, 32)(raw)
+        expected = distillation_loss(logits, inputs["targets"], inputs["labels"], 1.0, alpha)
+        with torch.no_grad():
+            torch.testing.assert_close(trainer.compute_loss(model, inputs), expected)
+    assert len(trainer.balanced_losses) == 2  # steps 8 and 9: the balanced pass's
+
+
+def test_a_memory_plans_its_per_class_rows_on_the_run_schedule():
+    from incr_ray.config import config_from_dict
+    from incr_ray.generation.trainer import generation_steps, run_lr_window
+
+    cfg = config_from_dict({"method": {"k": 3}, "student": {"batch_size": 10, "min_steps": 0, "schedule": "run"},
+                            "replay": {"per_class": 20}})
+    assert run_lr_window(cfg, [100, 100, 80], 2, classes=3)[0] == 10 + generation_steps(cfg, 100 + 60)

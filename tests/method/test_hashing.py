@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from incr_ray.method.hashing import HOLDOUT, assign_split, row_ids, sample_mask, shuffle_keys
+from incr_ray.method.hashing import HOLDOUT, assign_split, per_class_sample, row_ids, sample_mask, shuffle_keys
 
 
 
@@ -103,3 +103,31 @@ def test_shuffle_keys_depend_on_the_id_and_seed_only():
     # Sorting by the keys is far from the id order (the order is a shuffle, not a relabelling).
     order = np.argsort(keys)
     assert abs(np.corrcoef(order, np.arange(len(ids)))[0, 1]) < 0.1
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 300), classes=st.integers(1, 5), cap=st.integers(0, 80), seed=st.integers(0, 10**6))
+def test_per_class_sample_keeps_exactly_the_cap_of_each_class_whatever_the_order(n, classes, cap, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(10**12, size=n, replace=False).astype(np.int64)
+    labels = rng.integers(0, classes, size=n)
+    keep = per_class_sample(ids, labels, seed, cap, "memory")
+    for c in range(classes):
+        assert keep[labels == c].sum() == min(cap, (labels == c).sum())
+    perm = rng.permutation(n)
+    np.testing.assert_array_equal(per_class_sample(ids[perm], labels[perm], seed, cap, "memory"), keep[perm])
+
+
+def test_per_class_sample_streams_and_depends_on_its_purpose():
+    rng = np.random.default_rng(0)
+    ids, labels = rng.choice(10**12, size=3000, replace=False).astype(np.int64), rng.integers(0, 3, size=3000)
+    whole = set(ids[per_class_sample(ids, labels, 5, 40, "memory")].tolist())
+    kept_ids, kept_labels = ids[:0], labels[:0]
+    for start in range(0, 3000, 700):  # the rows kept so far plus the next batch, again and again
+        both_ids = np.concatenate([kept_ids, ids[start:start + 700]])
+        both_labels = np.concatenate([kept_labels, labels[start:start + 700]])
+        keep = per_class_sample(both_ids, both_labels, 5, 40, "memory")
+        kept_ids, kept_labels = both_ids[keep], both_labels[keep]
+    assert set(kept_ids.tolist()) == whole and len(whole) == 120
+    other = set(ids[per_class_sample(ids, labels, 5, 40, "balanced")].tolist())
+    assert len(other & whole) < 20  # an independent sample: about 40 / 1000 of each class's 40 in common

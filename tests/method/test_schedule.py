@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from incr_ray.method.schedule import RUN_SCHEDULE_FLOOR, annealed_alpha, run_lr_factor
+from incr_ray.method.schedule import (RUN_SCHEDULE_FLOOR, annealed_alpha, balanced_tail_factor, linear_lr_factor,
+                                     run_lr_factor)
 
 
 def test_run_schedule_warms_up_decays_to_the_floor_and_stays():
@@ -30,3 +31,18 @@ def test_annealing_moves_the_hard_label_weight_from_alpha_to_one():
     assert annealed_alpha(0.2, 50, 100) == pytest.approx(0.6)
     assert annealed_alpha(0.2, 100, 100) == 1.0
     assert annealed_alpha(0.2, 500, 100) == 1.0
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (1, 1), (4, 4)])
+def test_the_generation_schedule_is_the_trainers_linear_one(warmup, total):
+    from transformers.optimization import _get_linear_schedule_with_warmup_lr_lambda as linear
+
+    for step in range(total + 3):
+        assert linear_lr_factor(step, warmup, total) == pytest.approx(
+            linear(step, num_warmup_steps=warmup, num_training_steps=total))
+
+
+def test_balanced_fine_tuning_follows_the_main_schedule_at_its_own_constant_share():
+    factors = [balanced_tail_factor(s, 10, linear_lr_factor(s, 2, 10), 0.1) for s in range(14)]
+    assert factors[:10] == [linear_lr_factor(s, 2, 10) for s in range(10)]
+    assert factors[10:] == [0.1] * 4

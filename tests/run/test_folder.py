@@ -212,6 +212,21 @@ def test_an_extension_may_change_how_its_generation_trains_and_nothing_else():
         check_compatible(m, config_from_dict({"student": {"init": "base"}}), may_change=EXTENSION_SETTINGS)
 
 
+def test_an_extension_may_replay_a_memory_and_balance_its_classes():
+    """New classes call for a memory of the old ones: an extension may change replay and balanced
+    fine-tuning for its own generation (the run's config stays as it was)."""
+    m = _manifest(config_from_dict({"replay": {"fraction": 0.5}}).to_dict())
+    memory = config_from_dict({"replay": {"fraction": 0, "per_class": 20, "selection": "herding"},
+                               "student": {"balanced_epochs": 2}})
+    check_compatible(m, memory, may_change=EXTENSION_SETTINGS)
+    assert extension_settings(m, memory) == {"student.balanced_epochs": 2, "replay.fraction": 0,
+                                             "replay.per_class": 20, "replay.selection": "herding"}
+    m.entry(0).settings = extension_settings(m, memory)
+    assert config_from_dict(m.config_of(0)).replay.selection == "herding"
+    with pytest.raises(RunError, match="replay.selection: 'uniform' -> 'herding'"):
+        check_compatible(m, memory)  # a resumed run may not change it
+
+
 def test_each_generation_reads_back_the_config_it_trained_with():
     m = _manifest(Config().to_dict())
     m.entry(2).settings = {"student.schedule": "run", "student.learning_rate": 1e-5}

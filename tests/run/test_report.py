@@ -133,6 +133,18 @@ def test_an_extension_with_its_own_settings_says_them():
     assert json.loads(js)["generations"][2]["settings"] == {"student.schedule": "run"}
 
 
+def test_the_memory_and_balanced_fine_tuning_get_their_table():
+    memory = {"path": "gen_001/memory.parquet", "selection": "herding", "per_class": 6, "rows": 18, "classes": 3,
+              "candidates": 90, "per_label": {"a": 6, "b": 6, "c": 6}, "mean_distance": 0.0125}
+    balanced = {"rows": 18, "per_class": 6, "steps": 4, "epochs": 2.0, "learning_rate": 0.001, "loss_mean": 1.1}
+    m = _manifest([_gen(0, 0.70), _gen(1, 0.72, memory=memory, train={"balanced": balanced})])
+    md, js = render_report(m)
+    assert "## Memory and balanced fine-tuning" in md
+    assert "| 1 | herding | 18 | 3 | 6 | 90 | 0.0125 | 18 | 4 | 0.001 |" in md
+    assert json.loads(js)["generations"][1]["memory"] == memory
+    assert "Memory and balanced" not in render_report(_manifest([_gen(0, 0.70), _gen(1, 0.72)]))[0]
+
+
 def test_final_generation_absent_or_unknown_is_the_last_finished():
     gens = [_gen(0, 0.7), _gen(1, 0.72), {"index": 2, "status": "running"}]
     assert final_entry(_manifest(gens))["index"] == 1
