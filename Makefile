@@ -38,10 +38,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 # Two pytest-xdist workers: the scenario runs spend much of their time starting processes and
-# waiting on Ray, so a second worker fills the CPUs meanwhile. Each scenario run's tests share one
-# worker (tests/conftest.py groups them).
+# waiting on Ray, so a second worker fills the CPUs meanwhile. Each module runs whole on one worker,
+# and the modules of one scenario run together (tests/conftest.py, pytest_xdist_make_scheduler).
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 # Everything that starts no Ray and no subprocess: unit tests of the math, config, data helpers,
 # trainer pieces, CLI errors. Each must take under 5 s (tests/conftest.py fails one that does not).

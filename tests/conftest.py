@@ -30,9 +30,21 @@ from types import SimpleNamespace
 import pytest
 
 RAY_FIXTURES = {"ray_local", "reference_run", "crash_run", "two_node_cluster", "faults_run", "extended_copy"}
-# The scenario runs (scenarios.py) whose tests must share one xdist worker: R2 and R5 build on R1's
-# session fixture, which a second worker would otherwise run again.
-SCENARIO_GROUPS = {"reference_run": "R1-R2-R5", "faults_run": "R3", "two_node_cluster": "R4"}
+# Under xdist (make test) each scenario run's tests share one worker: R2 and R5 build on R1's session
+# fixture, which a second worker would run again. The controller schedules by module path (it sees
+# test ids, not fixtures), so the modules that read one are listed; each worker checks the list
+# against the fixtures its tests use (pytest_collection_modifyitems). Any other module is a unit of
+# its own, so its module fixtures run once too.
+SCENARIO_FIXTURES = {"reference_run": "R1-R2-R5", "faults_run": "R3", "two_node_cluster": "R4"}
+SCENARIO_MODULES = {
+    "tests/run/test_reference_run.py": "R1-R2-R5",
+    "tests/run/test_crash_resume.py": "R1-R2-R5",
+    "tests/run/test_loop_e2e.py": "R1-R2-R5",
+    "tests/generation/test_ewc_recipe.py": "R1-R2-R5",
+    "tests/test_job_submit_e2e.py": "R1-R2-R5",
+    "tests/run/test_faults_e2e.py": "R3",
+    "tests/test_multinode_e2e.py": "R4",
+}
 # Where each end-to-end run spent its time, per generation, from its run.json: printed at the end
 # of the session (``timings``), so a slow suite says which run and which phase. Under xdist the
 # workers append their lines to the file the controller names in this variable.
@@ -127,20 +139,32 @@ def pytest_collection_finish(session):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that start Ray are marked ``ray``: ``make test-fast`` leaves them out. For xdist's
-    ``--dist loadgroup`` every test goes to a group: the scenario run it reads, else its module (whose
-    module fixtures then run once)."""
-    groups: dict[str, str] = {}  # module -> its scenario group, when one of its tests reads a scenario run
+    """Tests that start Ray are marked ``ray``: ``make test-fast`` leaves them out. Under xdist, a
+    module whose tests read a scenario run must be in SCENARIO_MODULES under that run's group."""
+    wrong = set()
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if RAY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.ray)
-        for fixture, group in SCENARIO_GROUPS.items():
-            if fixture in fixtures:
-                groups.setdefault(item.nodeid.split("::")[0], group)
-    for item in items:
         module = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(groups.get(module, module)))
+        for fixture, group in SCENARIO_FIXTURES.items():
+            if fixture in fixtures and SCENARIO_MODULES.get(module) != group:
+                wrong.add(f"{module}: {group}")
+    if XDIST_WORKER and wrong:
+        raise pytest.UsageError("tests/conftest.py: add to SCENARIO_MODULES " + ", ".join(sorted(wrong)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """make test's scheduling: whole modules to whichever worker is free, the modules of one
+    scenario run together (SCENARIO_MODULES), the largest unit first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ScenarioScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return SCENARIO_MODULES.get(module, module)
+
+    return ScenarioScheduling(config, log)
 
 
 def start_local_ray():

@@ -298,12 +298,17 @@ def test_the_changed_setting_is_the_extensions_own(extended_copy):
     assert "settings" not in gens[1]
     assert after["config"]["student"]["learning_rate"] == 0.01  # the run's own, for its next extension
     assert after["config"]["method"]["suspects"] == "keep"
-    assert ("generation 2 trains with student.learning_rate=0.005, method.suspects=drop (the run's: "
-            "student.learning_rate=0.01, method.suspects=keep)" in extended_copy.output)
+    line = next(x for x in extended_copy.output.splitlines() if "generation 2 trains with " in x)
+    own, runs = line.split("generation 2 trains with ", 1)[1].rstrip(")").split(" (the run's: ")
+    assert set(own.split(", ")) == {"student.learning_rate=0.005", "method.suspects=drop", "replay.fraction=0.0",
+                                    f"replay.per_class={MEMORY}", "replay.selection=herding", "student.balanced_epochs=1"}
+    assert set(runs.split(", ")) == {"student.learning_rate=0.01", "method.suspects=keep", "replay.fraction=0.5",
+                                     "replay.per_class=0", "replay.selection=uniform", "student.balanced_epochs=0"}
     # The run-long schedule is spent: the extension trains at its floor, 10% of its own peak.
     assert gens[2]["train"]["max_learning_rate"] == pytest.approx(5e-4)
-    assert ("extension (trained with `student.learning_rate=0.005`, `method.suspects=drop`)"
-            in (extended_copy.run_dir / "report.md").read_text())
+    report = (extended_copy.run_dir / "report.md").read_text()
+    trained = report.split("extension (trained with ", 1)[1].split(")", 1)[0]
+    assert set(trained.split(", ")) == {f"`{k}={v}`" for k, v in gens[2]["settings"].items()}
 
 
 def test_the_extensions_suspects_are_left_out_of_its_training(extended_copy):
