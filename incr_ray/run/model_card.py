@@ -23,7 +23,7 @@ from ..config import Config, config_from_dict
 from ..method.suspects import TREATED
 from ..storage import is_remote, write_bytes_atomic
 from .manifest import GenerationEntry, Manifest
-from .report import old_new_markdown
+from .report_tables import old_new_markdown
 
 CARD_NAME = "README.md"
 TAGS = ["incr-ray", "text-classification", "knowledge-distillation"]

@@ -1,4 +1,5 @@
-"""The human-readable end of a run: the per-generation tables, report.md/json and the metrics plot.
+"""The human-readable end of a run: the generation table, report.md/json and the metrics plot (the
+tables of what each lever did are in :mod:`incr_ray.run.report_tables`).
 
 Everything here reads the manifest as ``run.json`` holds it (a dict, absent fields left out), and
 renders a field a generation entry may lack — ``teacher_on_block``, ``promoted``, ``continual``,
@@ -9,24 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from typing import Any
 
+from .report_tables import (calibration_table_markdown, cell, drift_markdown, drift_matrix, ewc_table_markdown,
+                            memory_table_markdown, old_new_markdown, pct_cell, teacher_table_markdown)
+
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
-DASH = "–"
-
-
-def _num(x: Any, fmt: str) -> str:
-    """``x`` formatted, or a dash when it is missing (None, absent, NaN)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return DASH
-    return format(x, fmt)
-
-
-def _pct(x: Any) -> str:
-    return DASH if x is None else f"{100 * x:.1f}%"
-
-
 def finished(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [g for g in manifest["generations"] if g.get("status") == "finished"]
 
@@ -86,10 +75,10 @@ def ensemble_said(members: list[int], n: int) -> str:
 
 # Continual-learning figures a generation may carry: (column heading, cell format).
 CONTINUAL = {
-    "flip_rate": ("flip rate", _pct),
-    "fix_rate": ("fix rate", _pct),
-    "retention_accuracy": ("retention acc", lambda x: _num(x, ".4f")),
-    "retention_rows": ("retention rows", lambda x: _num(None if x is None else int(x), "d")),
+    "flip_rate": ("flip rate", pct_cell),
+    "fix_rate": ("fix rate", pct_cell),
+    "retention_accuracy": ("retention acc", lambda x: cell(x, ".4f")),
+    "retention_rows": ("retention rows", lambda x: cell(None if x is None else int(x), "d")),
 }
 
 
@@ -107,170 +96,14 @@ def table_markdown(generations: list[dict[str, Any]]) -> str:
     for e in generations:
         m = e.get("metrics") or {}
         t = e.get("train") or {}
-        cells = [str(e["index"]), _kind(e), str(e.get("rows", 0)), _num(m.get("accuracy"), ".4f"),
-                 _num(m.get("macro_f1"), ".4f"), _num(m.get("nll"), ".4f"), _num(m.get("ece"), ".4f")]
+        cells = [str(e["index"]), _kind(e), str(e.get("rows", 0)), cell(m.get("accuracy"), ".4f"),
+                 cell(m.get("macro_f1"), ".4f"), cell(m.get("nll"), ".4f"), cell(m.get("ece"), ".4f")]
         c = e.get("continual") or {}
         cells += [CONTINUAL[k][1](c.get(k)) for k in continual]
-        cells += [_num(t.get("samples_per_second"), ".1f"), _num(t.get("steady_samples_per_second"), ".1f"),
-                  _num(e.get("seconds"), ".0f")]
+        cells += [cell(t.get("samples_per_second"), ".1f"), cell(t.get("steady_samples_per_second"), ".1f"),
+                  cell(e.get("seconds"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return head + rule + "\n".join(lines) + "\n"
-
-
-def teacher_table_markdown(generations: list[dict[str, Any]]) -> str | None:
-    """What the teacher and the target rule did, per generation ≥ 1; None when no generation
-    recorded it (a run folder from before ``teacher_on_block``, or k = 1)."""
-    rows = [e for e in generations if e["index"] >= 1]
-    if not any(e.get("teacher_on_block") for e in rows):
-        return None
-    suspects = any(e.get("suspects") for e in rows)
-    ensemble = any(e.get("ensemble") for e in rows)  # teacher.ensemble > 1: which generations taught
-    head = ("| gen |" + (" teacher: mean of gens |" if ensemble else "")
-            + " block rows | teacher accuracy | teacher NLL | kept | pushed | floored "
-            "| mean target entropy (nats) |" + (" suspected label errors |" if suspects else "") + "\n")
-    head += ("|---:|" + ("---|" if ensemble else "") + "---:|---:|---:|---:|---:|---:|---:|"
-             + ("---:|" if suspects else "") + "\n")
-    lines = []
-    for e in rows:
-        t = e.get("teacher_on_block") or {}
-        block_rows = t.get("rows", e.get("block_rows"))
-        cells = [str(e["index"])] + ([", ".join(map(str, e["ensemble"])) if e.get("ensemble") else DASH]
-                                     if ensemble else [])
-        cells += [_num(int(block_rows) if block_rows is not None else None, "d"),
-                 _num(t.get("accuracy"), ".4f"), _num(t.get("nll"), ".4f"), _pct(t.get("kept")),
-                 _pct(t.get("pushed")), _pct(t.get("floored")), _num(t.get("target_entropy"), ".3f")]
-        if suspects:
-            sp = e.get("suspects")
-            cells.append(f"{sp['rows']} ({_pct(sp['share'])}, {sp['policy']})" if sp else DASH)
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def calibration_table_markdown(generations: list[dict[str, Any]]) -> str | None:
-    """Temperature scaling per generation; None when no generation was calibrated."""
-    rows = [e for e in generations if e.get("calibration")]
-    if not rows:
-        return None
-    head = "| gen | temperature | ECE before | ECE after | NLL before | NLL after |\n"
-    head += "|---:|---:|---:|---:|---:|---:|\n"
-    lines = []
-    for e in rows:
-        c = e["calibration"]
-        cells = [str(e["index"]), _num(c.get("temperature"), ".3f"), _num(c.get("ece_before"), ".4f"),
-                 _num(c.get("ece_after"), ".4f"), _num(c.get("nll_before"), ".4f"), _num(c.get("nll_after"), ".4f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def ewc_table_markdown(generations: list[dict[str, Any]]) -> str | None:
-    """EWC per generation (method.ewc): the penalty against the teacher's Fisher and the Fisher
-    each generation stored; None when EWC was off."""
-    rows = [e for e in generations if e.get("ewc")]
-    if not rows:
-        return None
-    head = ("| gen | λ | against gen | weights penalised | penalty at first batch | at last batch "
-            "| mean | share of last loss | own Fisher rows | file MiB | Fisher seconds |\n")
-    head += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    lines = []
-    for e in rows:
-        w, f = e["ewc"], e["ewc"].get("fisher") or {}
-        cells = [str(e["index"]), _num(w.get("lambda"), "g"), _num(w.get("anchor_generation"), "d"),
-                 _num(w.get("params"), ",d"), _num(w.get("penalty_first"), ".3g"), _num(w.get("penalty_last"), ".3g"),
-                 _num(w.get("penalty_mean"), ".3g"), _pct(w.get("share_last")), _num(f.get("rows"), "d"),
-                 _num(f["bytes"] / 2**20 if "bytes" in f else None, ".1f"), _num(f.get("seconds"), ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def memory_table_markdown(generations: list[dict[str, Any]]) -> str | None:
-    """The memory each generation replayed (replay.per_class) and its balanced fine-tuning
-    (student.balanced_epochs); None when no generation had either."""
-    rows = [e for e in generations if e.get("memory") or (e.get("train") or {}).get("balanced")]
-    if not rows:
-        return None
-    head = ("| gen | selection | rows | old classes | up to a class | candidates | mean distance "
-            "| balanced rows | balanced steps | balanced learning rate |\n")
-    head += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    lines = []
-    for e in rows:
-        m, b = e.get("memory") or {}, (e.get("train") or {}).get("balanced") or {}
-        cells = [str(e["index"]), m.get("selection", "–"), _num(m.get("rows"), "d"), _num(m.get("classes"), "d"),
-                 _num(m.get("per_class"), "d"), _num(m.get("candidates"), "d"), _num(m.get("mean_distance"), ".4f"),
-                 _num(b.get("rows"), "d"), _num(b.get("steps"), "d"), _num(b.get("learning_rate"), "g")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def drift_matrix(generations: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The accuracy matrix of a run extended with ``--holdout-fraction``, and its backward transfer.
-
-    Tasks (columns): the run's own holdout, then each extension that held out part of its data.
-    Rows: the generations from the one before the first such extension on. Backward transfer, as
-    in Lopez-Paz & Ranzato (2017) and Avalanche: the mean, over every task but the last model's
-    own, of (the last generation's accuracy on it − the accuracy right after it was learned).
-    None when no extension held data out.
-    """
-    tasks = [e["index"] for e in generations if e.get("own_holdout")]
-    if not tasks:
-        return None
-    first = min(tasks)
-    rows = [e for e in generations if e["index"] >= first - 1]
-
-    def acc(e: dict[str, Any], task: int | None) -> float | None:
-        if task is None:
-            return (e.get("metrics") or {}).get("accuracy")
-        return ((e.get("drift") or {}).get(str(task)) or {}).get("accuracy")
-
-    matrix = [{"generation": e["index"], "holdout": acc(e, None), **{str(t): acc(e, t) for t in tasks}} for e in rows]
-    last = rows[-1]
-    right_after = {None: acc(rows[0], None), **{t: acc(next(e for e in rows if e["index"] == t), t) for t in tasks}}
-    changes = [acc(last, t) - a for t, a in right_after.items()
-               if t != last["index"] and a is not None and acc(last, t) is not None]
-    return {"tasks": ["holdout", *map(str, tasks)], "rows": matrix,
-            "backward_transfer": sum(changes) / len(changes) if changes else None}
-
-
-def drift_markdown(drift: dict[str, Any]) -> str:
-    head = "| gen | run's holdout | " + " | ".join(f"gen {t}'s data" for t in drift["tasks"][1:]) + " |\n"
-    head += "|---:|" + "---:|" * len(drift["tasks"]) + "\n"
-    lines = ["| " + " | ".join([str(r["generation"]), *(_num(r[t], ".4f") for t in drift["tasks"])]) + " |"
-             for r in drift["rows"]]
-    bwt = drift["backward_transfer"]
-    note = ("" if bwt is None else f"\nBackward transfer (last generation vs right after each data set was "
-            f"learned, mean): {100 * bwt:+.1f} points.\n")
-    return head + "\n".join(lines) + "\n" + note
-
-
-def _data_set(name: str) -> str:
-    return "run's holdout" if name == "holdout" else f"gen {name}'s data"
-
-
-def old_new_markdown(generations: list[dict[str, Any]], label_names: list[str]) -> str | None:
-    """Old and new classes per generation and data set (``old_new``), then recall per class; None
-    when no generation's label map grew."""
-    rows = [e for e in generations if e.get("old_new")]
-    if not rows:
-        return None
-    head = ("| gen | data set | rows old / new | old classes | old classes before (gen) | forgetting "
-            "| new classes | all |\n|---:|---|---:|---:|---:|---:|---:|---:|\n")
-    recall_head = ("| gen | data set | " + " | ".join(f"`{n}`" for n in label_names) + " |\n"
-                   + "|---:|---|" + "---:|" * len(label_names) + "\n")
-    lines, recalls = [], []
-    for e in rows:
-        record = e["old_new"]
-        for name, h in record["holdouts"].items():
-            before = (f"{_num(h['old_accuracy_before'], '.4f')} (gen {record['before']})"
-                      if "old_accuracy_before" in h else DASH)
-            forgetting = h.get("forgetting")
-            lines.append("| " + " | ".join([
-                str(e["index"]), _data_set(name), f"{h['old_rows']} / {h['new_rows']}", _num(h.get("old_accuracy"), ".4f"),
-                before, DASH if forgetting is None else f"{100 * forgetting:+.1f} points",
-                _num(h.get("new_accuracy"), ".4f"), _num(h.get("accuracy"), ".4f")]) + " |")
-            classes = h.get("classes") or {}
-            recalls.append("| " + " | ".join([str(e["index"]), _data_set(name), *(
-                _num((classes.get(n) or {}).get("recall"), ".4f") for n in label_names)]) + " |")
-    return head + "\n".join(lines) + "\n\nRecall per class (– : no rows of the class there):\n\n" + recall_head + \
-        "\n".join(recalls) + "\n"
 
 
 OPTIONAL_FIELDS = ("extended", "settings", "promoted", "ensemble", "teacher_on_block", "suspects", "continual",
@@ -319,7 +152,7 @@ def render_report(manifest: dict[str, Any]) -> tuple[str, str]:
         later = [e["index"] for e in gens if e["index"] > final["index"] and e.get("promoted") is False]
         accuracy = (final.get("metrics") or {}).get("accuracy")
         md.append(f"Final model: `{final.get('model')}` (generation {final['index']}), "
-                  f"holdout accuracy {_num(accuracy, '.4f')}"
+                  f"holdout accuracy {cell(accuracy, '.4f')}"
                   + (f"; generation(s) {', '.join(map(str, later))} not promoted." if later else "."))
         md.append("")
 

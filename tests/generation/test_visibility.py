@@ -42,14 +42,14 @@ def test_an_actor_that_cannot_see_its_model_stops_the_driver_in_one_line(ray_loc
 
     from incr_ray.generation.teacher import score_block
     from incr_ray.resolve import ClusterFacts, resolve
-    from incr_ray.run.loop import _worker_failures_reported
+    from incr_ray.run.scoring import worker_failures_reported
     from small_run import small_config
 
     gone = str(tmp_path / "gen_000" / "model")
     cfg = resolve(small_config(tmp_path, gone, "unseen", teacher={"pool_size": 1}), ClusterFacts(node_cpus=(2.0,)))
     rows = [{"row_id": i, "text": f"word {i}", "label": i % 3, "block": 1} for i in range(8)]
     with pytest.raises(ConfigError) as caught:
-        with _worker_failures_reported(print):
+        with worker_failures_reported(print):
             score_block(ray.data.from_items(rows), gone, cfg, on_gpu=False).materialize()
     assert str(caught.value).startswith(f"storage.path (the teacher's model) {gone!r} is not visible on node ")
     assert "\n" not in str(caught.value)

@@ -33,7 +33,7 @@ def test_generation_0_has_a_fisher_and_no_penalty_and_ewc_off_says_nothing():
 
 
 def test_the_report_has_an_ewc_table_when_it_was_on():
-    from incr_ray.run.report import DASH, ewc_table_markdown
+    from incr_ray.run.report_tables import DASH, ewc_table_markdown
 
     gens = [{"index": 0, "ewc": {"lambda": 10.0, "fisher": FISHER}},
             {"index": 1, "ewc": {"lambda": 10.0, **PENALTY, "fisher": FISHER}}]

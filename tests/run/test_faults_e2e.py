@@ -185,7 +185,7 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
 
     from incr_ray.generation.teacher import score_block
     from incr_ray.modeling import NonFiniteError
-    from incr_ray.run.loop import _worker_failures_reported
+    from incr_ray.run.scoring import worker_failures_reported
 
     broken = tmp_path / "nan-model"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
@@ -198,7 +198,7 @@ def test_nan_in_a_teacher_actor_reaches_the_driver_as_one_line(ray_local, tmp_pa
     cfg = resolve(small_config(tmp_path, str(broken), "nan", teacher={"pool_size": 1}), ClusterFacts(node_cpus=(2.0,)))
     rows = [{"row_id": i, "text": f"word {i}", "label": i % 3, "block": 1} for i in range(20)]
     with pytest.raises(NonFiniteError) as caught:
-        with _worker_failures_reported(print):
+        with worker_failures_reported(print):
             score_block(ray.data.from_items(rows), str(broken), cfg, on_gpu=False).materialize()
     assert type(caught.value) is NonFiniteError
     assert "\n" not in str(caught.value) and "deepspeed.precision: bf16" in str(caught.value)

@@ -22,7 +22,7 @@ def test_threshold_one_trains_on_labels_without_scoring(ray_local, tmp_path, tin
     from ray.data.expressions import col
 
     from incr_ray.run.folder import open_run
-    from incr_ray.run.loop import one_hot_generation
+    from incr_ray.run.scoring import one_hot_generation
 
     said: list[str] = []
     cfg = small_config(tmp_path, tiny_bert, "onehot", method={"threshold": 1.0}, replay={"fraction": 0.5})

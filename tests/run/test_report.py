@@ -169,7 +169,8 @@ def test_only_the_continual_figures_present_get_columns():
 
 
 def test_drift_matrix_and_backward_transfer():
-    from incr_ray.run.report import drift_matrix, render_report
+    from incr_ray.run.report import render_report
+    from incr_ray.run.report_tables import drift_matrix
 
     gens = [
         {"index": 0, "status": "finished", "metrics": {"accuracy": 0.70}},
@@ -198,7 +199,8 @@ def test_drift_matrix_and_backward_transfer():
 
 def test_old_and_new_classes_get_their_section():
     from incr_ray.run.new_classes import old_new_record
-    from incr_ray.run.report import old_new_markdown, render_report
+    from incr_ray.run.report import render_report
+    from incr_ray.run.report_tables import old_new_markdown
 
     counts = {"holdout": {"rows": [4, 3, 3, 0], "correct": [4, 2, 2, 0]},
               "2": {"rows": [2, 2, 0, 4], "correct": [1, 2, 0, 3]}}
