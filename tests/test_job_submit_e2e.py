@@ -219,7 +219,7 @@ def extended_copy(head, crash_run, tmp_path_factory):
     """R5: `ray job submit -- python jobs/extend.py` on a copy of R2's finished run, with new data
     that brings a label the run has never seen (`--allow-new-labels`), its own holdout and one
     changed training setting."""
-    from incr_ray.data import SYNTHETIC_LABELS, synthetic_rows
+    from incr_ray.data import synthetic_rows
     from scenarios import CLASSES
 
     work = tmp_path_factory.mktemp("job_submit")
@@ -300,10 +300,12 @@ def test_the_changed_setting_is_the_extensions_own(extended_copy):
     assert after["config"]["method"]["suspects"] == "keep"
     line = next(x for x in extended_copy.output.splitlines() if "generation 2 trains with " in x)
     own, runs = line.split("generation 2 trains with ", 1)[1].rstrip(")").split(" (the run's: ")
-    assert set(own.split(", ")) == {"student.learning_rate=0.005", "method.suspects=drop", "replay.fraction=0.0",
-                                    f"replay.per_class={MEMORY}", "replay.selection=herding", "student.balanced_epochs=1"}
-    assert set(runs.split(", ")) == {"student.learning_rate=0.01", "method.suspects=keep", "replay.fraction=0.5",
-                                     "replay.per_class=0", "replay.selection=uniform", "student.balanced_epochs=0"}
+    assert set(own.split(", ")) == {
+        "student.learning_rate=0.005", "method.suspects=drop", "replay.fraction=0.0", f"replay.per_class={MEMORY}",
+        "replay.selection=herding", "student.balanced_epochs=1.0"}
+    assert set(runs.split(", ")) == {
+        "student.learning_rate=0.01", "method.suspects=keep", "replay.fraction=0.5", "replay.per_class=0",
+        "replay.selection=uniform", "student.balanced_epochs=0.0"}
     # The run-long schedule is spent: the extension trains at its floor, 10% of its own peak.
     assert gens[2]["train"]["max_learning_rate"] == pytest.approx(5e-4)
     report = (extended_copy.run_dir / "report.md").read_text()
@@ -506,7 +508,7 @@ def test_extend_says_the_old_and_new_classes(extended_copy):
     assert (f"extension, on gen 2's data ({own['old_rows']} rows of old classes, {own['new_rows']} of new): gen 2 "
             f"old classes {own['old_accuracy']:.4f}") in output
     assert f"; new classes {own['new_accuracy']:.4f}; all {own['accuracy']:.4f}" in output
-    assert (f"extension, recall per class on gen 2's data: " in output
+    assert ("extension, recall per class on gen 2's data: " in output
             and f"{NEW_LABEL} {own['classes'][NEW_LABEL]['recall']:.4f}" in output)
 
 
