@@ -500,7 +500,7 @@ run with the demo's settings (MiniLM, max_length 32, lr 2e-4, 10% warmup, batch 
 *fresh* / *rotten* from 600 Rotten Tomatoes rows; five copies of it are then extended with 200
 rows of the new class *plot* only (`extend --allow-new-labels`): with a memory of 50 rows per old
 class chosen by herding on the teacher's features (*herding*), drawn uniformly (*uniform*), by
-herding with `method.ewc` (*herding + ewc*), plain fine-tuning on the new rows with hard labels and
+herding with `method.ewc: 1e6` (*herding + ewc*), plain fine-tuning on the new rows with hard labels and
 no memory (*fine-tune*, the forgetting baseline), and a new run on all 800 rows (*retrain*). Every
 final model is scored on the same 300 *fresh* / *rotten* and 150 *plot* rows that no run trains on.
 
