@@ -110,23 +110,30 @@ def test_the_run_schedule_replaces_the_per_generation_one(tiny_bert, tmp_path):
     assert plain.create_scheduler(10, plain.optimizer).get_last_lr()[0] == 0.0  # HF's linear warmup from 0
 
 
-def test_annealing_turns_the_soft_loss_into_the_hard_one(tiny_bert, tmp_path):
+def _assert_annealed(tiny_bert, tmp_path, alphas, **kwargs):
+    """An annealing trainer of 10 steps: at each (step, α) of ``alphas`` its loss is the
+    distillation loss at that α. Returns the trainer."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
-    model, trainer = _trainer(tiny_bert, tmp_path, anneal=True)
+    model, trainer = _trainer(tiny_bert, tmp_path, anneal=True, **kwargs)
     raw = {"text": np.array(["a b", "c d e"], dtype=object), "label": np.array([1, 2]),
            "target": np.array([[0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])}
     with torch.no_grad():
         logits = model(**{k: v for k, v in make_collate(tok, 3, 32)(raw).items()
                           if k not in ("targets", "labels")}).logits
     trainer.state.max_steps = 10
-    for step, alpha in ((0, 0.0), (5, 0.5), (10, 1.0)):
+    for step, alpha in alphas:
         trainer.state.global_step = step
         inputs = make_collate(tok, 3, 32)(raw)
         expected = distillation_loss(logits, inputs["targets"], inputs["labels"], 1.0, alpha)
         with torch.no_grad():
             torch.testing.assert_close(trainer.compute_loss(model, inputs), expected)
+    return trainer
+
+
+def test_annealing_turns_the_soft_loss_into_the_hard_one(tiny_bert, tmp_path):
+    _assert_annealed(tiny_bert, tmp_path, ((0, 0.0), (5, 0.5), (10, 1.0)))
 
 
 def test_the_precision_record_says_what_gradients_are_summed_in():
@@ -168,22 +175,7 @@ def test_balanced_fine_tuning_trains_at_its_share_after_the_main_schedule(tiny_b
 
 
 def test_annealing_ends_with_the_main_training_and_the_balanced_losses_are_kept(tiny_bert, tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    model, trainer = _trainer(tiny_bert, tmp_path, anneal=True, balanced=(8, 0.1))
-    raw = {"text": np.array(["a b", "c d e"], dtype=object), "label": np.array([1, 2]),
-           "target": np.array([[0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])}
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in make_collate(tok, 3, 32)(raw).items()
-                          if k not in ("targets", "labels")}).logits
-    trainer.state.max_steps = 10
-    for step, alpha in ((4, 0.5), (8, 1.0), (9, 1.0)):
-        trainer.state.global_step = step
-        inputs = make_collate(tok, 3, 32)(raw)
-        expected = distillation_loss(logits, inputs["targets"], inputs["labels"], 1.0, alpha)
-        with torch.no_grad():
-            torch.testing.assert_close(trainer.compute_loss(model, inputs), expected)
+    trainer = _assert_annealed(tiny_bert, tmp_path, ((4, 0.5), (8, 1.0), (9, 1.0)), balanced=(8, 0.1))
     assert len(trainer.balanced_losses) == 2  # steps 8 and 9: the balanced pass's
 
 

@@ -81,14 +81,20 @@ def test_the_student_starts_from_the_teacher_with_its_head_grown_once(tmp_path, 
     assert (Path(grown) / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_each_generations_model_card_lists_the_labels_its_model_knows(tmp_path):
-    from incr_ray.run.model_card import render_model_card
-
+def _extended_with_hail(tmp_path):
+    """A finished k=2 manifest of 3 labels whose extension (generation 2, finished) added ``hail``."""
     gen = {"status": "finished", "model": "m", "metrics": {"accuracy": 0.7}, "train": {"rows": 10, "steps": 4}}
     m = _manifest(tmp_path, "m")
     m.generations = [m.generations[0].model_copy(update=gen), m.generations[1].model_copy(update=gen)]
     m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"])
     m.generations[2] = m.generations[2].model_copy(update=gen)
+    return m
+
+
+def test_each_generations_model_card_lists_the_labels_its_model_knows(tmp_path):
+    from incr_ray.run.model_card import render_model_card
+
+    m = _extended_with_hail(tmp_path)
     assert "3 labels: `c0`, `c1`, `c2`)" in render_model_card(m, 1)
     assert "4 labels: `c0`, `c1`, `c2`, `hail`)" in render_model_card(m, 2)
 
@@ -148,11 +154,7 @@ def test_the_model_card_of_a_generation_with_new_classes_shows_them(tmp_path):
     from incr_ray.run.model_card import render_model_card
     from incr_ray.run.new_classes import old_new_record
 
-    gen = {"status": "finished", "model": "m", "metrics": {"accuracy": 0.7}, "train": {"rows": 10, "steps": 4}}
-    m = _manifest(tmp_path, "m")
-    m.generations = [m.generations[0].model_copy(update=gen), m.generations[1].model_copy(update=gen)]
-    m.begin_extension("new.csv", 0.0, {}, ["c0", "c1", "c2", "hail"])
-    m.generations[2] = m.generations[2].model_copy(update=gen)
+    m = _extended_with_hail(tmp_path)
     m.generations[2].old_new = old_new_record(m.label_names, 3, 2, 1, COUNTS, BEFORE)
     card = render_model_card(m, 2)
     assert "## Old and new classes" in card and "Generation 2 added `hail` to the 3 labels known before" in card
