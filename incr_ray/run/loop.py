@@ -31,7 +31,7 @@ from .manifest import GenerationEntry, RunError, as_sets, extension_settings, no
 from .balanced import balanced_line, balanced_set
 from .model_card import write_model_card
 from .new_classes import check_new_labels, initial_model, new_labels_line, old_new_figures, old_new_lines
-from .record import continual_record, record_fit
+from .record import continual_record, ewc_without_anchor_line, record_fit
 from .scoring import one_hot_generation, score_generation, worker_failures_reported
 from .report import summary_line
 from .suspects import training_rows
@@ -143,6 +143,9 @@ def run_generation(run: Run, g: int, block_ds, teacher: GenerationEntry | None, 
         if steps < FEW_STEPS:
             run.say(f"[gen {g}] warning: {steps} optimizer steps can hardly move a pretrained model; raise "
                     "student.min_steps or student.epochs, or lower student.batch_size")
+        no_anchor = ewc_without_anchor_line(g, cfg.method.ewc, teacher)
+        if no_anchor:
+            run.say(no_anchor)
         balanced, balanced_ds = balanced_set(cfg, g, train_ds) or (None, None)
         if balanced is not None:
             run.say(balanced_line(g, balanced, cfg))

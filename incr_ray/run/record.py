@@ -42,6 +42,17 @@ def _calibration_line(g: int, calibration: dict[str, float], rows: int) -> str:
             f"ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} → {c['nll_after']:.4f}")
 
 
+def ewc_without_anchor_line(g: int, ewc: float, teacher) -> str | None:
+    """The warning when generation ``g`` asks for EWC but its teacher stored no Fisher information
+    (it trained with ``method.ewc: 0``, e.g. ``extend --set method.ewc=…`` on such a run): the
+    student trains without the penalty and stores its own Fisher for the next one. None otherwise."""
+    if not ewc or teacher is None or teacher.fisher:
+        return None
+    return (f"[gen {g}] warning: method.ewc={ewc:g} but gen {teacher.index} stored no Fisher information (it "
+            "trained with method.ewc 0), so this student trains without the EWC penalty; it stores its own "
+            "Fisher, and the next generation is held toward it")
+
+
 def ewc_lines(g: int, ewc: dict[str, Any] | None) -> list[str]:
     """What EWC did in generation ``g`` (``entry.ewc``): the penalty against its teacher's Fisher,
     and this model's own Fisher, stored for the next student."""

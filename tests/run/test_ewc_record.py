@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from incr_ray.run.manifest import GenerationEntry
-from incr_ray.run.record import record_fit
+from incr_ray.run.record import ewc_without_anchor_line, record_fit
 
 HOLDOUT = {"accuracy": 0.8, "macro_f1": 0.79, "nll": 0.5, "ece": 0.04, "n": 300}
 FISHER = {"rows": 256, "estimator": "expected", "weights": 41, "params": 1_234_567, "mean": 1e-6, "max": 0.3,
@@ -41,3 +41,13 @@ def test_the_report_has_an_ewc_table_when_it_was_on():
     assert table[2] == f"| 0 | 10 | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | 256 | 9.4 | 2.5 |"
     assert table[3] == "| 1 | 10 | 0 | 1,234,567 | 0 | 0.012 | 0.008 | 5.0% | 256 | 9.4 | 2.5 |"
     assert ewc_table_markdown([{"index": 0}]) is None
+
+
+def test_ewc_asked_for_against_a_teacher_without_fisher_is_said_not_skipped_silently():
+    plain = GenerationEntry(index=1, status="finished")
+    line = ewc_without_anchor_line(2, 1e6, plain)
+    assert line.startswith("[gen 2] warning: method.ewc=1e+06 but gen 1 stored no Fisher information")
+    assert "without the EWC penalty" in line
+    anchored = GenerationEntry(index=1, status="finished", fisher="gen_001/fisher.safetensors")
+    assert ewc_without_anchor_line(2, 1e6, anchored) is None
+    assert ewc_without_anchor_line(2, 0.0, plain) is None and ewc_without_anchor_line(0, 1e6, None) is None
