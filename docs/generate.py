@@ -455,6 +455,18 @@ costing accuracy on average. `extend --set student.schedule=run` trains an exten
 peak learning rate whatever schedule the run used (*no restart* here is exactly that): the
 recommendation for a run whose model is in use, where churn matters.
 
+#### EWC in the extension
+
+Elastic weight consolidation (`method.ewc`, Kirkpatrick et al. 2017) as a lever where an extension
+moves the model: `benchmarks/extension.py --ewc 1e6`, seeds 0–2, the same sizes and demo settings
+as above. The k = 2 run trains with `method.ewc: 1e6`, so each of its generations stores its
+diagonal Fisher information (and its generation 1 is already held toward generation 0); two copies
+of it are extended with the same 300 rows, *default* with `method.ewc=0` and *ewc* with the penalty
+λ/2 · Σ F_i (θ_i − θ*_i)² against generation 1's Fisher and weights. λ = 1e6 because MiniLM's
+Fisher here is small (a mean of ≈ 1.7e-6 per weight): at λ = 100 the penalty was 6e-6 of the loss.
+
+{{extension_ewc}}
+
 ## Label noise
 
 Do the suspected label errors (`method.suspect_below`: a block row whose teacher gives its label
@@ -698,6 +710,8 @@ NOT_RUN = {
     "quality_levers": "Not run yet: 3 seeds × 5 k-block runs (incremental and the four levers), estimated at "
                       "≈ 55 min on 2 cores at the default size.",
     "extension": "Not run yet: 5 seeds × (a k = 2 run + 4 extensions) at ≈ 13 min per seed on 2 cores.",
+    "extension_ewc": "Not run yet: `python benchmarks/extension.py --ewc 1e6` (3 seeds × a k = 2 run + 2 "
+                     "extensions, about 10 min per seed on 2 idle cores).",
     "label_noise": "Not run yet: `python benchmarks/label_noise.py` (3 seeds × 10% and 20% of the training labels flipped; `--smoke` runs it end to end in about 5 min).",
     "class_incremental": "Not run yet: `python benchmarks/class_incremental.py` (3 seeds × a base run and 5 "
                          "arms, about 12 min per seed on 2 idle cores; `--smoke` runs it end to end).",
