@@ -39,8 +39,6 @@ SCENARIO_FIXTURES = {"reference_run": "R1-R2-R5", "faults_run": "R3", "two_node_
 SCENARIO_MODULES = {
     "tests/run/test_reference_run.py": "R1-R2-R5",
     "tests/run/test_crash_resume.py": "R1-R2-R5",
-    "tests/run/test_loop_e2e.py": "R1-R2-R5",
-    "tests/generation/test_ewc_recipe.py": "R1-R2-R5",
     "tests/test_job_submit_e2e.py": "R1-R2-R5",
     "tests/run/test_faults_e2e.py": "R3",
     "tests/test_multinode_e2e.py": "R4",
