@@ -244,6 +244,14 @@ one. The wall-time column is not a comparison: the trials ran one at a time but 
 on the machine (load averages of 5–90 on 2 cores), and one (incremental, seed 2) in an earlier
 session.
 
+**The ensemble teacher** (issue #25; `--ensemble 2`, i.e. `--grid teacher.ensemble=2`, run later
+on the same seeds and read back with the other trials by `--resume`): the teacher of generation
+g ≥ 2 is the mean softmax of generations g−2 and g−1. Ensemble teacher (2) − incremental is −0.6
+[−17.0, +15.7] points of accuracy, +0.004 [−0.155, +0.163] in NLL and +0.038 [−0.047, +0.124] in
+ECE: inside the seed noise on every figure, with per-seed accuracy differences of +0.4, +5.4 and
+−7.6 points. Its generations 0 and 1 are the incremental run's to the last digit on every seed
+(generation 1 has one member), so the difference is made in generations 2 and 3 alone.
+
 ### An earlier round: 5 seeds × 1,500 rows, the script's own loop
 
 Before `incr-ray compare`, the script ran its methods one after another itself (finished
@@ -876,13 +884,14 @@ def quality_block(results: Path = RESULTS) -> str:
     """Each paired difference of the default quality run and of the levers run: accuracy (points),
     NLL and ECE, mean and 95% CI over the seeds, with the sizes they ran at."""
     harness = _benchmark_script("harness")
-    rows, sizes, best, data_of = [], {}, None, {}
+    rows, sizes, best, data_of, lever_names = [], {}, None, {}, set()
     for name in ("quality", "quality_levers"):
         path = results / f"{name}.json"
         if not path.is_file():
             continue
         data = data_of[name] = json.loads(path.read_text(encoding="utf-8"))
         changes = {v[0]: v[1] for v in data.get("variants", [])}
+        lever_names.update(changes)
         for label, d in _differences(data).items():
             lever = label.split(" − ")[0]
             if lever in changes and (best is None or d["accuracy"]["mean"] > best[2]["accuracy"]["mean"]):
@@ -898,7 +907,8 @@ def quality_block(results: Path = RESULTS) -> str:
              "points, lower NLL and ECE are better; an interval containing 0 is inside the seed noise.")
     if "quality_levers" in sizes and sizes["quality_levers"] != s:
         lv = sizes["quality_levers"]
-        intro += f" The lever rows ran at {lv['rows']} rows, max_length {lv['max_length']}."
+        n = sum(1 for r in rows if r[0].split(" − ")[0] in lever_names)
+        intro += f" The last {n} rows (`--levers`) ran at {lv['rows']} rows, max_length {lv['max_length']}."
     table = harness.markdown_table(["a − b", "seeds", "accuracy", "NLL", "ECE"], rows)
     more = (arrival_sentence(results) + "What each row means, the arrival scenario (data keeps arriving) and the "
             "extension study: [Benchmarks](docs/benchmarks.md).")
