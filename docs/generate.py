@@ -470,8 +470,10 @@ moves the model: `benchmarks/extension.py --ewc 1e6`, seeds 0–2, the same size
 as above. The k = 2 run trains with `method.ewc: 1e6`, so each of its generations stores its
 diagonal Fisher information (and its generation 1 is already held toward generation 0); two copies
 of it are extended with the same 300 rows, *default* with `method.ewc=0` and *ewc* with the penalty
-λ/2 · Σ F_i (θ_i − θ*_i)² against generation 1's Fisher and weights. λ = 1e6 because MiniLM's
-Fisher here is small (a mean of ≈ 1.7e-6 per weight): at λ = 100 the penalty was 6e-6 of the loss.
+λ/2 · Σ F_i (θ_i − θ*_i)² against generation 1's Fisher and weights; each Fisher is estimated on
+64 rows (`--ewc-rows`; the product's default is 256, which took 8 min per Fisher on the busy
+2-core machine). λ = 1e6 because MiniLM's Fisher is small (a mean of ≈ 1.7e-6 per weight in the
+class-incremental smoke run, where λ = 100 made the penalty 6e-6 of the loss).
 
 {{extension_ewc}}
 
