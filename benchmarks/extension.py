@@ -66,6 +66,12 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("gate", {"method.validation_fraction": 0.2, "method.keep_best": True}),
 )
 BASELINE = "default"
+LOSS = 0.01  # an extension that loses more than this much holdout accuracy
+
+DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.4, "max_length": 32}
+EWC_SEEDS = [0, 1, 2]
+EWC_ROWS = 64
+SMOKE = {"seeds": [0], "rows": 200, "max_length": 16}
 
 
 def ewc_variants(lam: float) -> tuple[tuple[str, dict[str, Any]], ...]:
@@ -75,12 +81,6 @@ def ewc_variants(lam: float) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 def variants_of(a: argparse.Namespace) -> tuple[tuple[str, dict[str, Any]], ...]:
     return ewc_variants(a.ewc) if a.ewc else VARIANTS
-LOSS = 0.01  # an extension that loses more than this much holdout accuracy
-
-DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "rows": 1500, "eval_fraction": 0.4, "max_length": 32}
-EWC_SEEDS = [0, 1, 2]
-EWC_ROWS = 64
-SMOKE = {"seeds": [0], "rows": 200, "max_length": 16}
 
 
 def base_config(a: argparse.Namespace, seed: int, files: dict[str, Any]) -> dict[str, Any]:
@@ -146,9 +146,14 @@ def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     """A seed's record; with ``--resume`` read back when that seed finished with the same settings,
     else its k=2 run goes on from where it stopped (the pipeline's own resume) and each extension
     starts again from a fresh copy of that run."""
-    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length, "ewc": a.ewc,
-                **({"ewc_rows": a.ewc_rows} if a.ewc else {})}
-    return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed), clear=False)
+    return harness.seed_once(a.workdir / f"s{seed}", seed_settings(a), a.resume, lambda: run_seed(a, seed), clear=False)
+
+
+def seed_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """What a finished seed.json must match to be read back. The EWC keys only with --ewc: the plain
+    study's seed.json files, written without them, stay readable by --resume."""
+    settings = {"rows": a.rows, "eval_fraction": a.eval_fraction, "max_length": a.max_length}
+    return settings | {"ewc": a.ewc, "ewc_rows": a.ewc_rows} if a.ewc else settings
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,9 @@ def test_the_ewc_mode_pairs_the_same_extension_with_and_without_the_penalty(tmp_
     assert extension.base_config(a, 0, files)["method"] == {"k": 2, "threshold": 0.9, "ewc": 1e6, "ewc_rows": 64}
     plain = extension.resolve(extension.parser().parse_args(["--workdir", str(tmp_path)]))
     assert "ewc" not in extension.base_config(plain, 0, files)["method"]
+    assert extension.seed_settings(plain) == {"rows": 1500, "eval_fraction": 0.4, "max_length": 32}
+    assert extension.seed_settings(a) == {"rows": 1500, "eval_fraction": 0.4, "max_length": 32, "ewc": 1e6,
+                                          "ewc_rows": 64}
     per_seed = {s: {"block_rows": [300] * 3, "holdout_rows": 600, "variants": {
         "default": {"before": 0.7, "after": 0.7 + c, "change": c, "student": 0.7 + c, "promoted": True,
                     "nll_change": 0.0, "flip_rate": 0.05, "fix_rate": 0.05, "steps": 100, "rows": 300},
