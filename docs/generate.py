@@ -531,8 +531,9 @@ run with the demo's settings (MiniLM, max_length 32, lr 2e-4, 10% warmup, batch 
 *fresh* / *rotten* from 600 Rotten Tomatoes rows; five copies of it are then extended with 200
 rows of the new class *plot* only (`extend --allow-new-labels`): with a memory of 50 rows per old
 class chosen by herding on the teacher's features (*herding*), drawn uniformly (*uniform*), by
-herding with `method.ewc: 1e6` (*herding + ewc*), plain fine-tuning on the new rows with hard labels and
-no memory (*fine-tune*, the forgetting baseline), and a new run on all 800 rows (*retrain*). Every
+herding with `method.ewc` at λ = 1e6 and at λ = 1e5 (*herding + ewc 1e6*, *1e5*; the base run
+stores its Fisher on 256 rows), plain fine-tuning on the new rows with hard labels and no memory
+(*fine-tune*, the forgetting baseline), and a new run on all 800 rows (*retrain*). Every
 final model is scored on the same 300 *fresh* / *rotten* and 150 *plot* rows that no run trains on.
 
 {{class_incremental}}
@@ -732,7 +733,7 @@ NOT_RUN = {
     "extension_ewc": "Not run yet: `python benchmarks/extension.py --ewc 1e6` (3 seeds × a k = 2 run + 2 "
                      "extensions, about 10 min per seed on 2 idle cores).",
     "label_noise": "Not run yet: `python benchmarks/label_noise.py` (3 seeds × 10% and 20% of the training labels flipped; `--smoke` runs it end to end in about 5 min).",
-    "class_incremental": "Not run yet: `python benchmarks/class_incremental.py` (3 seeds × a base run and 5 "
+    "class_incremental": "Not run yet: `python benchmarks/class_incremental.py` (3 seeds × a base run and 6 "
                          "arms, about 12 min per seed on 2 idle cores; `--smoke` runs it end to end).",
     "arrival": "Not run yet: the default (3 seeds, 4,000 rows per seed: a 20% holdout and 4 arrivals of ≈ 800 "
                "rows, max_length 32) takes about 110 min on 2 cores; `--smoke` runs it end to end.",
