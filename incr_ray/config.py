@@ -214,7 +214,7 @@ class MethodSection(_Section):
     )
     ewc_rows: int = Field(
         256, ge=1,
-        description="Rows of each generation's training order (seeded by run.seed and the generation) the "
+        description="Distinct rows of each generation's training order (seeded by run.seed and the generation) the "
         "Fisher information is estimated on, one per-row gradient pass per class (method.ewc > 0).",
     )
 

@@ -70,17 +70,25 @@ def with_row_ids(collate):
 
 
 def single_rows(batches: Iterable[dict[str, Any]], limit: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Model inputs of one row each, from collated batches (:func:`with_row_ids`), in order, up to
-    ``limit`` rows or the first row seen again (a stream that starts its next pass)."""
+    """Model inputs of one row each, from collated batches (:func:`with_row_ids`), in order: the
+    first ``limit`` distinct rows, or every distinct row the stream holds.
+
+    A row id seen before is skipped, not taken for the start of the stream's next pass: identical
+    (text, label) rows share an id (:func:`incr_ray.method.hashing.row_ids`), and Rotten Tomatoes
+    holds such pairs, which used to end the estimate after 16-24 of 64 rows. A training stream is
+    bounded (``max_steps`` × ``grad_accum`` batches), and reading a batch costs little beside a
+    row's backward passes, so a block with fewer distinct rows than ``limit`` ends with the stream."""
     seen: set[int] = set()
     for batch in batches:
         ids = batch[ROW_ID].tolist()
         for i, row_id in enumerate(ids):
-            if len(seen) == limit or row_id in seen:
-                return
+            if row_id in seen:
+                continue
             seen.add(row_id)
             yield {k: v[i:i + 1] for k, v in batch.items()
                    if k not in ("labels", "targets", ROW_ID) and torch.is_tensor(v)}
+            if len(seen) == limit:
+                return
 
 
 def diagonal_fisher(model: torch.nn.Module, rows: Iterable[dict[str, torch.Tensor]],
@@ -151,7 +159,7 @@ def estimate_fisher(cfg: Config, generation: int, model_dir: str, batches: Itera
                     device, dest: str) -> dict[str, Any]:
     """Load the saved model at ``model_dir`` whole, in fp32, on ``device``; estimate its Fisher on
     the first ``method.ewc_rows`` rows of ``batches`` (collated with :func:`with_row_ids`: the
-    generation's seeded training order, one pass at most); write the file to ``dest`` (local).
+    generation's seeded training order, distinct rows: :func:`single_rows`); write the file to ``dest`` (local).
     Returns the figures run.json records."""
     started = time.perf_counter()
     model = load_classifier(model_dir, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32).to(device)

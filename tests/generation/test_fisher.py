@@ -52,13 +52,21 @@ def test_the_head_gets_the_closed_form_of_the_expected_fisher(bert):
     assert all(p.requires_grad for p in model.parameters())  # left as it found them
 
 
-def test_rows_stop_at_the_limit_or_where_the_stream_starts_again(bert):
+def test_rows_are_the_first_distinct_ones_up_to_the_limit(bert):
     _, tok = bert
     once = _batches(tok)
     assert len(list(single_rows(once + once, 100))) == len(TEXTS)  # a second pass is not more rows
     five = list(single_rows(once, 5))
     assert len(five) == 5 and set(five[0]) == {"input_ids", "token_type_ids", "attention_mask"}
     assert all(r["input_ids"].shape[0] == 1 for r in five)
+    # Identical (text, label) rows share an id: a repeat early in the block is skipped, and the
+    # rows after it still count (it used to end the estimate there).
+    collate = with_row_ids(make_collate(tok, 3, 24))
+    ids = np.array([0, 1, 0, 2, 3, 4, 5, 6])
+    batch = collate({"text": TEXTS[ids], "label": ids % 3, "row_id": ids})
+    rows = list(single_rows([batch, batch], 6))
+    assert len(rows) == 6
+    torch.testing.assert_close(rows[2]["input_ids"], batch["input_ids"][3:4])  # row id 2, after the repeat
 
 
 def test_which_weights_a_student_trains(bert):
