@@ -486,7 +486,7 @@ class-incremental smoke run, where λ = 100 made the penalty 6e-6 of the loss).
   points, inside the seed noise (per seed 0.0, −0.7 and −1.2). The holdout NLL change was −0.044
   [−0.110, +0.022] against the default's, inside the noise, though lower on each seed.
 - The penalty was 10–13% of the last batch's loss. The cost is the Fisher after each generation
-  (64 rows: 18–116 s here, by the machine's load) and 2 × the weights in fp32 per generation on
+  (64 rows: 18–234 s here, by the machine's load) and 2 × the weights in fp32 per generation on
   storage (182 MB for MiniLM).
 - *No restart* (`student.schedule: run`, above) cut churn by 6.6 points and EWC here by 14.0, but
   these are two studies whose k = 2 runs differ (this one trains generation 1 with the penalty),
