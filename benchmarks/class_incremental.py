@@ -162,6 +162,7 @@ def run_seed(a: argparse.Namespace, seed: int, done: dict[str, Any] | None = Non
 
 def run_arm(a: argparse.Namespace, seed: int, label: str, changes: dict[str, Any], raw: dict[str, Any], base,
             files: dict[str, str], base_old: float) -> dict[str, Any]:
+    """One arm on one seed: a copy of the base run extended (or, ``retrain``, a new run), scored on the test set."""
     from incr_ray.config import config_from_dict
     from incr_ray.run.folder import fork_run
     from incr_ray.run.loop import extend_run
