@@ -116,6 +116,18 @@ def test_the_extend_job_ran_on_this_cluster(head, extended_copy):
     assert "optimizer steps can hardly move a pretrained model; raise student.min_steps" in extended_copy.output
 
 
+def test_the_job_extension_is_held_toward_its_teacher_by_ewc(extended_copy):
+    """The run trains with method.ewc (R1's config), so the job's student pays the penalty against
+    its teacher's Fisher (the run's final model: the gate may have kept generation 0); the head it
+    grew for the new label changed shape and is left out."""
+    ewc = extended_copy.after["generations"][2]["ewc"]
+    assert ewc["lambda"] == 10.0, ewc
+    assert ewc["anchor_generation"] == extended_copy.before["final_generation"] and ewc["anchor_rows"] > 0, ewc
+    assert ewc["left_out"] == 2  # classifier.weight and classifier.bias: 3 rows then, 4 now
+    assert ewc["penalty_first"] == 0.0 and ewc["penalty_mean"] > 0.0  # starts at the teacher, then moves
+    assert ewc["fisher"]["rows"] > 0  # and stores its own for the next extension
+
+
 def test_the_extension_adds_one_generation_and_keeps_the_earlier_ones(extended_copy):
     before, after = extended_copy.before, extended_copy.after
     assert after["status"] == "finished"
